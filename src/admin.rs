@@ -1,0 +1,240 @@
+//! The admin port (CONTRACT 4): `/metrics`, `/healthz`, `/ready`, `/config`. Loopback by default
+//! and never a data-plane port.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::endpoint::{EndpointState, Health};
+use crate::metrics::Metrics;
+use crate::routing::docs::{Backend, LbPolicy};
+use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
+use crate::routing::{RouteReader, RoutingTable};
+use crate::shutdown::Shutdown;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub routes: RouteReader,
+    pub metrics: Arc<Metrics>,
+    pub config_endpoint: bool,
+    /// Set when draining starts: `/ready` answers 503 from then on.
+    pub draining: Arc<AtomicBool>,
+    /// Local listener addresses, by listener name, for `/config`.
+    pub binds: Arc<BTreeMap<String, String>>,
+    /// Extra sections for `/config` (registration state), rendered on request.
+    pub extra: Arc<dyn Fn() -> Vec<(&'static str, Value)> + Send + Sync>,
+}
+
+/// Serves the admin endpoints until shutdown.
+pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: Shutdown) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => { debug!(error = %e, "admin accept failed"); continue; }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/ready" => {
+            if state.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.routes.is_loaded() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no routing table loaded yet\n")
+            }
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/config" if state.config_endpoint => {
+            let mut doc = match state.routes.current() {
+                Some(table) => config_json(&table, &state.binds),
+                None => json!({ "loaded": false }),
+            };
+            if let Value::Object(map) = &mut doc {
+                for (k, v) in (state.extra)() {
+                    map.insert(k.to_owned(), v);
+                }
+            }
+            let mut body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+            body.push(b'\n');
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r
+        }
+        "/config" => text(StatusCode::NOT_FOUND, "/config is switched off (admin.config_endpoint = false)\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics /healthz /ready /config\n"),
+    }
+}
+
+/// The whole table as JSON.
+pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Value {
+    json!({
+        "loaded": true,
+        "version": table.version,
+        "built_at": humantime::format_rfc3339_millis(table.built_at).to_string(),
+        "source": table.source,
+        "listeners": table.listeners.iter().map(|l| listener_json(l, binds)).collect::<Vec<_>>(),
+        "services": table.services.iter().map(|(n, s)| (n.to_string(), service_json(s))).collect::<serde_json::Map<_, _>>(),
+        "rules": table.rules.iter().map(|(id, st)| {
+            let mut v = serde_json::Map::new();
+            if let Some((rule, origin)) = &st.active {
+                v.insert("in_force".into(), json!({ "document": rule.doc, "origin": origin }));
+            }
+            if let Some(rej) = &st.rejected {
+                v.insert("rejected".into(), json!(rej));
+            }
+            (id.to_string(), Value::Object(v))
+        }).collect::<serde_json::Map<_, _>>(),
+        "invalid": &*table.invalid,
+    })
+}
+
+fn listener_json(l: &ListenerRoutes, binds: &BTreeMap<String, String>) -> Value {
+    json!({
+        "name": &*l.name,
+        "protocol": l.protocol,
+        "bind": binds.get(&*l.name),
+        "routes": l.routes.iter().map(|r| json!({
+            "id": &*r.id,
+            "priority": r.rule.as_ref().map(|r| r.priority),
+            "match": r.rule.as_ref().and_then(|r| r.doc.match_.clone()),
+            "timeout": humantime::format_duration(r.timeout).to_string(),
+            "retries": r.retries,
+            "targets": r.targets.iter().map(|t| {
+                let mut v = match &t.backend {
+                    Backend::Service { service, subset, endpoint, .. } => json!({
+                        "service": service, "subset": subset, "endpoint": endpoint,
+                    }),
+                    Backend::Address { addr, .. } => json!({ "address": addr }),
+                };
+                v["weight"] = json!(t.weight);
+                v["endpoints"] = set_json(&t.set);
+                v
+            }).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn set_json(set: &EndpointSet) -> Value {
+    json!({
+        "total": set.endpoints.len(),
+        "available": set.available.len(),
+        "panic": set.panic,
+        "addresses": set.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+fn policy_json(p: &ServicePolicy) -> Value {
+    let lb = match &p.lb {
+        LbPolicy::RoundRobin => json!("round_robin"),
+        LbPolicy::P2c => json!("p2c"),
+        LbPolicy::RingHash(on) => json!({ "ring_hash": format!("{on:?}") }),
+    };
+    json!({
+        "lb": lb,
+        "connect_timeout": humantime::format_duration(p.connect_timeout).to_string(),
+        "retries": p.retries,
+        "health_check": p.health_check.as_ref().map(|h| format!("{h:?}")),
+        "outlier": p.outlier.as_ref().map(|o| format!("{o:?}")),
+        "panic_threshold_percent": p.panic_threshold_percent,
+        "protect_from_empty": p.protect_from_empty,
+    })
+}
+
+/// An endpoint's state, and why.
+#[derive(Serialize)]
+struct StateView {
+    state: &'static str,
+    health: Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ejected_until: Option<String>,
+    ejections: u32,
+    in_flight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_check: Option<crate::endpoint::CheckReport>,
+}
+
+fn state_view(s: &EndpointState, enabled: bool, unknown_ok: bool) -> StateView {
+    let ejected = s.ejected_until();
+    let state = if !enabled {
+        "draining"
+    } else if ejected.is_some() {
+        "ejected"
+    } else if s.is_usable(unknown_ok) {
+        "healthy"
+    } else {
+        "unhealthy"
+    };
+    StateView {
+        state,
+        health: s.health(),
+        ejected_until: ejected.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        ejections: s.ejections(),
+        in_flight: s.in_flight(),
+        last_check: s.last_check(),
+    }
+}
+
+fn service_json(s: &ServiceEntry) -> Value {
+    let unknown_ok = s.policy.unknown_is_healthy();
+    json!({
+        "policy": policy_json(&s.policy),
+        "policy_origin": s.policy_origin,
+        "protected": s.protected,
+        "panic": s.all.panic,
+        "instances": s.instances.iter().map(|i| {
+            let mut v = serde_json::to_value(&*i.instance).unwrap_or(Value::Null);
+            v["id"] = json!(&*i.id);
+            v["address"] = json!(i.instance.addr);
+            v["origin"] = json!(i.origin);
+            v["health"] = json!(state_view(&i.state, i.instance.enabled, unknown_ok));
+            v
+        }).collect::<Vec<_>>(),
+    })
+}

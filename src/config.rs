@@ -1,0 +1,825 @@
+//! Local configuration (CONTRACT 3): a TOML file, every key also a flag and a `ZKROUTE_*`
+//! variable. Flags and variables override the file. Loading is pure apart from reading the file;
+//! every error names the file, the key and the reason.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
+use serde::{Deserialize, Deserializer};
+
+use crate::routing::build::{Defaults, ListenerSpec};
+use crate::routing::docs::{HealthCheckDoc, LbPolicy, OutlierDoc, Policy, PolicyDoc};
+use crate::routing::table::Protocol;
+use crate::routing::{Addr, MAX_WEIGHT, ServiceName};
+
+/// A configuration problem: where, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {key}: {reason}")]
+pub struct ConfigError {
+    /// The file, or "command line or environment" for a flag or `ZKROUTE_*` variable.
+    pub source_name: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// A duration written as humantime text ("10s", "1m 30s", "250ms").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration ({e}); write e.g. \"10s\"")))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+fn secs(s: u64) -> Dur {
+    Dur(Duration::from_secs(s))
+}
+
+/// The whole local configuration.
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub zookeeper: ZookeeperConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "register")]
+    pub registrations: Vec<RegisterConfig>,
+    #[serde(default, rename = "static")]
+    pub static_file: Option<StaticConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The file this was loaded from, for messages.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZookeeperConfig {
+    /// Ensemble and optional chroot: "zk1:2181,zk2:2181,zk3:2181/prod".
+    pub connect: String,
+    pub session_timeout: Dur,
+    /// How long a start waits for ZooKeeper before serving from the snapshot.
+    pub startup_timeout: Dur,
+    pub services_path: String,
+    pub rules_path: String,
+    pub policies_path: String,
+    /// Last-known-good table, for a cold start without ZooKeeper.
+    pub snapshot: Option<PathBuf>,
+    /// Digest credentials, "user:password". Never logged.
+    pub auth: Option<String>,
+    /// A file holding the digest credentials, "user:password".
+    pub auth_file: Option<PathBuf>,
+}
+
+impl Default for ZookeeperConfig {
+    fn default() -> Self {
+        ZookeeperConfig {
+            connect: "127.0.0.1:2181".into(),
+            session_timeout: secs(10),
+            startup_timeout: secs(3),
+            services_path: "/zkroute/services".into(),
+            rules_path: "/zkroute/rules".into(),
+            policies_path: "/zkroute/policies".into(),
+            snapshot: None,
+            auth: None,
+            auth_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Serve `/config` (the whole table, with addresses). Off on hosts where that is sensitive.
+    pub config_endpoint: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { bind: SocketAddr::from(([127, 0, 0, 1], 9901)), config_endpoint: true }
+    }
+}
+
+/// Data-plane defaults and limits.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Whole-request timeout when a rule sets none.
+    pub timeout: Dur,
+    /// Extra attempts when a rule or policy sets none.
+    pub retries: u32,
+    pub connect_timeout: Dur,
+    /// `p2c`, `round_robin`, or `ring_hash` (then with `hash_on`).
+    pub lb: String,
+    pub hash_on: Option<String>,
+    pub panic_threshold_percent: u32,
+    pub protect_from_empty: bool,
+    /// How long health, outlier and pool state outlives an endpoint's removal.
+    pub state_retention: Dur,
+    /// How long in-flight requests and connections may finish after SIGTERM.
+    pub drain_timeout: Dur,
+    /// Closes an idle downstream HTTP keep-alive connection.
+    pub idle_timeout: Dur,
+    /// Closes a TCP connection with no bytes either way for this long.
+    pub tcp_idle_timeout: Dur,
+    /// Time a client has to send a request's headers (slowloris).
+    pub header_read_timeout: Dur,
+    /// Largest request header section; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Most open downstream connections per listener; more are refused.
+    pub max_connections: usize,
+    /// Idle upstream connections kept per endpoint.
+    pub pool_max_idle: usize,
+    /// Closes an idle upstream connection after this long.
+    pub pool_idle_timeout: Dur,
+    /// Default active health check for services whose policy has none.
+    pub health_check: Option<HealthCheckDoc>,
+    /// Default outlier detection for services whose policy has none.
+    pub outlier: Option<OutlierDoc>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            timeout: secs(15),
+            retries: 1,
+            connect_timeout: secs(1),
+            lb: "p2c".into(),
+            hash_on: None,
+            panic_threshold_percent: 50,
+            protect_from_empty: false,
+            state_retention: secs(30),
+            drain_timeout: secs(15),
+            idle_timeout: secs(60),
+            tcp_idle_timeout: secs(3600),
+            header_read_timeout: secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            pool_max_idle: 64,
+            pool_idle_timeout: secs(90),
+            health_check: None,
+            outlier: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Port-per-service: route everything to this service, no rule node needed.
+    pub service: Option<String>,
+    /// ServerSet named endpoint of `service` to send to.
+    pub endpoint: Option<String>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Http
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    pub service: String,
+    pub address: String,
+    pub port: u16,
+    /// Node name; by default derived from address and port, so it is stable across restarts.
+    pub id: Option<String>,
+    pub health_check: Option<RegisterCheck>,
+    #[serde(default)]
+    pub payload: RegisterPayload,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterCheck {
+    /// `http` (GET `url`, 2xx passes) or `tcp` (connect to `address`:`port`).
+    pub kind: String,
+    pub url: Option<String>,
+    #[serde(default = "default_register_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_register_timeout")]
+    pub timeout: Dur,
+    /// Passing checks in a row before registering.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failing checks in a row before deregistering.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_register_interval() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_register_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    2
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterPayload {
+    pub weight: Option<u32>,
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    /// Services, rules and policies in one TOML file, reloaded when it changes.
+    pub file: PathBuf,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// "stdout" or a file path; off when absent.
+    pub access_log: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Record data-plane metrics (the families stay registered either way).
+    pub enabled: bool,
+    /// Label upstream metrics with instance addresses too.
+    pub per_instance: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true, per_instance: false }
+    }
+}
+
+// ---- keys, flags and variables --------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    /// An inline TOML table, or an array of them, appended to an array of tables.
+    Tables,
+}
+
+/// Every scalar key, settable as `--a-b` and `ZKROUTE_A_B` for key `a.b`.
+const KEYS: &[(&str, Kind, &str)] = &[
+    ("zookeeper.connect", Kind::Str, "ZooKeeper ensemble and chroot, e.g. zk1:2181,zk2:2181/prod"),
+    ("zookeeper.session_timeout", Kind::Str, "ZooKeeper session timeout [default: 10s]"),
+    (
+        "zookeeper.startup_timeout",
+        Kind::Str,
+        "wait this long for ZooKeeper at start before using the snapshot [default: 3s]",
+    ),
+    ("zookeeper.services_path", Kind::Str, "naming nodes [default: /zkroute/services]"),
+    ("zookeeper.rules_path", Kind::Str, "rule nodes [default: /zkroute/rules]"),
+    ("zookeeper.policies_path", Kind::Str, "policy nodes [default: /zkroute/policies]"),
+    ("zookeeper.snapshot", Kind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
+    ("zookeeper.auth", Kind::Str, "digest credentials user:password (prefer auth_file)"),
+    ("zookeeper.auth_file", Kind::Str, "file holding digest credentials user:password"),
+    ("admin.bind", Kind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
+    ("admin.config_endpoint", Kind::Bool, "serve /config [default: true]"),
+    ("proxy.timeout", Kind::Str, "default whole-request timeout [default: 15s]"),
+    ("proxy.retries", Kind::Int, "default extra attempts [default: 1]"),
+    ("proxy.connect_timeout", Kind::Str, "default upstream connect timeout [default: 1s]"),
+    ("proxy.lb", Kind::Str, "default balancer: p2c, round_robin, ring_hash [default: p2c]"),
+    ("proxy.hash_on", Kind::Str, "default ring_hash key: header:<name> or source_ip"),
+    ("proxy.panic_threshold_percent", Kind::Int, "below this healthy share, use every instance [default: 50]"),
+    ("proxy.protect_from_empty", Kind::Bool, "keep a service's last instances if all vanish at once [default: false]"),
+    ("proxy.state_retention", Kind::Str, "keep a removed endpoint's state this long [default: 30s]"),
+    ("proxy.drain_timeout", Kind::Str, "let in-flight work finish this long on SIGTERM [default: 15s]"),
+    ("proxy.idle_timeout", Kind::Str, "close idle client HTTP connections after [default: 60s]"),
+    ("proxy.tcp_idle_timeout", Kind::Str, "close TCP connections idle for [default: 1h]"),
+    ("proxy.header_read_timeout", Kind::Str, "time to receive request headers [default: 10s]"),
+    ("proxy.max_header_bytes", Kind::Int, "largest request header section [default: 65536]"),
+    ("proxy.max_connections", Kind::Int, "most client connections per listener [default: 10000]"),
+    ("proxy.pool_max_idle", Kind::Int, "idle upstream connections kept per endpoint [default: 64]"),
+    ("proxy.pool_idle_timeout", Kind::Str, "close idle upstream connections after [default: 90s]"),
+    ("static.file", Kind::Str, "serve services and rules from this TOML file instead of ZooKeeper"),
+    ("log.format", Kind::Str, "text or json [default: text]"),
+    ("log.access_log", Kind::Str, "access log: stdout or a file path [default: off]"),
+    ("metrics.enabled", Kind::Bool, "record data-plane metrics [default: true]"),
+    ("metrics.per_instance", Kind::Bool, "label upstream metrics by instance address [default: false]"),
+    ("listener", Kind::Tables, "a listener as an inline table: '{name=\"http\", bind=\"127.0.0.1:15001\"}'"),
+    ("register", Kind::Tables, "an instance to register, as an inline table"),
+];
+
+fn flag_name(key: &str) -> String {
+    key.replace(['.', '_'], "-")
+}
+
+fn env_name(key: &str) -> String {
+    format!("ZKROUTE_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// `--config` plus one flag per key; parsed by clap, merged over the file by [`Config::load`].
+#[derive(Debug, Clone, Default)]
+pub struct ConfigArgs {
+    pub config: Option<PathBuf>,
+    overrides: Vec<(&'static str, Vec<String>)>,
+}
+
+impl ConfigArgs {
+    /// The same flags and variables over another file.
+    pub fn with_file(mut self, file: PathBuf) -> Self {
+        self.config = Some(file);
+        self
+    }
+
+    /// Sets a key as if given as a flag (for tests and embedding).
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        if let Some((k, _, _)) = KEYS.iter().find(|(k, _, _)| *k == key) {
+            self.overrides.push((k, vec![value.into()]));
+        }
+        self
+    }
+}
+
+impl FromArgMatches for ConfigArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = ConfigArgs { config: m.get_one::<PathBuf>("config").cloned(), overrides: Vec::new() };
+        for (key, _, _) in KEYS {
+            if let Some(values) = m.get_many::<String>(key) {
+                args.overrides.push((key, values.cloned().collect()));
+            }
+        }
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for ConfigArgs {
+    fn augment_args(cmd: Command) -> Command {
+        let cmd = cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .short('c')
+                .env("ZKROUTE_CONFIG")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .global(true)
+                .help("TOML configuration file (CONTRACT section 3)"),
+        );
+        KEYS.iter().fold(cmd, |cmd, (key, kind, help)| {
+            let arg = Arg::new(*key)
+                .long(flag_name(key))
+                .env(env_name(key))
+                .help(*help)
+                .global(true)
+                .help_heading("Configuration keys (each also a ZKROUTE_* variable)");
+            let arg = match kind {
+                Kind::Tables => arg.action(ArgAction::Append).value_name("TABLE"),
+                Kind::Bool => arg.value_name("BOOL"),
+                _ => arg.value_name("VALUE"),
+            };
+            cmd.arg(arg)
+        })
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+const FROM_FLAGS: &str = "command line or environment";
+
+impl Config {
+    /// Reads the file (if any), applies flags and variables, and validates.
+    pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
+        let (text, name) = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    source_name: path.display().to_string(),
+                    key: "(file)".into(),
+                    reason: format!("cannot read: {e}"),
+                })?;
+                (text, path.display().to_string())
+            }
+            None => (String::new(), FROM_FLAGS.to_owned()),
+        };
+        let mut config = Config::parse_with(&text, &name, &args.overrides)?;
+        config.file = args.config.clone();
+        Ok(config)
+    }
+
+    /// Parses a configuration from TOML text alone (for tests and `check-config`).
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, source_name, &[])
+    }
+
+    fn parse_with(text: &str, name: &str, overrides: &[(&'static str, Vec<String>)]) -> Result<Config, ConfigError> {
+        let err = |key: String, reason: String| ConfigError { source_name: name.to_owned(), key, reason };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let key = e.span().map(|s| key_at(text, s.start)).unwrap_or_else(|| "(file)".into());
+            err(key, e.message().trim().to_owned())
+        })?;
+        let mut overridden = HashSet::new();
+        for (key, values) in overrides {
+            apply_override(&mut table, key, values).map_err(|reason| ConfigError {
+                source_name: FROM_FLAGS.into(),
+                key: (*key).into(),
+                reason,
+            })?;
+            overridden.insert(*key);
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<_>| {
+                let key = e.path().to_string();
+                let key = if key == "." { "(top level)".to_owned() } else { key };
+                let source_name = if overridden.iter().any(|k| key.starts_with(k)) { FROM_FLAGS } else { name };
+                ConfigError { source_name: source_name.into(), key, reason: e.into_inner().message().to_owned() }
+            },
+        )?;
+        config.validate().map_err(|(key, reason)| {
+            let source_name = if overridden.iter().any(|k| key.starts_with(k)) { FROM_FLAGS } else { name };
+            ConfigError { source_name: source_name.into(), key, reason }
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let zk = &self.zookeeper;
+        if self.static_file.is_none() && zk.connect.trim().is_empty() {
+            return Err(("zookeeper.connect".into(), "is empty".into()));
+        }
+        for (key, path) in [
+            ("zookeeper.services_path", &zk.services_path),
+            ("zookeeper.rules_path", &zk.rules_path),
+            ("zookeeper.policies_path", &zk.policies_path),
+        ] {
+            if !path.starts_with('/') || (path.len() > 1 && path.ends_with('/')) {
+                return Err((
+                    key.into(),
+                    format!("{path:?} must be an absolute ZooKeeper path without a trailing '/'"),
+                ));
+            }
+        }
+        if zk.session_timeout.0 < Duration::from_millis(100) {
+            return Err(("zookeeper.session_timeout".into(), "must be at least 100ms".into()));
+        }
+        if let Some(auth) = &zk.auth {
+            if !auth.contains(':') {
+                return Err(("zookeeper.auth".into(), "must be user:password".into()));
+            }
+        }
+        if zk.auth.is_some() && zk.auth_file.is_some() {
+            return Err(("zookeeper.auth_file".into(), "give either auth or auth_file, not both".into()));
+        }
+        let p = &self.proxy;
+        self.defaults().map_err(|(k, r)| (format!("proxy.{k}"), r))?;
+        for (key, d) in [
+            ("proxy.timeout", p.timeout),
+            ("proxy.connect_timeout", p.connect_timeout),
+            ("proxy.idle_timeout", p.idle_timeout),
+            ("proxy.tcp_idle_timeout", p.tcp_idle_timeout),
+            ("proxy.header_read_timeout", p.header_read_timeout),
+            ("proxy.pool_idle_timeout", p.pool_idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err((key.into(), "must be greater than zero".into()));
+            }
+        }
+        if p.max_header_bytes < 1024 {
+            return Err(("proxy.max_header_bytes".into(), "must be at least 1024".into()));
+        }
+        if p.max_connections == 0 {
+            return Err(("proxy.max_connections".into(), "must be at least 1".into()));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        binds.insert(self.admin.bind);
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                return Err((key("name"), format!("{:?} is empty or used by another listener", l.name)));
+            }
+            if l.bind.port() != 0 && !binds.insert(l.bind) {
+                return Err((key("bind"), format!("{} is already used by the admin port or another listener", l.bind)));
+            }
+            if let Some(s) = &l.service {
+                if s.is_empty() || s.contains('/') {
+                    return Err((key("service"), format!("{s:?} is not a service name")));
+                }
+            } else if l.endpoint.is_some() {
+                return Err((key("endpoint"), "applies only with service".into()));
+            }
+        }
+        for (i, r) in self.registrations.iter().enumerate() {
+            let key = |k: &str| format!("register[{i}].{k}");
+            if r.service.is_empty() || r.service.contains('/') {
+                return Err((key("service"), format!("{:?} is not a service name", r.service)));
+            }
+            if r.port == 0 {
+                return Err((key("port"), "must be in 1..=65535".into()));
+            }
+            Addr::from_parts(&r.address, r.port).map_err(|e| (key("address"), e.to_string()))?;
+            if let Some(id) = &r.id {
+                if id.is_empty() || id.contains('/') {
+                    return Err((key("id"), format!("{id:?} is not a node name")));
+                }
+            }
+            if r.payload.weight.is_some_and(|w| w > MAX_WEIGHT) {
+                return Err((key("payload.weight"), format!("must be at most {MAX_WEIGHT}")));
+            }
+            if let Some(hc) = &r.health_check {
+                match (hc.kind.as_str(), &hc.url) {
+                    ("http", Some(url)) if url.starts_with("http://") => {}
+                    ("http", _) => {
+                        return Err((key("health_check.url"), "kind http needs url = \"http://...\"".into()));
+                    }
+                    ("tcp", _) => {}
+                    (other, _) => {
+                        return Err((key("health_check.kind"), format!("{other:?} is neither \"http\" nor \"tcp\"")));
+                    }
+                }
+                if hc.rise == 0 || hc.fall == 0 {
+                    return Err((key("health_check"), "rise and fall must be at least 1".into()));
+                }
+            }
+        }
+        if let Some(s) = &self.static_file {
+            if !s.file.is_file() {
+                return Err(("static.file".into(), format!("{} is not a readable file", s.file.display())));
+            }
+        }
+        if let Some(a) = &self.log.access_log {
+            if a.is_empty() {
+                return Err(("log.access_log".into(), "is empty: use \"stdout\" or a path".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Data-plane defaults, as the table builder takes them.
+    pub fn defaults(&self) -> Result<Defaults, (String, String)> {
+        let p = &self.proxy;
+        let doc = PolicyDoc {
+            lb: Some(p.lb.clone()),
+            hash_on: p.hash_on.clone(),
+            health_check: p.health_check.clone(),
+            outlier: p.outlier.clone(),
+            panic_threshold_percent: Some(p.panic_threshold_percent),
+            ..PolicyDoc::default()
+        };
+        let policy = Policy::from_doc(doc).map_err(|e| (e.field, e.reason))?;
+        Ok(Defaults {
+            lb: policy.lb.unwrap_or(LbPolicy::P2c),
+            connect_timeout: p.connect_timeout.0,
+            timeout: p.timeout.0,
+            retries: p.retries,
+            panic_threshold_percent: p.panic_threshold_percent,
+            protect_from_empty: p.protect_from_empty,
+            health_check: policy.health_check,
+            outlier: policy.outlier,
+        })
+    }
+
+    /// The listeners as the table builder sees them.
+    pub fn listener_specs(&self) -> Vec<ListenerSpec> {
+        self.listeners
+            .iter()
+            .map(|l| ListenerSpec {
+                name: l.name.clone().into_boxed_str(),
+                protocol: l.protocol,
+                service: l.service.as_deref().map(ServiceName::new),
+                endpoint: l.endpoint.clone(),
+            })
+            .collect()
+    }
+
+    /// Where the config came from, for messages.
+    pub fn source_name(&self) -> String {
+        self.file.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_else(|| FROM_FLAGS.into())
+    }
+}
+
+fn apply_override(table: &mut toml::Table, key: &str, values: &[String]) -> Result<(), String> {
+    let kind = KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, k, _)| *k).ok_or("unknown key")?;
+    let (section, leaf) = match key.split_once('.') {
+        Some((s, l)) => (Some(s), l),
+        None => (None, key),
+    };
+    let target = match section {
+        None => &mut *table,
+        Some(s) => table
+            .entry(s)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("[{s}] in the file is not a table"))?,
+    };
+    let last = values.last().map(String::as_str).unwrap_or_default();
+    let value = match kind {
+        Kind::Str => toml::Value::String(last.to_owned()),
+        Kind::Int => toml::Value::Integer(last.trim().parse().map_err(|_| format!("{last:?} is not an integer"))?),
+        Kind::Bool => toml::Value::Boolean(match last.trim() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            other => return Err(format!("{other:?} is not true or false")),
+        }),
+        Kind::Tables => {
+            let mut items = Vec::new();
+            for v in values {
+                let wrapped: toml::Table =
+                    format!("v = {v}").parse().map_err(|e: toml::de::Error| format!("{v:?}: {}", e.message()))?;
+                match wrapped.get("v") {
+                    Some(toml::Value::Table(t)) => items.push(toml::Value::Table(t.clone())),
+                    Some(toml::Value::Array(a)) => items.extend(a.iter().cloned()),
+                    _ => return Err(format!("{v:?} is not an inline table {{...}} or an array of them")),
+                }
+            }
+            // Flags replace the file's entries rather than adding to them.
+            toml::Value::Array(items)
+        }
+    };
+    target.insert(leaf.to_owned(), value);
+    Ok(())
+}
+
+/// The dotted key of the line holding byte `offset`, best effort, for TOML syntax errors.
+fn key_at(text: &str, offset: usize) -> String {
+    let mut section = String::new();
+    let mut key = String::new();
+    for line in text[..offset.min(text.len())].lines().chain(text[offset.min(text.len())..].lines().take(1)) {
+        let t = line.trim();
+        if let Some(s) = t.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")) {
+            section = s.trim().to_owned();
+            key.clear();
+        } else if let Some(s) = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            section = s.trim().to_owned();
+            key.clear();
+        } else if let Some((k, _)) = t.split_once('=') {
+            key = k.trim().to_owned();
+        }
+    }
+    match (section.is_empty(), key.is_empty()) {
+        (true, true) => "(file)".into(),
+        (true, false) => key,
+        (false, true) => section,
+        (false, false) => format!("{section}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(text: &str) -> ConfigError {
+        Config::from_toml(text, "zk.toml").expect_err(text)
+    }
+
+    #[test]
+    fn the_contract_example_loads() {
+        let c = Config::from_toml(
+            r#"
+            [zookeeper]
+            connect = "zk1:2181,zk2:2181,zk3:2181/prod"
+            session_timeout = "10s"
+            services_path = "/zkroute/services"
+            rules_path = "/zkroute/rules"
+            policies_path = "/zkroute/policies"
+            snapshot = "/var/lib/zkroute/snapshot.json"
+
+            [admin]
+            bind = "127.0.0.1:9901"
+
+            [[listener]]
+            name = "http"
+            bind = "127.0.0.1:15001"
+            protocol = "http"
+
+            [[listener]]
+            name = "payments"
+            bind = "127.0.0.1:15002"
+            protocol = "tcp"
+            service = "payments"
+
+            [[register]]
+            service = "users"
+            address = "10.0.0.5"
+            port = 8080
+            health_check = { kind = "http", url = "http://127.0.0.1:8080/health", interval = "2s" }
+            payload = { weight = 100, zone = "a", metadata = { version = "v2" } }
+            "#,
+            "zkroute.toml",
+        )
+        .unwrap();
+        assert_eq!(c.zookeeper.connect, "zk1:2181,zk2:2181,zk3:2181/prod");
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].protocol, Protocol::Tcp);
+        assert_eq!(c.registrations[0].payload.metadata["version"], "v2");
+        assert_eq!(c.registrations[0].health_check.as_ref().unwrap().interval, Dur(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_reason() {
+        let e = bad("[zookeeper]\nsession_timeout = \"ten seconds\"\n");
+        assert_eq!((e.source_name.as_str(), e.key.as_str()), ("zk.toml", "zookeeper.session_timeout"));
+        assert!(e.reason.contains("not a duration"), "{e}");
+
+        let e = bad("[[listener]]\nname = \"a\"\nbind = \"nowhere\"\n");
+        assert_eq!(e.key, "listener[0].bind");
+
+        let e = bad("[zookeeper]\nconect = \"x\"\n");
+        assert!(e.reason.contains("unknown field `conect`"), "{e}");
+
+        let e = bad("[admin\nbind = 1");
+        assert_eq!(e.source_name, "zk.toml");
+
+        let e = bad(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:2\"\n",
+        );
+        assert_eq!(e.key, "listener[1].name");
+
+        let e = bad("[proxy]\nlb = \"random\"\n");
+        assert_eq!(e.key, "proxy.lb");
+
+        let e = bad("[zookeeper]\nrules_path = \"rules\"\n");
+        assert_eq!(e.key, "zookeeper.rules_path");
+
+        let e = bad("[[register]]\nservice = \"a\"\naddress = \"10.0.0.1\"\nport = 70000\n");
+        assert_eq!(e.key, "register[0].port");
+
+        let e = bad("[static]\nfile = \"/nonexistent/routes.toml\"\n");
+        assert_eq!(e.key, "static.file");
+    }
+
+    #[test]
+    fn flags_and_variables_override_the_file() {
+        let args = ConfigArgs::default()
+            .set("zookeeper.connect", "127.0.0.1:1/x")
+            .set("proxy.retries", "3")
+            .set("admin.config_endpoint", "false")
+            .set("listener", r#"{name="http", bind="127.0.0.1:15001"}"#);
+        let c = Config::parse_with("[zookeeper]\nconnect = \"a:1\"\n", "f.toml", &args.overrides).unwrap();
+        assert_eq!(c.zookeeper.connect, "127.0.0.1:1/x");
+        assert_eq!(c.proxy.retries, 3);
+        assert!(!c.admin.config_endpoint);
+        assert_eq!(c.listeners[0].name, "http");
+
+        let args = ConfigArgs::default().set("proxy.retries", "many");
+        let e = Config::parse_with("", "f.toml", &args.overrides).unwrap_err();
+        assert_eq!((e.source_name.as_str(), e.key.as_str()), (FROM_FLAGS, "proxy.retries"));
+
+        let args = ConfigArgs::default().set("zookeeper.session_timeout", "soon");
+        let e = Config::parse_with("", "f.toml", &args.overrides).unwrap_err();
+        assert_eq!((e.source_name.as_str(), e.key.as_str()), (FROM_FLAGS, "zookeeper.session_timeout"));
+    }
+
+    #[test]
+    fn every_key_has_a_flag_and_a_variable() {
+        assert_eq!(flag_name("zookeeper.session_timeout"), "zookeeper-session-timeout");
+        assert_eq!(env_name("zookeeper.session_timeout"), "ZKROUTE_ZOOKEEPER_SESSION_TIMEOUT");
+        // Every scalar field of every section is reachable by a flag.
+        let cmd = ConfigArgs::augment_args(Command::new("t"));
+        for (key, _, _) in KEYS {
+            assert!(cmd.get_arguments().any(|a| a.get_id() == *key), "{key}");
+        }
+    }
+}

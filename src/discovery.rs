@@ -1,0 +1,160 @@
+//! The control plane. A source (ZooKeeper, or the static file) reads documents and sends
+//! [`Update`]s; the control loop applies them to the [`Builder`], coalescing whatever arrived
+//! meanwhile into one build, and publishes the table. Health changes arrive the same way.
+//! Nothing here runs on the request path, and nothing here imports the proxy.
+
+pub mod file;
+pub mod formats;
+pub mod zk;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::endpoint::StateRegistry;
+use crate::metrics::Metrics;
+use crate::routing::build::{Change, Doc, RawNode};
+use crate::routing::{Builder, NodeKind, Policy, RouteWriter, RoutingTable, Rule, ServiceName, SourceKind};
+
+/// A batch of changes from one source read.
+#[derive(Debug)]
+pub struct Update {
+    pub changes: Vec<Change>,
+    /// When the earliest event behind these changes arrived (for propagation time).
+    pub observed_at: Option<Instant>,
+}
+
+impl Update {
+    pub fn new(changes: Vec<Change>, observed_at: Option<Instant>) -> Self {
+        Update { changes, observed_at }
+    }
+}
+
+/// Where sources and health checkers send updates.
+#[derive(Clone)]
+pub struct UpdateSender(mpsc::UnboundedSender<Update>);
+
+impl UpdateSender {
+    /// Sends; false once the control loop has stopped.
+    pub fn send(&self, update: Update) -> bool {
+        self.0.send(update).is_ok()
+    }
+
+    /// Tells the control loop that endpoints of these services changed health.
+    pub fn health_changed(&self, services: Vec<ServiceName>) {
+        let _ = self.0.send(Update::new(vec![Change::Health(services)], None));
+    }
+}
+
+/// Parses an instance node into a change.
+pub fn instance_change(service: ServiceName, id: &str, node: Option<RawNode>) -> Change {
+    let doc = node.map(|n| Doc { parsed: formats::parse_instance(&n.data).map(Arc::new), origin: n.origin });
+    Change::Instance { service, id: Arc::from(id), doc }
+}
+
+/// Parses a rule node into a change.
+pub fn rule_change(id: &str, node: Option<RawNode>) -> Change {
+    let doc = node
+        .map(|n| Doc { parsed: Rule::parse(id, &n.data).map(Arc::new).map_err(|e| e.to_string()), origin: n.origin });
+    Change::Rule { id: Arc::from(id), doc }
+}
+
+/// Parses a policy node into a change.
+pub fn policy_change(service: ServiceName, node: Option<RawNode>) -> Change {
+    let doc =
+        node.map(|n| Doc { parsed: Policy::parse(&n.data).map(Arc::new).map_err(|e| e.to_string()), origin: n.origin });
+    Change::Policy { service, doc }
+}
+
+/// Called with every table published, after the swap (snapshot writing, health checker).
+pub type OnPublish = Box<dyn FnMut(&Arc<RoutingTable>) + Send>;
+
+/// The control loop: owns the builder and the writer.
+pub struct Control {
+    pub builder: Builder,
+    pub writer: RouteWriter,
+    pub metrics: Arc<Metrics>,
+    pub states: Arc<StateRegistry>,
+    pub on_publish: Vec<OnPublish>,
+}
+
+impl Control {
+    /// Runs until every sender is dropped.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Update>) {
+        let mut synced = false;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                u = rx.recv() => match u { Some(u) => u, None => return },
+                _ = sweep.tick() => { self.states.sweep(); continue; }
+            };
+            let mut observed_at = first.observed_at;
+            let mut pending = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                observed_at = match (observed_at, more.observed_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                pending.push(more);
+            }
+            for update in pending {
+                for change in update.changes {
+                    synced |= matches!(change, Change::Resync(_));
+                    self.builder.apply(change);
+                }
+            }
+            if synced && self.builder.is_dirty() {
+                self.publish(observed_at);
+            }
+        }
+    }
+
+    fn publish(&mut self, observed_at: Option<Instant>) {
+        let started = Instant::now();
+        let (table, delta) = self.builder.build();
+        let table = Arc::new(table);
+        self.writer.publish(table.clone());
+        let m = &self.metrics;
+        m.table_build_duration.observe(started.elapsed().as_secs_f64());
+        if let Some(at) = observed_at {
+            m.discovery_propagation.observe(at.elapsed().as_secs_f64());
+        }
+        m.table_version.set(i64::try_from(table.version).unwrap_or(i64::MAX));
+        m.table_updates.inc();
+        for kind in NodeKind::ALL {
+            m.invalid_nodes.with_label_values(&[kind.as_str()]).set(table.invalid_count(kind) as i64);
+        }
+        m.snapshot_in_use.set(i64::from(table.source == SourceKind::Snapshot));
+        if delta.is_empty() {
+            debug!(version = table.version, "routing table rebuilt (health)");
+        } else {
+            info!(
+                version = table.version,
+                source = %table.source,
+                services = table.services.len(),
+                instances_added = delta.instances_added,
+                instances_removed = delta.instances_removed,
+                instances_changed = delta.instances_changed,
+                rules_added = delta.rules_added,
+                rules_removed = delta.rules_removed,
+                rules_changed = delta.rules_changed,
+                policies_changed = delta.policies_changed,
+                changed_services = ?delta.services.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>(),
+                build_us = started.elapsed().as_micros() as u64,
+                "routing table swapped"
+            );
+        }
+        for hook in &mut self.on_publish {
+            hook(&table);
+        }
+    }
+}
+
+/// Creates the update channel.
+pub fn updates() -> (UpdateSender, mpsc::UnboundedReceiver<Update>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (UpdateSender(tx), rx)
+}

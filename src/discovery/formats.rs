@@ -1,0 +1,289 @@
+//! Instance documents in every format of CONTRACT 2.1, detected per node: Curator x-discovery
+//! (also Spring Cloud Zookeeper and Dubbo 3), Finagle ServerSet, SmartStack Nerve, and plain
+//! `host:port` / `ip=host:port`. Unknown fields are ignored; anything malformed is an error that
+//! names the field.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, MAX_WEIGHT, port_from_i64};
+
+/// Parses an instance node's data, whatever format it is in.
+pub fn parse_instance(data: &[u8]) -> Result<Instance, String> {
+    let text = std::str::from_utf8(data).map_err(|_| "not UTF-8".to_owned())?.trim();
+    if text.is_empty() {
+        return Err("empty node: expected an instance document".into());
+    }
+    if text.starts_with('{') {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Value::Object(doc) = value else { unreachable!("a JSON text starting with '{{' is an object") };
+        return if doc.contains_key("serviceEndpoint") {
+            serverset(&doc)
+        } else if doc.contains_key("address") {
+            curator(&doc)
+        } else if doc.contains_key("host") {
+            nerve(&doc)
+        } else {
+            Err("JSON object is not a Curator (address), ServerSet (serviceEndpoint) or Nerve (host) document".into())
+        };
+    }
+    plain(text)
+}
+
+fn plain(text: &str) -> Result<Instance, String> {
+    let addr_text = text.strip_prefix("ip=").unwrap_or(text);
+    let addr = addr_text.parse::<Addr>().map_err(|e| format!("plain instance: {e}"))?;
+    Ok(Instance {
+        format: Format::Plain,
+        addr,
+        named: BTreeMap::new(),
+        weight: DEFAULT_WEIGHT,
+        zone: None,
+        metadata: BTreeMap::new(),
+        enabled: true,
+    })
+}
+
+fn curator(doc: &Map<String, Value>) -> Result<Instance, String> {
+    let address = str_field(doc, "address")?;
+    let port = match doc.get("port") {
+        Some(Value::Null) | None => {
+            return Err(if doc.get("sslPort").is_some_and(|v| !v.is_null()) {
+                "port: null (only sslPort is set; zkroute forwards plain TCP)".into()
+            } else {
+                "port: missing".into()
+            });
+        }
+        Some(v) => port(v, "port")?,
+    };
+    let addr = Addr::from_parts(address, port).map_err(|e| format!("address: {e}"))?;
+    let enabled = match doc.get("enabled") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("enabled: must be true or false".into()),
+    };
+    let (weight, zone, metadata) = match doc.get("payload") {
+        None | Some(Value::Null) => (DEFAULT_WEIGHT, None, BTreeMap::new()),
+        Some(Value::Object(payload)) => (
+            weight(payload.get("weight"), "payload.weight")?,
+            opt_str(payload.get("zone"), "payload.zone")?,
+            string_map(payload.get("metadata"), "payload.metadata")?,
+        ),
+        // Curator's default serializer allows any payload; only an object carries attributes.
+        Some(_) => (DEFAULT_WEIGHT, None, BTreeMap::new()),
+    };
+    Ok(Instance { format: Format::Curator, addr, named: BTreeMap::new(), weight, zone, metadata, enabled })
+}
+
+fn serverset(doc: &Map<String, Value>) -> Result<Instance, String> {
+    let addr = endpoint(doc.get("serviceEndpoint"), "serviceEndpoint")?;
+    let mut named = BTreeMap::new();
+    match doc.get("additionalEndpoints") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(extra)) => {
+            for (name, ep) in extra {
+                named.insert(name.clone(), endpoint(Some(ep), &format!("additionalEndpoints.{name}"))?);
+            }
+        }
+        Some(_) => return Err("additionalEndpoints: must be an object".into()),
+    }
+    let enabled = match doc.get("status") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s == "ALIVE",
+        Some(_) => return Err("status: must be a string".into()),
+    };
+    Ok(Instance {
+        format: Format::Serverset,
+        addr,
+        named,
+        weight: weight(doc.get("weight"), "weight")?,
+        zone: opt_str(doc.get("zone"), "zone")?,
+        metadata: string_map(doc.get("metadata"), "metadata")?,
+        enabled,
+    })
+}
+
+fn nerve(doc: &Map<String, Value>) -> Result<Instance, String> {
+    let host = str_field(doc, "host")?;
+    let port = port(doc.get("port").ok_or("port: missing")?, "port")?;
+    let addr = Addr::from_parts(host, port).map_err(|e| format!("host: {e}"))?;
+    let metadata = string_map(doc.get("labels"), "labels")?;
+    let zone = match opt_str(doc.get("zone"), "zone")? {
+        Some(z) => Some(z),
+        None => metadata.get("zone").or_else(|| metadata.get("az")).cloned(),
+    };
+    Ok(Instance {
+        format: Format::Nerve,
+        addr,
+        named: BTreeMap::new(),
+        weight: weight(doc.get("weight"), "weight")?,
+        zone,
+        metadata,
+        enabled: true,
+    })
+}
+
+fn str_field<'a>(doc: &'a Map<String, Value>, field: &str) -> Result<&'a str, String> {
+    match doc.get(field) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+        Some(Value::String(_)) => Err(format!("{field}: empty")),
+        Some(_) => Err(format!("{field}: must be a string")),
+        None => Err(format!("{field}: missing")),
+    }
+}
+
+fn opt_str(v: Option<&Value>, field: &str) -> Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{field}: must be a string")),
+    }
+}
+
+fn port(v: &Value, field: &str) -> Result<u16, String> {
+    let n = match v {
+        Value::Number(n) => n.as_i64().ok_or_else(|| format!("{field}: {n} is not an integer"))?,
+        Value::String(s) => s.trim().parse::<i64>().map_err(|_| format!("{field}: {s:?} is not a number"))?,
+        _ => return Err(format!("{field}: must be a number")),
+    };
+    port_from_i64(n).map_err(|e| format!("{field}: {e}"))
+}
+
+fn endpoint(v: Option<&Value>, field: &str) -> Result<Addr, String> {
+    let Some(Value::Object(ep)) = v else { return Err(format!("{field}: must be an object with host and port")) };
+    let host = str_field(ep, "host").map_err(|e| format!("{field}.{e}"))?;
+    let port = port(ep.get("port").ok_or_else(|| format!("{field}.port: missing"))?, &format!("{field}.port"))?;
+    Addr::from_parts(host, port).map_err(|e| format!("{field}.host: {e}"))
+}
+
+fn weight(v: Option<&Value>, field: &str) -> Result<u32, String> {
+    let n = match v {
+        None | Some(Value::Null) => return Ok(DEFAULT_WEIGHT),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| format!("{field}: {n} is not an integer"))?,
+        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| format!("{field}: {s:?} is not an integer"))?,
+        Some(_) => return Err(format!("{field}: must be an integer")),
+    };
+    match u32::try_from(n) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(format!("{field}: {n} is outside 0..={MAX_WEIGHT}")),
+    }
+}
+
+/// A flat string map; numbers and booleans are taken as their text.
+fn string_map(v: Option<&Value>, field: &str) -> Result<BTreeMap<String, String>, String> {
+    let Some(v) = v else { return Ok(BTreeMap::new()) };
+    let map = match v {
+        Value::Null => return Ok(BTreeMap::new()),
+        Value::Object(map) => map,
+        _ => return Err(format!("{field}: must be an object of strings")),
+    };
+    map.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return Err(format!("{field}.{k}: must be a string")),
+            };
+            Ok((k.clone(), v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Instance {
+        parse_instance(s.as_bytes()).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn fails(s: &str, needle: &str) {
+        let err = parse_instance(s.as_bytes()).expect_err(s);
+        assert!(err.contains(needle), "{s}: error {err:?} should mention {needle:?}");
+    }
+
+    #[test]
+    fn curator_as_the_contract_writes_it() {
+        let i = parse(
+            r#"{"name":"users","id":"7f3c","address":"10.0.0.5","port":8080,"sslPort":null,
+                "payload":{"@class":"org.springframework.cloud.zookeeper.discovery.ZookeeperInstance",
+                           "metadata":{"version":"v2","shard":3},"weight":30,"zone":"a"},
+                "registrationTimeUTC":1732700000000,"serviceType":"DYNAMIC","uriSpec":null}"#,
+        );
+        assert_eq!(i.format, Format::Curator);
+        assert_eq!(i.addr.to_string(), "10.0.0.5:8080");
+        assert_eq!(i.weight, 30);
+        assert_eq!(i.zone.as_deref(), Some("a"));
+        assert_eq!(i.metadata.get("version").map(String::as_str), Some("v2"));
+        assert_eq!(i.metadata.get("shard").map(String::as_str), Some("3"));
+        assert!(i.enabled);
+    }
+
+    #[test]
+    fn curator_disabled_and_without_payload() {
+        let i = parse(r#"{"name":"users","id":"1","address":"10.0.0.5","port":8080,"payload":null,"enabled":false}"#);
+        assert!(!i.enabled);
+        assert_eq!(i.weight, DEFAULT_WEIGHT);
+        // Dubbo 3 application-level instances carry their metadata as strings.
+        let i = parse(
+            r#"{"name":"app","id":"10.0.0.6:20880","address":"10.0.0.6","port":20880,
+                "payload":{"@class":"org.apache.dubbo.registry.zookeeper.ZookeeperInstance","id":"x","name":"app",
+                           "metadata":{"dubbo.endpoints":"[{\"port\":20880,\"protocol\":\"dubbo\"}]"}}}"#,
+        );
+        assert_eq!(i.addr.port, 20880);
+        assert!(i.metadata.contains_key("dubbo.endpoints"));
+    }
+
+    #[test]
+    fn serverset_with_named_endpoints_and_status() {
+        let i = parse(
+            r#"{"serviceEndpoint":{"host":"10.0.0.5","port":8080},
+                "additionalEndpoints":{"http":{"host":"10.0.0.5","port":8081}},"status":"ALIVE","shard":0}"#,
+        );
+        assert_eq!(i.format, Format::Serverset);
+        assert_eq!(i.named["http"].to_string(), "10.0.0.5:8081");
+        assert!(i.enabled);
+        let i = parse(r#"{"serviceEndpoint":{"host":"10.0.0.5","port":8080},"status":"STOPPING"}"#);
+        assert!(!i.enabled);
+    }
+
+    #[test]
+    fn nerve_with_weight_and_labels() {
+        let i = parse(r#"{"host":"10.0.0.5","port":8080,"name":"i-0abc","weight":10,"labels":{"az":"a"}}"#);
+        assert_eq!(i.format, Format::Nerve);
+        assert_eq!(i.weight, 10);
+        assert_eq!(i.zone.as_deref(), Some("a"));
+        assert_eq!(i.metadata["az"], "a");
+    }
+
+    #[test]
+    fn plain_forms() {
+        assert_eq!(parse("10.0.0.5:8080\n").addr.to_string(), "10.0.0.5:8080");
+        assert_eq!(parse("ip=10.0.0.5:8080").addr.to_string(), "10.0.0.5:8080");
+        assert_eq!(parse("[::1]:9000").addr.to_string(), "[::1]:9000");
+        assert_eq!(parse("ip=10.0.0.5:8080").format, Format::Plain);
+    }
+
+    #[test]
+    fn malformed_documents_name_the_problem() {
+        fails("", "empty");
+        fails("\u{0}\u{159}", "");
+        fails("10.0.0.5", "host:port");
+        fails("10.0.0.5:99999", "port");
+        fails("{not json", "JSON");
+        fails(r#"{"foo":1}"#, "not a Curator");
+        fails(r#"{"address":"10.0.0.5"}"#, "port: missing");
+        fails(r#"{"address":"10.0.0.5","port":null,"sslPort":8443}"#, "sslPort");
+        fails(r#"{"address":"10.0.0.5","port":70000}"#, "port");
+        fails(r#"{"address":"10.0.0.5","port":-1}"#, "port");
+        fails(r#"{"address":"10.0.0.5","port":80,"payload":{"weight":10001}}"#, "payload.weight");
+        fails(r#"{"address":"10.0.0.5","port":80,"payload":{"metadata":{"a":{"b":1}}}}"#, "payload.metadata.a");
+        fails(r#"{"address":"bad host","port":80}"#, "address");
+        fails(r#"{"serviceEndpoint":{"host":"10.0.0.5"}}"#, "serviceEndpoint.port");
+        fails(r#"{"serviceEndpoint":{"host":"h","port":1},"additionalEndpoints":{"x":3}}"#, "additionalEndpoints.x");
+        fails(r#"{"host":"10.0.0.5","port":"eighty"}"#, "port");
+        fails(r#"{"host":"10.0.0.5","port":80,"weight":-5}"#, "weight");
+    }
+}

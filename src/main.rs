@@ -1,0 +1,124 @@
+//! flags -> telemetry -> Config::load -> App::start -> signal -> drain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use zkroute::config::LogFormat;
+use zkroute::{App, Config, ConfigArgs};
+
+/// A sidecar routing proxy driven by ZooKeeper naming and rule nodes.
+#[derive(Parser)]
+#[command(name = "zkroute", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Log format: text or json (overrides log.format).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate a configuration file and exit: 0 when valid, 2 with the file, key and reason.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+/// Exit code for a bad configuration or bad usage.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::CheckConfig { file }) => {
+            let args = cli.config.with_file(file);
+            match Config::load(&args) {
+                Ok(c) => {
+                    println!(
+                        "{}: valid ({} listeners, {} registrations)",
+                        c.source_name(),
+                        c.listeners.len(),
+                        c.registrations.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("zkroute: invalid configuration: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        None | Some(Cmd::Run) => run(cli.config, cli.log_format),
+    }
+}
+
+fn run(args: ConfigArgs, log_format: Option<String>) -> ExitCode {
+    let config = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zkroute: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let format = match log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        Some(other) => {
+            eprintln!("zkroute: --log-format: {other:?} is neither text nor json");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        None => config.log.format,
+    };
+    init_tracing(format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zkroute: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let drain = config.proxy.drain_timeout.0;
+        let app = match App::start(config).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!("cannot start: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!(drain_timeout = ?drain, "shutting down: draining");
+        app.stop(drain).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,160 @@
+//! Every metric family of CONTRACT 5, registered once at start in a registry owned by the
+//! process (not the global one, so several proxies can run in one test binary).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Metric names, in one place.
+pub mod names {
+    pub const HTTP_REQUESTS: &str = "zkroute_http_requests_total";
+    pub const HTTP_REQUEST_DURATION: &str = "zkroute_http_request_duration_seconds";
+    pub const UPSTREAM_CONNECT_ERRORS: &str = "zkroute_upstream_connect_errors_total";
+    pub const RETRIES: &str = "zkroute_retries_total";
+    pub const TCP_CONNECTIONS: &str = "zkroute_tcp_connections_total";
+    pub const TCP_ACTIVE_CONNECTIONS: &str = "zkroute_tcp_active_connections";
+    pub const TCP_BYTES: &str = "zkroute_tcp_bytes_total";
+    pub const BACKENDS: &str = "zkroute_backends";
+    pub const HEALTH_CHECKS: &str = "zkroute_health_checks_total";
+    pub const TABLE_VERSION: &str = "zkroute_table_version";
+    pub const TABLE_UPDATES: &str = "zkroute_table_updates_total";
+    pub const TABLE_BUILD_DURATION: &str = "zkroute_table_build_duration_seconds";
+    pub const DISCOVERY_PROPAGATION: &str = "zkroute_discovery_propagation_seconds";
+    pub const INVALID_NODES: &str = "zkroute_invalid_nodes";
+    pub const ZK_CONNECTED: &str = "zkroute_zk_connected";
+    pub const ZK_SESSION_EXPIRATIONS: &str = "zkroute_zk_session_expirations_total";
+    pub const REGISTERED: &str = "zkroute_registered";
+    pub const SNAPSHOT_IN_USE: &str = "zkroute_snapshot_in_use";
+    pub const CONNECTIONS_REFUSED: &str = "zkroute_connections_refused_total";
+}
+
+/// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every family, registered.
+pub struct Metrics {
+    pub registry: Registry,
+    /// False when `metrics.enabled = false`: data-plane recording is skipped.
+    pub enabled: bool,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pub upstream_connect_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub tcp_connections: IntCounterVec,
+    pub tcp_active_connections: IntGaugeVec,
+    pub tcp_bytes: IntCounterVec,
+    pub backends: IntGaugeVec,
+    pub health_checks: IntCounterVec,
+    pub table_version: IntGauge,
+    pub table_updates: IntCounter,
+    pub table_build_duration: Histogram,
+    pub discovery_propagation: Histogram,
+    pub invalid_nodes: IntGaugeVec,
+    pub zk_connected: IntGauge,
+    pub zk_session_expirations: IntCounter,
+    pub registered: IntGaugeVec,
+    pub snapshot_in_use: IntGauge,
+    pub connections_refused: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("registered once");
+    m
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("registered once");
+    m
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("registered once");
+    m
+}
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // static names and labels: a failure is a bug caught by every test
+    pub fn new(enabled: bool) -> Metrics {
+        use names::*;
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("process collector");
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(HTTP_REQUEST_DURATION, "HTTP request duration, from request head to response head.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["listener", "service"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(http_request_duration.clone())).expect("registered once");
+        let simple = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(m.clone())).expect("registered once");
+            m
+        };
+        let table_version = simple(TABLE_VERSION, "Version of the routing table in force.");
+        let zk_connected = simple(ZK_CONNECTED, "1 while connected to ZooKeeper.");
+        let snapshot_in_use = simple(SNAPSHOT_IN_USE, "1 while serving a table loaded from the snapshot file.");
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(m.clone())).expect("registered once");
+            m
+        };
+        let table_updates = counter(TABLE_UPDATES, "Routing tables swapped in.");
+        let zk_session_expirations = counter(ZK_SESSION_EXPIRATIONS, "ZooKeeper sessions that expired.");
+        Metrics {
+            enabled,
+            http_requests: counter_vec(&r, HTTP_REQUESTS, "HTTP requests answered.", &["listener", "service", "code"]),
+            http_request_duration,
+            upstream_connect_errors: counter_vec(
+                &r,
+                UPSTREAM_CONNECT_ERRORS,
+                "Failed connection attempts to upstream endpoints.",
+                &["service"],
+            ),
+            retries: counter_vec(&r, RETRIES, "Extra attempts made after a failed one.", &["service"]),
+            tcp_connections: counter_vec(&r, TCP_CONNECTIONS, "TCP connections accepted.", &["listener", "service"]),
+            tcp_active_connections: gauge_vec(&r, TCP_ACTIVE_CONNECTIONS, "TCP connections open.", &["listener"]),
+            tcp_bytes: counter_vec(&r, TCP_BYTES, "Bytes forwarded by TCP listeners.", &["listener", "direction"]),
+            backends: gauge_vec(&r, BACKENDS, "Backend endpoints by state.", &["service", "state"]),
+            health_checks: counter_vec(&r, HEALTH_CHECKS, "Active health checks run.", &["service", "result"]),
+            table_version,
+            table_updates,
+            table_build_duration: histogram(
+                &r,
+                TABLE_BUILD_DURATION,
+                "Time to build a routing table.",
+                LATENCY_BUCKETS,
+            ),
+            discovery_propagation: histogram(
+                &r,
+                DISCOVERY_PROPAGATION,
+                "From a ZooKeeper event's arrival to the swap of the table that includes it.",
+                LATENCY_BUCKETS,
+            ),
+            invalid_nodes: gauge_vec(&r, INVALID_NODES, "Nodes skipped as invalid, now.", &["kind"]),
+            zk_connected,
+            zk_session_expirations,
+            registered: gauge_vec(&r, REGISTERED, "1 while the local app is registered.", &["service"]),
+            snapshot_in_use,
+            connections_refused: counter_vec(
+                &r,
+                CONNECTIONS_REFUSED,
+                "Client connections refused at a listener's connection limit.",
+                &["listener"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}

@@ -1,0 +1,291 @@
+//! Routing domain: the names, addresses and documents that the control plane turns into an
+//! immutable [`RoutingTable`], and that the data plane reads. Nothing here does I/O.
+
+pub mod build;
+pub mod docs;
+pub mod store;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use build::{Builder, Change, RawNode, Resync};
+pub use docs::{Backend, LbPolicy, Policy, Rule};
+pub use store::{RouteReader, RouteWriter};
+pub use table::RoutingTable;
+
+/// A service name as it appears under `services_path` (one znode level).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(Arc<str>);
+
+impl ServiceName {
+    pub fn new(name: &str) -> Self {
+        ServiceName(Arc::from(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::borrow::Borrow<str> for ServiceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The host part of an address: an IP literal (the common case, connected without resolving)
+/// or a DNS name, resolved when a connection is made.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(Arc<str>),
+}
+
+/// Where a backend listens.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct Addr {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl Addr {
+    pub fn from_socket(addr: SocketAddr) -> Self {
+        Addr { host: Host::Ip(addr.ip()), port: addr.port() }
+    }
+
+    /// Builds an address from a host string and a port, as instance documents carry them.
+    pub fn from_parts(host: &str, port: u16) -> Result<Self, AddrError> {
+        let host = host.trim();
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(Addr { host: Host::Ip(ip), port });
+        }
+        if !is_dns_name(bare) {
+            return Err(AddrError::BadHost(host.to_owned()));
+        }
+        Ok(Addr { host: Host::Name(Arc::from(bare.to_ascii_lowercase())), port })
+    }
+
+    /// The socket address, when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self.host {
+            Host::Ip(ip) => Some(SocketAddr::new(ip, self.port)),
+            Host::Name(_) => None,
+        }
+    }
+}
+
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Why an address did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("expected host:port, got {0:?}")]
+    Shape(String),
+    #[error("port {0:?} is not a number in 1..=65535")]
+    BadPort(String),
+    #[error("host {0:?} is neither an IP address nor a DNS name")]
+    BadHost(String),
+}
+
+impl FromStr for Addr {
+    type Err = AddrError;
+
+    /// Parses `host:port`, `[v6]:port` or `v6-literal` forms are not accepted without brackets.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(AddrError::BadPort("0".into()));
+            }
+            return Ok(Addr::from_socket(sa));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| AddrError::Shape(s.to_owned()))?;
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(AddrError::Shape(s.to_owned()));
+        }
+        let port = parse_port(port)?;
+        Addr::from_parts(host, port)
+    }
+}
+
+/// Parses a port in 1..=65535.
+pub fn parse_port(s: &str) -> Result<u16, AddrError> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(AddrError::BadPort(s.to_owned())),
+    }
+}
+
+/// Checks a port number from a JSON document.
+pub fn port_from_i64(p: i64) -> Result<u16, AddrError> {
+    match u16::try_from(p) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(AddrError::BadPort(p.to_string())),
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+impl Serialize for Addr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The stable identity of a backend endpoint: the service it serves and the address it listens
+/// on. Health, outlier, in-flight and pool state is keyed by it, so it survives table swaps and a
+/// registry's delete-and-re-create of the instance node.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize)]
+pub struct EndpointKey {
+    pub service: Option<ServiceName>,
+    pub addr: Addr,
+}
+
+impl fmt::Display for EndpointKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "{s}/{}", self.addr),
+            None => write!(f, "static/{}", self.addr),
+        }
+    }
+}
+
+/// Which registry format an instance node was written in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Curator,
+    Serverset,
+    Nerve,
+    Plain,
+}
+
+/// Instance weight when a document gives none.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest accepted instance or backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// One service instance, parsed from a naming node.
+#[derive(Clone, PartialEq, Debug, Serialize)]
+pub struct Instance {
+    pub format: Format,
+    pub addr: Addr,
+    /// ServerSet `additionalEndpoints`, by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub named: BTreeMap<String, Addr>,
+    pub weight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// False when the registry marks the instance as not taking traffic (Curator
+    /// `enabled: false`, ServerSet status other than ALIVE): it drains.
+    pub enabled: bool,
+}
+
+/// Where a document came from, shown in `/config`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Origin {
+    pub source: SourceKind,
+    /// ZooKeeper path (relative to the chroot) or `file#key`.
+    pub path: String,
+    /// The zxid of the last change to the node, as read (ZooKeeper only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mzxid: Option<i64>,
+    /// The node's data version (ZooKeeper only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+}
+
+/// The kind of source a document or a table came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Zookeeper,
+    File,
+    Snapshot,
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceKind::Zookeeper => "zookeeper",
+            SourceKind::File => "file",
+            SourceKind::Snapshot => "snapshot",
+        })
+    }
+}
+
+/// The kind of node, as used in the `zkroute_invalid_nodes{kind}` metric.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    Instance,
+    Rule,
+    Policy,
+}
+
+impl NodeKind {
+    pub const ALL: [NodeKind; 3] = [NodeKind::Instance, NodeKind::Rule, NodeKind::Policy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Instance => "instance",
+            NodeKind::Rule => "rule",
+            NodeKind::Policy => "policy",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_in_every_written_form() {
+        assert_eq!("10.0.0.5:8080".parse::<Addr>().unwrap().to_string(), "10.0.0.5:8080");
+        assert_eq!("[::1]:80".parse::<Addr>().unwrap().to_string(), "[::1]:80");
+        assert_eq!("Users-1.Internal:81".parse::<Addr>().unwrap().to_string(), "users-1.internal:81");
+        assert!(matches!("10.0.0.5".parse::<Addr>(), Err(AddrError::Shape(_))));
+        assert!(matches!("10.0.0.5:0".parse::<Addr>(), Err(AddrError::BadPort(_))));
+        assert!(matches!("10.0.0.5:70000".parse::<Addr>(), Err(AddrError::BadPort(_))));
+        assert!(matches!("::1:80".parse::<Addr>(), Err(AddrError::Shape(_))));
+        assert!(matches!("bad host:80".parse::<Addr>(), Err(AddrError::BadHost(_))));
+    }
+}

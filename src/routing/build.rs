@@ -1,0 +1,684 @@
+//! Documents to [`RoutingTable`]. The [`Builder`] keeps the parsed documents (the catalog),
+//! applies changes to it, and builds tables. Builds are incremental: only services that changed
+//! are rebuilt, the rest are shared with the previous table by `Arc`. Pure apart from logging.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::warn;
+
+use super::docs::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
+use super::table::{
+    Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
+    RuleStatus, ServiceEntry, ServicePolicy, Target,
+};
+use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
+use crate::endpoint::StateRegistry;
+
+/// A local listener as the table needs to know it.
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    pub name: Box<str>,
+    pub protocol: Protocol,
+    /// Port-per-service: everything not matched by a rule goes to this service.
+    pub service: Option<ServiceName>,
+    /// ServerSet named endpoint to use for `service`.
+    pub endpoint: Option<String>,
+}
+
+/// Local defaults for everything a rule or policy may leave out.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub panic_threshold_percent: u32,
+    pub protect_from_empty: bool,
+    pub health_check: Option<HealthCheck>,
+    pub outlier: Option<Outlier>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            lb: LbPolicy::P2c,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(15),
+            retries: 1,
+            panic_threshold_percent: 50,
+            protect_from_empty: false,
+            health_check: None,
+            outlier: None,
+        }
+    }
+}
+
+/// A document read from a source: where from, and what it parsed to (or why it did not).
+#[derive(Clone, Debug)]
+pub struct Doc<T> {
+    pub origin: Origin,
+    pub parsed: Result<Arc<T>, String>,
+}
+
+/// The raw bytes of a node, as a source read them.
+#[derive(Clone, Debug)]
+pub struct RawNode {
+    pub origin: Origin,
+    pub data: Vec<u8>,
+}
+
+/// One change to the catalog.
+#[derive(Debug)]
+pub enum Change {
+    /// An instance node was created or changed (`Some`), or deleted (`None`).
+    Instance {
+        service: ServiceName,
+        id: Arc<str>,
+        doc: Option<Doc<Instance>>,
+    },
+    Rule {
+        id: Arc<str>,
+        doc: Option<Doc<Rule>>,
+    },
+    Policy {
+        service: ServiceName,
+        doc: Option<Doc<Policy>>,
+    },
+    /// Everything the source holds, replacing the catalog.
+    Resync(Resync),
+    /// Active checks or outlier detection changed some endpoints of these services.
+    Health(Vec<ServiceName>),
+}
+
+/// A full read of a source.
+#[derive(Debug)]
+pub struct Resync {
+    pub source: SourceKind,
+    pub instances: Vec<(ServiceName, Arc<str>, Doc<Instance>)>,
+    pub rules: Vec<(Arc<str>, Doc<Rule>)>,
+    pub policies: Vec<(ServiceName, Doc<Policy>)>,
+}
+
+/// What one build changed, for the swap's log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub instances_added: usize,
+    pub instances_removed: usize,
+    pub instances_changed: usize,
+    pub rules_added: usize,
+    pub rules_removed: usize,
+    pub rules_changed: usize,
+    pub policies_changed: usize,
+    pub services: BTreeSet<ServiceName>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        *self == Delta::default()
+    }
+}
+
+#[derive(Default)]
+struct PolicySlot {
+    active: Option<(Arc<Policy>, Origin)>,
+    rejected: Option<Rejected>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum SetKey {
+    Subset { service: ServiceName, subset: BTreeMap<String, String>, endpoint: Option<String> },
+    Address(Addr),
+    Empty(ServiceName),
+}
+
+/// Owns the catalog and builds tables from it.
+pub struct Builder {
+    listeners: Arc<[ListenerSpec]>,
+    defaults: Defaults,
+    states: Arc<StateRegistry>,
+    source: SourceKind,
+    version: u64,
+    instances: BTreeMap<ServiceName, BTreeMap<Arc<str>, Doc<Instance>>>,
+    rules: Arc<BTreeMap<Arc<str>, RuleStatus>>,
+    policies: BTreeMap<ServiceName, PolicySlot>,
+    invalid: BTreeMap<(NodeKind, String), InvalidNode>,
+    invalid_view: Arc<[InvalidNode]>,
+    // From the last build.
+    services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    sets: HashMap<SetKey, Arc<EndpointSet>>,
+    // Since the last build.
+    dirty_services: BTreeSet<ServiceName>,
+    dirty_all: bool,
+    dirty_routes: bool,
+    delta: Delta,
+}
+
+impl Builder {
+    pub fn new(listeners: Vec<ListenerSpec>, defaults: Defaults, states: Arc<StateRegistry>) -> Self {
+        Builder {
+            listeners: listeners.into(),
+            defaults,
+            states,
+            source: SourceKind::Zookeeper,
+            version: 0,
+            instances: BTreeMap::new(),
+            rules: Arc::default(),
+            policies: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+            invalid_view: Arc::from(Vec::new()),
+            services: BTreeMap::new(),
+            sets: HashMap::new(),
+            dirty_services: BTreeSet::new(),
+            dirty_all: true,
+            dirty_routes: true,
+            delta: Delta::default(),
+        }
+    }
+
+    /// Whether changes were applied since the last build.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty_all || self.dirty_routes || !self.dirty_services.is_empty()
+    }
+
+    /// The version the next build will carry.
+    pub fn next_version(&self) -> u64 {
+        self.version + 1
+    }
+
+    /// Continues version numbers after a table loaded from elsewhere (a snapshot).
+    pub fn set_version(&mut self, version: u64) {
+        self.version = self.version.max(version);
+    }
+
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Instance { service, id, doc } => self.apply_instance(service, id, doc),
+            Change::Rule { id, doc } => self.apply_rule(id, doc),
+            Change::Policy { service, doc } => self.apply_policy(service, doc),
+            Change::Resync(resync) => self.apply_resync(resync),
+            Change::Health(services) => self.dirty_services.extend(services),
+        }
+    }
+
+    fn apply_instance(&mut self, service: ServiceName, id: Arc<str>, doc: Option<Doc<Instance>>) {
+        let docs = self.instances.entry(service.clone()).or_default();
+        match doc {
+            Some(doc) => {
+                note_invalid(&mut self.invalid, NodeKind::Instance, &doc.origin, doc.parsed.as_ref().err(), false);
+                let old = docs.insert(id, doc.clone());
+                match (&old, &doc.parsed) {
+                    (None, Ok(_)) | (Some(Doc { parsed: Err(_), .. }), Ok(_)) => self.delta.instances_added += 1,
+                    (Some(Doc { parsed: Ok(a), .. }), Ok(b)) if a != b => self.delta.instances_changed += 1,
+                    (Some(Doc { parsed: Ok(_), .. }), Err(_)) => self.delta.instances_removed += 1,
+                    _ => {}
+                }
+            }
+            None => {
+                if let Some(old) = docs.remove(&id) {
+                    note_invalid(&mut self.invalid, NodeKind::Instance, &old.origin, None, false);
+                    if old.parsed.is_ok() {
+                        self.delta.instances_removed += 1;
+                    }
+                }
+            }
+        }
+        if docs.is_empty() {
+            self.instances.remove(&service);
+        }
+        self.delta.services.insert(service.clone());
+        self.dirty_services.insert(service);
+    }
+
+    fn apply_rule(&mut self, id: Arc<str>, doc: Option<Doc<Rule>>) {
+        let rules = Arc::make_mut(&mut self.rules);
+        match doc {
+            None => {
+                if let Some(old) = rules.remove(&id) {
+                    if old.active.is_some() {
+                        self.delta.rules_removed += 1;
+                    }
+                    if let Some(r) = old.rejected.as_ref().map(|r| &r.origin).or(old.active.as_ref().map(|a| &a.1)) {
+                        self.invalid.remove(&(NodeKind::Rule, r.path.clone()));
+                    }
+                }
+            }
+            Some(doc) => {
+                let parsed = doc.parsed.and_then(|rule| check_rule_for_listeners(&self.listeners, rule));
+                let slot = rules.entry(id).or_insert(RuleStatus { active: None, rejected: None });
+                match parsed {
+                    Ok(rule) => {
+                        if slot.active.is_none() {
+                            self.delta.rules_added += 1;
+                        } else {
+                            self.delta.rules_changed += 1;
+                        }
+                        slot.active = Some((rule, doc.origin.clone()));
+                        slot.rejected = None;
+                        note_invalid(&mut self.invalid, NodeKind::Rule, &doc.origin, None, false);
+                    }
+                    Err(reason) => {
+                        let keeps = slot.active.is_some();
+                        note_invalid(&mut self.invalid, NodeKind::Rule, &doc.origin, Some(&reason), keeps);
+                        slot.rejected = Some(Rejected { origin: doc.origin, reason });
+                    }
+                }
+            }
+        }
+        self.dirty_routes = true;
+    }
+
+    fn apply_policy(&mut self, service: ServiceName, doc: Option<Doc<Policy>>) {
+        match doc {
+            None => {
+                if let Some(old) = self.policies.remove(&service) {
+                    if let Some(o) = old.rejected.as_ref().map(|r| &r.origin).or(old.active.as_ref().map(|a| &a.1)) {
+                        self.invalid.remove(&(NodeKind::Policy, o.path.clone()));
+                    }
+                }
+            }
+            Some(doc) => {
+                let slot = self.policies.entry(service.clone()).or_default();
+                match doc.parsed {
+                    Ok(policy) => {
+                        note_invalid(&mut self.invalid, NodeKind::Policy, &doc.origin, None, false);
+                        slot.active = Some((policy, doc.origin));
+                        slot.rejected = None;
+                    }
+                    Err(reason) => {
+                        let keeps = slot.active.is_some();
+                        note_invalid(&mut self.invalid, NodeKind::Policy, &doc.origin, Some(&reason), keeps);
+                        slot.rejected = Some(Rejected { origin: doc.origin, reason });
+                    }
+                }
+            }
+        }
+        self.delta.policies_changed += 1;
+        self.delta.services.insert(service.clone());
+        self.dirty_services.insert(service);
+    }
+
+    fn apply_resync(&mut self, resync: Resync) {
+        self.source = resync.source;
+        // Apply as individual changes against the old catalog, so that a bad rule keeps its
+        // previous version and a bad node already logged is not logged again.
+        let mut seen_instances: BTreeMap<ServiceName, BTreeSet<Arc<str>>> = BTreeMap::new();
+        for (service, id, doc) in resync.instances {
+            seen_instances.entry(service.clone()).or_default().insert(id.clone());
+            let unchanged =
+                self.instances.get(&service).and_then(|docs| docs.get(&id)).is_some_and(|old| same_doc(old, &doc));
+            if !unchanged {
+                self.apply_instance(service, id, Some(doc));
+            }
+        }
+        let gone: Vec<(ServiceName, Arc<str>)> = self
+            .instances
+            .iter()
+            .flat_map(|(s, docs)| docs.keys().map(move |id| (s.clone(), id.clone())))
+            .filter(|(s, id)| !seen_instances.get(s).is_some_and(|ids| ids.contains(id)))
+            .collect();
+        for (service, id) in gone {
+            self.apply_instance(service, id, None);
+        }
+
+        let seen_rules: BTreeSet<Arc<str>> = resync.rules.iter().map(|(id, _)| id.clone()).collect();
+        for (id, doc) in resync.rules {
+            let unchanged = self.rules.get(&id).is_some_and(|old| match (&doc.parsed, &old.rejected, &old.active) {
+                (Err(reason), Some(rej), _) => rej.origin == doc.origin && rej.reason == *reason,
+                (Ok(new), None, Some((rule, origin))) => *origin == doc.origin && rule.doc == new.doc,
+                _ => false,
+            });
+            if !unchanged {
+                self.apply_rule(id, Some(doc));
+            }
+        }
+        let gone: Vec<Arc<str>> = self.rules.keys().filter(|id| !seen_rules.contains(*id)).cloned().collect();
+        for id in gone {
+            self.apply_rule(id, None);
+        }
+
+        let seen_policies: BTreeSet<ServiceName> = resync.policies.iter().map(|(s, _)| s.clone()).collect();
+        for (service, doc) in resync.policies {
+            let unchanged =
+                self.policies.get(&service).is_some_and(|old| match (&doc.parsed, &old.rejected, &old.active) {
+                    (Err(reason), Some(rej), _) => rej.origin == doc.origin && rej.reason == *reason,
+                    (Ok(new), None, Some((policy, origin))) => *origin == doc.origin && policy == new,
+                    _ => false,
+                });
+            if !unchanged {
+                self.apply_policy(service, Some(doc));
+            }
+        }
+        let gone: Vec<ServiceName> = self.policies.keys().filter(|s| !seen_policies.contains(*s)).cloned().collect();
+        for service in gone {
+            self.apply_policy(service, None);
+        }
+        self.dirty_routes = true;
+    }
+
+    /// Builds a table from the catalog, reusing what did not change since the last build.
+    pub fn build(&mut self) -> (RoutingTable, Delta) {
+        let rebuild: BTreeSet<ServiceName> = if self.dirty_all {
+            self.services.keys().chain(self.instances.keys()).chain(self.policies.keys()).cloned().collect()
+        } else {
+            std::mem::take(&mut self.dirty_services)
+        };
+        let services_changed = !rebuild.is_empty();
+        for name in &rebuild {
+            self.sets.retain(|k, _| match k {
+                SetKey::Subset { service, .. } | SetKey::Empty(service) => service != name,
+                SetKey::Address(_) => true,
+            });
+            let old = self.services.remove(name);
+            if let Some(entry) = self.build_service(name, old.as_deref()) {
+                self.services.insert(name.clone(), Arc::new(entry));
+            }
+        }
+        let listeners =
+            if services_changed || self.dirty_routes || self.dirty_all { self.build_listeners() } else { Vec::new() };
+        self.dirty_all = false;
+        self.dirty_routes = false;
+        self.dirty_services.clear();
+        self.invalid_view = self.invalid.values().cloned().collect::<Vec<_>>().into();
+        self.version += 1;
+        let table = RoutingTable {
+            version: self.version,
+            built_at: SystemTime::now(),
+            source: self.source,
+            listeners: listeners.into_boxed_slice(),
+            services: self.services.clone(),
+            rules: self.rules.clone(),
+            invalid: self.invalid_view.clone(),
+        };
+        (table, std::mem::take(&mut self.delta))
+    }
+
+    fn resolve_policy(&self, name: &ServiceName) -> (ServicePolicy, Option<Origin>) {
+        let d = &self.defaults;
+        let slot = self.policies.get(name).and_then(|s| s.active.as_ref());
+        let p = slot.map(|(p, _)| &**p);
+        let policy = ServicePolicy {
+            lb: p.and_then(|p| p.lb.clone()).unwrap_or_else(|| d.lb.clone()),
+            connect_timeout: p.and_then(|p| p.connect_timeout).unwrap_or(d.connect_timeout),
+            retries: p.and_then(|p| p.retries).unwrap_or(d.retries),
+            health_check: p.and_then(|p| p.health_check.clone()).or_else(|| d.health_check.clone()),
+            outlier: p.and_then(|p| p.outlier.clone()).or_else(|| d.outlier.clone()),
+            panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
+            protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
+        };
+        (policy, slot.map(|(_, o)| o.clone()))
+    }
+
+    fn build_service(&self, name: &ServiceName, old: Option<&ServiceEntry>) -> Option<ServiceEntry> {
+        let docs = self.instances.get(name);
+        let has_policy = self.policies.contains_key(name);
+        let (policy, policy_origin) = self.resolve_policy(name);
+        let policy = match old {
+            Some(o) if *o.policy == policy => o.policy.clone(),
+            _ => Arc::new(policy),
+        };
+        let mut instances: Vec<InstanceEntry> = docs
+            .into_iter()
+            .flatten()
+            .filter_map(|(id, doc)| {
+                let instance = doc.parsed.as_ref().ok()?.clone();
+                let key = EndpointKey { service: Some(name.clone()), addr: instance.addr.clone() };
+                Some(InstanceEntry {
+                    id: id.clone(),
+                    instance,
+                    origin: doc.origin.clone(),
+                    state: self.states.get(&key),
+                })
+            })
+            .collect();
+        let mut protected = false;
+        if instances.is_empty() && policy.protect_from_empty {
+            if let Some(old) = old.filter(|o| !o.instances.is_empty()) {
+                let unknown_ok = policy.unknown_is_healthy();
+                if old.instances.iter().any(|i| i.state.is_usable(unknown_ok)) {
+                    protected = true;
+                    instances = old
+                        .instances
+                        .iter()
+                        .map(|i| InstanceEntry {
+                            id: i.id.clone(),
+                            instance: i.instance.clone(),
+                            origin: i.origin.clone(),
+                            state: self.states.get(&i.state.key),
+                        })
+                        .collect();
+                    if !old.protected {
+                        warn!(service = %name, instances = instances.len(),
+                            "every instance vanished from the registry at once: keeping the last ones (protect_from_empty)");
+                    }
+                }
+            }
+        }
+        if instances.is_empty() && !has_policy {
+            return None;
+        }
+        let endpoints = dedupe(instances.iter().map(|i| Endpoint {
+            addr: i.instance.addr.clone(),
+            weight: i.instance.weight,
+            draining: !i.instance.enabled,
+            state: i.state.clone(),
+        }));
+        let all = Arc::new(EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints));
+        Some(ServiceEntry {
+            name: name.clone(),
+            policy,
+            policy_origin,
+            instances: instances.into_boxed_slice(),
+            protected,
+            all,
+        })
+    }
+
+    fn build_listeners(&mut self) -> Vec<ListenerRoutes> {
+        let rules = self.rules.clone();
+        let mut by_listener: HashMap<&str, Vec<Arc<Rule>>> = HashMap::new();
+        for status in rules.values() {
+            if let Some((rule, _)) = &status.active {
+                by_listener.entry(&rule.listener).or_default().push(rule.clone());
+            }
+        }
+        let mut used_sets: HashSet<SetKey> = HashSet::new();
+        let listeners = self.listeners.clone();
+        let mut out = Vec::with_capacity(listeners.len());
+        for spec in listeners.iter() {
+            let mut list = by_listener.remove(&*spec.name).unwrap_or_default();
+            list.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
+            let mut routes = Vec::with_capacity(list.len() + 1);
+            for rule in list {
+                let targets = self.targets(&rule.backends, &mut used_sets);
+                let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
+                routes.push(Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries)));
+            }
+            if let Some(service) = &spec.service {
+                let backend = Backend::Service {
+                    service: service.clone(),
+                    subset: BTreeMap::new(),
+                    endpoint: spec.endpoint.clone(),
+                    weight: 1,
+                };
+                let targets = self.targets(&[backend], &mut used_sets);
+                let (timeout, retries) = self.route_limits(None, None, &targets);
+                let id: Arc<str> = Arc::from(format!("listener:{}", spec.name));
+                routes.push(Arc::new(Route::new(id, None, targets, timeout, retries)));
+            }
+            out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes));
+        }
+        self.sets.retain(|k, _| used_sets.contains(k));
+        out
+    }
+
+    fn route_limits(&self, timeout: Option<Duration>, retries: Option<u32>, targets: &[Target]) -> (Duration, u32) {
+        let policy_retries = targets.iter().find(|t| t.set.service.is_some()).map(|t| t.set.policy.retries);
+        (timeout.unwrap_or(self.defaults.timeout), retries.or(policy_retries).unwrap_or(self.defaults.retries))
+    }
+
+    fn targets(&mut self, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
+        backends
+            .iter()
+            .map(|b| {
+                let set = match b {
+                    Backend::Service { service, subset, endpoint, .. } => match self.services.get(service) {
+                        Some(entry) if subset.is_empty() && endpoint.is_none() => entry.all.clone(),
+                        Some(entry) => {
+                            let key = SetKey::Subset {
+                                service: service.clone(),
+                                subset: subset.clone(),
+                                endpoint: endpoint.clone(),
+                            };
+                            let entry = entry.clone();
+                            let states = &self.states;
+                            used.insert(key.clone());
+                            self.sets
+                                .entry(key)
+                                .or_insert_with(|| Arc::new(subset_set(&entry, subset, endpoint.as_deref(), states)))
+                                .clone()
+                        }
+                        None => {
+                            let key = SetKey::Empty(service.clone());
+                            used.insert(key.clone());
+                            let (policy, _) = self.resolve_policy(service);
+                            self.sets
+                                .entry(key)
+                                .or_insert_with(|| {
+                                    Arc::new(EndpointSet::build(
+                                        Some(service.clone()),
+                                        Arc::from(service.as_str()),
+                                        Arc::new(policy),
+                                        Vec::new(),
+                                    ))
+                                })
+                                .clone()
+                        }
+                    },
+                    Backend::Address { addr, .. } => {
+                        let key = SetKey::Address(addr.clone());
+                        used.insert(key.clone());
+                        let ekey = EndpointKey { service: None, addr: addr.clone() };
+                        let d = &self.defaults;
+                        let states = &self.states;
+                        self.sets
+                            .entry(key)
+                            .or_insert_with(|| {
+                                let policy = ServicePolicy {
+                                    lb: LbPolicy::RoundRobin,
+                                    connect_timeout: d.connect_timeout,
+                                    retries: d.retries,
+                                    health_check: None,
+                                    outlier: None,
+                                    panic_threshold_percent: 0,
+                                    protect_from_empty: false,
+                                };
+                                let endpoint = Endpoint {
+                                    addr: addr.clone(),
+                                    weight: 1,
+                                    draining: false,
+                                    state: states.get(&ekey),
+                                };
+                                Arc::new(EndpointSet::build(
+                                    None,
+                                    Arc::from(addr.to_string()),
+                                    Arc::new(policy),
+                                    vec![endpoint],
+                                ))
+                            })
+                            .clone()
+                    }
+                };
+                Target { backend: b.clone(), weight: b.weight(), set }
+            })
+            .collect()
+    }
+}
+
+/// A service's endpoints narrowed by instance metadata and mapped to a named endpoint.
+fn subset_set(
+    entry: &ServiceEntry,
+    subset: &BTreeMap<String, String>,
+    endpoint: Option<&str>,
+    states: &StateRegistry,
+) -> EndpointSet {
+    let endpoints = dedupe(entry.instances.iter().filter_map(|i| {
+        let inst = &i.instance;
+        if !subset.iter().all(|(k, v)| inst.metadata.get(k) == Some(v)) {
+            return None;
+        }
+        let (addr, state) = match endpoint {
+            None => (inst.addr.clone(), i.state.clone()),
+            Some(name) => {
+                let addr = inst.named.get(name)?.clone();
+                let key = EndpointKey { service: Some(entry.name.clone()), addr: addr.clone() };
+                let state = states.get(&key);
+                (addr, state)
+            }
+        };
+        Some(Endpoint { addr, weight: inst.weight, draining: !inst.enabled, state })
+    }));
+    EndpointSet::build(Some(entry.name.clone()), Arc::from(entry.name.as_str()), entry.policy.clone(), endpoints)
+}
+
+/// Two instance nodes with one address are one endpoint: keep the first, by node id.
+fn dedupe(endpoints: impl Iterator<Item = Endpoint>) -> Vec<Endpoint> {
+    let mut seen = HashSet::new();
+    endpoints.filter(|e| seen.insert(e.addr.clone())).collect()
+}
+
+/// Whether a re-read instance document is the one already in the catalog.
+fn same_doc(old: &Doc<Instance>, new: &Doc<Instance>) -> bool {
+    old.origin == new.origin
+        && match (&old.parsed, &new.parsed) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(a), Err(b)) => a == b,
+            _ => false,
+        }
+}
+
+/// TCP listeners take only rules that match everything.
+fn check_rule_for_listeners(listeners: &[ListenerSpec], rule: Arc<Rule>) -> Result<Arc<Rule>, String> {
+    let tcp = listeners.iter().any(|l| *l.name == *rule.listener && l.protocol == Protocol::Tcp);
+    if tcp && !rule.matcher.is_catch_all() {
+        return Err(format!("listener {:?} is a tcp listener: its rules must not have a match", rule.listener));
+    }
+    Ok(rule)
+}
+
+/// Records (or clears) a node's invalid state, logging each invalid version once.
+fn note_invalid(
+    invalid: &mut BTreeMap<(NodeKind, String), InvalidNode>,
+    kind: NodeKind,
+    origin: &Origin,
+    reason: Option<&String>,
+    previous_in_force: bool,
+) {
+    let key = (kind, origin.path.clone());
+    let Some(reason) = reason else {
+        invalid.remove(&key);
+        return;
+    };
+    let fresh = InvalidNode {
+        kind,
+        path: origin.path.clone(),
+        reason: reason.clone(),
+        previous_in_force,
+        version: origin.version,
+        mzxid: origin.mzxid,
+    };
+    let already_logged = invalid.get(&key).is_some_and(|old| old.version == fresh.version && old.mzxid == fresh.mzxid);
+    if !already_logged {
+        if previous_in_force {
+            warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason,
+                "invalid node skipped; its previous version stays in force");
+        } else {
+            warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason, "invalid node skipped");
+        }
+    }
+    invalid.insert(key, fresh);
+}
+
+#[cfg(test)]
+mod tests;

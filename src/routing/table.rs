@@ -1,0 +1,497 @@
+//! The immutable routing table and its lookups. Everything a request needs is resolved when the
+//! table is built: matchers compiled, hosts indexed, endpoint sets filtered by subset and health,
+//! weights accumulated, hash rings laid out. A lookup parses nothing and allocates nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Method};
+use serde::Serialize;
+
+use super::docs::{Backend, HealthCheck, LbPolicy, Outlier, Rule};
+use super::{Addr, Instance, NodeKind, Origin, ServiceName, SourceKind};
+use crate::endpoint::EndpointState;
+
+/// Index of a listener in the local configuration's listener list.
+pub type ListenerId = usize;
+
+/// What a listener speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// A routing table: one consistent view of services, rules and policies, published whole.
+pub struct RoutingTable {
+    pub version: u64,
+    pub built_at: SystemTime,
+    pub source: SourceKind,
+    /// Routes per local listener, indexed by [`ListenerId`].
+    pub listeners: Box<[ListenerRoutes]>,
+    pub services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    /// Every rule node seen, in force or not, for `/config`.
+    pub rules: Arc<BTreeMap<Arc<str>, RuleStatus>>,
+    /// Nodes skipped because they did not parse or validate.
+    pub invalid: Arc<[InvalidNode]>,
+}
+
+impl RoutingTable {
+    pub fn listener(&self, id: ListenerId) -> Option<&ListenerRoutes> {
+        self.listeners.get(id)
+    }
+
+    pub fn listener_by_name(&self, name: &str) -> Option<&ListenerRoutes> {
+        self.listeners.iter().find(|l| &*l.name == name)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(name)
+    }
+
+    pub fn invalid_count(&self, kind: NodeKind) -> usize {
+        self.invalid.iter().filter(|n| n.kind == kind).count()
+    }
+}
+
+/// A rule node's state: the version in force (if any) and the reason its latest version was
+/// refused (if it was).
+#[derive(Clone, Debug)]
+pub struct RuleStatus {
+    pub active: Option<(Arc<Rule>, Origin)>,
+    pub rejected: Option<Rejected>,
+}
+
+/// A node version that was refused.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejected {
+    pub origin: Origin,
+    pub reason: String,
+}
+
+/// A node skipped from the table, for `/config` and the `zkroute_invalid_nodes` gauge.
+#[derive(Clone, Debug, Serialize)]
+pub struct InvalidNode {
+    pub kind: NodeKind,
+    pub path: String,
+    pub reason: String,
+    /// True for a rule or policy whose previous version stays in force.
+    pub previous_in_force: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mzxid: Option<i64>,
+}
+
+/// Service policy after the local defaults have been applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePolicy {
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub health_check: Option<HealthCheck>,
+    pub outlier: Option<Outlier>,
+    pub panic_threshold_percent: u32,
+    pub protect_from_empty: bool,
+}
+
+impl ServicePolicy {
+    /// Whether an endpoint that active checks have not judged yet takes traffic.
+    pub fn unknown_is_healthy(&self) -> bool {
+        self.health_check.as_ref().is_none_or(|hc| hc.initially_healthy)
+    }
+}
+
+/// One service as the table sees it.
+pub struct ServiceEntry {
+    pub name: ServiceName,
+    pub policy: Arc<ServicePolicy>,
+    pub policy_origin: Option<Origin>,
+    /// Instances by node id.
+    pub instances: Box<[InstanceEntry]>,
+    /// True when the registry shows no instances and `protect_from_empty` kept the last ones.
+    pub protected: bool,
+    /// Every instance's main endpoint.
+    pub all: Arc<EndpointSet>,
+}
+
+/// An instance node in the table.
+pub struct InstanceEntry {
+    pub id: Arc<str>,
+    pub instance: Arc<Instance>,
+    pub origin: Origin,
+    pub state: Arc<EndpointState>,
+}
+
+/// One backend endpoint in a set.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: Addr,
+    pub weight: u32,
+    /// The registry marks it as not taking new traffic.
+    pub draining: bool,
+    pub state: Arc<EndpointState>,
+}
+
+/// Weighted choice over some of a set's endpoints: cumulative weights, searched in O(log n).
+#[derive(Default, Debug)]
+pub struct WeightedList {
+    indices: Box<[u32]>,
+    cumulative: Box<[u64]>,
+}
+
+impl WeightedList {
+    pub fn new(endpoints: &[Endpoint], include: impl Fn(&Endpoint) -> bool) -> Self {
+        let mut indices = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut total = 0u64;
+        for (i, e) in endpoints.iter().enumerate() {
+            if e.weight > 0 && include(e) {
+                total += u64::from(e.weight);
+                indices.push(i as u32);
+                cumulative.push(total);
+            }
+        }
+        WeightedList { indices: indices.into(), cumulative: cumulative.into() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+
+    /// The endpoint index at weighted position `point` (taken modulo the total weight).
+    #[inline]
+    pub fn at(&self, point: u64) -> Option<usize> {
+        let total = self.total_weight();
+        if total == 0 {
+            return None;
+        }
+        let p = point % total;
+        let i = self.cumulative.partition_point(|&c| c <= p);
+        self.indices.get(i).map(|&i| i as usize)
+    }
+
+    /// The endpoint index of the `n`th member, unweighted.
+    #[inline]
+    pub fn nth(&self, n: usize) -> Option<usize> {
+        self.indices.get(n).map(|&i| i as usize)
+    }
+}
+
+/// A consistent-hash ring over a set's endpoints: a point's owner changes only when the owner
+/// itself leaves the set.
+#[derive(Default, Debug)]
+pub struct Ring {
+    points: Box<[(u64, u32)]>,
+}
+
+/// Ring points per 100 units of weight.
+const RING_POINTS_PER_100: u64 = 64;
+const RING_MAX_POINTS_PER_ENDPOINT: u64 = 2048;
+
+impl Ring {
+    pub fn new(endpoints: &[Endpoint], list: &WeightedList) -> Self {
+        let mut points = Vec::new();
+        for n in 0..list.len() {
+            let Some(i) = list.nth(n) else { continue };
+            let e = &endpoints[i];
+            let count = (u64::from(e.weight) * RING_POINTS_PER_100 / 100).clamp(1, RING_MAX_POINTS_PER_ENDPOINT);
+            let name = e.addr.to_string();
+            for k in 0..count {
+                points.push((hash_pair(name.as_bytes(), k), i as u32));
+            }
+        }
+        points.sort_unstable();
+        Ring { points: points.into() }
+    }
+
+    /// The endpoint index owning `hash`.
+    #[inline]
+    pub fn owner(&self, hash: u64) -> Option<usize> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let i = self.points.partition_point(|&(h, _)| h < hash);
+        let (_, e) = self.points[if i == self.points.len() { 0 } else { i }];
+        Some(e as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a, then a SplitMix finaliser for spread): the same on every host,
+/// so every sidecar maps a key to the same endpoint.
+#[inline]
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+fn hash_pair(bytes: &[u8], k: u64) -> u64 {
+    mix64(hash_bytes(bytes) ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+#[inline]
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The endpoints a target may send to, with everything balancing needs precomputed.
+pub struct EndpointSet {
+    /// None for a static address target.
+    pub service: Option<ServiceName>,
+    /// The `service` label of metrics: the service name, or the static address.
+    pub label: Arc<str>,
+    pub policy: Arc<ServicePolicy>,
+    pub endpoints: Box<[Endpoint]>,
+    /// Endpoints usable when the table was built (healthy, not ejected, not draining, weight > 0).
+    pub available: WeightedList,
+    /// Every endpoint that is not draining and has weight > 0: used in panic mode.
+    pub everyone: WeightedList,
+    /// The healthy share was below the panic threshold when the table was built.
+    pub panic: bool,
+    /// For `ring_hash`: the ring over the list in use.
+    pub ring: Option<Ring>,
+}
+
+impl EndpointSet {
+    pub fn build(
+        service: Option<ServiceName>,
+        label: Arc<str>,
+        policy: Arc<ServicePolicy>,
+        endpoints: Vec<Endpoint>,
+    ) -> EndpointSet {
+        let unknown_ok = policy.unknown_is_healthy();
+        let available = WeightedList::new(&endpoints, |e| !e.draining && e.state.is_usable(unknown_ok));
+        let everyone = WeightedList::new(&endpoints, |e| !e.draining);
+        let panic = !everyone.is_empty()
+            && (available.len() as u64) * 100 < (everyone.len() as u64) * u64::from(policy.panic_threshold_percent);
+        let ring = matches!(policy.lb, LbPolicy::RingHash(_))
+            .then(|| Ring::new(&endpoints, if panic { &everyone } else { &available }));
+        EndpointSet {
+            service,
+            label,
+            policy,
+            endpoints: endpoints.into_boxed_slice(),
+            available,
+            everyone,
+            panic,
+            ring,
+        }
+    }
+
+    /// The list balancing draws from: the available endpoints, or all of them in panic mode.
+    #[inline]
+    pub fn active(&self) -> &WeightedList {
+        if self.panic { &self.everyone } else { &self.available }
+    }
+}
+
+/// One weighted target of a route.
+pub struct Target {
+    pub backend: Backend,
+    pub weight: u32,
+    pub set: Arc<EndpointSet>,
+}
+
+/// A rule compiled for one listener.
+pub struct Route {
+    /// The rule id, or `listener:<name>` for a listener's own `service` route.
+    pub id: Arc<str>,
+    pub rule: Option<Arc<Rule>>,
+    pub targets: Box<[Target]>,
+    cumulative: Box<[u32]>,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// Extra attempts after the first.
+    pub retries: u32,
+}
+
+impl Route {
+    pub fn new(id: Arc<str>, rule: Option<Arc<Rule>>, targets: Vec<Target>, timeout: Duration, retries: u32) -> Self {
+        let mut total = 0u32;
+        let cumulative = targets
+            .iter()
+            .map(|t| {
+                total = total.saturating_add(t.weight);
+                total
+            })
+            .collect();
+        Route { id, rule, targets: targets.into_boxed_slice(), cumulative, timeout, retries }
+    }
+
+    /// The target at weighted position `point`.
+    #[inline]
+    pub fn target_at(&self, point: u32) -> Option<(usize, &Target)> {
+        let total = *self.cumulative.last()?;
+        if total == 0 {
+            return None;
+        }
+        let p = point % total;
+        let i = self.cumulative.partition_point(|&c| c <= p);
+        self.targets.get(i).map(|t| (i, t))
+    }
+
+    fn matches_rest(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+        self.rule.as_ref().is_none_or(|r| r.matcher.matches_rest(path, method, headers))
+    }
+}
+
+/// The routes of one listener, indexed by host.
+pub struct ListenerRoutes {
+    pub name: Box<str>,
+    pub protocol: Protocol,
+    /// In match order: priority, highest first, then rule id.
+    pub routes: Box<[Arc<Route>]>,
+    exact: HashMap<Box<str>, Box<[u32]>>,
+    subdomain: HashMap<Box<str>, Box<[u32]>>,
+    any_host: Box<[u32]>,
+}
+
+/// Longest Host header (without port) that host rules can match.
+const MAX_HOST: usize = 255;
+
+impl ListenerRoutes {
+    /// Indexes `routes`, which must already be in match order.
+    pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>) -> Self {
+        use super::docs::HostMatch;
+        let mut exact: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut subdomain: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut any_host = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let i = i as u32;
+            match route.rule.as_ref().and_then(|r| r.matcher.host.as_ref()) {
+                None => any_host.push(i),
+                Some(HostMatch::Exact(h)) => exact.entry(h.clone()).or_default().push(i),
+                Some(HostMatch::Subdomain(h)) => subdomain.entry(h.clone()).or_default().push(i),
+            }
+        }
+        let freeze = |m: HashMap<Box<str>, Vec<u32>>| m.into_iter().map(|(k, v)| (k, v.into_boxed_slice())).collect();
+        ListenerRoutes {
+            name,
+            protocol,
+            routes: routes.into_boxed_slice(),
+            exact: freeze(exact),
+            subdomain: freeze(subdomain),
+            any_host: any_host.into_boxed_slice(),
+        }
+    }
+
+    /// The first route, in match order, that matches the request.
+    ///
+    /// `host` is the Host header (or the URI authority) as received: the port is dropped and case
+    /// ignored here, without allocating.
+    pub fn route(&self, host: Option<&str>, path: &str, method: &Method, headers: &HeaderMap) -> Option<&Arc<Route>> {
+        let mut best = u32::MAX;
+        let mut check = |list: &[u32]| {
+            for &i in list {
+                if i >= best {
+                    return;
+                }
+                if self.routes[i as usize].matches_rest(path, method, headers) {
+                    best = i;
+                    return;
+                }
+            }
+        };
+        if !self.exact.is_empty() || !self.subdomain.is_empty() {
+            let mut buf = [0u8; MAX_HOST];
+            if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
+                if let Some(list) = self.exact.get(host) {
+                    check(list);
+                }
+                if !self.subdomain.is_empty() {
+                    let mut rest = host;
+                    while let Some(dot) = rest.find('.') {
+                        rest = &rest[dot + 1..];
+                        if let Some(list) = self.subdomain.get(rest) {
+                            check(list);
+                        }
+                    }
+                }
+            }
+        }
+        check(&self.any_host);
+        self.routes.get(best as usize)
+    }
+
+    /// The route of a TCP listener: its first rule (TCP rules match everything).
+    pub fn first(&self) -> Option<&Arc<Route>> {
+        self.routes.first()
+    }
+}
+
+/// The host without port or trailing dot, in lower case: borrowed when it already is, else
+/// lowered into `buf`. None when it cannot match any host rule.
+fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
+    let host = if let Some(rest) = host.strip_prefix('[') {
+        &host[..rest.find(']')? + 2]
+    } else {
+        match host.rfind(':') {
+            Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+            _ => host,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() || host.len() > MAX_HOST {
+        return None;
+    }
+    if !host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(host);
+    }
+    let out = &mut buf[..host.len()];
+    for (o, b) in out.iter_mut().zip(host.bytes()) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalised_without_allocating() {
+        let mut buf = [0u8; MAX_HOST];
+        assert_eq!(normalize_host("Users.Internal:8080", &mut buf), Some("users.internal"));
+        let mut buf = [0u8; MAX_HOST];
+        assert_eq!(normalize_host("users.internal.", &mut buf), Some("users.internal"));
+        let mut buf = [0u8; MAX_HOST];
+        assert_eq!(normalize_host("[::1]:80", &mut buf), Some("[::1]"));
+        let mut buf = [0u8; MAX_HOST];
+        assert_eq!(normalize_host("", &mut buf), None);
+        let long = "a".repeat(300);
+        let mut buf = [0u8; MAX_HOST];
+        assert_eq!(normalize_host(&long, &mut buf), None);
+    }
+
+    #[test]
+    fn hashes_are_stable_across_runs() {
+        // Every sidecar must map a key to the same point: pin the function's output.
+        assert_eq!(hash_bytes(b""), mix64(0xcbf2_9ce4_8422_2325));
+        assert_ne!(hash_bytes(b"user-1"), hash_bytes(b"user-2"));
+        assert_eq!(hash_bytes(b"user-1"), hash_bytes(b"user-1"));
+    }
+}

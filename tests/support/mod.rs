@@ -1,0 +1,138 @@
+//! Test harness: real ZooKeeper servers, a zkroute started in this process on port 0, a small
+//! HTTP client, and polling with deadlines instead of sleeps.
+
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
+
+pub mod zk;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use zkroute::{App, Config};
+
+pub use zk::{Chroot, Zk, ZkClient, free_port};
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; the body collected.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Response<Bytes>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// GET `path` from `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<Response<Bytes>, String> {
+    let req = Request::get(path).header("host", addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    send(addr, req).await
+}
+
+/// A zkroute running in this process.
+pub struct Proxy {
+    pub app: App,
+}
+
+impl Proxy {
+    /// Starts zkroute from TOML text. Bind addresses may use port 0.
+    pub async fn start(toml: &str) -> Proxy {
+        let config = Config::from_toml(toml, "test.toml").unwrap_or_else(|e| panic!("test config: {e}"));
+        let app = App::start(config).await.expect("zkroute starts");
+        Proxy { app }
+    }
+
+    /// Starts zkroute following `chroot`, with extra TOML after the `[zookeeper]` keys.
+    pub async fn with_zk(chroot: &Chroot, extra: &str) -> Proxy {
+        Proxy::start(&format!(
+            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:0\"\n{extra}",
+            chroot.connect
+        ))
+        .await
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.app.admin_addr
+    }
+
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.app.listeners[name]
+    }
+
+    /// `/config` as JSON.
+    pub async fn config(&self) -> Value {
+        let resp = get(self.admin(), "/config").await.expect("GET /config");
+        assert_eq!(resp.status(), StatusCode::OK);
+        serde_json::from_slice(resp.body()).expect("/config is JSON")
+    }
+
+    /// Polls `/config` until `check` holds, returning the document.
+    pub async fn config_until(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, Duration::from_secs(10), || async {
+            let c = self.config().await;
+            check(&c).then_some(c)
+        })
+        .await
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let resp = get(self.admin(), "/metrics").await.expect("GET /metrics");
+        String::from_utf8_lossy(resp.body()).into_owned()
+    }
+
+    /// The value of one sample in `/metrics`, e.g. `zkroute_table_version` or
+    /// `zkroute_invalid_nodes{kind="rule"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    pub async fn stop(self) {
+        self.app.stop(Duration::from_secs(5)).await;
+    }
+}
+
+/// Finds `sample` (name and labels exactly as exposed) in a Prometheus text exposition.
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The instances of `service` in a `/config` document.
+pub fn instances<'a>(config: &'a Value, service: &str) -> Vec<&'a Value> {
+    config["services"][service]["instances"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
+}
+
+/// The instance addresses of `service` in a `/config` document, sorted.
+pub fn addresses(config: &Value, service: &str) -> Vec<String> {
+    let mut a: Vec<String> =
+        instances(config, service).iter().filter_map(|i| i["address"].as_str().map(str::to_owned)).collect();
+    a.sort();
+    a
+}
