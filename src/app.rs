@@ -19,7 +19,12 @@ use crate::discovery::file::FileSource;
 use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
 use crate::discovery::{self, Control, UpdateSender};
 use crate::endpoint::StateRegistry;
+use crate::health::OutlierSink;
 use crate::metrics::Metrics;
+use crate::proxy::http::HttpContext;
+use crate::proxy::upstream::{PoolSettings, Pools};
+use crate::proxy::{Limits, Tracker};
+use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, store};
 use crate::shutdown::{self, Shutdown, Trigger};
 
@@ -35,6 +40,8 @@ pub struct App {
     draining: Arc<AtomicBool>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
+    /// Open connections per listener, for draining.
+    trackers: Vec<Arc<Tracker>>,
 }
 
 impl App {
@@ -45,7 +52,7 @@ impl App {
         let states = Arc::new(StateRegistry::new(config.proxy.state_retention.0));
         let (writer, routes) = store::channel();
         let defaults = config.defaults().map_err(|(k, r)| anyhow::anyhow!("proxy.{k}: {r}"))?;
-        let builder = Builder::new(config.listener_specs(), defaults, states.clone());
+        let builder = Builder::new(config.listener_specs(), defaults, states.clone(), metrics.clone());
         let (updates, update_rx) = discovery::updates();
         let (trigger, shutdown) = shutdown::channel();
         let draining = Arc::new(AtomicBool::new(false));
@@ -54,9 +61,56 @@ impl App {
             .await
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
-        let listeners = BTreeMap::new();
+
+        // Bind every listener before anything starts, so a bad one fails the start.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let socket = TcpListener::bind(l.bind)
+                .await
+                .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, l.bind))?;
+            bound.push((l, socket));
+        }
+        let listeners: BTreeMap<String, SocketAddr> =
+            bound.iter().map(|(l, s)| Ok((l.name.clone(), s.local_addr()?))).collect::<std::io::Result<_>>()?;
 
         let mut tasks = Vec::new();
+        let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(forward_health(health_rx, updates.clone())));
+        let outliers = OutlierSink::new(health_tx);
+        let p = &config.proxy;
+        let pools = Pools::new(PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 });
+        tasks.push(pools.spawn_sweeper());
+        let limits = Limits {
+            header_read_timeout: p.header_read_timeout.0,
+            idle_timeout: p.idle_timeout.0,
+            max_header_bytes: p.max_header_bytes,
+            max_connections: p.max_connections,
+            tcp_idle_timeout: p.tcp_idle_timeout.0,
+        };
+        let mut trackers = Vec::new();
+        for (id, (l, socket)) in bound.into_iter().enumerate() {
+            let tracker = Tracker::new();
+            trackers.push(tracker.clone());
+            match l.protocol {
+                Protocol::Http => {
+                    let ctx = Arc::new(HttpContext {
+                        listener: id,
+                        name: Arc::from(l.name.as_str()),
+                        routes: routes.clone(),
+                        pools: pools.clone(),
+                        metrics: metrics.clone(),
+                        limits: limits.clone(),
+                        shutdown: shutdown.clone(),
+                        tracker,
+                        outliers: outliers.clone(),
+                    });
+                    tasks.push(tokio::spawn(crate::proxy::http::serve(socket, ctx)));
+                }
+                Protocol::Tcp => {
+                    anyhow::bail!("listener {:?}: tcp listeners are not supported yet", l.name);
+                }
+            }
+        }
         let control =
             Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish: Vec::new() };
         tasks.push(tokio::spawn(control.run(update_rx)));
@@ -73,7 +127,7 @@ impl App {
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone())));
         info!(admin = %admin_addr, "zkroute started");
-        Ok(App { admin_addr, listeners, routes, metrics, states, updates, draining, trigger, tasks })
+        Ok(App { admin_addr, listeners, routes, metrics, states, updates, draining, trigger, tasks, trackers })
     }
 
     /// A shutdown signal tied to this app.
@@ -81,14 +135,36 @@ impl App {
         self.trigger.subscribe()
     }
 
-    /// Stops everything: draining first, then the tasks.
+    /// Stops: `/ready` turns 503, listeners stop accepting, open connections finish their
+    /// in-flight work within `drain_timeout`, then every task is stopped.
     pub async fn stop(self, drain_timeout: Duration) {
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         self.trigger.trigger();
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        for task in self.tasks {
-            let _ = tokio::time::timeout_at(deadline, task).await;
+        for tracker in &self.trackers {
+            if tokio::time::timeout_at(deadline, tracker.wait_idle()).await.is_err() {
+                tracing::warn!(open = tracker.active(), "drain timeout: closing the remaining connections");
+            }
         }
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Passes health changes to the control loop, several at once when they come in a burst.
+async fn forward_health(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::routing::ServiceName>,
+    updates: UpdateSender,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut services = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            if !services.contains(&more) {
+                services.push(more);
+            }
+        }
+        updates.health_changed(services);
     }
 }
 

@@ -4,9 +4,10 @@
 //! a registry's delete-and-re-create of a node keeps it (for `state_retention` after the
 //! endpoint was last seen).
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -51,7 +52,6 @@ mod humantime_serde_compat {
 }
 
 /// Shared state of one endpoint. Atomics only on the request path.
-#[derive(Debug)]
 pub struct EndpointState {
     pub key: EndpointKey,
     epoch: Instant,
@@ -62,6 +62,14 @@ pub struct EndpointState {
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     last_check: Mutex<Option<CheckReport>>,
+    /// Data-plane state of the endpoint (its connection pool), created on first use.
+    data_plane: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for EndpointState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointState").field("key", &self.key).field("health", &self.health()).finish_non_exhaustive()
+    }
 }
 
 impl EndpointState {
@@ -75,7 +83,16 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             last_check: Mutex::new(None),
+            data_plane: OnceLock::new(),
         }
+    }
+
+    /// The data plane's own state for this endpoint (its connection pool), made by `init` on
+    /// first use. Kept as long as the endpoint state is, so it survives table swaps. None if a
+    /// different type was stored first.
+    #[inline]
+    pub fn data_plane<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.data_plane.get_or_init(|| Box::new(init())).downcast_ref::<T>()
     }
 
     /// A state not tied to any registry, for tests and benches.

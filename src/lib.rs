@@ -17,7 +17,9 @@ pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod health;
 pub mod metrics;
+pub mod proxy;
 pub mod routing;
 pub mod shutdown;
 

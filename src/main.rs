@@ -14,9 +14,6 @@ use zkroute::{App, Config, ConfigArgs};
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Log format: text or json (overrides log.format).
-    #[arg(long, global = true, value_name = "FORMAT")]
-    log_format: Option<String>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -56,11 +53,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        None | Some(Cmd::Run) => run(cli.config, cli.log_format),
+        None | Some(Cmd::Run) => run(cli.config),
     }
 }
 
-fn run(args: ConfigArgs, log_format: Option<String>) -> ExitCode {
+fn run(args: ConfigArgs) -> ExitCode {
     let config = match Config::load(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -68,16 +65,7 @@ fn run(args: ConfigArgs, log_format: Option<String>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let format = match log_format.as_deref() {
-        Some("json") => LogFormat::Json,
-        Some("text") => LogFormat::Text,
-        Some(other) => {
-            eprintln!("zkroute: --log-format: {other:?} is neither text nor json");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        None => config.log.format,
-    };
-    init_tracing(format);
+    init_tracing(config.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -104,7 +92,8 @@ fn run(args: ConfigArgs, log_format: Option<String>) -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -120,5 +109,15 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

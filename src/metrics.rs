@@ -1,6 +1,8 @@
 //! Every metric family of CONTRACT 5, registered once at start in a registry owned by the
 //! process (not the global one, so several proxies can run in one test binary).
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -78,7 +80,6 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 }
 
 impl Metrics {
-    #[allow(clippy::expect_used)] // static names and labels: a failure is a bug caught by every test
     pub fn new(enabled: bool) -> Metrics {
         use names::*;
         let r = Registry::new();
@@ -156,5 +157,111 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+/// Distinct status codes cached per route target; others go through the label lookup.
+const CODE_SLOTS: usize = 8;
+
+/// The metric children of one (listener, service) pair, resolved when the table is built so that
+/// recording a request is a few atomic adds, with no label hashing.
+pub struct RouteStats {
+    enabled: bool,
+    listener: Box<str>,
+    service: Box<str>,
+    requests: IntCounterVec,
+    codes: [OnceLock<(u16, IntCounter)>; CODE_SLOTS],
+    pub duration: Histogram,
+    pub connect_errors: IntCounter,
+    pub retries: IntCounter,
+    pub tcp_connections: IntCounter,
+}
+
+impl RouteStats {
+    pub fn new(m: &Metrics, listener: &str, service: &str) -> Self {
+        RouteStats {
+            enabled: m.enabled,
+            listener: listener.into(),
+            service: service.into(),
+            requests: m.http_requests.clone(),
+            codes: Default::default(),
+            duration: m.http_request_duration.with_label_values(&[listener, service]),
+            connect_errors: m.upstream_connect_errors.with_label_values(&[service]),
+            retries: m.retries.with_label_values(&[service]),
+            tcp_connections: m.tcp_connections.with_label_values(&[listener, service]),
+        }
+    }
+
+    /// Counts a request answered with `code`, which took `elapsed` to its response head.
+    #[inline]
+    pub fn observe(&self, code: u16, elapsed: std::time::Duration) {
+        if !self.enabled {
+            return;
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+        self.counter(code).inc();
+    }
+
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn counter(&self, code: u16) -> IntCounter {
+        for slot in &self.codes {
+            let (c, counter) = slot.get_or_init(|| (code, self.child(code)));
+            if *c == code {
+                return counter.clone();
+            }
+        }
+        self.child(code)
+    }
+
+    fn child(&self, code: u16) -> IntCounter {
+        let mut buf = [0u8; 5];
+        self.requests.with_label_values(&[&*self.listener, &*self.service, status_text(code, &mut buf)])
+    }
+}
+
+/// A status code as text, without allocating.
+fn status_text(code: u16, buf: &mut [u8; 5]) -> &str {
+    let mut n = code;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_stats_count_by_code_past_the_cached_slots() {
+        let m = Metrics::new(true);
+        let s = RouteStats::new(&m, "http", "users");
+        for code in [200, 200, 404, 500, 201, 202, 203, 204, 205, 206, 207, 200] {
+            s.observe(code, std::time::Duration::from_millis(1));
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"zkroute_http_requests_total{code="200",listener="http",service="users"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"zkroute_http_requests_total{code="207",listener="http",service="users"} 1"#));
+        assert!(text.contains(r#"zkroute_http_request_duration_seconds_count{listener="http",service="users"} 12"#));
+    }
+
+    #[test]
+    fn disabled_recording_records_nothing() {
+        let m = Metrics::new(false);
+        RouteStats::new(&m, "http", "users").observe(200, std::time::Duration::ZERO);
+        assert!(!String::from_utf8(m.render()).unwrap().contains("zkroute_http_requests_total{"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod docs;
+pub mod index;
 pub mod store;
 pub mod table;
 

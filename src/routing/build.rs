@@ -15,6 +15,7 @@ use super::table::{
 };
 use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::StateRegistry;
+use crate::metrics::{Metrics, RouteStats};
 
 /// A local listener as the table needs to know it.
 #[derive(Clone, Debug)]
@@ -136,6 +137,9 @@ enum SetKey {
 /// Owns the catalog and builds tables from it.
 pub struct Builder {
     listeners: Arc<[ListenerSpec]>,
+    metrics: Arc<Metrics>,
+    /// Metric children per (listener, service label), kept across builds.
+    stats: HashMap<(Box<str>, Arc<str>), Arc<RouteStats>>,
     defaults: Defaults,
     states: Arc<StateRegistry>,
     source: SourceKind,
@@ -156,9 +160,16 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(listeners: Vec<ListenerSpec>, defaults: Defaults, states: Arc<StateRegistry>) -> Self {
+    pub fn new(
+        listeners: Vec<ListenerSpec>,
+        defaults: Defaults,
+        states: Arc<StateRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Builder {
             listeners: listeners.into(),
+            metrics,
+            stats: HashMap::new(),
             defaults,
             states,
             source: SourceKind::Zookeeper,
@@ -491,7 +502,7 @@ impl Builder {
             list.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
             let mut routes = Vec::with_capacity(list.len() + 1);
             for rule in list {
-                let targets = self.targets(&rule.backends, &mut used_sets);
+                let targets = self.targets(&spec.name, &rule.backends, &mut used_sets);
                 let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
                 routes.push(Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries)));
             }
@@ -502,12 +513,13 @@ impl Builder {
                     endpoint: spec.endpoint.clone(),
                     weight: 1,
                 };
-                let targets = self.targets(&[backend], &mut used_sets);
+                let targets = self.targets(&spec.name, &[backend], &mut used_sets);
                 let (timeout, retries) = self.route_limits(None, None, &targets);
                 let id: Arc<str> = Arc::from(format!("listener:{}", spec.name));
                 routes.push(Arc::new(Route::new(id, None, targets, timeout, retries)));
             }
-            out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes));
+            let no_route = self.stats_for(&spec.name, &Arc::from(""));
+            out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes, no_route));
         }
         self.sets.retain(|k, _| used_sets.contains(k));
         out
@@ -518,7 +530,15 @@ impl Builder {
         (timeout.unwrap_or(self.defaults.timeout), retries.or(policy_retries).unwrap_or(self.defaults.retries))
     }
 
-    fn targets(&mut self, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
+    fn stats_for(&mut self, listener: &str, label: &Arc<str>) -> Arc<RouteStats> {
+        let metrics = &self.metrics;
+        self.stats
+            .entry((listener.into(), label.clone()))
+            .or_insert_with(|| Arc::new(RouteStats::new(metrics, listener, label)))
+            .clone()
+    }
+
+    fn targets(&mut self, listener: &str, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
         backends
             .iter()
             .map(|b| {
@@ -590,7 +610,8 @@ impl Builder {
                             .clone()
                     }
                 };
-                Target { backend: b.clone(), weight: b.weight(), set }
+                let stats = self.stats_for(listener, &set.label);
+                Target { backend: b.clone(), weight: b.weight(), set, stats }
             })
             .collect()
     }

@@ -120,7 +120,7 @@ impl Matcher {
 
     /// Matches everything except the host, which the listener's host index has already checked.
     #[inline]
-    pub fn matches_rest(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+    pub fn matches_rest(&self, path: &str, method: &Method, headers: &impl HeaderLookup) -> bool {
         if let Some(prefix) = &self.path_prefix {
             if !path.as_bytes().starts_with(prefix.as_bytes()) {
                 return false;
@@ -131,7 +131,33 @@ impl Matcher {
                 return false;
             }
         }
-        self.headers.iter().all(|(name, want)| headers.get_all(name).iter().any(|v| v == want))
+        self.headers.iter().all(|(name, want)| headers.has_value(name, want))
+    }
+}
+
+/// Header lookup for rule matching, over whatever form a request's headers are in.
+pub trait HeaderLookup {
+    /// Calls `f` with each value of the fields named `name` until it returns true.
+    fn for_each_value(&self, name: &HeaderName, f: impl FnMut(&[u8]) -> bool);
+
+    /// Whether some field named `name` has exactly the value `value`.
+    fn has_value(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        let mut found = false;
+        self.for_each_value(name, |v| {
+            found = v == value.as_bytes();
+            found
+        });
+        found
+    }
+}
+
+impl HeaderLookup for HeaderMap {
+    fn for_each_value(&self, name: &HeaderName, mut f: impl FnMut(&[u8]) -> bool) {
+        for v in self.get_all(name) {
+            if f(v.as_bytes()) {
+                return;
+            }
+        }
     }
 }
 

@@ -2,16 +2,18 @@
 //! table is built: matchers compiled, hosts indexed, endpoint sets filtered by subset and health,
 //! weights accumulated, hash rings laid out. A lookup parses nothing and allocates nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Method};
+use http::Method;
 use serde::Serialize;
 
-use super::docs::{Backend, HealthCheck, LbPolicy, Outlier, Rule};
+use super::docs::{Backend, HeaderLookup, HealthCheck, LbPolicy, Outlier, Rule};
+use super::index::RouteIndex;
 use super::{Addr, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::EndpointState;
+use crate::metrics::RouteStats;
 
 /// Index of a listener in the local configuration's listener list.
 pub type ListenerId = usize;
@@ -140,6 +142,8 @@ pub struct Endpoint {
 pub struct WeightedList {
     indices: Box<[u32]>,
     cumulative: Box<[u64]>,
+    /// Round-robin stride: coprime with the total weight, about 0.618 of it.
+    rr_step: u64,
 }
 
 impl WeightedList {
@@ -154,7 +158,13 @@ impl WeightedList {
                 cumulative.push(total);
             }
         }
-        WeightedList { indices: indices.into(), cumulative: cumulative.into() }
+        WeightedList { indices: indices.into(), cumulative: cumulative.into(), rr_step: stride(total) }
+    }
+
+    /// The round-robin stride for this list.
+    #[inline]
+    pub fn rr_step(&self) -> u64 {
+        self.rr_step
     }
 
     pub fn len(&self) -> usize {
@@ -186,6 +196,22 @@ impl WeightedList {
     pub fn nth(&self, n: usize) -> Option<usize> {
         self.indices.get(n).map(|&i| i as usize)
     }
+}
+
+/// A stride coprime with `total` near its golden-ratio fraction: `n * stride mod total` then visits
+/// every position once per `total` steps while spreading neighbours apart.
+fn stride(total: u64) -> u64 {
+    if total <= 2 {
+        return 1;
+    }
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let start = ((total as f64) * 0.618_033_988_75) as u64;
+    (start.max(1)..total).chain(1..start.max(1)).find(|&s| gcd(s, total) == 1).unwrap_or(1)
 }
 
 /// A consistent-hash ring over a set's endpoints: a point's owner changes only when the owner
@@ -274,6 +300,8 @@ pub struct EndpointSet {
     pub panic: bool,
     /// For `ring_hash`: the ring over the list in use.
     pub ring: Option<Ring>,
+    /// Round-robin position.
+    pub rr: std::sync::atomic::AtomicU64,
 }
 
 impl EndpointSet {
@@ -299,6 +327,7 @@ impl EndpointSet {
             everyone,
             panic,
             ring,
+            rr: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -314,6 +343,8 @@ pub struct Target {
     pub backend: Backend,
     pub weight: u32,
     pub set: Arc<EndpointSet>,
+    /// Metrics of this listener and the target's service.
+    pub stats: Arc<RouteStats>,
 }
 
 /// A rule compiled for one listener.
@@ -354,87 +385,45 @@ impl Route {
         self.targets.get(i).map(|t| (i, t))
     }
 
-    fn matches_rest(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+    fn matches_rest(&self, path: &str, method: &Method, headers: &impl HeaderLookup) -> bool {
         self.rule.as_ref().is_none_or(|r| r.matcher.matches_rest(path, method, headers))
     }
 }
 
-/// The routes of one listener, indexed by host.
+/// The routes of one listener, indexed for lookup.
 pub struct ListenerRoutes {
     pub name: Box<str>,
     pub protocol: Protocol,
     /// In match order: priority, highest first, then rule id.
     pub routes: Box<[Arc<Route>]>,
-    exact: HashMap<Box<str>, Box<[u32]>>,
-    subdomain: HashMap<Box<str>, Box<[u32]>>,
-    any_host: Box<[u32]>,
+    index: RouteIndex,
+    /// Metrics of requests no rule matched.
+    pub no_route: Arc<RouteStats>,
 }
-
-/// Longest Host header (without port) that host rules can match.
-const MAX_HOST: usize = 255;
 
 impl ListenerRoutes {
     /// Indexes `routes`, which must already be in match order.
-    pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>) -> Self {
-        use super::docs::HostMatch;
-        let mut exact: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        let mut subdomain: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        let mut any_host = Vec::new();
-        for (i, route) in routes.iter().enumerate() {
-            let i = i as u32;
-            match route.rule.as_ref().and_then(|r| r.matcher.host.as_ref()) {
-                None => any_host.push(i),
-                Some(HostMatch::Exact(h)) => exact.entry(h.clone()).or_default().push(i),
-                Some(HostMatch::Subdomain(h)) => subdomain.entry(h.clone()).or_default().push(i),
-            }
-        }
-        let freeze = |m: HashMap<Box<str>, Vec<u32>>| m.into_iter().map(|(k, v)| (k, v.into_boxed_slice())).collect();
-        ListenerRoutes {
-            name,
-            protocol,
-            routes: routes.into_boxed_slice(),
-            exact: freeze(exact),
-            subdomain: freeze(subdomain),
-            any_host: any_host.into_boxed_slice(),
-        }
+    pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>, no_route: Arc<RouteStats>) -> Self {
+        let index = RouteIndex::new(routes.iter().map(|r| r.rule.as_ref().map(|r| &r.matcher)));
+        ListenerRoutes { name, protocol, routes: routes.into_boxed_slice(), index, no_route }
     }
 
     /// The first route, in match order, that matches the request.
     ///
     /// `host` is the Host header (or the URI authority) as received: the port is dropped and case
     /// ignored here, without allocating.
-    pub fn route(&self, host: Option<&str>, path: &str, method: &Method, headers: &HeaderMap) -> Option<&Arc<Route>> {
-        let mut best = u32::MAX;
-        let mut check = |list: &[u32]| {
-            for &i in list {
-                if i >= best {
-                    return;
-                }
-                if self.routes[i as usize].matches_rest(path, method, headers) {
-                    best = i;
-                    return;
-                }
-            }
-        };
-        if !self.exact.is_empty() || !self.subdomain.is_empty() {
-            let mut buf = [0u8; MAX_HOST];
-            if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
-                if let Some(list) = self.exact.get(host) {
-                    check(list);
-                }
-                if !self.subdomain.is_empty() {
-                    let mut rest = host;
-                    while let Some(dot) = rest.find('.') {
-                        rest = &rest[dot + 1..];
-                        if let Some(list) = self.subdomain.get(rest) {
-                            check(list);
-                        }
-                    }
-                }
-            }
-        }
-        check(&self.any_host);
-        self.routes.get(best as usize)
+    #[inline]
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &Method,
+        headers: &impl HeaderLookup,
+    ) -> Option<&Arc<Route>> {
+        let i = self
+            .index
+            .lookup(host, path, method, headers, |i| self.routes[i as usize].matches_rest(path, method, headers))?;
+        self.routes.get(i as usize)
     }
 
     /// The route of a TCP listener: its first rule (TCP rules match everything).
@@ -443,48 +432,18 @@ impl ListenerRoutes {
     }
 }
 
-/// The host without port or trailing dot, in lower case: borrowed when it already is, else
-/// lowered into `buf`. None when it cannot match any host rule.
-fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
-    let host = if let Some(rest) = host.strip_prefix('[') {
-        &host[..rest.find(']')? + 2]
-    } else {
-        match host.rfind(':') {
-            Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-            _ => host,
-        }
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.len() > MAX_HOST {
-        return None;
-    }
-    if !host.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Some(host);
-    }
-    let out = &mut buf[..host.len()];
-    for (o, b) in out.iter_mut().zip(host.bytes()) {
-        *o = b.to_ascii_lowercase();
-    }
-    std::str::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn hosts_are_normalised_without_allocating() {
-        let mut buf = [0u8; MAX_HOST];
-        assert_eq!(normalize_host("Users.Internal:8080", &mut buf), Some("users.internal"));
-        let mut buf = [0u8; MAX_HOST];
-        assert_eq!(normalize_host("users.internal.", &mut buf), Some("users.internal"));
-        let mut buf = [0u8; MAX_HOST];
-        assert_eq!(normalize_host("[::1]:80", &mut buf), Some("[::1]"));
-        let mut buf = [0u8; MAX_HOST];
-        assert_eq!(normalize_host("", &mut buf), None);
-        let long = "a".repeat(300);
-        let mut buf = [0u8; MAX_HOST];
-        assert_eq!(normalize_host(&long, &mut buf), None);
+    fn strides_visit_every_position_once_per_round() {
+        for total in 1..200u64 {
+            let s = stride(total);
+            let mut seen: Vec<u64> = (0..total).map(|n| n * s % total).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..total).collect::<Vec<_>>(), "total {total}, stride {s}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
+pub mod backend;
 pub mod zk;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use zkroute::{App, Config};
 
+pub use backend::{Backend, Misbehave, RawBackend, refused_addr};
 pub use zk::{Chroot, Zk, ZkClient, free_port};
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.
@@ -136,3 +138,45 @@ pub fn addresses(config: &Value, service: &str) -> Vec<String> {
     a.sort();
     a
 }
+
+/// A request to `addr` with `path`, a Host header and extra headers.
+pub fn request(method: &str, host: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(path).header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_owned()))).expect("request")
+}
+
+/// Which backend answered (its `x-backend` header), or the proxy's `x-zkroute-error`.
+pub fn who(resp: &Response<Bytes>) -> String {
+    let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    h("x-backend")
+        .or_else(|| h("x-zkroute-error").map(|e| format!("error:{e}")))
+        .unwrap_or_else(|| format!("status:{}", resp.status()))
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        KeepAlive { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Bytes>, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = self.sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// TOML for one HTTP listener named `http` on a free port.
+pub const HTTP_LISTENER: &str = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n";

@@ -35,7 +35,12 @@ fn listeners() -> Vec<ListenerSpec> {
 }
 
 fn builder() -> Builder {
-    let mut b = Builder::new(listeners(), Defaults::default(), Arc::new(StateRegistry::new(Duration::from_secs(30))));
+    let mut b = Builder::new(
+        listeners(),
+        Defaults::default(),
+        Arc::new(StateRegistry::new(Duration::from_secs(30))),
+        Arc::new(Metrics::new(true)),
+    );
     b.apply(Change::Resync(Resync {
         source: SourceKind::Zookeeper,
         instances: vec![],

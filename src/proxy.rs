@@ -1,0 +1,79 @@
+//! The data plane: listeners that take local HTTP requests and TCP connections, match them
+//! against the routing table in force, pick an endpoint and forward. It reads the table through a
+//! [`RouteReader`](crate::routing::RouteReader) and endpoint state through the table; it never
+//! waits on the control plane and never imports it.
+
+pub mod balance;
+pub mod error;
+pub mod http;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Per-listener limits, from the local configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub tcp_idle_timeout: Duration,
+}
+
+/// Counts a listener's open connections, for the connection limit and for draining.
+#[derive(Default, Debug)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// One open connection, until dropped.
+#[derive(Debug)]
+pub struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Tracker::default())
+    }
+
+    /// Counts a new connection unless `max` are open already.
+    pub fn try_track(self: &Arc<Self>, max: usize) -> Option<Tracked> {
+        let mut n = self.active.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match self.active.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Tracked(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no connection is open.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! HTTP listeners: accept, tell HTTP/1 from HTTP/2 prior knowledge (h2c) by the connection
+//! preface, and hand the connection to the engine for its protocol.
+
+pub mod codec;
+pub mod h1;
+pub mod h2;
+pub mod head;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use self::codec::IoBuf;
+use super::upstream::Pools;
+use super::{Limits, Tracker};
+use crate::metrics::Metrics;
+use crate::routing::RouteReader;
+use crate::routing::table::{EndpointSet, ListenerId};
+use crate::shutdown::Shutdown;
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Everything an HTTP listener's connections share.
+pub struct HttpContext {
+    pub listener: ListenerId,
+    pub name: Arc<str>,
+    pub routes: RouteReader,
+    pub pools: Arc<Pools>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub tracker: Arc<Tracker>,
+    /// Told when passive outlier detection ejects an endpoint.
+    pub outliers: crate::health::OutlierSink,
+}
+
+impl HttpContext {
+    /// Counts a failed exchange against an endpoint (connect failure, reset, 5xx).
+    pub fn outlier_failure(&self, set: &EndpointSet, index: usize) {
+        self.outliers.failure(set, index);
+    }
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(listener = %ctx.name, error = %e, "accept failed");
+                    // Out of descriptors and the like: let the situation ease.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let Some(tracked) = ctx.tracker.try_track(ctx.limits.max_connections) else {
+            ctx.metrics.connections_refused.with_label_values(&[&ctx.name]).inc();
+            drop(stream);
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            serve_connection(stream, peer, ctx).await;
+        });
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = IoBuf::new(16 * 1024);
+    // Read until the bytes either are the HTTP/2 preface or cannot be.
+    loop {
+        let filled = buf.filled();
+        let n = filled.len().min(H2_PREFACE.len());
+        if filled[..n] != H2_PREFACE[..n] {
+            break;
+        }
+        if n == H2_PREFACE.len() {
+            h2::serve(stream, peer, buf, ctx).await;
+            return;
+        }
+        let read = tokio::time::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+    }
+    h1::Connection::new(ctx, stream, peer, buf).run().await;
+}

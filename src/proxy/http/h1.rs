@@ -1,0 +1,669 @@
+//! HTTP/1.x client connections, proxied by zkroute's own engine: heads are parsed into ranges of
+//! the read buffer and rewritten straight into the upstream request, bodies stream through with
+//! their framing checked, upstream connections come from the endpoint's pool. No header map, no
+//! per-request task, no allocation on the common path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::time::timeout_at;
+
+use super::HttpContext;
+use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
+use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
+use crate::endpoint::InFlight;
+use crate::metrics::RouteStats;
+use crate::proxy::balance::{self, PickInput, Tried};
+use crate::proxy::error::{self, ProxyError};
+use crate::proxy::upstream::{self, Conn};
+use crate::routing::docs::{HashOn, LbPolicy};
+use crate::routing::table::{Route, Target, hash_bytes};
+
+/// Read buffer of a client connection; heads larger than this grow it up to the header limit.
+const CLIENT_BUF: usize = 16 * 1024;
+/// Body bytes copied into the head's write when already buffered, to send both in one write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// What the connection does after an exchange.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// One client connection speaking HTTP/1.x.
+pub struct Connection {
+    ctx: Arc<HttpContext>,
+    stream: TcpStream,
+    buf: IoBuf,
+    /// Response bytes to the client.
+    out: Vec<u8>,
+    /// The request as forwarded upstream: head, plus the body when it is small and complete.
+    req: Vec<u8>,
+    fields: Vec<Field>,
+    resp_fields: Vec<Field>,
+    client_ip: String,
+}
+
+/// How the exchange with one upstream connection ended.
+enum Outcome {
+    /// The response was relayed (fully or partly).
+    Relayed { next: Next, status: u16, upstream_ok: bool },
+    /// Nothing reached the client: another endpoint may be tried.
+    Retry(ProxyError),
+    /// Nothing reached the client, and the request cannot be sent again.
+    Fail(ProxyError),
+    /// The client went away or broke the exchange.
+    Abort,
+}
+
+/// The request body still to come from the client.
+enum Pending {
+    None,
+    Length(u64),
+    Chunked(ChunkedScanner),
+}
+
+impl Connection {
+    pub fn new(ctx: Arc<HttpContext>, stream: TcpStream, peer: SocketAddr, buf: IoBuf) -> Self {
+        Connection {
+            ctx,
+            stream,
+            buf,
+            out: Vec::with_capacity(1024),
+            req: Vec::with_capacity(1024),
+            fields: Vec::with_capacity(32),
+            resp_fields: Vec::with_capacity(32),
+            client_ip: peer.ip().to_string(),
+        }
+    }
+
+    /// Serves requests until the client or the proxy closes the connection.
+    pub async fn run(mut self) {
+        loop {
+            let head = match self.read_head().await {
+                Ok(Some(h)) => h,
+                Ok(None) => return,
+                Err(e) => {
+                    self.answer(&e, true, false).await;
+                    return;
+                }
+            };
+            if self.exchange(head).await == Next::Close || self.ctx.shutdown.is_triggered() {
+                let _ = self.stream.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    /// Waits for the next request head: idle keep-alive time for its first byte, then the header
+    /// timeout for the rest. None when the client closed or idled out between requests.
+    async fn read_head(&mut self) -> Result<Option<RequestHead>, ProxyError> {
+        let limits = &self.ctx.limits;
+        let mut header_deadline = None;
+        loop {
+            if !self.buf.is_empty() {
+                match head::parse_request(self.buf.filled(), &mut self.fields)? {
+                    Parse::Complete(h) => return Ok(Some(h)),
+                    Parse::Partial => {
+                        if self.buf.len() >= limits.max_header_bytes {
+                            return Err(ProxyError::HeadersTooLarge);
+                        }
+                        if self.buf.is_full() {
+                            self.buf.grow(limits.max_header_bytes.max(CLIENT_BUF));
+                        }
+                    }
+                }
+            }
+            let deadline = match header_deadline {
+                Some(d) => d,
+                None if self.buf.is_empty() => {
+                    // Between requests: idle, or draining.
+                    let mut shutdown = self.ctx.shutdown.clone();
+                    let idle = tokio::time::sleep(limits.idle_timeout);
+                    tokio::select! {
+                        r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
+                        _ = idle => return Ok(None),
+                        _ = shutdown.wait() => return Ok(None),
+                    }
+                    let d = tokio::time::Instant::now() + limits.header_read_timeout;
+                    header_deadline = Some(d);
+                    d
+                }
+                None => {
+                    let d = tokio::time::Instant::now() + limits.header_read_timeout;
+                    header_deadline = Some(d);
+                    d
+                }
+            };
+            match timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    return if self.buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ProxyError::BadRequest("incomplete request head"))
+                    };
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(ProxyError::HeaderTimeout),
+            }
+        }
+    }
+
+    /// Writes an answer of the proxy's own.
+    async fn answer(&mut self, err: &ProxyError, close: bool, head_only: bool) {
+        self.out.clear();
+        error::write_answer(&mut self.out, err, close, head_only);
+        let _ = tokio::time::timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
+    }
+
+    /// Proxies one request and its response.
+    async fn exchange(&mut self, head: RequestHead) -> Next {
+        let started = Instant::now();
+        let head_only = head.method == http::Method::HEAD;
+        let (route, target) = match self.route(&head) {
+            Ok(rt) => rt,
+            Err((e, stats)) => {
+                let close = head.close || head.body != BodyLen::None;
+                if let Some(stats) = stats {
+                    stats.observe(e.rescue().status, started.elapsed());
+                }
+                self.answer(&e, close, head_only).await;
+                return if close { Next::Close } else { self.skip_head(&head) };
+            }
+        };
+        let hash = self.request_hash(&target.set.policy.lb);
+
+        // The request as forwarded, and as much of its body as has arrived with the head.
+        self.req.clear();
+        head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, &self.client_ip);
+        self.buf.consume(head.len);
+        let mut pending = match head.body {
+            BodyLen::None | BodyLen::UntilClose => Pending::None,
+            BodyLen::Length(n) => {
+                let take = (self.buf.len() as u64).min(n) as usize;
+                self.req.extend_from_slice(&self.buf.filled()[..take]);
+                self.buf.consume(take);
+                if take as u64 == n { Pending::None } else { Pending::Length(n - take as u64) }
+            }
+            BodyLen::Chunked => {
+                let mut scanner = ChunkedScanner::default();
+                match scanner.scan(self.buf.filled(), |_| {}) {
+                    Ok(used) => {
+                        self.req.extend_from_slice(&self.buf.filled()[..used]);
+                        self.buf.consume(used);
+                    }
+                    Err(_) => {
+                        target.stats.observe(400, started.elapsed());
+                        self.answer(&ProxyError::BadRequest("malformed chunked body"), true, head_only).await;
+                        return Next::Close;
+                    }
+                }
+                if scanner.is_done() { Pending::None } else { Pending::Chunked(scanner) }
+            }
+        };
+
+        let deadline = tokio::time::Instant::from_std(started + route.timeout);
+        let policy = &target.set.policy;
+        let mut tried = Tried::default();
+        let mut attempts_left = route.retries;
+        let mut last_error = ProxyError::NoHealthyUpstream;
+        while let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) {
+            tried.push(i);
+            let endpoint = &target.set.endpoints[i];
+            let in_flight = endpoint.state.start_request();
+            let pool = self.ctx.pools.of(&endpoint.state);
+            let conn = match pool.and_then(|p| p.checkout()) {
+                Some(c) => c,
+                None => {
+                    let now = tokio::time::Instant::now();
+                    let connect_timeout = policy.connect_timeout.min(deadline.saturating_duration_since(now));
+                    match upstream::connect(&endpoint.addr, connect_timeout).await {
+                        Ok(s) => Conn::new(s),
+                        Err(e) => {
+                            if target.stats.enabled() {
+                                target.stats.connect_errors.inc();
+                            }
+                            self.ctx.outlier_failure(&target.set, i);
+                            tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
+                            last_error = if tokio::time::Instant::now() >= deadline {
+                                ProxyError::Timeout
+                            } else {
+                                ProxyError::ConnectFailed
+                            };
+                            if attempts_left > 0 && last_error != ProxyError::Timeout {
+                                attempts_left -= 1;
+                                if target.stats.enabled() {
+                                    target.stats.retries.inc();
+                                }
+                                continue;
+                            }
+                            break;
+                        }
+                    }
+                }
+            };
+            let may_retry = attempts_left > 0 && target.set.active().len() > tried.len();
+            let outcome = self.forward(conn, &head, &mut pending, deadline, may_retry, in_flight, pool).await;
+            match outcome {
+                Outcome::Relayed { next, status, upstream_ok } => {
+                    if upstream_ok {
+                        endpoint.state.record_success();
+                    } else {
+                        self.ctx.outlier_failure(&target.set, i);
+                    }
+                    target.stats.observe(status, started.elapsed());
+                    return if head.close { Next::Close } else { next };
+                }
+                Outcome::Retry(e) if attempts_left > 0 && tokio::time::Instant::now() < deadline => {
+                    self.ctx.outlier_failure(&target.set, i);
+                    attempts_left -= 1;
+                    if target.stats.enabled() {
+                        target.stats.retries.inc();
+                    }
+                    last_error = e;
+                }
+                Outcome::Retry(e) | Outcome::Fail(e) => {
+                    if e != ProxyError::Timeout {
+                        self.ctx.outlier_failure(&target.set, i);
+                    }
+                    last_error = e;
+                    break;
+                }
+                Outcome::Abort => {
+                    target.stats.observe(499, started.elapsed());
+                    return Next::Close;
+                }
+            }
+        }
+        target.stats.observe(last_error.rescue().status, started.elapsed());
+        let close = head.close || !matches!(pending, Pending::None);
+        self.answer(&last_error, close, head_only).await;
+        if close { Next::Close } else { Next::KeepAlive }
+    }
+
+    /// Drops a request that was answered without forwarding (it had no body).
+    fn skip_head(&mut self, head: &RequestHead) -> Next {
+        self.buf.consume(head.len);
+        Next::KeepAlive
+    }
+
+    /// Matches the request to a route and picks the target.
+    #[allow(clippy::type_complexity)]
+    fn route(&self, head: &RequestHead) -> Result<(Arc<Route>, TargetRef), (ProxyError, Option<Arc<RouteStats>>)> {
+        let guard = self.ctx.routes.load();
+        let Some(table) = guard.as_ref() else { return Err((ProxyError::NotReady, None)) };
+        let Some(listener) = table.listener(self.ctx.listener) else { return Err((ProxyError::NotReady, None)) };
+        let buf = self.buf.filled();
+        let headers = Fields { buf, fields: &self.fields };
+        let Some(route) = listener.route(head.route_host(buf), head.path(buf), &head.method, &headers) else {
+            return Err((ProxyError::NoRoute, Some(listener.no_route.clone())));
+        };
+        let route = route.clone();
+        drop(guard);
+        let target = choose_target(&route).ok_or_else(|| {
+            let stats = route.targets.first().map(|t| t.stats.clone());
+            (ProxyError::NoHealthyUpstream, stats)
+        })?;
+        Ok((route, target))
+    }
+
+    /// The ring-hash key of the request, when its service hashes.
+    fn request_hash(&self, lb: &LbPolicy) -> Option<u64> {
+        match lb {
+            LbPolicy::RingHash(HashOn::Header(name)) => {
+                let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+                fields.get(name.as_str().as_bytes()).map(hash_bytes)
+            }
+            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(self.client_ip.as_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Sends the request on `conn` and relays the response. `may_retry`: the caller can try
+    /// another endpoint, so a failure that left the client untouched comes back as `Retry`.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &mut self,
+        mut conn: Conn,
+        head: &RequestHead,
+        pending: &mut Pending,
+        deadline: tokio::time::Instant,
+        may_retry: bool,
+        in_flight: InFlight,
+        pool: Option<&Arc<upstream::Pool>>,
+    ) -> Outcome {
+        // Nothing has been read of the client's body beyond what `req` holds: sending `req`
+        // again is the same request.
+        let replayable = matches!(pending, Pending::None);
+        let idempotent = head.is_idempotent();
+        match timeout_at(deadline, conn.stream.write_all(&self.req)).await {
+            Ok(Ok(())) => {}
+            // The upstream did not take the request (a pooled connection it had closed, or a
+            // reset): nothing was acted on, and the client's body is still unread.
+            Ok(Err(_)) => return Outcome::Retry(ProxyError::UpstreamReset),
+            Err(_) => return Outcome::Fail(ProxyError::Timeout),
+        }
+        let idle = self.ctx.limits.idle_timeout;
+        let head_request = head.method == http::Method::HEAD;
+        let client_minor = head.minor;
+        let Connection { stream, buf, out, resp_fields, .. } = self;
+        let (mut ds_r, mut ds_w) = stream.split();
+        let (mut us_r, mut us_w) = conn.stream.split();
+
+        // The rest of the request body (or, without one, a watch for the client going away) runs
+        // alongside the wait for the response head.
+        let mut body_done = replayable;
+        let read = {
+            let pump = pump_request(&mut ds_r, buf, &mut us_w, pending, idle);
+            let read = read_response(
+                &mut us_r,
+                &mut conn.buf,
+                resp_fields,
+                head_request,
+                deadline,
+                &mut ds_w,
+                client_minor,
+                out,
+            );
+            tokio::pin!(pump);
+            tokio::pin!(read);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut read => break r,
+                    p = &mut pump, if pumping => {
+                        pumping = false;
+                        match p {
+                            Ok(()) => body_done = true,
+                            Err(PumpError::ClientGone) => return Outcome::Abort,
+                            // The upstream stopped reading: its response may still come.
+                            Err(PumpError::Upstream) => {}
+                            Err(PumpError::BadBody) => return Outcome::Fail(ProxyError::BadRequest("malformed chunked body")),
+                        }
+                    }
+                }
+            }
+        };
+        let retry_or_fail =
+            |e| if may_retry && replayable && idempotent { Outcome::Retry(e) } else { Outcome::Fail(e) };
+        let resp = match read {
+            Ok(r) => r,
+            Err(ReadError::Timeout) => return Outcome::Fail(ProxyError::Timeout),
+            Err(ReadError::Closed | ReadError::Invalid) => return retry_or_fail(ProxyError::UpstreamReset),
+            Err(ReadError::Client) => return Outcome::Abort,
+        };
+        if may_retry && replayable && idempotent && matches!(resp.status, 502..=504) {
+            // Let another endpoint answer an idempotent request this one failed.
+            return Outcome::Retry(ProxyError::UpstreamReset);
+        }
+
+        let upgrade = resp.status == 101 && head.upgrade;
+        let dechunk = client_minor == 0 && resp.body == BodyLen::Chunked;
+        let client_close = head.close
+            || !body_done
+            || dechunk
+            || resp.body == BodyLen::UntilClose
+            || (client_minor == 0 && !head.keep_alive);
+        let mode = ResponseMode {
+            close: client_close && !upgrade,
+            keep_alive_10: client_minor == 0 && head.keep_alive && !client_close,
+            dechunk,
+            upgrade,
+        };
+        head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
+        conn.buf.consume(resp.len);
+        let status = resp.status;
+        match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle).await {
+            Ok(()) => {}
+            Err(RelayError::Source) => return Outcome::Relayed { next: Next::Close, status, upstream_ok: false },
+            Err(RelayError::Destination) => {
+                return Outcome::Relayed { next: Next::Close, status: 499, upstream_ok: true };
+            }
+        }
+        if upgrade {
+            drop(in_flight);
+            tunnel(stream, buf, conn).await;
+            return Outcome::Relayed { next: Next::Close, status, upstream_ok: true };
+        }
+        drop(in_flight);
+        if body_done && !resp.close && conn.buf.is_empty() {
+            if let Some(pool) = pool {
+                pool.checkin(conn);
+            }
+        }
+        let next = if client_close { Next::Close } else { Next::KeepAlive };
+        Outcome::Relayed { next, status, upstream_ok: status < 500 }
+    }
+}
+
+/// A target chosen by weight; when it has no endpoint available, another with weight that has.
+#[derive(Clone)]
+struct TargetRef(Arc<Route>, usize);
+
+impl std::ops::Deref for TargetRef {
+    type Target = Target;
+    fn deref(&self) -> &Target {
+        &self.0.targets[self.1]
+    }
+}
+
+fn choose_target(route: &Arc<Route>) -> Option<TargetRef> {
+    let (i, t) = route.target_at(fastrand::u32(..))?;
+    if !t.set.active().is_empty() || route.targets.len() == 1 {
+        return Some(TargetRef(route.clone(), i));
+    }
+    let fallback = route.targets.iter().position(|t| t.weight > 0 && !t.set.active().is_empty())?;
+    Some(TargetRef(route.clone(), fallback))
+}
+
+enum PumpError {
+    ClientGone,
+    Upstream,
+    BadBody,
+}
+
+/// Streams the rest of the request body to the upstream; with no body, watches the client so
+/// that a client that goes away cancels the upstream request.
+async fn pump_request(
+    ds: &mut ReadHalf<'_>,
+    buf: &mut IoBuf,
+    us: &mut WriteHalf<'_>,
+    pending: &mut Pending,
+    idle: Duration,
+) -> Result<(), PumpError> {
+    loop {
+        match pending {
+            Pending::None => {
+                // Watch: bytes that arrive are the next (pipelined) request; EOF is a client gone.
+                if buf.is_full() {
+                    return std::future::pending().await;
+                }
+                match buf.read_from(ds).await {
+                    Ok(0) | Err(_) => return Err(PumpError::ClientGone),
+                    Ok(_) => continue,
+                }
+            }
+            Pending::Length(n) => {
+                if !buf.is_empty() {
+                    let take = (buf.len() as u64).min(*n) as usize;
+                    us.write_all(&buf.filled()[..take]).await.map_err(|_| PumpError::Upstream)?;
+                    buf.consume(take);
+                    *n -= take as u64;
+                    if *n == 0 {
+                        *pending = Pending::None;
+                        return Ok(());
+                    }
+                }
+            }
+            Pending::Chunked(scanner) => {
+                if !buf.is_empty() {
+                    let used = scanner.scan(buf.filled(), |_| {}).map_err(|_| PumpError::BadBody)?;
+                    us.write_all(&buf.filled()[..used]).await.map_err(|_| PumpError::Upstream)?;
+                    buf.consume(used);
+                    if scanner.is_done() {
+                        *pending = Pending::None;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(idle, buf.read_from(ds)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(PumpError::ClientGone),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+enum ReadError {
+    Timeout,
+    Closed,
+    Invalid,
+    Client,
+}
+
+/// Reads the final response head; interim (1xx) responses are passed to the client.
+#[allow(clippy::too_many_arguments)]
+async fn read_response(
+    us: &mut ReadHalf<'_>,
+    buf: &mut IoBuf,
+    fields: &mut Vec<Field>,
+    head_request: bool,
+    deadline: tokio::time::Instant,
+    ds: &mut WriteHalf<'_>,
+    client_minor: u8,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, ReadError> {
+    loop {
+        if !buf.is_empty() {
+            match head::parse_response(buf.filled(), fields, head_request) {
+                Ok(Parse::Complete(h)) if h.is_interim() => {
+                    if client_minor >= 1 {
+                        out.clear();
+                        let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+                        head::write_response_head(out, buf.filled(), &h, fields, mode);
+                        ds.write_all(out).await.map_err(|_| ReadError::Client)?;
+                        out.clear();
+                    }
+                    buf.consume(h.len);
+                    continue;
+                }
+                Ok(Parse::Complete(h)) => return Ok(h),
+                Ok(Parse::Partial) if buf.len() >= head::MAX_RESPONSE_HEAD => return Err(ReadError::Invalid),
+                Ok(Parse::Partial) => {
+                    if buf.is_full() {
+                        buf.grow(head::MAX_RESPONSE_HEAD);
+                    }
+                }
+                Err(_) => return Err(ReadError::Invalid),
+            }
+        }
+        match timeout_at(deadline, buf.read_from(us)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadError::Closed),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(ReadError::Timeout),
+        }
+    }
+}
+
+enum RelayError {
+    Source,
+    Destination,
+}
+
+/// Streams a body from `src` to `dst`; the first write carries `head` too.
+async fn relay_body(
+    src: &mut ReadHalf<'_>,
+    buf: &mut IoBuf,
+    dst: &mut WriteHalf<'_>,
+    head: &mut Vec<u8>,
+    len: BodyLen,
+    dechunk: bool,
+    idle: Duration,
+) -> Result<(), RelayError> {
+    let mut remaining = match len {
+        BodyLen::Length(n) => n,
+        _ => 0,
+    };
+    let mut scanner = ChunkedScanner::default();
+    let mut first = true;
+    loop {
+        // Take what the buffer holds of the body.
+        let (take, done) = match len {
+            BodyLen::None => (0, true),
+            BodyLen::Length(_) => {
+                let take = (buf.len() as u64).min(remaining) as usize;
+                remaining -= take as u64;
+                (take, remaining == 0)
+            }
+            BodyLen::Chunked => {
+                let filled = buf.filled();
+                if dechunk {
+                    let used =
+                        scanner.scan(filled, |r| head.extend_from_slice(&filled[r])).map_err(|_| RelayError::Source)?;
+                    buf.consume(used);
+                    (0, scanner.is_done())
+                } else {
+                    let used = scanner.scan(filled, |_| {}).map_err(|_| RelayError::Source)?;
+                    (used, scanner.is_done())
+                }
+            }
+            BodyLen::UntilClose => (buf.len(), false),
+        };
+        if first || take > 0 || !head.is_empty() {
+            let write = if (first || !head.is_empty()) && take <= COALESCE_BODY {
+                head.extend_from_slice(&buf.filled()[..take]);
+                let r = tokio::time::timeout(idle, dst.write_all(head)).await;
+                head.clear();
+                r
+            } else {
+                if !head.is_empty() {
+                    match tokio::time::timeout(idle, dst.write_all(head)).await {
+                        Ok(Ok(())) => {}
+                        _ => return Err(RelayError::Destination),
+                    }
+                    head.clear();
+                }
+                tokio::time::timeout(idle, dst.write_all(&buf.filled()[..take])).await
+            };
+            match write {
+                Ok(Ok(())) => {}
+                _ => return Err(RelayError::Destination),
+            }
+            buf.consume(take);
+            first = false;
+        }
+        if done {
+            return Ok(());
+        }
+        match tokio::time::timeout(idle, buf.read_from(src)).await {
+            Ok(Ok(0)) => {
+                return if len == BodyLen::UntilClose { Ok(()) } else { Err(RelayError::Source) };
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return Err(RelayError::Source),
+        }
+    }
+}
+
+/// After a 101: bytes both ways until either side closes.
+async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn) {
+    if !client_buf.is_empty() {
+        if conn.stream.write_all(client_buf.filled()).await.is_err() {
+            return;
+        }
+        client_buf.consume(client_buf.len());
+    }
+    if !conn.buf.is_empty() {
+        if client.write_all(conn.buf.filled()).await.is_err() {
+            return;
+        }
+        conn.buf.consume(conn.buf.len());
+    }
+    let _ = tokio::io::copy_bidirectional(client, &mut conn.stream).await;
+}

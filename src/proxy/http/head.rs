@@ -1,0 +1,608 @@
+//! Request and response heads: parsed with httparse into byte ranges of the buffer they arrived
+//! in, checked against request smuggling (RFC 9112 sections 6.1 and 6.3), and written back out
+//! with hop-by-hop fields removed and the forwarding fields added.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use http::Method;
+
+use super::codec::{BodyLen, Field, Known, MAX_HEADERS, classify, parse_content_length, tokens, trim};
+use crate::proxy::error::ProxyError;
+use crate::routing::docs::HeaderLookup;
+
+/// Most names a Connection header may list for removal.
+const MAX_CONN_TOKENS: usize = 8;
+
+/// A parsed request head. Ranges index the buffer it was parsed from.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub len: usize,
+    pub method: Method,
+    /// HTTP/1.`minor`.
+    pub minor: u8,
+    /// What to forward as the request target: origin-form (path and query) or `*`.
+    pub target: Range<usize>,
+    /// The path alone, for matching.
+    pub path: Range<usize>,
+    /// The authority of an absolute-form target, which replaces Host (RFC 9112 section 3.2.2).
+    pub authority: Option<Range<usize>>,
+    pub host: Option<Range<usize>>,
+    pub body: BodyLen,
+    /// The client asked to close after this exchange (or speaks HTTP/1.0 without keep-alive).
+    pub close: bool,
+    /// An HTTP/1.0 client asked for keep-alive.
+    pub keep_alive: bool,
+    /// A protocol upgrade (WebSocket) is requested.
+    pub upgrade: bool,
+    conn_tokens: [Range<usize>; MAX_CONN_TOKENS],
+    n_conn_tokens: usize,
+}
+
+impl RequestHead {
+    /// The host to route by.
+    pub fn route_host<'b>(&self, buf: &'b [u8]) -> Option<&'b str> {
+        let r = self.authority.clone().or_else(|| self.host.clone())?;
+        std::str::from_utf8(&buf[r]).ok()
+    }
+
+    pub fn path<'b>(&self, buf: &'b [u8]) -> &'b str {
+        match std::str::from_utf8(&buf[self.path.clone()]) {
+            Ok("") | Err(_) => "/",
+            Ok(p) => p,
+        }
+    }
+
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        )
+    }
+
+    fn listed_in_connection(&self, buf: &[u8], name: &[u8]) -> bool {
+        self.conn_tokens[..self.n_conn_tokens].iter().any(|r| buf[r.clone()].eq_ignore_ascii_case(name))
+    }
+}
+
+/// Result of parsing what has arrived so far.
+pub enum Parse<T> {
+    Complete(T),
+    Partial,
+}
+
+fn offset(base: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - base.as_ptr() as usize
+}
+
+fn range(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = offset(base, part);
+    start..start + part.len()
+}
+
+/// Parses a request head from `buf`, filling `fields`. Errors are answered and close the
+/// connection.
+pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<RequestHead>, ProxyError> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parse::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge),
+        Err(httparse::Error::Version) => return Err(ProxyError::BadRequest("unsupported HTTP version")),
+        Err(_) => return Err(ProxyError::BadRequest("unparsable request head")),
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(ProxyError::BadRequest("incomplete request line"));
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| ProxyError::BadRequest("invalid method"))?;
+    if method == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let target_bytes = target.as_bytes();
+    let target_range = range(buf, target_bytes);
+    let (target, authority) = if target_bytes.first() == Some(&b'/') {
+        (target_range, None)
+    } else if target_bytes == b"*" {
+        if method != Method::OPTIONS {
+            return Err(ProxyError::BadRequest("'*' is a target for OPTIONS only"));
+        }
+        (target_range, None)
+    } else {
+        // Absolute form: the authority replaces Host; only the path and query are forwarded.
+        let rest = strip_scheme(target_bytes).ok_or(ProxyError::BadRequest("invalid request target"))?;
+        let auth_len = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+        let auth = &rest[..auth_len];
+        if auth.is_empty() || auth.contains(&b'@') {
+            return Err(ProxyError::BadRequest("invalid authority in request target"));
+        }
+        // "http://h" and "http://h?q" have the path "/": the slash is added when forwarding.
+        (range(buf, &rest[auth_len..]), Some(range(buf, auth)))
+    };
+    let path_end = buf[target.clone()].iter().position(|&b| b == b'?').map_or(target.end, |q| target.start + q);
+    let path = target.start..path_end;
+
+    fields.clear();
+    let mut host = None;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut te_seen = false;
+    let mut close = minor == 0;
+    let mut keep_alive = false;
+    let mut conn_upgrade = false;
+    let mut upgrade_header = false;
+    let mut conn_tokens: [Range<usize>; MAX_CONN_TOKENS] = Default::default();
+    let mut n_conn_tokens = 0;
+    for h in req.headers.iter() {
+        let name = range(buf, h.name.as_bytes());
+        let value = range(buf, h.value);
+        match classify(h.name.as_bytes()) {
+            Known::Host => {
+                if host.is_some() {
+                    return Err(ProxyError::BadRequest("more than one Host header"));
+                }
+                host = Some(value.clone());
+            }
+            Known::ContentLength => {
+                let n = parse_content_length(h.value).ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
+                if content_length.is_some_and(|c| c != n) {
+                    return Err(ProxyError::BadRequest("conflicting Content-Length headers"));
+                }
+                content_length = Some(n);
+            }
+            Known::TransferEncoding => {
+                for t in tokens(h.value) {
+                    if chunked || !t.eq_ignore_ascii_case(b"chunked") {
+                        return Err(ProxyError::BadRequest("unsupported Transfer-Encoding (only a single chunked)"));
+                    }
+                    chunked = true;
+                }
+                te_seen = true;
+            }
+            Known::Connection => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        conn_upgrade = true;
+                    } else if n_conn_tokens < MAX_CONN_TOKENS {
+                        conn_tokens[n_conn_tokens] = range(buf, t);
+                        n_conn_tokens += 1;
+                    }
+                }
+            }
+            Known::Upgrade => upgrade_header = true,
+            _ => {}
+        }
+        fields.push(Field { name, value });
+    }
+    if te_seen && !chunked {
+        return Err(ProxyError::BadRequest("empty Transfer-Encoding"));
+    }
+    if chunked && content_length.is_some() {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    if chunked && minor == 0 {
+        return Err(ProxyError::BadRequest("Transfer-Encoding in an HTTP/1.0 request"));
+    }
+    if minor == 1 && host.is_none() && authority.is_none() {
+        return Err(ProxyError::BadRequest("missing Host header"));
+    }
+    if minor == 0 && keep_alive && !close_listed(buf, fields) {
+        close = false;
+    }
+    let body = if chunked {
+        BodyLen::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyLen::None,
+            Some(n) => BodyLen::Length(n),
+        }
+    };
+    Ok(Parse::Complete(RequestHead {
+        len,
+        method,
+        minor,
+        target,
+        path,
+        authority,
+        host,
+        body,
+        close,
+        keep_alive,
+        upgrade: conn_upgrade && upgrade_header,
+        conn_tokens,
+        n_conn_tokens,
+    }))
+}
+
+fn close_listed(buf: &[u8], fields: &[Field]) -> bool {
+    fields.iter().any(|f| {
+        classify(&buf[f.name.clone()]) == Known::Connection
+            && tokens(&buf[f.value.clone()]).any(|t| t.eq_ignore_ascii_case(b"close"))
+    })
+}
+
+fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
+    for scheme in [&b"http://"[..], b"https://"] {
+        if target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return Some(&target[scheme.len()..]);
+        }
+    }
+    None
+}
+
+/// Header lookup over parsed fields, for rule matching.
+pub struct Fields<'a> {
+    pub buf: &'a [u8],
+    pub fields: &'a [Field],
+}
+
+impl HeaderLookup for Fields<'_> {
+    fn for_each_value(&self, name: &http::HeaderName, mut f: impl FnMut(&[u8]) -> bool) {
+        let name = name.as_str().as_bytes();
+        for field in self.fields {
+            if self.buf[field.name.clone()].eq_ignore_ascii_case(name) && f(trim(&self.buf[field.value.clone()])) {
+                return;
+            }
+        }
+    }
+}
+
+impl Fields<'_> {
+    /// The first value of `name` (lower case), trimmed.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| self.buf[f.name.clone()].eq_ignore_ascii_case(name))
+            .map(|f| trim(&self.buf[f.value.clone()]))
+    }
+}
+
+/// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
+/// ones, framing, and `x-forwarded-for` / `x-forwarded-proto`.
+pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: &[Field], client_ip: &str) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = &buf[head.target.clone()];
+    if !target.starts_with(b"/") && target != b"*" {
+        out.push(b'/');
+    }
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for: [Option<Range<usize>>; 4] = Default::default();
+    let mut n_xff = 0;
+    for f in fields {
+        let name = &buf[f.name.clone()];
+        match classify(name) {
+            Known::Host if head.authority.is_some() => continue,
+            Known::Connection | Known::HopByHop | Known::XForwardedProto | Known::TransferEncoding => continue,
+            Known::ContentLength => {
+                if head.body == BodyLen::None {
+                    // Content-Length: 0 stays as the client sent it.
+                    if !matches!(parse_content_length(&buf[f.value.clone()]), Some(0)) {
+                        continue;
+                    }
+                }
+            }
+            Known::Upgrade if !head.upgrade => continue,
+            Known::XForwardedFor => {
+                if n_xff < forwarded_for.len() {
+                    forwarded_for[n_xff] = Some(f.value.clone());
+                    n_xff += 1;
+                }
+                continue;
+            }
+            _ => {
+                if head.n_conn_tokens > 0 && head.listed_in_connection(buf, name) {
+                    continue;
+                }
+            }
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[f.value.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(auth) = &head.authority {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(&buf[auth.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.body == BodyLen::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if head.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for r in forwarded_for[..n_xff].iter().flatten() {
+        out.extend_from_slice(trim(&buf[r.clone()]));
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub minor: u8,
+    pub reason: Range<usize>,
+    pub body: BodyLen,
+    /// The upstream will close (or the body is delimited by the close).
+    pub close: bool,
+    conn_tokens: [Range<usize>; MAX_CONN_TOKENS],
+    n_conn_tokens: usize,
+}
+
+impl ResponseHead {
+    pub fn is_interim(&self) -> bool {
+        (100..200).contains(&self.status) && self.status != 101
+    }
+}
+
+/// Longest response head accepted from an upstream.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Parses a response head to a request (HEAD requests get no body whatever the fields say).
+pub fn parse_response(
+    buf: &[u8],
+    fields: &mut Vec<Field>,
+    head_request: bool,
+) -> Result<Parse<ResponseHead>, &'static str> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parse::Partial),
+        Err(_) => return Err("unparsable response head"),
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else { return Err("incomplete status line") };
+    if !(100..=599).contains(&status) {
+        return Err("status code out of range");
+    }
+    let reason = resp.reason.map(|r| range(buf, r.as_bytes())).unwrap_or(0..0);
+    fields.clear();
+    let mut content_length: Option<u64> = None;
+    let mut chunked_last = None;
+    let mut close = minor == 0;
+    let mut conn_tokens: [Range<usize>; MAX_CONN_TOKENS] = Default::default();
+    let mut n_conn_tokens = 0;
+    for h in resp.headers.iter() {
+        match classify(h.name.as_bytes()) {
+            Known::ContentLength => {
+                let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
+                if content_length.is_some_and(|c| c != n) {
+                    return Err("conflicting Content-Length headers");
+                }
+                content_length = Some(n);
+            }
+            Known::TransferEncoding => {
+                for t in tokens(h.value) {
+                    chunked_last = Some(t.eq_ignore_ascii_case(b"chunked"));
+                }
+            }
+            Known::Connection => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        if minor == 0 {
+                            close = false;
+                        }
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        // Kept for a 101; removed with the other hop-by-hop fields otherwise.
+                    } else if n_conn_tokens < MAX_CONN_TOKENS {
+                        conn_tokens[n_conn_tokens] = range(buf, t);
+                        n_conn_tokens += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value) });
+    }
+    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        BodyLen::None
+    } else if let Some(chunked) = chunked_last {
+        if chunked { BodyLen::Chunked } else { BodyLen::UntilClose }
+    } else {
+        match content_length {
+            Some(0) => BodyLen::None,
+            Some(n) => BodyLen::Length(n),
+            None => BodyLen::UntilClose,
+        }
+    };
+    if body == BodyLen::UntilClose {
+        close = true;
+    }
+    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, conn_tokens, n_conn_tokens }))
+}
+
+/// How the response goes back to the client.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseMode {
+    /// Close the client connection after this response.
+    pub close: bool,
+    /// The client speaks HTTP/1.0 and asked for keep-alive.
+    pub keep_alive_10: bool,
+    /// Remove chunked framing (for an HTTP/1.0 client).
+    pub dechunk: bool,
+    /// A 101 to an upgrade request: keep Upgrade and say so.
+    pub upgrade: bool,
+}
+
+/// Writes the response head for the client.
+pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, fields: &[Field], mode: ResponseMode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    super::codec::push_decimal(out, u64::from(head.status));
+    out.push(b' ');
+    out.extend_from_slice(&buf[head.reason.clone()]);
+    out.extend_from_slice(b"\r\n");
+    for f in fields {
+        let name = &buf[f.name.clone()];
+        match classify(name) {
+            Known::Connection | Known::HopByHop => continue,
+            Known::Upgrade if !mode.upgrade => continue,
+            Known::TransferEncoding if mode.dechunk => continue,
+            _ => {
+                if head.n_conn_tokens > 0
+                    && head.conn_tokens[..head.n_conn_tokens].iter().any(|r| buf[r.clone()].eq_ignore_ascii_case(name))
+                {
+                    continue;
+                }
+            }
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[f.value.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if mode.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if mode.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if mode.keep_alive_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(text: &str) -> Result<(RequestHead, Vec<Field>), ProxyError> {
+        let mut fields = Vec::new();
+        match parse_request(text.as_bytes(), &mut fields)? {
+            Parse::Complete(h) => Ok((h, fields)),
+            Parse::Partial => panic!("partial: {text:?}"),
+        }
+    }
+
+    fn forwarded(text: &str) -> String {
+        let (h, f) = req(text).unwrap();
+        let mut out = Vec::new();
+        write_request(&mut out, text.as_bytes(), &h, &f, "127.0.0.1");
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed_and_forwarding_fields_added() {
+        let out = forwarded(
+            "GET /a?b=1 HTTP/1.1\r\nHost: users.internal\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\n\
+             X-Secret: 1\r\nTE: trailers\r\nProxy-Connection: x\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-Proto: https\r\n\
+             Accept: */*\r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "GET /a?b=1 HTTP/1.1\r\nHost: users.internal\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.1.1.1, 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn absolute_form_targets_forward_the_path_and_replace_host() {
+        let (h, _) = req("GET http://Users.Internal:8080/v1/x?q HTTP/1.1\r\nHost: evil\r\n\r\n").unwrap();
+        let buf = b"GET http://Users.Internal:8080/v1/x?q HTTP/1.1\r\nHost: evil\r\n\r\n";
+        assert_eq!(h.route_host(buf), Some("Users.Internal:8080"));
+        assert_eq!(h.path(buf), "/v1/x");
+        let out = forwarded("GET http://a.b/v1?q HTTP/1.1\r\nHost: evil\r\n\r\n");
+        assert!(out.starts_with("GET /v1?q HTTP/1.1\r\n"), "{out}");
+        assert!(out.contains("host: a.b\r\n") && !out.contains("evil"), "{out}");
+        let out = forwarded("GET http://a.b HTTP/1.1\r\n\r\n");
+        assert!(out.starts_with("GET / HTTP/1.1\r\n"), "{out}");
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let bad = [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "GET foo HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        for text in bad {
+            assert!(matches!(req(text), Err(ProxyError::BadRequest(_))), "{text:?}: {:?}", req(text).map(|r| r.0));
+        }
+        assert_eq!(req("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").unwrap_err(), ProxyError::MethodNotAllowed);
+    }
+
+    #[test]
+    fn framing_and_connection_flags() {
+        let (h, _) = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap();
+        assert_eq!(h.body, BodyLen::Chunked);
+        let (h, _) = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nContent-Length: 12\r\n\r\n").unwrap();
+        assert_eq!(h.body, BodyLen::Length(12));
+        let (h, _) = req("GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(h.close);
+        let (h, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(!h.close && h.keep_alive);
+        let (h, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+        assert!(h.close);
+        let (h, _) = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        assert!(h.upgrade);
+        let out = forwarded("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(out.contains("Upgrade: websocket\r\n") && out.contains("connection: upgrade\r\n"), "{out}");
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let parse = |text: &str, head: bool| {
+            let mut f = Vec::new();
+            match parse_response(text.as_bytes(), &mut f, head).unwrap() {
+                Parse::Complete(r) => r,
+                Parse::Partial => panic!("partial"),
+            }
+        };
+        assert_eq!(parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false).body, BodyLen::Length(3));
+        assert_eq!(parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).body, BodyLen::None);
+        assert_eq!(parse("HTTP/1.1 204 No Content\r\n\r\n", false).body, BodyLen::None);
+        assert_eq!(parse("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false).body, BodyLen::None);
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n", false).body,
+            BodyLen::Chunked
+        );
+        let r = parse("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((r.body, r.close), (BodyLen::UntilClose, true));
+        let r = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false);
+        assert!(r.close);
+        let r = parse("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n", false);
+        assert!(!r.close);
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                &mut Vec::new(),
+                false
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_fields() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nServer: b\r\n\r\nhi";
+        let mut f = Vec::new();
+        let Parse::Complete(r) = parse_response(text.as_bytes(), &mut f, false).unwrap() else { panic!() };
+        let mut out = Vec::new();
+        let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+        write_response_head(&mut out, text.as_bytes(), &r, &f, mode);
+        assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer: b\r\n\r\n");
+    }
+}

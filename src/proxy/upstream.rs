@@ -1,0 +1,164 @@
+//! Upstream connections: connecting with a timeout, and a pool of idle HTTP/1.1 connections per
+//! endpoint. The pool lives in the endpoint's state (outside the routing table), so it is kept
+//! across table swaps for as long as the endpoint stays.
+
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use super::http::codec::IoBuf;
+use crate::endpoint::EndpointState;
+use crate::routing::{Addr, Host};
+
+/// Read buffer of an upstream connection.
+pub const UPSTREAM_BUF: usize = 16 * 1024;
+
+/// Connects to `addr` within `timeout`, with Nagle off (requests are written whole).
+pub async fn connect(addr: &Addr, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        match &addr.host {
+            Host::Ip(ip) => TcpStream::connect((*ip, addr.port)).await,
+            Host::Name(name) => TcpStream::connect((&**name, addr.port)).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// An HTTP/1.1 connection to an upstream endpoint.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub buf: IoBuf,
+    /// Taken from the pool (it served a request before).
+    pub reused: bool,
+    idle_since: Instant,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Self {
+        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now() }
+    }
+
+    /// Whether an idle connection is still usable: nothing arrived on it while idle (no EOF, no
+    /// stray bytes). Costs no system call unless the reactor saw it become readable.
+    fn is_clean(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Limits of the idle pools.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Idle connections of one endpoint, most recently used first out.
+pub struct Pool {
+    idle: Mutex<Vec<Conn>>,
+    settings: PoolSettings,
+}
+
+impl Pool {
+    /// An idle connection that is still clean, if any.
+    pub fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(mut conn) = idle.pop() {
+            if now.duration_since(conn.idle_since) < self.settings.idle_timeout && conn.is_clean() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last exchange completed cleanly.
+    pub fn checkin(&self, mut conn: Conn) {
+        if !conn.buf.is_empty() {
+            return;
+        }
+        conn.buf.shrink(UPSTREAM_BUF);
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.settings.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    /// Closes connections idle for longer than the timeout.
+    fn sweep(&self, now: Instant) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| now.duration_since(c.idle_since) < self.settings.idle_timeout);
+        idle.len()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+/// Every pool, for the sweeper. Only touched when an endpoint gets its first pool.
+pub struct Pools {
+    settings: PoolSettings,
+    all: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Pools { settings, all: Mutex::new(Vec::new()) })
+    }
+
+    /// The pool of an endpoint, created on first use.
+    #[inline]
+    pub fn of<'a>(&self, state: &'a EndpointState) -> Option<&'a Arc<Pool>> {
+        state.data_plane(|| {
+            let pool = Arc::new(Pool { idle: Mutex::new(Vec::new()), settings: self.settings });
+            self.all.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&pool));
+            pool
+        })
+    }
+
+    /// Closes expired idle connections and forgets pools whose endpoint is gone.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let pools: Vec<Arc<Pool>> = {
+            let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+            all.retain(|w| w.strong_count() > 0);
+            all.iter().filter_map(Weak::upgrade).collect()
+        };
+        pools.iter().map(|p| p.sweep(now)).sum()
+    }
+
+    /// Sweeps every few seconds until the returned task is dropped or aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let pools = Arc::downgrade(self);
+        let every = (self.settings.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match pools.upgrade() {
+                    Some(p) => {
+                        p.sweep();
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+}
