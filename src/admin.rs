@@ -21,7 +21,6 @@ use crate::metrics::Metrics;
 use crate::routing::docs::{Backend, LbPolicy};
 use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
 use crate::routing::{RouteReader, RoutingTable};
-use crate::shutdown::Shutdown;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -37,15 +36,17 @@ pub struct AdminState {
     pub extra: Arc<dyn Fn() -> Vec<(&'static str, Value)> + Send + Sync>,
 }
 
-/// Serves the admin endpoints until shutdown.
-pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: Shutdown) {
+/// Serves the admin endpoints until the task is stopped; it keeps answering while the proxy
+/// drains, so that `/ready` can say so.
+pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => { debug!(error = %e, "admin accept failed"); continue; }
-            },
-            _ = shutdown.wait() => return,
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {

@@ -22,6 +22,7 @@ use crate::endpoint::StateRegistry;
 use crate::health::OutlierSink;
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
+use crate::proxy::tcp::TcpContext;
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
 use crate::routing::table::Protocol;
@@ -107,7 +108,17 @@ impl App {
                     tasks.push(tokio::spawn(crate::proxy::http::serve(socket, ctx)));
                 }
                 Protocol::Tcp => {
-                    anyhow::bail!("listener {:?}: tcp listeners are not supported yet", l.name);
+                    let ctx = Arc::new(TcpContext::new(
+                        id,
+                        Arc::from(l.name.as_str()),
+                        routes.clone(),
+                        metrics.clone(),
+                        limits.clone(),
+                        shutdown.clone(),
+                        tracker,
+                        outliers.clone(),
+                    ));
+                    tasks.push(tokio::spawn(crate::proxy::tcp::serve(socket, ctx)));
                 }
             }
         }
@@ -125,7 +136,7 @@ impl App {
             binds: Arc::new(binds),
             extra: Arc::new(Vec::new),
         };
-        tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone())));
+        tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
         info!(admin = %admin_addr, "zkroute started");
         Ok(App { admin_addr, listeners, routes, metrics, states, updates, draining, trigger, tasks, trackers })
     }

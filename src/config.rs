@@ -159,6 +159,8 @@ pub struct ProxyConfig {
     pub health_check: Option<HealthCheckDoc>,
     /// Default outlier detection for services whose policy has none.
     pub outlier: Option<OutlierDoc>,
+    /// Runtime worker threads; 0 means one per CPU, 1 runs everything on a single thread.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -179,9 +181,10 @@ impl Default for ProxyConfig {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             pool_max_idle: 64,
-            pool_idle_timeout: secs(90),
+            pool_idle_timeout: secs(30),
             health_check: None,
             outlier: None,
+            workers: 0,
         }
     }
 }
@@ -337,7 +340,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("proxy.max_header_bytes", Kind::Int, "largest request header section [default: 65536]"),
     ("proxy.max_connections", Kind::Int, "most client connections per listener [default: 10000]"),
     ("proxy.pool_max_idle", Kind::Int, "idle upstream connections kept per endpoint [default: 64]"),
-    ("proxy.pool_idle_timeout", Kind::Str, "close idle upstream connections after [default: 90s]"),
+    ("proxy.pool_idle_timeout", Kind::Str, "close idle upstream connections after [default: 30s]"),
+    ("proxy.workers", Kind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),
     ("static.file", Kind::Str, "serve services and rules from this TOML file instead of ZooKeeper"),
     ("log.format", Kind::Str, "text or json [default: text]"),
     ("log.access_log", Kind::Str, "access log: stdout or a file path [default: off]"),

@@ -6,6 +6,7 @@
 pub mod balance;
 pub mod error;
 pub mod http;
+pub mod tcp;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -198,7 +198,7 @@ async fn ring_hash_keeps_a_key_on_its_instance_across_a_table_swap() {
     rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
     proxy
         .config_until("ring_hash and 3 instances", |c| {
-            c["services"]["s"]["policy"]["lb"].is_object() && addresses(c, "s").len() == 3
+            c["services"]["s"]["policy"]["lb"].is_object() && addresses(c, "s").len() == 3 && routes(c) == 1
         })
         .await;
     let owner = |user: String| {

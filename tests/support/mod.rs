@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod backend;
+pub mod tcp;
 pub mod zk;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ use tokio::net::TcpStream;
 use zkroute::{App, Config};
 
 pub use backend::{Backend, Misbehave, RawBackend, refused_addr};
+pub use tcp::{Checksum, TcpServer};
 pub use zk::{Chroot, Zk, ZkClient, free_port};
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.

@@ -1,0 +1,289 @@
+//! TCP listeners (CONTRACT 4): each connection goes to an endpoint chosen by the listener's rule
+//! (or its `service`), with connect failover, then bytes flow both ways until both sides have
+//! closed, honouring half-close, with an idle timeout. On Linux the bytes move with `splice(2)`
+//! through a pipe per direction, so they never enter user space.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::balance::{self, PickInput, Tried};
+use super::upstream;
+use super::{Limits, Tracker};
+use crate::health::OutlierSink;
+use crate::metrics::Metrics;
+use crate::routing::RouteReader;
+use crate::routing::docs::{HashOn, LbPolicy};
+use crate::routing::table::{ListenerId, hash_bytes};
+use crate::shutdown::Shutdown;
+
+/// Bytes moved per splice call, and the pipe size asked for.
+const SPLICE_CHUNK: usize = 1 << 20;
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Everything a TCP listener's connections share.
+pub struct TcpContext {
+    pub listener: ListenerId,
+    pub name: Arc<str>,
+    pub routes: RouteReader,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub tracker: Arc<Tracker>,
+    pub outliers: OutlierSink,
+    rx: IntCounter,
+    tx: IntCounter,
+    active: IntGauge,
+}
+
+impl TcpContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        listener: ListenerId,
+        name: Arc<str>,
+        routes: RouteReader,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        shutdown: Shutdown,
+        tracker: Arc<Tracker>,
+        outliers: OutlierSink,
+    ) -> Self {
+        let rx = metrics.tcp_bytes.with_label_values(&[&name, "rx"]);
+        let tx = metrics.tcp_bytes.with_label_values(&[&name, "tx"]);
+        let active = metrics.tcp_active_connections.with_label_values(&[&name]);
+        TcpContext { listener, name, routes, metrics, limits, shutdown, tracker, outliers, rx, tx, active }
+    }
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(listener = %ctx.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let Some(tracked) = ctx.tracker.try_track(ctx.limits.max_connections) else {
+            ctx.metrics.connections_refused.with_label_values(&[&ctx.name]).inc();
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            handle(stream, peer, &ctx).await;
+        });
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
+    let route = {
+        let guard = ctx.routes.load();
+        match guard.as_ref().and_then(|t| t.listener(ctx.listener)).and_then(|l| l.first()) {
+            Some(r) => r.clone(),
+            None => {
+                debug!(listener = %ctx.name, "no route for a TCP connection: closing it");
+                return;
+            }
+        }
+    };
+    let Some((_, first)) = route.target_at(fastrand::u32(..)) else { return };
+    let target = if first.set.active().is_empty() {
+        route.targets.iter().find(|t| t.weight > 0 && !t.set.active().is_empty()).unwrap_or(first)
+    } else {
+        first
+    };
+    let metrics_on = target.stats.enabled();
+    if metrics_on {
+        target.stats.tcp_connections.inc();
+    }
+    let hash = match &target.set.policy.lb {
+        LbPolicy::RingHash(HashOn::SourceIp | HashOn::Header(_)) => Some(hash_bytes(peer.ip().to_string().as_bytes())),
+        _ => None,
+    };
+    let mut tried = Tried::default();
+    let mut attempts_left = route.retries;
+    let upstream = loop {
+        let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) else {
+            debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
+            return;
+        };
+        tried.push(i);
+        let endpoint = &target.set.endpoints[i];
+        match upstream::connect(&endpoint.addr, target.set.policy.connect_timeout).await {
+            Ok(s) => {
+                endpoint.state.record_success();
+                break (s, endpoint.state.start_request());
+            }
+            Err(e) => {
+                debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
+                if metrics_on {
+                    target.stats.connect_errors.inc();
+                }
+                ctx.outliers.failure(&target.set, i);
+                if attempts_left == 0 {
+                    return;
+                }
+                attempts_left -= 1;
+                if metrics_on {
+                    target.stats.retries.inc();
+                }
+            }
+        }
+    };
+    let (upstream, _in_flight) = upstream;
+    drop(route);
+    let _ = client.set_nodelay(true);
+    ctx.active.inc();
+    let result = relay(&client, &upstream, ctx).await;
+    ctx.active.dec();
+    if let Err(e) = result {
+        debug!(listener = %ctx.name, error = %e, "TCP relay ended");
+    }
+}
+
+/// Copies both ways until both directions have ended, or the connection idles out.
+async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext) -> io::Result<()> {
+    let last = Activity::new();
+    let idle = ctx.limits.tcp_idle_timeout;
+    let up = pump(client, upstream, &ctx.rx, &last);
+    let down = pump(upstream, client, &ctx.tx, &last);
+    let watchdog = async {
+        loop {
+            tokio::time::sleep_until(last.get() + idle).await;
+            if last.get() + idle <= Instant::now() {
+                return;
+            }
+        }
+    };
+    let both = async {
+        let (a, b) = tokio::join!(up, down);
+        a.and(b)
+    };
+    tokio::select! {
+        r = both => r,
+        _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    }
+}
+
+/// When bytes last moved either way.
+struct Activity {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { start: Instant::now(), millis: AtomicU64::new(0) }
+    }
+
+    fn get(&self) -> Instant {
+        self.start + Duration::from_millis(self.millis.load(Ordering::Relaxed))
+    }
+
+    fn touch(&self) {
+        self.millis.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One direction: `src` to `dst` until `src` ends, then half-close `dst`.
+async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &IntCounter, last: &Activity) -> io::Result<()> {
+    let result = match Pipe::new() {
+        Ok(pipe) => splice_loop(src, dst, &pipe, bytes, last).await,
+        Err(_) => copy_loop(src, dst, bytes, last).await,
+    };
+    // Half-close: the other side sees EOF and may still answer.
+    let _ = rustix::net::shutdown(dst.as_fd(), rustix::net::Shutdown::Write);
+    result
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        // Best effort: a larger pipe moves more per call; the kernel caps it per user.
+        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+        Ok(Pipe { read, write })
+    }
+}
+
+async fn splice_loop(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    bytes: &IntCounter,
+    last: &Activity,
+) -> io::Result<()> {
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    loop {
+        src.readable().await?;
+        let n = match src.try_io(Interest::READABLE, || {
+            rustix::pipe::splice(src.as_fd(), None, &pipe.write, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
+        }) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        last.touch();
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                rustix::pipe::splice(&pipe.read, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")),
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bytes.inc_by(n as u64);
+        last.touch();
+    }
+}
+
+/// The portable path: a buffer in user space.
+async fn copy_loop(src: &TcpStream, dst: &TcpStream, bytes: &IntCounter, last: &Activity) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        last.touch();
+        let mut off = 0;
+        while off < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bytes.inc_by(n as u64);
+    }
+}

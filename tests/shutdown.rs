@@ -1,0 +1,147 @@
+#![allow(clippy::unwrap_used)]
+//! SIGTERM on the real binary: drain in-flight work, refuse new connections, exit 0.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Binary {
+    child: Child,
+    admin: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(chroot: &Chroot, drain: &str) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, http, tcp) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+             [proxy]\ndrain_timeout = \"{drain}\"\n\
+             [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{http}\"\nservice = \"web\"\n\
+             [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{tcp}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n",
+            chroot.connect
+        );
+        let path = dir.path().join("zkroute.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_zkroute"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let ip = |p| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let b = Binary { child, admin: ip(admin), http: ip(http), tcp: ip(tcp), _dir: dir };
+        eventually("zkroute ready", Duration::from_secs(15), || async {
+            (get(b.admin, "/ready").await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+        b
+    }
+
+    fn sigterm(&self) {
+        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    /// Waits for the exit, up to `within`.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "zkroute did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let web = Backend::http("web").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
+    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
+    let mut bin = Binary::start(&chroot, "10s").await;
+    eventually("both services in the table", Duration::from_secs(10), || async {
+        let c: serde_json::Value = serde_json::from_slice(get(bin.admin, "/config").await.ok()?.body()).ok()?;
+        (addresses(&c, "web").len() == 1 && addresses(&c, "echo").len() == 1).then_some(())
+    })
+    .await;
+
+    let mut tcp = TcpStream::connect(bin.tcp).await.unwrap();
+    let mut one = [0u8; 1];
+    tcp.write_all(b"a").await.unwrap();
+    tcp.read_exact(&mut one).await.unwrap();
+    let http = bin.http;
+    let slow = tokio::spawn(async move { send(http, request("GET", "h", "/?sleep_ms=1500", &[], "")).await });
+    eventually("the slow request reached the backend", Duration::from_secs(5), || async {
+        (web.requests() == 1).then_some(())
+    })
+    .await;
+
+    bin.sigterm();
+    eventually("/ready turns 503", Duration::from_secs(5), || async {
+        (get(bin.admin, "/ready").await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    eventually("new connections refused", Duration::from_secs(5), || async {
+        TcpStream::connect(bin.http).await.is_err().then_some(())
+    })
+    .await;
+    assert!(TcpStream::connect(bin.tcp).await.is_err());
+
+    // In-flight work finishes.
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!((r.status().as_u16(), who(&r)), (200, "web".to_owned()));
+    tcp.write_all(b"b").await.unwrap();
+    tcp.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"b", "the open TCP connection still works while draining");
+    drop(tcp);
+
+    let status = bin.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_still_open_at_the_drain_timeout_is_closed_and_the_exit_is_zero() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
+    let mut bin = Binary::start(&chroot, "1s").await;
+    let mut tcp = eventually("a relayed TCP connection", Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(bin.tcp).await.ok()?;
+        s.write_all(b"a").await.ok()?;
+        let mut one = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await.ok()?.ok()?;
+        Some(s)
+    })
+    .await;
+    let started = Instant::now();
+    bin.sigterm();
+    let status = bin.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited for the drain timeout: {:?}", started.elapsed());
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "the connection was closed when the process exited");
+}

@@ -1,0 +1,200 @@
+#![allow(clippy::unwrap_used)]
+//! TCP listeners and port-per-service listeners end to end.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TCP_LISTENER: &str =
+    "[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n";
+
+async fn proxy(extra: &str) -> (ZkClient, Proxy) {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let proxy = Proxy::with_zk(&chroot, &format!("{TCP_LISTENER}{extra}")).await;
+    (zk, proxy)
+}
+
+async fn until_instances(proxy: &Proxy, service: &str, n: usize) {
+    proxy.config_until(&format!("{n} instances of {service}"), |c| addresses(c, service).len() == n).await;
+}
+
+async fn echo_once(addr: std::net::SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await.unwrap().unwrap();
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_round_trip_goes_through() {
+    let (zk, proxy) = proxy("").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    assert_eq!(echo_once(proxy.listener("db"), b"hello through the proxy").await, b"hello through the proxy");
+    let rx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="rx",listener="db"}"#).await.unwrap();
+    let tx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="tx",listener="db"}"#).await.unwrap();
+    assert_eq!((rx, tx), (23.0, 23.0));
+    assert_eq!(proxy.metric(r#"zkroute_tcp_connections_total{listener="db",service="db"}"#).await, Some(1.0));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_transfer_arrives_intact() {
+    let (zk, proxy) = proxy("").await;
+    let sink = TcpServer::checksum().await;
+    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let mut sent = Checksum::default();
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..256 {
+        for b in block.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        sent.update(&block);
+        s.write_all(&block).await.unwrap();
+    }
+    // Half-close: the server still answers after our EOF.
+    s.shutdown().await.unwrap();
+    let mut answer = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut answer)).await.unwrap().unwrap();
+    let got = Checksum {
+        len: u64::from_be_bytes(answer[..8].try_into().unwrap()),
+        hash: u64::from_be_bytes(answer[8..].try_into().unwrap()),
+    };
+    assert_eq!(got, sent);
+    assert_eq!(sent.len, 256 << 20);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_still_receives_the_rest() {
+    let (zk, proxy) = proxy("").await;
+    // The server answers only after it has seen the client's EOF.
+    let sink = TcpServer::checksum().await;
+    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    s.write_all(b"abc").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(answer.len(), 16);
+    assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_fails_over_to_another_instance() {
+    let (zk, proxy) = proxy("").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/policies/db", r#"{"retries":1}"#).await;
+    zk.put("/zkroute/services/db/dead", &refused_addr().to_string()).await;
+    zk.put("/zkroute/services/db/live", &echo.addr.to_string()).await;
+    until_instances(&proxy, "db", 2).await;
+    for i in 0..20 {
+        let msg = format!("message {i}");
+        assert_eq!(echo_once(proxy.listener("db"), msg.as_bytes()).await, msg.as_bytes());
+    }
+    assert!(proxy.metric(r#"zkroute_upstream_connect_errors_total{service="db"}"#).await.unwrap() >= 1.0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
+    let (zk, proxy) = proxy("").await;
+    zk.put("/zkroute/services/db/dead", &refused_addr().to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed without data");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let (zk, proxy) = proxy("[proxy]\ntcp_idle_timeout = \"400ms\"\n").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut busy = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let mut idle = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    idle.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    idle.read_exact(&mut one).await.unwrap();
+    let started = std::time::Instant::now();
+    // Keep `busy` talking every 100ms for 1.2s, three idle timeouts.
+    for _ in 0..12 {
+        busy.write_all(b"y").await.unwrap();
+        busy.read_exact(&mut one).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "the idle connection was closed");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    busy.write_all(b"z").await.unwrap();
+    busy.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"z", "the busy connection lives on");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_instance_does_not_cut_its_open_connections() {
+    let (zk, proxy) = proxy("").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let mut buf = [0u8; 5];
+    s.write_all(b"first").await.unwrap();
+    s.read_exact(&mut buf).await.unwrap();
+    zk.delete("/zkroute/services/db/1").await;
+    until_instances(&proxy, "db", 0).await;
+    s.write_all(b"later").await.unwrap();
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"later");
+    // New connections have nowhere to go.
+    let mut fresh = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), fresh.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_listener_with_a_service_needs_no_rule() {
+    let (zk, proxy) = proxy("[[listener]]\nname = \"users\"\nbind = \"127.0.0.1:0\"\nservice = \"users\"\n").await;
+    let b = Backend::http("users-1").await;
+    zk.put("/zkroute/services/users/1", &b.addr.to_string()).await;
+    until_instances(&proxy, "users", 1).await;
+    let r = send(proxy.listener("users"), request("GET", "anything", "/any/path", &[], "")).await.unwrap();
+    assert_eq!(who(&r), "users-1");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_cannot_bind_fails_the_start_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = zkroute::Config::from_toml(
+        &format!("[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nname = \"payments\"\nbind = \"{addr}\"\n"),
+        "t.toml",
+    )
+    .unwrap();
+    let err = zkroute::App::start(config).await.err().expect("the start fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("listener \"payments\"") && msg.contains(&addr.to_string()), "{msg}");
+}
