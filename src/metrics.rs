@@ -29,6 +29,7 @@ pub mod names {
     pub const REGISTERED: &str = "zkroute_registered";
     pub const SNAPSHOT_IN_USE: &str = "zkroute_snapshot_in_use";
     pub const CONNECTIONS_REFUSED: &str = "zkroute_connections_refused_total";
+    pub const ZK_NODES_READ: &str = "zkroute_zk_nodes_read_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -59,6 +60,7 @@ pub struct Metrics {
     pub registered: IntGaugeVec,
     pub snapshot_in_use: IntGauge,
     pub connections_refused: IntCounterVec,
+    pub zk_nodes_read: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -107,6 +109,7 @@ impl Metrics {
         };
         let table_updates = counter(TABLE_UPDATES, "Routing tables swapped in.");
         let zk_session_expirations = counter(ZK_SESSION_EXPIRATIONS, "ZooKeeper sessions that expired.");
+        let zk_nodes_read = counter(ZK_NODES_READ, "ZooKeeper nodes read (data reads, full and incremental).");
         Metrics {
             enabled,
             http_requests: counter_vec(&r, HTTP_REQUESTS, "HTTP requests answered.", &["listener", "service", "code"]),
@@ -142,6 +145,7 @@ impl Metrics {
             zk_session_expirations,
             registered: gauge_vec(&r, REGISTERED, "1 while the local app is registered.", &["service"]),
             snapshot_in_use,
+            zk_nodes_read,
             connections_refused: counter_vec(
                 &r,
                 CONNECTIONS_REFUSED,

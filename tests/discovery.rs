@@ -250,3 +250,22 @@ async fn the_static_file_provider_reloads_on_change() {
     assert_eq!(c["services"]["s"]["instances"][0]["origin"]["source"], "file");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_to_one_node_rereads_that_node_only() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    for s in 0..20 {
+        for i in 0..5 {
+            zk.put(&format!("/zkroute/services/s{s}/i{i}"), &format!("10.0.{s}.{i}:80")).await;
+        }
+    }
+    let proxy = Proxy::with_zk(&chroot, "").await;
+    proxy.config_until("100 instances", |c| c["services"].as_object().is_some_and(|s| s.len() == 20)).await;
+    let read = proxy.metric("zkroute_zk_nodes_read_total").await.unwrap();
+    assert_eq!(read, 100.0, "the first read reads every node once");
+    zk.put("/zkroute/services/s7/i2", "10.0.99.99:80").await;
+    proxy.config_until("the change", |c| addresses(c, "s7").contains(&"10.0.99.99:80".to_owned())).await;
+    assert_eq!(proxy.metric("zkroute_zk_nodes_read_total").await.unwrap() - read, 1.0);
+    proxy.stop().await;
+}

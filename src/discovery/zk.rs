@@ -259,6 +259,8 @@ impl ZkSource {
             old.abort();
         }
         let resync = read_all(client, paths).await?;
+        let nodes = resync.instances.len() + resync.rules.len() + resync.policies.len();
+        self.metrics.zk_nodes_read.inc_by(nodes as u64);
         info!(
             instances = resync.instances.len(),
             rules = resync.rules.len(),
@@ -279,6 +281,7 @@ impl ZkSource {
         let wanted: Vec<(String, NodeRef)> =
             paths.into_iter().filter_map(|p| classify(&self.settings.paths, &p).map(|r| (p, r))).collect();
         let data = read_data(client, wanted.iter().map(|(p, _)| p.as_str())).await?;
+        self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
         debug!(nodes = wanted.len(), "re-read changed nodes");
         Ok(wanted.into_iter().zip(data).map(|((_, node), raw)| node.into_change(raw)).collect())
     }

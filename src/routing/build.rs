@@ -147,7 +147,7 @@ pub struct Builder {
     instances: BTreeMap<ServiceName, BTreeMap<Arc<str>, Doc<Instance>>>,
     rules: Arc<BTreeMap<Arc<str>, RuleStatus>>,
     policies: BTreeMap<ServiceName, PolicySlot>,
-    invalid: BTreeMap<(NodeKind, String), InvalidNode>,
+    invalid: Invalids,
     invalid_view: Arc<[InvalidNode]>,
     // From the last build.
     services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
@@ -177,7 +177,7 @@ impl Builder {
             instances: BTreeMap::new(),
             rules: Arc::default(),
             policies: BTreeMap::new(),
-            invalid: BTreeMap::new(),
+            invalid: Invalids::default(),
             invalid_view: Arc::from(Vec::new()),
             services: BTreeMap::new(),
             sets: HashMap::new(),
@@ -191,6 +191,11 @@ impl Builder {
     /// Whether changes were applied since the last build.
     pub fn is_dirty(&self) -> bool {
         self.dirty_all || self.dirty_routes || !self.dirty_services.is_empty()
+    }
+
+    /// How many invalid-node log lines were written (each invalid node version is logged once).
+    pub fn invalid_logs(&self) -> u64 {
+        self.invalid.logged
     }
 
     /// The version the next build will carry.
@@ -217,7 +222,7 @@ impl Builder {
         let docs = self.instances.entry(service.clone()).or_default();
         match doc {
             Some(doc) => {
-                note_invalid(&mut self.invalid, NodeKind::Instance, &doc.origin, doc.parsed.as_ref().err(), false);
+                self.invalid.note(NodeKind::Instance, &doc.origin, doc.parsed.as_ref().err(), false);
                 let old = docs.insert(id, doc.clone());
                 match (&old, &doc.parsed) {
                     (None, Ok(_)) | (Some(Doc { parsed: Err(_), .. }), Ok(_)) => self.delta.instances_added += 1,
@@ -228,7 +233,7 @@ impl Builder {
             }
             None => {
                 if let Some(old) = docs.remove(&id) {
-                    note_invalid(&mut self.invalid, NodeKind::Instance, &old.origin, None, false);
+                    self.invalid.note(NodeKind::Instance, &old.origin, None, false);
                     if old.parsed.is_ok() {
                         self.delta.instances_removed += 1;
                     }
@@ -251,7 +256,7 @@ impl Builder {
                         self.delta.rules_removed += 1;
                     }
                     if let Some(r) = old.rejected.as_ref().map(|r| &r.origin).or(old.active.as_ref().map(|a| &a.1)) {
-                        self.invalid.remove(&(NodeKind::Rule, r.path.clone()));
+                        self.invalid.remove(NodeKind::Rule, &r.path);
                     }
                 }
             }
@@ -267,11 +272,11 @@ impl Builder {
                         }
                         slot.active = Some((rule, doc.origin.clone()));
                         slot.rejected = None;
-                        note_invalid(&mut self.invalid, NodeKind::Rule, &doc.origin, None, false);
+                        self.invalid.note(NodeKind::Rule, &doc.origin, None, false);
                     }
                     Err(reason) => {
                         let keeps = slot.active.is_some();
-                        note_invalid(&mut self.invalid, NodeKind::Rule, &doc.origin, Some(&reason), keeps);
+                        self.invalid.note(NodeKind::Rule, &doc.origin, Some(&reason), keeps);
                         slot.rejected = Some(Rejected { origin: doc.origin, reason });
                     }
                 }
@@ -285,7 +290,7 @@ impl Builder {
             None => {
                 if let Some(old) = self.policies.remove(&service) {
                     if let Some(o) = old.rejected.as_ref().map(|r| &r.origin).or(old.active.as_ref().map(|a| &a.1)) {
-                        self.invalid.remove(&(NodeKind::Policy, o.path.clone()));
+                        self.invalid.remove(NodeKind::Policy, &o.path);
                     }
                 }
             }
@@ -293,13 +298,13 @@ impl Builder {
                 let slot = self.policies.entry(service.clone()).or_default();
                 match doc.parsed {
                     Ok(policy) => {
-                        note_invalid(&mut self.invalid, NodeKind::Policy, &doc.origin, None, false);
+                        self.invalid.note(NodeKind::Policy, &doc.origin, None, false);
                         slot.active = Some((policy, doc.origin));
                         slot.rejected = None;
                     }
                     Err(reason) => {
                         let keeps = slot.active.is_some();
-                        note_invalid(&mut self.invalid, NodeKind::Policy, &doc.origin, Some(&reason), keeps);
+                        self.invalid.note(NodeKind::Policy, &doc.origin, Some(&reason), keeps);
                         slot.rejected = Some(Rejected { origin: doc.origin, reason });
                     }
                 }
@@ -391,7 +396,7 @@ impl Builder {
         self.dirty_all = false;
         self.dirty_routes = false;
         self.dirty_services.clear();
-        self.invalid_view = self.invalid.values().cloned().collect::<Vec<_>>().into();
+        self.invalid_view = self.invalid.nodes.values().cloned().collect::<Vec<_>>().into();
         self.version += 1;
         let table = RoutingTable {
             version: self.version,
@@ -668,37 +673,49 @@ fn check_rule_for_listeners(listeners: &[ListenerSpec], rule: Arc<Rule>) -> Resu
     Ok(rule)
 }
 
-/// Records (or clears) a node's invalid state, logging each invalid version once.
-fn note_invalid(
-    invalid: &mut BTreeMap<(NodeKind, String), InvalidNode>,
-    kind: NodeKind,
-    origin: &Origin,
-    reason: Option<&String>,
-    previous_in_force: bool,
-) {
-    let key = (kind, origin.path.clone());
-    let Some(reason) = reason else {
-        invalid.remove(&key);
-        return;
-    };
-    let fresh = InvalidNode {
-        kind,
-        path: origin.path.clone(),
-        reason: reason.clone(),
-        previous_in_force,
-        version: origin.version,
-        mzxid: origin.mzxid,
-    };
-    let already_logged = invalid.get(&key).is_some_and(|old| old.version == fresh.version && old.mzxid == fresh.mzxid);
-    if !already_logged {
-        if previous_in_force {
-            warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason,
-                "invalid node skipped; its previous version stays in force");
-        } else {
-            warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason, "invalid node skipped");
+/// The nodes skipped as invalid now, each invalid version logged once.
+#[derive(Default)]
+struct Invalids {
+    nodes: BTreeMap<(NodeKind, String), InvalidNode>,
+    /// Log lines written so far.
+    logged: u64,
+}
+
+impl Invalids {
+    /// Records (or, without a reason, clears) a node's invalid state.
+    fn note(&mut self, kind: NodeKind, origin: &Origin, reason: Option<&String>, previous_in_force: bool) {
+        let key = (kind, origin.path.clone());
+        let Some(reason) = reason else {
+            self.nodes.remove(&key);
+            return;
+        };
+        let fresh = InvalidNode {
+            kind,
+            path: origin.path.clone(),
+            reason: reason.clone(),
+            previous_in_force,
+            version: origin.version,
+            mzxid: origin.mzxid,
+        };
+        let seen = self
+            .nodes
+            .get(&key)
+            .is_some_and(|old| old.version == fresh.version && old.mzxid == fresh.mzxid && old.reason == fresh.reason);
+        if !seen {
+            self.logged += 1;
+            if previous_in_force {
+                warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason,
+                    "invalid node skipped; its previous version stays in force");
+            } else {
+                warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason, "invalid node skipped");
+            }
         }
+        self.nodes.insert(key, fresh);
     }
-    invalid.insert(key, fresh);
+
+    fn remove(&mut self, kind: NodeKind, path: &str) {
+        self.nodes.remove(&(kind, path.to_owned()));
+    }
 }
 
 #[cfg(test)]

