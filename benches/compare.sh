@@ -3,7 +3,7 @@
 #
 #   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind]
 #                      [--entries direct,zkroute,haproxy,nginx,envoy] [--tcp-bytes 4G]
-#                      [--callgrind-entries zkroute] [--out DIR] [--no-install]
+#                      [--callgrind-entries zkroute,haproxy,nginx] [--out DIR] [--no-install]
 #
 # Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -40,7 +40,7 @@ DURATION=5
 MODES=http,latency,newconn,tcp,rss,callgrind
 ENTRIES=direct,zkroute,haproxy,nginx,envoy
 TCP_BYTES=4G
-CALLGRIND_ENTRIES=zkroute
+CALLGRIND_ENTRIES=zkroute,haproxy,nginx
 CALLGRIND_SECONDS=4
 OUT_DIR=$REPO/target/compare
 INSTALL=1
@@ -138,7 +138,7 @@ versions() {
 # Processes, ports, templates
 
 STARTED=() # every pid started here; cleanup ends exactly these (and their children)
-declare -A PID HTTP_PORT TCP_PORT ADMIN_PORT
+declare -A PID HTTP_PORT TCP_PORT
 TAKEN_PORTS=" "
 
 cleanup() {
@@ -299,7 +299,7 @@ start_nginx() {
     [ $# -gt 0 ] && master=off
     mkdir -p "$dir"
     local vars=(DIR="$dir" BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
-        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" MASTER_PROCESS=$master STREAM_MODULE="$STREAM_MODULE")
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" MASTER_PROCESS="$master" STREAM_MODULE="$STREAM_MODULE")
     render "$PEERS/nginx-proxy.conf" "$dir/nginx.conf" "${vars[@]}"
     set_ports "${vars[@]}"
     start "$(basename "$dir")" "$cpu" "$@" nginx -c "$dir/nginx.conf" -p "$dir/" -e "$dir/error.log"
@@ -347,7 +347,6 @@ start_proxy() {
     PID[$entry]=$STARTED_PID
     HTTP_PORT[$entry]=$P_HTTP
     TCP_PORT[$entry]=$P_TCP
-    ADMIN_PORT[$entry]=$P_ADMIN
 }
 
 # check_entry ENTRY: one request through it must give 200 and the backend's 100 bytes.
@@ -432,6 +431,15 @@ run_wrk() {
 
 url() { echo "http://127.0.0.1:${HTTP_PORT[$1]}/"; }
 
+# quote ARGS...: the arguments as a shell would need them, for the report's command lines.
+quote() {
+    local a quoted=()
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then quoted+=("$a"); else quoted+=("'${a//\'/\'\\\'\'}'"); fi
+    done
+    echo "${quoted[*]}"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Modes: each mode_<name> ROUND ENTRY measures one entry once and records its figures.
 
@@ -445,14 +453,14 @@ mode_newconn() { wrk_with_cpu newconn "$1" "$2" -H 'Connection: close'; }
 wrk_with_cpu() {
     local mode=$1 round=$2 entry=$3
     shift 3
-    local args=(-t1 -c$CONNS -d"${DURATION}s" "$@" "$(url "$entry")") before after
-    record_cmd "$mode" "$entry" "taskset -c $LOAD_CPU wrk ${args[*]}"
+    local args=(-t1 "-c$CONNS" -d"${DURATION}s" "$@" "$(url "$entry")") before after line
+    record_cmd "$mode" "$entry" "taskset -c $LOAD_CPU wrk $(quote "${args[@]}")"
     [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
     run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
     record "$round" "$mode" "$entry" rps "$W_RPS"
     record "$round" "$mode" "$entry" requests "$W_REQ"
     record "$round" "$mode" "$entry" errors $((W_NON2XX + W_SOCKERR))
-    local line="$(printf '%8.0f' "$W_RPS") req/s"
+    line="$(printf '%8.0f' "$W_RPS") req/s"
     if [ "$entry" != direct ] && [ "$W_REQ" -gt 0 ]; then
         after=$(cpu_ticks "$entry")
         local user sys
@@ -474,7 +482,7 @@ wrk_with_cpu() {
 mode_latency() {
     local round=$1 entry=$2
     local args=(-t1 -c1 -d"${DURATION}s" --latency "$(url "$entry")")
-    record_cmd latency "$entry" "taskset -c $LOAD_CPU wrk ${args[*]}   (proxy moved to cpu$LOAD_CPU with taskset -a -p)"
+    record_cmd latency "$entry" "taskset -c $LOAD_CPU wrk $(quote "${args[@]}")   (proxy moved to cpu$LOAD_CPU with taskset -a -p)"
     pin "$entry" $LOAD_CPU
     run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
     pin "$entry" $PROXY_CPU
@@ -492,7 +500,7 @@ mode_tcp() {
     local round=$1 entry=$2 before after out=$WORK/iperf3.json
     kill -0 "$IPERF_PID" 2>/dev/null || { say "   iperf3 -s had exited; restarting it"; start_iperf_server; }
     local args=(-c 127.0.0.1 -p "${TCP_PORT[$entry]}" -n "$TCP_BYTES" -J)
-    record_cmd tcp "$entry" "taskset -c $LOAD_CPU iperf3 ${args[*]}   (server: taskset -c $LOAD_CPU iperf3 -s -p $IPERF_PORT)"
+    record_cmd tcp "$entry" "taskset -c $LOAD_CPU iperf3 $(quote "${args[@]}")   (server: taskset -c $LOAD_CPU iperf3 -s -p $IPERF_PORT)"
     [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
     timeout 90 taskset -c $LOAD_CPU iperf3 "${args[@]}" >"$out" 2>&1 || say "   iperf3 exited $?"
     [ "$entry" != direct ] && after=$(cpu_ticks "$entry")
@@ -541,7 +549,10 @@ noise_report() {
         /^ *PID / { frame++; next }
         frame == 2 && $9 + 0 >= 1.0 && index(ours, " " $1 " ") == 0 {
             printf "   %5.1f%%  pid %s  %s\n", $9, $1, substr($0, index($0, $12)); found = 1 }
-        END { if (!found) print "   (none at 1% or more)" }' >&2
+        END { if (!found) print "   (none at 1% or more)" }' >"$WORK/noise.txt"
+    cat "$WORK/noise.txt" >&2
+    { echo "- round $round: load average $l1 $l5 $l15; others at 1% CPU or more:" \
+        "$(sed 's/^ *//' "$WORK/noise.txt" | paste -sd ';' | sed 's/;/; /g')"; } >>"$OUT_BASE.noise.md"
 }
 
 # callgrind: instructions per request in user space. Each entry runs twice under valgrind, once
@@ -555,7 +566,7 @@ callgrind_one() { # ENTRY LOAD(0|1): sets CG_IR and CG_REQ (no subshell: STARTED
     curl -s -o /dev/null -m 30 "http://127.0.0.1:$P_HTTP/" || true
     if [ "$load" = 1 ]; then
         local args=(-t1 -c1 -d"${CALLGRIND_SECONDS}s" "http://127.0.0.1:$P_HTTP/")
-        record_cmd callgrind "$entry" "${wrapper[*]} <$entry>; taskset -c $LOAD_CPU wrk ${args[*]}; minus an idle run of the same length"
+        record_cmd callgrind "$entry" "taskset -c $PROXY_CPU valgrind --tool=callgrind <$entry>; taskset -c $LOAD_CPU wrk $(quote "${args[@]}"); minus an idle run of the same length"
         DURATION=$CALLGRIND_SECONDS run_wrk $LOAD_CPU "$dir.wrk" "${args[@]}"
         requests=$W_REQ
     else
@@ -655,7 +666,8 @@ def commands(mode):
             print(f"- {entry}: `{cmds[mode][entry]}`")
     print()
 
-present = lambda mode: [e for e in entries if any(k[0] == mode and k[1] == e for k in data)]
+order = entries + [e for e in ["direct", "zkroute", "haproxy", "nginx", "envoy"] if e not in entries]
+present = lambda mode: [e for e in order if any(k[0] == mode and k[1] == e for k in data)]
 print(f"Medians of {rounds} interleaved rounds, (min..max) across rounds; proxy alone on cpu1, wrk/iperf3 and the backend on cpu0.")
 print("CPU per request = the proxy's utime+stime (all its processes and threads) over the run / requests completed.")
 print()
@@ -720,6 +732,7 @@ main() {
     CMDS=$OUT_BASE.commands.tsv
     printf 'round\tmode\tentry\tmetric\tvalue\n' >"$TSV"
     : >"$CMDS"
+    : >"$OUT_BASE.noise.md"
 
     say "== versions"
     versions | tee "$OUT_BASE.versions.md" >&2
@@ -782,6 +795,11 @@ main() {
         cat "$OUT_BASE.versions.md"
         echo
         summarize
+        if [ -s "$OUT_BASE.noise.md" ]; then
+            echo "### Noise at the start of each round"
+            echo
+            cat "$OUT_BASE.noise.md"
+        fi
     } | tee "$OUT_BASE.md"
     say "raw per-round results: $TSV"
     say "report: $OUT_BASE.md"

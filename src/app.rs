@@ -17,16 +17,17 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::discovery::file::FileSource;
 use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
-use crate::discovery::{self, Control, UpdateSender};
+use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
-use crate::health::OutlierSink;
+use crate::health::checker::Checker;
+use crate::health::{BackendGauges, OutlierSink};
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::TcpContext;
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
 use crate::routing::table::Protocol;
-use crate::routing::{Builder, RouteReader, store};
+use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
 
 /// A started zkroute.
@@ -78,6 +79,15 @@ impl App {
         let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(forward_health(health_rx, updates.clone())));
         let outliers = OutlierSink::new(health_tx);
+        let mut checker = Checker::new(outliers.clone(), metrics.clone());
+        let mut gauges = BackendGauges::new(metrics.clone());
+        let on_publish: Vec<OnPublish> = vec![
+            Box::new(move |t: &Arc<RoutingTable>| checker.reconcile(t)),
+            Box::new(move |t: &Arc<RoutingTable>| gauges.update(t)),
+        ];
+        let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
+        tasks.push(tokio::spawn(control.run(update_rx)));
+        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
         let p = &config.proxy;
         let pools = Pools::new(PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 });
         tasks.push(pools.spawn_sweeper());
@@ -122,10 +132,6 @@ impl App {
                 }
             }
         }
-        let control =
-            Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish: Vec::new() };
-        tasks.push(tokio::spawn(control.run(update_rx)));
-        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
 
         let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();
         let admin_state = AdminState {

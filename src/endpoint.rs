@@ -55,6 +55,8 @@ mod humantime_serde_compat {
 pub struct EndpointState {
     pub key: EndpointKey,
     epoch: Instant,
+    /// The wall-clock time of `epoch`, to show ejection ends.
+    epoch_wall: SystemTime,
     in_flight: AtomicU32,
     health: AtomicU8,
     /// Milliseconds since `epoch` until which the endpoint is ejected; 0 when not ejected.
@@ -73,10 +75,11 @@ impl std::fmt::Debug for EndpointState {
 }
 
 impl EndpointState {
-    fn new(key: EndpointKey, epoch: Instant) -> Self {
+    fn new(key: EndpointKey, epoch: (Instant, SystemTime)) -> Self {
         EndpointState {
             key,
-            epoch,
+            epoch: epoch.0,
+            epoch_wall: epoch.1,
             in_flight: AtomicU32::new(0),
             health: AtomicU8::new(0),
             ejected_until: AtomicU64::new(0),
@@ -97,7 +100,7 @@ impl EndpointState {
 
     /// A state not tied to any registry, for tests and benches.
     pub fn detached(key: EndpointKey) -> Arc<Self> {
-        Arc::new(EndpointState::new(key, Instant::now()))
+        Arc::new(EndpointState::new(key, (Instant::now(), SystemTime::now())))
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -148,8 +151,7 @@ impl EndpointState {
     /// When the current ejection ends, if ejected.
     pub fn ejected_until(&self) -> Option<SystemTime> {
         let until = self.ejected_until.load(Ordering::Relaxed);
-        let now = self.now_ms();
-        (until != 0 && now < until).then(|| SystemTime::now() + Duration::from_millis(until - now))
+        (until != 0 && self.now_ms() < until).then(|| self.epoch_wall + Duration::from_millis(until))
     }
 
     /// Ejects the endpoint for `base` times the number of its ejections so far, capped at `max`.
@@ -217,14 +219,14 @@ struct Entry {
 /// All endpoint states, keyed by endpoint. Only the control plane takes its lock, when a table
 /// is built; the request path reaches states through the table.
 pub struct StateRegistry {
-    epoch: Instant,
+    epoch: (Instant, SystemTime),
     retention: Duration,
     entries: Mutex<HashMap<EndpointKey, Entry>>,
 }
 
 impl StateRegistry {
     pub fn new(retention: Duration) -> Self {
-        StateRegistry { epoch: Instant::now(), retention, entries: Mutex::new(HashMap::new()) }
+        StateRegistry { epoch: (Instant::now(), SystemTime::now()), retention, entries: Mutex::new(HashMap::new()) }
     }
 
     /// The state for `key`, created if new or expired.

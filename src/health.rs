@@ -3,6 +3,8 @@
 //! plane which services changed, so the next table rebuilds their available lists. The request
 //! path only reads atomics.
 
+pub mod checker;
+
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -64,5 +66,65 @@ impl OutlierSink {
         if let Some(tx) = &self.tx {
             let _ = tx.send(service.clone());
         }
+    }
+}
+
+/// Counts of a service's endpoints by state, for `zkroute_backends{service,state}`.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateCounts {
+    pub healthy: i64,
+    pub unhealthy: i64,
+    pub ejected: i64,
+    pub draining: i64,
+}
+
+impl StateCounts {
+    pub fn of(set: &EndpointSet) -> Self {
+        let unknown_ok = set.policy.unknown_is_healthy();
+        let mut c = StateCounts::default();
+        for e in set.endpoints.iter() {
+            if e.draining {
+                c.draining += 1;
+            } else if e.state.is_ejected() {
+                c.ejected += 1;
+            } else if e.state.is_usable(unknown_ok) {
+                c.healthy += 1;
+            } else {
+                c.unhealthy += 1;
+            }
+        }
+        c
+    }
+}
+
+/// Keeps `zkroute_backends` in line with each table published.
+pub struct BackendGauges {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    services: std::collections::HashSet<ServiceName>,
+}
+
+impl BackendGauges {
+    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        BackendGauges { metrics, services: Default::default() }
+    }
+
+    pub fn update(&mut self, table: &crate::routing::RoutingTable) {
+        let g = &self.metrics.backends;
+        let mut seen = std::collections::HashSet::with_capacity(table.services.len());
+        for (name, service) in &table.services {
+            let c = StateCounts::of(&service.all);
+            for (state, n) in
+                [("healthy", c.healthy), ("unhealthy", c.unhealthy), ("ejected", c.ejected), ("draining", c.draining)]
+            {
+                g.with_label_values(&[name.as_str(), state]).set(n);
+            }
+            seen.insert(name.clone());
+        }
+        for gone in self.services.difference(&seen) {
+            for state in ["healthy", "unhealthy", "ejected", "draining"] {
+                let _ = g.remove_label_values(&[gone.as_str(), state]);
+            }
+        }
+        self.services = seen;
     }
 }

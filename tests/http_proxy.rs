@@ -578,29 +578,42 @@ async fn a_flood_of_table_swaps_fails_no_request() {
             (ok, failed)
         }));
     }
-    // One change per millisecond for two seconds: a third instance comes and goes, and an
-    // unrelated rule changes; every change is a new table for the same two live instances.
+    // One change per millisecond for two seconds: an unrelated rule changes, and a third
+    // (draining) instance changes; every change is a new table for the same two live instances.
+    // Writes are pipelined (the client sends each at once), so the flood does not wait on
+    // ZooKeeper's round trips.
+    rule(&zk, "other", r#"{"listener":"http","match":{"path_prefix":"/x"},"backends":[{"service":"s"}]}"#).await;
+    zk.put(
+        "/zkroute/services/s/drain",
+        &format!(r#"{{"address":"127.0.0.1","port":{},"enabled":false}}"#, a.addr.port()),
+    )
+    .await;
     let started = std::time::Instant::now();
     let mut n = 0u32;
+    let mut writes = Vec::new();
     let tick = tokio::time::interval(Duration::from_millis(1));
     tokio::pin!(tick);
     while started.elapsed() < Duration::from_secs(2) {
         tick.as_mut().tick().await;
-        if n % 2 == 0 {
-            rule(
-                &zk,
-                "other",
-                &format!(r#"{{"listener":"http","match":{{"path_prefix":"/x{n}"}},"backends":[{{"service":"s"}}]}}"#),
+        let (path, data) = if n % 2 == 0 {
+            (
+                "/zkroute/rules/other",
+                format!(r#"{{"listener":"http","match":{{"path_prefix":"/x{n}"}},"backends":[{{"service":"s"}}]}}"#),
             )
-            .await;
         } else {
-            zk.put(
+            (
                 "/zkroute/services/s/drain",
-                &format!(r#"{{"address":"127.0.0.1","port":{},"enabled":false}}"#, a.addr.port()),
+                format!(
+                    r#"{{"address":"127.0.0.1","port":{},"enabled":false,"payload":{{"weight":{n}}}}}"#,
+                    a.addr.port()
+                ),
             )
-            .await;
-        }
+        };
+        writes.push(zk.0.set_data(path, data.as_bytes(), None));
         n += 1;
+    }
+    for w in writes {
+        w.await.unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
@@ -611,6 +624,7 @@ async fn a_flood_of_table_swaps_fails_no_request() {
     }
     let swaps = proxy.metric("zkroute_table_updates_total").await.unwrap() - updates_before;
     assert!(total > 500, "steady traffic: {total} requests");
-    assert!(swaps > 100.0, "the table was swapped many times: {swaps}");
+    assert!(n > 1000, "changes written: {n}");
+    assert!(swaps > 50.0, "the table was swapped many times: {swaps}");
     proxy.stop().await;
 }

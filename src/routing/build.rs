@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::warn;
 
@@ -16,6 +16,10 @@ use super::table::{
 use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::StateRegistry;
 use crate::metrics::{Metrics, RouteStats};
+
+/// Instances removed this shortly before their service became empty count as having vanished
+/// together, for `protect_from_empty`.
+pub const PROTECT_WINDOW: Duration = Duration::from_secs(10);
 
 /// A local listener as the table needs to know it.
 #[derive(Clone, Debug)]
@@ -152,6 +156,8 @@ pub struct Builder {
     // From the last build.
     services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
     sets: HashMap<SetKey, Arc<EndpointSet>>,
+    /// Instances removed from each service lately, for `protect_from_empty`.
+    removed: HashMap<ServiceName, Vec<(Instant, InstanceEntry)>>,
     // Since the last build.
     dirty_services: BTreeSet<ServiceName>,
     dirty_all: bool,
@@ -181,6 +187,7 @@ impl Builder {
             invalid_view: Arc::from(Vec::new()),
             services: BTreeMap::new(),
             sets: HashMap::new(),
+            removed: HashMap::new(),
             dirty_services: BTreeSet::new(),
             dirty_all: true,
             dirty_routes: true,
@@ -387,7 +394,11 @@ impl Builder {
                 SetKey::Address(_) => true,
             });
             let old = self.services.remove(name);
-            if let Some(entry) = self.build_service(name, old.as_deref()) {
+            let new = self.build_service(name, old.as_deref());
+            if let Some(old) = old.as_ref().filter(|o| !o.protected) {
+                self.note_removed(name, old, new.as_ref());
+            }
+            if let Some(entry) = new {
                 self.services.insert(name.clone(), Arc::new(entry));
             }
         }
@@ -408,6 +419,20 @@ impl Builder {
             invalid: self.invalid_view.clone(),
         };
         (table, std::mem::take(&mut self.delta))
+    }
+
+    /// Remembers the instances a rebuild removed, for `protect_from_empty`.
+    fn note_removed(&mut self, name: &ServiceName, old: &ServiceEntry, new: Option<&ServiceEntry>) {
+        let now = Instant::now();
+        let kept: HashSet<&str> = new.map(|n| n.instances.iter().map(|i| &*i.id).collect()).unwrap_or_default();
+        let list = self.removed.entry(name.clone()).or_default();
+        list.retain(|(at, i)| now.duration_since(*at) < PROTECT_WINDOW && !kept.contains(&*i.id));
+        for i in old.instances.iter().filter(|i| !kept.contains(&*i.id)) {
+            list.push((now, i.clone()));
+        }
+        if list.is_empty() {
+            self.removed.remove(name);
+        }
     }
 
     fn resolve_policy(&self, name: &ServiceName) -> (ServicePolicy, Option<Origin>) {
@@ -450,25 +475,30 @@ impl Builder {
             .collect();
         let mut protected = false;
         if instances.is_empty() && policy.protect_from_empty {
-            if let Some(old) = old.filter(|o| !o.instances.is_empty()) {
-                let unknown_ok = policy.unknown_is_healthy();
-                if old.instances.iter().any(|i| i.state.is_usable(unknown_ok)) {
-                    protected = true;
-                    instances = old
-                        .instances
-                        .iter()
-                        .map(|i| InstanceEntry {
-                            id: i.id.clone(),
-                            instance: i.instance.clone(),
-                            origin: i.origin.clone(),
-                            state: self.states.get(&i.state.key),
-                        })
-                        .collect();
-                    if !old.protected {
-                        warn!(service = %name, instances = instances.len(),
-                            "every instance vanished from the registry at once: keeping the last ones (protect_from_empty)");
-                    }
-                }
+            // Instances that vanished in a burst: those removed shortly before, or the set
+            // already protected. Each is kept while it stays usable (health checks can end it).
+            let unknown_ok = policy.unknown_is_healthy();
+            let recent = self.removed.get(name).into_iter().flatten().map(|(_, i)| i);
+            let candidates: Vec<&InstanceEntry> = match old {
+                Some(o) if o.protected => o.instances.iter().collect(),
+                Some(o) => o.instances.iter().chain(recent).collect(),
+                None => recent.collect(),
+            };
+            let mut seen = HashSet::new();
+            instances = candidates
+                .into_iter()
+                .filter(|i| i.state.is_usable(unknown_ok) && seen.insert(i.id.clone()))
+                .map(|i| InstanceEntry {
+                    id: i.id.clone(),
+                    instance: i.instance.clone(),
+                    origin: i.origin.clone(),
+                    state: self.states.get(&i.state.key),
+                })
+                .collect();
+            protected = !instances.is_empty();
+            if protected && !old.is_some_and(|o| o.protected) {
+                warn!(service = %name, instances = instances.len(),
+                    "every instance vanished from the registry at once: keeping the last ones (protect_from_empty)");
             }
         }
         if instances.is_empty() && !has_policy {

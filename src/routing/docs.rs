@@ -545,7 +545,8 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
         timeout,
         healthy_threshold: threshold("health_check.healthy_threshold", d.healthy_threshold, 2)?,
         unhealthy_threshold: threshold("health_check.unhealthy_threshold", d.unhealthy_threshold, 3)?,
-        initially_healthy: d.initially_healthy.unwrap_or(true),
+        // A new endpoint waits for its first passing check unless the policy says otherwise.
+        initially_healthy: d.initially_healthy.unwrap_or(false),
     })
 }
 

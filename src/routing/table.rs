@@ -120,6 +120,7 @@ pub struct ServiceEntry {
 }
 
 /// An instance node in the table.
+#[derive(Clone)]
 pub struct InstanceEntry {
     pub id: Arc<str>,
     pub instance: Arc<Instance>,

@@ -29,6 +29,8 @@ pub struct BackendState {
     pub delay_ms: AtomicUsize,
     /// Connections accepted.
     pub connections: AtomicUsize,
+    /// Health checks answered.
+    pub health_checks: AtomicUsize,
 }
 
 /// A running HTTP backend; stops when dropped.
@@ -89,6 +91,10 @@ impl Backend {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    pub fn health_checks(&self) -> usize {
+        self.state.health_checks.load(Ordering::SeqCst)
+    }
+
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
@@ -110,6 +116,7 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 async fn answer(name: &str, state: &BackendState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.uri().path() == "/health" {
+        state.health_checks.fetch_add(1, Ordering::SeqCst);
         let ok = state.healthy.load(Ordering::SeqCst);
         let mut r = Response::new(Full::new(Bytes::from(if ok { "ok" } else { "sick" })));
         *r.status_mut() = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,0 +1,195 @@
+//! Active health checks (CONTRACT 2.3): one loop per endpoint of every service whose policy asks
+//! for checks, shared by all listeners. After each table swap the loops are reconciled with the
+//! table: new endpoints get a loop, removed ones lose theirs. Results go to the endpoint state
+//! (outside the table) and, when an endpoint changes state, to the control loop, which rebuilds
+//! that service's lists.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::OutlierSink;
+use crate::endpoint::{CheckReport, EndpointState, Health};
+use crate::metrics::Metrics;
+use crate::routing::docs::{CheckKind, HealthCheck};
+use crate::routing::table::EndpointSet;
+use crate::routing::{Addr, EndpointKey, RoutingTable, ServiceName};
+
+struct Loop {
+    check: HealthCheck,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The check loops, one per endpoint.
+pub struct Checker {
+    loops: HashMap<EndpointKey, Loop>,
+    sink: OutlierSink,
+    metrics: Arc<Metrics>,
+}
+
+impl Checker {
+    pub fn new(sink: OutlierSink, metrics: Arc<Metrics>) -> Self {
+        Checker { loops: HashMap::new(), sink, metrics }
+    }
+
+    /// Starts and stops loops so that exactly the endpoints of `table` whose service asks for
+    /// checks have one.
+    pub fn reconcile(&mut self, table: &RoutingTable) {
+        let mut wanted: HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck, ServiceName)> = HashMap::new();
+        let mut add = |set: &EndpointSet| {
+            let (Some(hc), Some(service)) = (&set.policy.health_check, &set.service) else { return };
+            for e in set.endpoints.iter() {
+                wanted
+                    .entry(e.state.key.clone())
+                    .or_insert_with(|| (e.state.clone(), e.addr.clone(), hc.clone(), service.clone()));
+            }
+        };
+        for service in table.services.values() {
+            add(&service.all);
+        }
+        // Subsets share the service's endpoints; named endpoints have addresses of their own.
+        for listener in table.listeners.iter() {
+            for route in listener.routes.iter() {
+                for target in route.targets.iter() {
+                    add(&target.set);
+                }
+            }
+        }
+        self.loops.retain(|key, l| wanted.get(key).is_some_and(|(_, _, hc, _)| *hc == l.check));
+        for (key, (state, addr, check, service)) in wanted {
+            if self.loops.contains_key(&key) {
+                continue;
+            }
+            let probe = Probe {
+                state,
+                addr,
+                check: check.clone(),
+                sink: self.sink.clone(),
+                ok: self.metrics.health_checks.with_label_values(&[service.as_str(), "healthy"]),
+                failed: self.metrics.health_checks.with_label_values(&[service.as_str(), "unhealthy"]),
+                service,
+            };
+            self.loops.insert(key, Loop { check, task: tokio::spawn(probe.run()) });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.loops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.loops.is_empty()
+    }
+}
+
+struct Probe {
+    state: Arc<EndpointState>,
+    addr: Addr,
+    check: HealthCheck,
+    service: ServiceName,
+    sink: OutlierSink,
+    ok: IntCounter,
+    failed: IntCounter,
+}
+
+impl Probe {
+    async fn run(self) {
+        // Spread the first checks of many endpoints over a tenth of an interval.
+        tokio::time::sleep(jitter(self.check.interval / 10)).await;
+        let (mut passes, mut fails) = (0u32, 0u32);
+        loop {
+            let result = self.probe_once().await;
+            let ok = result.is_ok();
+            if ok {
+                self.ok.inc();
+                passes += 1;
+                fails = 0;
+            } else {
+                self.failed.inc();
+                fails += 1;
+                passes = 0;
+            }
+            let detail = match &result {
+                Ok(d) | Err(d) => d.clone(),
+            };
+            self.state.record_check(CheckReport { at: SystemTime::now(), ok, detail: detail.clone() });
+            let current = match self.state.health() {
+                Health::Unknown if self.check.initially_healthy => Health::Healthy,
+                h => h,
+            };
+            let next = match current {
+                // The first result decides for an endpoint that starts unproven.
+                Health::Unknown => {
+                    if ok {
+                        Health::Healthy
+                    } else {
+                        Health::Unhealthy
+                    }
+                }
+                Health::Healthy if fails >= self.check.unhealthy_threshold => Health::Unhealthy,
+                Health::Unhealthy if passes >= self.check.healthy_threshold => Health::Healthy,
+                h => h,
+            };
+            if self.state.set_health(next) {
+                match next {
+                    Health::Unhealthy => warn!(endpoint = %self.state.key, %detail, "endpoint unhealthy"),
+                    _ => info!(endpoint = %self.state.key, %detail, "endpoint healthy"),
+                }
+                self.sink.service_changed(&self.service);
+            }
+            let interval = self.check.interval;
+            tokio::time::sleep(interval - interval / 10 + jitter(interval / 5)).await;
+        }
+    }
+
+    /// One check: Ok or Err with what was seen.
+    async fn probe_once(&self) -> Result<String, String> {
+        let attempt = async {
+            let mut stream = crate::proxy::upstream::connect(&self.addr, self.check.timeout)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let CheckKind::Http { path } = &self.check.kind else { return Ok("connected".to_owned()) };
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: zkroute-health-check\r\nConnection: close\r\n\r\n",
+                self.addr
+            );
+            stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+            let mut head = [0u8; 64];
+            let mut n = 0;
+            while n < 12 {
+                match stream.read(&mut head[n..]).await {
+                    Ok(0) => return Err("closed before a status line".to_owned()),
+                    Ok(m) => n += m,
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+            let line = String::from_utf8_lossy(&head[..n]);
+            let status = line
+                .strip_prefix("HTTP/1.")
+                .and_then(|rest| rest.get(2..5))
+                .and_then(|code| code.parse::<u16>().ok())
+                .ok_or_else(|| "not an HTTP response".to_owned())?;
+            if (200..300).contains(&status) { Ok(format!("HTTP {status}")) } else { Err(format!("HTTP {status}")) }
+        };
+        match tokio::time::timeout(self.check.timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {:?}", self.check.timeout)),
+        }
+    }
+}
+
+/// A random duration in [0, max).
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() { Duration::ZERO } else { max.mul_f64(fastrand::f64()) }
+}
