@@ -13,8 +13,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::access_log::{AccessLog, Sink};
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
 use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
@@ -50,7 +51,7 @@ impl App {
     /// Binds the admin port and every listener, then starts discovery and serving.
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new(config.metrics.enabled));
+        let metrics = Arc::new(Metrics::with_options(config.metrics.enabled, config.metrics.per_instance));
         let states = Arc::new(StateRegistry::new(config.proxy.state_retention.0));
         let (writer, routes) = store::channel();
         let defaults = config.defaults().map_err(|(k, r)| anyhow::anyhow!("proxy.{k}: {r}"))?;
@@ -98,6 +99,17 @@ impl App {
             max_connections: p.max_connections,
             tcp_idle_timeout: p.tcp_idle_timeout.0,
         };
+        let access_log = match &config.log.access_log {
+            Some(sink) => Some(Arc::new(
+                AccessLog::start(
+                    Sink::parse(sink),
+                    config.log.format == LogFormat::Json,
+                    metrics.access_log_dropped.clone(),
+                )
+                .with_context(|| format!("log.access_log: cannot open {sink}"))?,
+            )),
+            None => None,
+        };
         let mut trackers = Vec::new();
         for (id, (l, socket)) in bound.into_iter().enumerate() {
             let tracker = Tracker::new();
@@ -114,6 +126,7 @@ impl App {
                         shutdown: shutdown.clone(),
                         tracker,
                         outliers: outliers.clone(),
+                        access_log: access_log.clone(),
                     });
                     tasks.push(tokio::spawn(crate::proxy::http::serve(socket, ctx)));
                 }
@@ -127,6 +140,7 @@ impl App {
                         shutdown.clone(),
                         tracker,
                         outliers.clone(),
+                        access_log.clone(),
                     ));
                     tasks.push(tokio::spawn(crate::proxy::tcp::serve(socket, ctx)));
                 }

@@ -12,6 +12,7 @@
 //! - [`admin`] serves `/metrics`, `/healthz`, `/ready`, `/config`; [`metrics`] registers every family.
 //! - [`app`] wires it all together; `main` is flags, telemetry, config, run, signal, drain.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;

@@ -30,6 +30,8 @@ pub mod names {
     pub const SNAPSHOT_IN_USE: &str = "zkroute_snapshot_in_use";
     pub const CONNECTIONS_REFUSED: &str = "zkroute_connections_refused_total";
     pub const ZK_NODES_READ: &str = "zkroute_zk_nodes_read_total";
+    pub const ACCESS_LOG_DROPPED: &str = "zkroute_access_log_dropped_total";
+    pub const UPSTREAM_REQUESTS: &str = "zkroute_upstream_requests_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -61,6 +63,10 @@ pub struct Metrics {
     pub snapshot_in_use: IntGauge,
     pub connections_refused: IntCounterVec,
     pub zk_nodes_read: IntCounter,
+    pub access_log_dropped: IntCounter,
+    /// Per endpoint; recorded only with `metrics.per_instance = true`.
+    pub upstream_requests: IntCounterVec,
+    pub per_instance: bool,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -83,6 +89,11 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram
 
 impl Metrics {
     pub fn new(enabled: bool) -> Metrics {
+        Metrics::with_options(enabled, false)
+    }
+
+    /// `per_instance` adds endpoint addresses as labels (`zkroute_upstream_requests_total`).
+    pub fn with_options(enabled: bool, per_instance: bool) -> Metrics {
         use names::*;
         let r = Registry::new();
         #[cfg(target_os = "linux")]
@@ -110,6 +121,8 @@ impl Metrics {
         let table_updates = counter(TABLE_UPDATES, "Routing tables swapped in.");
         let zk_session_expirations = counter(ZK_SESSION_EXPIRATIONS, "ZooKeeper sessions that expired.");
         let zk_nodes_read = counter(ZK_NODES_READ, "ZooKeeper nodes read (data reads, full and incremental).");
+        let access_log_dropped =
+            counter(ACCESS_LOG_DROPPED, "Access log lines dropped because the writer fell behind.");
         Metrics {
             enabled,
             http_requests: counter_vec(&r, HTTP_REQUESTS, "HTTP requests answered.", &["listener", "service", "code"]),
@@ -146,6 +159,14 @@ impl Metrics {
             registered: gauge_vec(&r, REGISTERED, "1 while the local app is registered.", &["service"]),
             snapshot_in_use,
             zk_nodes_read,
+            access_log_dropped,
+            upstream_requests: counter_vec(
+                &r,
+                UPSTREAM_REQUESTS,
+                "Requests answered by each upstream endpoint (only with metrics.per_instance).",
+                &["service", "instance", "code"],
+            ),
+            per_instance: per_instance && enabled,
             connections_refused: counter_vec(
                 &r,
                 CONNECTIONS_REFUSED,

@@ -108,7 +108,7 @@ async fn a_tcp_check_against_a_closed_port_fails() {
     zk.put("/zkroute/services/s/closed", &refused_addr().to_string()).await;
     let c = proxy
         .config_until("the closed port judged", |c| {
-            addresses(c, "s").len() == 2 && instance(c, "closed")["health"]["state"] == "unhealthy"
+            addresses(c, "s").len() == 2 && instance(c, "closed")["health"]["health"] == "unhealthy"
         })
         .await;
     assert!(instance(&c, "closed")["health"]["last_check"]["detail"].as_str().unwrap().starts_with("connect"));

@@ -3,74 +3,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-struct Binary {
-    child: Child,
-    admin: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-    tcp: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    async fn start(chroot: &Chroot, drain: &str) -> Binary {
-        let dir = tempfile::tempdir().unwrap();
-        let (admin, http, tcp) = (free_port(), free_port(), free_port());
-        let config = format!(
-            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
-             [proxy]\ndrain_timeout = \"{drain}\"\n\
-             [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{http}\"\nservice = \"web\"\n\
-             [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{tcp}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n",
-            chroot.connect
-        );
-        let path = dir.path().join("zkroute.toml");
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_zkroute"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let ip = |p| std::net::SocketAddr::from(([127, 0, 0, 1], p));
-        let b = Binary { child, admin: ip(admin), http: ip(http), tcp: ip(tcp), _dir: dir };
-        eventually("zkroute ready", Duration::from_secs(15), || async {
-            (get(b.admin, "/ready").await.ok()?.status() == 200).then_some(())
-        })
-        .await;
-        b
-    }
-
-    fn sigterm(&self) {
-        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
-    }
-
-    /// Waits for the exit, up to `within`.
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "zkroute did not exit within {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero() {

@@ -35,6 +35,7 @@ pub struct HttpContext {
     pub tracker: Arc<Tracker>,
     /// Told when passive outlier detection ejects an endpoint.
     pub outliers: crate::health::OutlierSink,
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl HttpContext {

@@ -20,6 +20,7 @@ use tracing::debug;
 use super::balance::{self, PickInput, Tried};
 use super::upstream;
 use super::{Limits, Tracker};
+use crate::access_log::{self, AccessLog};
 use crate::health::OutlierSink;
 use crate::metrics::Metrics;
 use crate::routing::RouteReader;
@@ -41,6 +42,7 @@ pub struct TcpContext {
     pub shutdown: Shutdown,
     pub tracker: Arc<Tracker>,
     pub outliers: OutlierSink,
+    pub access_log: Option<Arc<AccessLog>>,
     rx: IntCounter,
     tx: IntCounter,
     active: IntGauge,
@@ -57,11 +59,12 @@ impl TcpContext {
         shutdown: Shutdown,
         tracker: Arc<Tracker>,
         outliers: OutlierSink,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Self {
         let rx = metrics.tcp_bytes.with_label_values(&[&name, "rx"]);
         let tx = metrics.tcp_bytes.with_label_values(&[&name, "tx"]);
         let active = metrics.tcp_active_connections.with_label_values(&[&name]);
-        TcpContext { listener, name, routes, metrics, limits, shutdown, tracker, outliers, rx, tx, active }
+        TcpContext { listener, name, routes, metrics, limits, shutdown, tracker, outliers, access_log, rx, tx, active }
     }
 }
 
@@ -147,23 +150,46 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             }
         }
     };
-    let (upstream, _in_flight) = upstream;
+    let ((upstream, in_flight), started) = (upstream, Instant::now());
     drop(route);
     let _ = client.set_nodelay(true);
     ctx.active.inc();
-    let result = relay(&client, &upstream, ctx).await;
+    let moved = Moved::default();
+    let result = relay(&client, &upstream, ctx, &moved).await;
     ctx.active.dec();
     if let Err(e) = result {
         debug!(listener = %ctx.name, error = %e, "TCP relay ended");
     }
+    if let Some(log) = &ctx.access_log {
+        log.record(&access_log::Entry {
+            time: std::time::SystemTime::now(),
+            listener: &ctx.name,
+            client: Some(peer),
+            method: "TCP",
+            host: "-",
+            path: "-",
+            status: 0,
+            upstream: Some(in_flight.state().key.addr.to_string()),
+            duration: started.elapsed(),
+            bytes_in: moved.rx.load(Ordering::Relaxed),
+            bytes_out: moved.tx.load(Ordering::Relaxed),
+        });
+    }
+}
+
+/// Bytes a connection moved each way.
+#[derive(Default)]
+struct Moved {
+    rx: AtomicU64,
+    tx: AtomicU64,
 }
 
 /// Copies both ways until both directions have ended, or the connection idles out.
-async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext) -> io::Result<()> {
+async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext, moved: &Moved) -> io::Result<()> {
     let last = Activity::new();
     let idle = ctx.limits.tcp_idle_timeout;
-    let up = pump(client, upstream, &ctx.rx, &last);
-    let down = pump(upstream, client, &ctx.tx, &last);
+    let up = pump(client, upstream, (&ctx.rx, &moved.rx), &last);
+    let down = pump(upstream, client, (&ctx.tx, &moved.tx), &last);
     let watchdog = async {
         loop {
             tokio::time::sleep_until(last.get() + idle).await;
@@ -203,7 +229,7 @@ impl Activity {
 }
 
 /// One direction: `src` to `dst` until `src` ends, then half-close `dst`.
-async fn pump(src: &TcpStream, dst: &TcpStream, bytes: &IntCounter, last: &Activity) -> io::Result<()> {
+async fn pump(src: &TcpStream, dst: &TcpStream, bytes: (&IntCounter, &AtomicU64), last: &Activity) -> io::Result<()> {
     let result = match Pipe::new() {
         Ok(pipe) => splice_loop(src, dst, &pipe, bytes, last).await,
         Err(_) => copy_loop(src, dst, bytes, last).await,
@@ -231,7 +257,7 @@ async fn splice_loop(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
-    bytes: &IntCounter,
+    bytes: (&IntCounter, &AtomicU64),
     last: &Activity,
 ) -> io::Result<()> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
@@ -258,13 +284,19 @@ async fn splice_loop(
                 Err(e) => return Err(e),
             }
         }
-        bytes.inc_by(n as u64);
+        bytes.0.inc_by(n as u64);
+        bytes.1.fetch_add(n as u64, Ordering::Relaxed);
         last.touch();
     }
 }
 
 /// The portable path: a buffer in user space.
-async fn copy_loop(src: &TcpStream, dst: &TcpStream, bytes: &IntCounter, last: &Activity) -> io::Result<()> {
+async fn copy_loop(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: (&IntCounter, &AtomicU64),
+    last: &Activity,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         src.readable().await?;
@@ -284,6 +316,7 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream, bytes: &IntCounter, last: &
                 Err(e) => return Err(e),
             }
         }
-        bytes.inc_by(n as u64);
+        bytes.0.inc_by(n as u64);
+        bytes.1.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod backend;
+pub mod binary;
 pub mod tcp;
 pub mod zk;
 
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use zkroute::{App, Config};
 
 pub use backend::{Backend, Misbehave, RawBackend, refused_addr};
+pub use binary::Binary;
 pub use tcp::{Checksum, TcpServer};
 pub use zk::{Chroot, Zk, ZkClient, free_port};
 

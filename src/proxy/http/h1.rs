@@ -15,6 +15,7 @@ use tokio::time::timeout_at;
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
+use crate::access_log;
 use crate::endpoint::InFlight;
 use crate::metrics::RouteStats;
 use crate::proxy::balance::{self, PickInput, Tried};
@@ -47,18 +48,45 @@ pub struct Connection {
     fields: Vec<Field>,
     resp_fields: Vec<Field>,
     client_ip: String,
+    peer: SocketAddr,
 }
 
 /// How the exchange with one upstream connection ended.
 enum Outcome {
-    /// The response was relayed (fully or partly).
-    Relayed { next: Next, status: u16, upstream_ok: bool },
+    /// The response was relayed (fully or partly); body bytes each way.
+    Relayed { next: Next, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
     /// Nothing reached the client: another endpoint may be tried.
     Retry(ProxyError),
     /// Nothing reached the client, and the request cannot be sent again.
     Fail(ProxyError),
     /// The client went away or broke the exchange.
     Abort,
+}
+
+/// What an exchange came to, for the access log.
+#[derive(Default)]
+struct Done {
+    status: u16,
+    upstream: Option<crate::routing::Addr>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// The request line's parts, copied for the access log (only when it is on).
+struct RequestLine {
+    method: String,
+    host: String,
+    path: String,
+}
+
+impl RequestLine {
+    fn capture(buf: &[u8], head: &RequestHead) -> Self {
+        RequestLine {
+            method: head.method.as_str().to_owned(),
+            host: head.route_host(buf).unwrap_or("-").to_owned(),
+            path: String::from_utf8_lossy(&buf[head.target.clone()]).into_owned(),
+        }
+    }
 }
 
 /// The request body still to come from the client.
@@ -79,6 +107,7 @@ impl Connection {
             fields: Vec::with_capacity(32),
             resp_fields: Vec::with_capacity(32),
             client_ip: peer.ip().to_string(),
+            peer,
         }
     }
 
@@ -161,19 +190,42 @@ impl Connection {
         let _ = tokio::time::timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
     }
 
-    /// Proxies one request and its response.
+    /// Proxies one request and its response, and logs it when the access log is on.
     async fn exchange(&mut self, head: RequestHead) -> Next {
         let started = Instant::now();
+        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), &head));
+        let (next, done) = self.proxy_request(head, started).await;
+        if let (Some(log), Some(line)) = (&self.ctx.access_log, line) {
+            log.record(&access_log::Entry {
+                time: std::time::SystemTime::now(),
+                listener: &self.ctx.name,
+                client: Some(self.peer),
+                method: &line.method,
+                host: &line.host,
+                path: &line.path,
+                status: done.status,
+                upstream: done.upstream.map(|a| a.to_string()),
+                duration: started.elapsed(),
+                bytes_in: done.bytes_in,
+                bytes_out: done.bytes_out,
+            });
+        }
+        next
+    }
+
+    async fn proxy_request(&mut self, head: RequestHead, started: Instant) -> (Next, Done) {
         let head_only = head.method == http::Method::HEAD;
+        let mut done = Done::default();
         let (route, target) = match self.route(&head) {
             Ok(rt) => rt,
             Err((e, stats)) => {
                 let close = head.close || head.body != BodyLen::None;
+                done.status = e.rescue().status;
                 if let Some(stats) = stats {
-                    stats.observe(e.rescue().status, started.elapsed());
+                    stats.observe(done.status, started.elapsed());
                 }
                 self.answer(&e, close, head_only).await;
-                return if close { Next::Close } else { self.skip_head(&head) };
+                return (if close { Next::Close } else { self.skip_head(&head) }, done);
             }
         };
         let hash = self.request_hash(&target.set.policy.lb);
@@ -181,6 +233,7 @@ impl Connection {
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
         head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, &self.client_ip);
+        let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {
             BodyLen::None | BodyLen::UntilClose => Pending::None,
@@ -198,15 +251,17 @@ impl Connection {
                         self.buf.consume(used);
                     }
                     Err(_) => {
+                        done.status = 400;
                         target.stats.observe(400, started.elapsed());
                         self.answer(&ProxyError::BadRequest("malformed chunked body"), true, head_only).await;
-                        return Next::Close;
+                        return (Next::Close, done);
                     }
                 }
                 if scanner.is_done() { Pending::None } else { Pending::Chunked(scanner) }
             }
         };
 
+        done.bytes_in = (self.req.len() - head_out) as u64;
         let deadline = tokio::time::Instant::from_std(started + route.timeout);
         let policy = &target.set.policy;
         let mut tried = Tried::default();
@@ -249,15 +304,27 @@ impl Connection {
             };
             let may_retry = attempts_left > 0 && target.set.active().len() > tried.len();
             let outcome = self.forward(conn, &head, &mut pending, deadline, may_retry, in_flight, pool).await;
+            done.upstream = Some(endpoint.addr.clone());
             match outcome {
-                Outcome::Relayed { next, status, upstream_ok } => {
+                Outcome::Relayed { next, status, upstream_ok, bytes_in, bytes_out } => {
                     if upstream_ok {
                         endpoint.state.record_success();
                     } else {
                         self.ctx.outlier_failure(&target.set, i);
                     }
                     target.stats.observe(status, started.elapsed());
-                    return if head.close { Next::Close } else { next };
+                    if self.ctx.metrics.per_instance {
+                        let (addr, code) = (endpoint.addr.to_string(), status.to_string());
+                        self.ctx
+                            .metrics
+                            .upstream_requests
+                            .with_label_values(&[&*target.set.label, addr.as_str(), code.as_str()])
+                            .inc();
+                    }
+                    done.status = status;
+                    done.bytes_in += bytes_in;
+                    done.bytes_out = bytes_out;
+                    return (if head.close { Next::Close } else { next }, done);
                 }
                 Outcome::Retry(e) if attempts_left > 0 && tokio::time::Instant::now() < deadline => {
                     self.ctx.outlier_failure(&target.set, i);
@@ -276,14 +343,16 @@ impl Connection {
                 }
                 Outcome::Abort => {
                     target.stats.observe(499, started.elapsed());
-                    return Next::Close;
+                    done.status = 499;
+                    return (Next::Close, done);
                 }
             }
         }
-        target.stats.observe(last_error.rescue().status, started.elapsed());
+        done.status = last_error.rescue().status;
+        target.stats.observe(done.status, started.elapsed());
         let close = head.close || !matches!(pending, Pending::None);
         self.answer(&last_error, close, head_only).await;
-        if close { Next::Close } else { Next::KeepAlive }
+        (if close { Next::Close } else { Next::KeepAlive }, done)
     }
 
     /// Drops a request that was answered without forwarding (it had no body).
@@ -352,6 +421,7 @@ impl Connection {
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
         let Connection { stream, buf, out, resp_fields, .. } = self;
+        let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
         let (mut us_r, mut us_w) = conn.stream.split();
 
@@ -359,7 +429,7 @@ impl Connection {
         // alongside the wait for the response head.
         let mut body_done = replayable;
         let read = {
-            let pump = pump_request(&mut ds_r, buf, &mut us_w, pending, idle);
+            let pump = pump_request(&mut ds_r, buf, &mut us_w, pending, idle, &mut pumped);
             let read = read_response(
                 &mut us_r,
                 &mut conn.buf,
@@ -419,17 +489,26 @@ impl Connection {
         head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
         conn.buf.consume(resp.len);
         let status = resp.status;
-        match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle).await {
+        let mut bytes_out = 0u64;
+        match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle, &mut bytes_out).await {
             Ok(()) => {}
-            Err(RelayError::Source) => return Outcome::Relayed { next: Next::Close, status, upstream_ok: false },
+            Err(RelayError::Source) => {
+                return Outcome::Relayed { next: Next::Close, status, upstream_ok: false, bytes_in: pumped, bytes_out };
+            }
             Err(RelayError::Destination) => {
-                return Outcome::Relayed { next: Next::Close, status: 499, upstream_ok: true };
+                return Outcome::Relayed {
+                    next: Next::Close,
+                    status: 499,
+                    upstream_ok: true,
+                    bytes_in: pumped,
+                    bytes_out,
+                };
             }
         }
         if upgrade {
             drop(in_flight);
             tunnel(stream, buf, conn).await;
-            return Outcome::Relayed { next: Next::Close, status, upstream_ok: true };
+            return Outcome::Relayed { next: Next::Close, status, upstream_ok: true, bytes_in: pumped, bytes_out };
         }
         drop(in_flight);
         if body_done && !resp.close && conn.buf.is_empty() {
@@ -438,7 +517,7 @@ impl Connection {
             }
         }
         let next = if client_close { Next::Close } else { Next::KeepAlive };
-        Outcome::Relayed { next, status, upstream_ok: status < 500 }
+        Outcome::Relayed { next, status, upstream_ok: status < 500, bytes_in: pumped, bytes_out }
     }
 }
 
@@ -476,6 +555,7 @@ async fn pump_request(
     us: &mut WriteHalf<'_>,
     pending: &mut Pending,
     idle: Duration,
+    pumped: &mut u64,
 ) -> Result<(), PumpError> {
     loop {
         match pending {
@@ -494,6 +574,7 @@ async fn pump_request(
                     let take = (buf.len() as u64).min(*n) as usize;
                     us.write_all(&buf.filled()[..take]).await.map_err(|_| PumpError::Upstream)?;
                     buf.consume(take);
+                    *pumped += take as u64;
                     *n -= take as u64;
                     if *n == 0 {
                         *pending = Pending::None;
@@ -506,6 +587,7 @@ async fn pump_request(
                     let used = scanner.scan(buf.filled(), |_| {}).map_err(|_| PumpError::BadBody)?;
                     us.write_all(&buf.filled()[..used]).await.map_err(|_| PumpError::Upstream)?;
                     buf.consume(used);
+                    *pumped += used as u64;
                     if scanner.is_done() {
                         *pending = Pending::None;
                         return Ok(());
@@ -577,6 +659,7 @@ enum RelayError {
 }
 
 /// Streams a body from `src` to `dst`; the first write carries `head` too.
+#[allow(clippy::too_many_arguments)]
 async fn relay_body(
     src: &mut ReadHalf<'_>,
     buf: &mut IoBuf,
@@ -585,6 +668,7 @@ async fn relay_body(
     len: BodyLen,
     dechunk: bool,
     idle: Duration,
+    sent: &mut u64,
 ) -> Result<(), RelayError> {
     let mut remaining = match len {
         BodyLen::Length(n) => n,
@@ -635,6 +719,7 @@ async fn relay_body(
                 Ok(Ok(())) => {}
                 _ => return Err(RelayError::Destination),
             }
+            *sent += take as u64;
             buf.consume(take);
             first = false;
         }

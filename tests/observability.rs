@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used)]
+//! Metrics, logs and the access log, read from a running zkroute after real traffic.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// promtool, from Debian's `prometheus` package, installed if missing.
+fn promtool() -> &'static str {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        if Command::new("promtool").arg("--version").output().is_ok() {
+            return;
+        }
+        let ok = Command::new("sh")
+            .args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "cannot install Debian's prometheus package (promtool)");
+    });
+    "promtool"
+}
+
+fn promtool_check(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(promtool());
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_traffic_and_pass_promtool() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let proxy = Proxy::with_zk(
+        &chroot,
+        &format!(
+            "{HTTP_LISTENER}[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n"
+        ),
+    )
+    .await;
+    let web = Backend::http("web").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/rules/r", r#"{"listener":"http","retries":1,"backends":[{"service":"web"}]}"#).await;
+    zk.put("/zkroute/services/web/dead", &refused_addr().to_string()).await;
+    zk.put("/zkroute/services/web/live", &web.addr.to_string()).await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    zk.put("/zkroute/services/web/bad", "garbage").await;
+    proxy.config_until("the table", |c| addresses(c, "web").len() == 2 && addresses(c, "db").len() == 1).await;
+
+    let mut client = KeepAlive::connect(proxy.listener("http")).await;
+    for _ in 0..20 {
+        let r = client.send(request("GET", "h", "/", &[], "")).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", who(&r));
+    }
+    let r = client.send(request("GET", "h", "/?status=404", &[], "")).await.unwrap();
+    assert_eq!((r.status().as_u16(), who(&r)), (404, "web".to_owned()));
+    let mut tcp = tokio::net::TcpStream::connect(proxy.listener("db")).await.unwrap();
+    tcp.write_all(b"12345").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tcp.read_to_end(&mut back).await.unwrap();
+
+    let m = proxy.metrics().await;
+    let v = |s: &str| metric_value(&m, s);
+    assert_eq!(v(r#"zkroute_http_requests_total{code="200",listener="http",service="web"}"#), Some(20.0));
+    assert_eq!(v(r#"zkroute_http_requests_total{code="404",listener="http",service="web"}"#), Some(1.0));
+    assert!(v(r#"zkroute_http_request_duration_seconds_count{listener="http",service="web"}"#).unwrap() >= 21.0);
+    assert!(v(r#"zkroute_upstream_connect_errors_total{service="web"}"#).unwrap() >= 1.0);
+    assert!(v(r#"zkroute_retries_total{service="web"}"#).unwrap() >= 1.0);
+    eventually("tcp bytes counted", Duration::from_secs(5), || async {
+        let m = proxy.metrics().await;
+        (metric_value(&m, r#"zkroute_tcp_bytes_total{direction="tx",listener="db"}"#) == Some(5.0)).then_some(())
+    })
+    .await;
+    assert_eq!(v(r#"zkroute_tcp_bytes_total{direction="rx",listener="db"}"#), Some(5.0));
+    assert_eq!(v(r#"zkroute_tcp_connections_total{listener="db",service="db"}"#), Some(1.0));
+    assert_eq!(v(r#"zkroute_backends{service="web",state="healthy"}"#), Some(2.0));
+    assert!(v("zkroute_table_version").unwrap() >= 1.0);
+    assert!(v("zkroute_table_updates_total").unwrap() >= 1.0);
+    assert!(v("zkroute_table_build_duration_seconds_count").unwrap() >= 1.0);
+    assert!(v("zkroute_discovery_propagation_seconds_count").unwrap() >= 1.0);
+    assert_eq!(v(r#"zkroute_invalid_nodes{kind="instance"}"#), Some(1.0));
+    assert_eq!(v("zkroute_zk_connected"), Some(1.0));
+    assert!(v("process_resident_memory_bytes").unwrap() > 0.0);
+    assert!(!m.contains(&web.addr.to_string()), "no instance addresses in labels by default");
+
+    let (ok, report) = promtool_check(&["check", "metrics"], Some(&m));
+    assert!(ok, "promtool check metrics:\n{report}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_instance_metrics_label_endpoints_when_asked() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let proxy = Proxy::with_zk(&chroot, &format!("{HTTP_LISTENER}[metrics]\nper_instance = true\n")).await;
+    let web = Backend::http("web").await;
+    zk.put("/zkroute/rules/r", r#"{"listener":"http","backends":[{"service":"web"}]}"#).await;
+    zk.put("/zkroute/services/web/live", &web.addr.to_string()).await;
+    proxy.config_until("the table", |c| addresses(c, "web").len() == 1).await;
+    let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let sample = format!(r#"zkroute_upstream_requests_total{{code="200",instance="{}",service="web"}}"#, web.addr);
+    assert_eq!(proxy.metric(&sample).await, Some(1.0));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_with_its_fields() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = Proxy::with_zk(
+        &chroot,
+        &format!("{HTTP_LISTENER}[log]\nformat = \"json\"\naccess_log = \"{}\"\n", log.display()),
+    )
+    .await;
+    let web = Backend::http("web").await;
+    zk.put("/zkroute/rules/r", r#"{"listener":"http","match":{"path_prefix":"/api"},"backends":[{"service":"web"}]}"#)
+        .await;
+    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
+    proxy.config_until("the table", |c| addresses(c, "web").len() == 1).await;
+    let r = send(proxy.listener("http"), request("POST", "users.internal", "/api/x?y=1", &[], "hello")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = send(proxy.listener("http"), request("GET", "users.internal", "/nothing", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let lines = eventually("two access log lines", Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    let first = &lines[0];
+    assert_eq!(first["listener"], "http");
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["host"], "users.internal");
+    assert_eq!(first["path"], "/api/x?y=1");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["upstream"], web.addr.to_string());
+    assert_eq!(first["bytes_in"], 5);
+    assert_eq!(first["bytes_out"], 3);
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["status"], 404);
+    assert!(lines[1]["upstream"].is_null());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_one_line_per_table_swap_saying_what_changed() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let bin = Binary::start_with(&chroot, "5s", "[log]\nformat = \"json\"\n", &[]).await;
+    zk.put("/zkroute/services/web/1", "10.0.0.1:80").await;
+    zk.put("/zkroute/services/web/2", "10.0.0.2:80").await;
+    let line = eventually("a swap line with the instances", Duration::from_secs(10), || async {
+        bin.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
+            v["message"] == "routing table swapped"
+                && v["instances_added"].as_u64().unwrap_or(0) >= 1
+                && v["changed_services"].as_str().unwrap_or("").contains("web")
+        })
+    })
+    .await;
+    assert_eq!(line["level"], "INFO");
+    assert!(line["version"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn the_alert_rules_and_scrape_config_load() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (ok, report) = promtool_check(&["check", "rules", &format!("{root}/deploy/prometheus/alerts.yml")], None);
+    assert!(ok, "{report}");
+    assert!(report.contains("SUCCESS: 5 rules found"), "{report}");
+    let (ok, report) = promtool_check(&["check", "config", &format!("{root}/deploy/prometheus/prometheus.yml")], None);
+    assert!(ok, "{report}");
+}

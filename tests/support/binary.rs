@@ -1,0 +1,83 @@
+//! The zkroute binary as a child process, for tests of signals, exit codes and logs.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Chroot, eventually, free_port, get};
+
+/// The zkroute binary, started with a config following `chroot`: admin, an HTTP listener
+/// `http` (service `web`) and a TCP listener `tcp` (service `echo`) on free ports.
+pub struct Binary {
+    pub child: Child,
+    pub admin: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    pub tcp: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Binary {
+    pub async fn start(chroot: &Chroot, drain: &str) -> Binary {
+        Binary::start_with(chroot, drain, "", &[]).await
+    }
+
+    /// With extra TOML and extra command-line arguments.
+    pub async fn start_with(chroot: &Chroot, drain: &str, extra: &str, args: &[&str]) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, http, tcp) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+             [proxy]\ndrain_timeout = \"{drain}\"\n\
+             [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{http}\"\nservice = \"web\"\n\
+             [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{tcp}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n{extra}",
+            chroot.connect
+        );
+        let path = dir.path().join("zkroute.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_zkroute"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let ip = |p| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let b = Binary { child, admin: ip(admin), http: ip(http), tcp: ip(tcp), dir };
+        eventually("zkroute ready", Duration::from_secs(15), || async {
+            (get(b.admin, "/ready").await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+        b
+    }
+
+    pub fn sigterm(&self) {
+        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    /// Waits for the exit, up to `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "zkroute did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Binary {
+    /// What the process logged to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("zkroute.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
