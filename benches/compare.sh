@@ -56,7 +56,7 @@ STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 BODY=$(printf 'x%.0s' {1..99})$'\n' # 100 bytes; nginx `return` takes the literal
 BODY_CONF=$(printf 'x%.0s' {1..99})'\n'
 
-usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case $1 in
@@ -406,7 +406,7 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"${RUN_TSV:-$TSV}"; }
 # /proc/stat, ours = CPU of everything started here (the proxies, the backends, this shell and
 # every child it has waited for, such as wrk and the iperf3 client).
 noise_snapshot() {
-    local procs=() p
+    local procs=() p busy total steal
     for p in $(our_pids); do [ "$p" = $$ ] || procs+=("/proc/$p/stat"); done
     read -r busy total steal < <(awk '$1 ~ /^cpu[0-9]+$/ {
         b += $2 + $3 + $4 + $7 + $8; t += $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; s += $9 }
@@ -418,17 +418,24 @@ noise_snapshot() {
     echo "$busy $total $steal $ours"
 }
 
+# core_ticks: "busy total" of cpu0, then of cpu1, ... from /proc/stat.
+core_ticks() {
+    awk '$1 ~ /^cpu[0-9]+$/ { printf "%d %d ", $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat
+}
+
 # measure ROUND MODE ENTRY: one run; redone (up to RETRIES times) while processes not started
 # here, or the hypervisor (steal), took more than MAX_NOISE% of a core during it.
 measure() {
-    local round=$1 mode=$2 entry=$3 attempt=0 before after others steal
+    local round=$1 mode=$2 entry=$3 attempt=0 before after others steal cores_before cores_after
     local ncpu
     ncpu=$(grep -c '^cpu[0-9]' /proc/stat)
     while :; do
         RUN_TSV=$WORK/run.tsv
         : >"$RUN_TSV"
         before=$(noise_snapshot)
+        cores_before=$(core_ticks)
         "mode_$mode" "$round" "$entry"
+        cores_after=$(core_ticks)
         after=$(noise_snapshot)
         read -r others steal < <(awk -v b="$before" -v a="$after" -v n="$ncpu" 'BEGIN {
             split(b, x, " "); split(a, y, " "); core = (y[2] - x[2]) / n
@@ -443,11 +450,18 @@ measure() {
         sleep 3
     done
     RUN_TSV=""
-    [ "$attempt" -gt 0 ] || awk -v o="$others" -v s="$steal" -v m="$MAX_NOISE" 'BEGIN {exit !(o > m || s > m)}' &&
+    if awk -v o="$others" -v s="$steal" -v m="$MAX_NOISE" 'BEGIN {exit !(o > m || s > m)}'; then
         say "   NOISE: still $others% of a core used by others (steal $steal%); kept"
+    fi
     record "$round" "$mode" "$entry" others_pct "$others"
     record "$round" "$mode" "$entry" steal_pct "$steal"
     record "$round" "$mode" "$entry" retries "$attempt"
+    local c
+    for c in $LOAD_CPU $PROXY_CPU; do
+        record "$round" "$mode" "$entry" "cpu${c}_busy_pct" "$(awk -v b="$cores_before" -v a="$cores_after" -v c="$c" 'BEGIN {
+            split(b, x, " "); split(a, y, " "); i = 2 * c + 1
+            printf "%.1f", (y[i] - x[i]) / (y[i + 1] - x[i + 1]) * 100 }')"
+    done
     cat "$WORK/run.tsv" >>"$TSV"
 }
 
@@ -707,6 +721,12 @@ def ratio(mode, entry, metric):
     d, e = med(mode, "direct", metric), med(mode, entry, metric)
     return f"{e / d:.2f}" if d and e is not None else "-"
 
+def noise(mode, entry):
+    o, r = data.get((mode, entry, "others_pct")), data.get((mode, entry, "retries"))
+    if not o:
+        return "-"
+    return f"{max(o):.0f}" + (f" ({int(sum(r))} redone)" if r and sum(r) else "")
+
 def errors(mode, entry):
     v = data.get((mode, entry, "errors"))
     return "-" if not v else f"{int(sum(v))}"
@@ -727,13 +747,16 @@ order = entries + [e for e in ["direct", "zkroute", "haproxy", "nginx", "envoy"]
 present = lambda mode: [e for e in order if any(k[0] == mode and k[1] == e for k in data)]
 print(f"Medians of {rounds} interleaved rounds, (min..max) across rounds; proxy alone on cpu1, wrk/iperf3 and the backend on cpu0.")
 print("CPU per request = the proxy's utime+stime (all its processes and threads) over the run / requests completed.")
+print("Others' CPU = busy time of all CPUs not spent by anything this script started, during the run, in % of one core (the worst kept run;")
+print("runs above the --max-noise threshold were redone).")
+NOISE = "others' CPU % (max)"
 print()
 
 if "http" in modes and present("http"):
     print("### HTTP/1.1 keep-alive, 32 connections, 100-byte body\n")
-    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors"],
+    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors", NOISE],
           [[e, cell("http", e, "rps", "{:,.0f}"), ratio("http", e, "rps"), cell("http", e, "cpu_us", "{:.2f}"),
-            cell("http", e, "user_us", "{:.2f}"), cell("http", e, "sys_us", "{:.2f}"), errors("http", e)] for e in present("http")])
+            cell("http", e, "user_us", "{:.2f}"), cell("http", e, "sys_us", "{:.2f}"), errors("http", e), noise("http", e)] for e in present("http")])
     commands("http")
 
 if "latency" in modes and present("latency"):
@@ -742,22 +765,22 @@ if "latency" in modes and present("latency"):
     for e in present("latency"):
         d50, d99, p50, p99 = med("latency", "direct", "p50_us"), med("latency", "direct", "p99_us"), med("latency", e, "p50_us"), med("latency", e, "p99_us")
         added = "-" if e == "direct" or d50 is None or p50 is None else f"+{p50 - d50:.1f} / +{p99 - d99:.1f}"
-        rows.append([e, cell("latency", e, "p50_us"), cell("latency", e, "p99_us"), added, errors("latency", e)])
-    table(["entry", "p50 (us)", "p99 (us)", "added vs direct p50 / p99 (us)", "non-2xx + socket errors"], rows)
+        rows.append([e, cell("latency", e, "p50_us"), cell("latency", e, "p99_us"), added, errors("latency", e), noise("latency", e)])
+    table(["entry", "p50 (us)", "p99 (us)", "added vs direct p50 / p99 (us)", "non-2xx + socket errors", NOISE], rows)
     commands("latency")
 
 if "newconn" in modes and present("newconn"):
     print("### New connection per request (Connection: close), 32 connections\n")
-    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors"],
+    table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors", NOISE],
           [[e, cell("newconn", e, "rps", "{:,.0f}"), ratio("newconn", e, "rps"), cell("newconn", e, "cpu_us", "{:.2f}"),
-            cell("newconn", e, "user_us", "{:.2f}"), cell("newconn", e, "sys_us", "{:.2f}"), errors("newconn", e)] for e in present("newconn")])
+            cell("newconn", e, "user_us", "{:.2f}"), cell("newconn", e, "sys_us", "{:.2f}"), errors("newconn", e), noise("newconn", e)] for e in present("newconn")])
     commands("newconn")
 
 if "tcp" in modes and present("tcp"):
     print("### TCP bulk (iperf3 through the relay)\n")
-    table(["entry", "Gbit/s", "ratio to direct", "proxy CPU-s per GiB", "user", "kernel", "failed runs"],
+    table(["entry", "Gbit/s", "ratio to direct", "proxy CPU-s per GiB", "user", "kernel", "failed runs", NOISE],
           [[e, cell("tcp", e, "gbps", "{:.2f}"), ratio("tcp", e, "gbps"), cell("tcp", e, "cpu_s_per_gib", "{:.3f}"),
-            cell("tcp", e, "user_s_per_gib", "{:.3f}"), cell("tcp", e, "sys_s_per_gib", "{:.3f}"), errors("tcp", e)] for e in present("tcp")])
+            cell("tcp", e, "user_s_per_gib", "{:.3f}"), cell("tcp", e, "sys_s_per_gib", "{:.3f}"), errors("tcp", e), noise("tcp", e)] for e in present("tcp")])
     commands("tcp")
 
 if "rss" in modes and present("rss"):

@@ -27,6 +27,7 @@ use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::TcpContext;
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
+use crate::register::Registrations;
 use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -45,6 +46,7 @@ pub struct App {
     tasks: Vec<JoinHandle<()>>,
     /// Open connections per listener, for draining.
     trackers: Vec<Arc<Tracker>>,
+    registrations: Option<Registrations>,
 }
 
 impl App {
@@ -147,6 +149,12 @@ impl App {
             }
         }
 
+        let registrations = if config.registrations.is_empty() {
+            None
+        } else {
+            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone()))
+        };
+        let reg_status = registrations.as_ref().map(Registrations::status_handle);
         let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();
         let admin_state = AdminState {
             routes: routes.clone(),
@@ -154,11 +162,29 @@ impl App {
             config_endpoint: config.admin.config_endpoint,
             draining: draining.clone(),
             binds: Arc::new(binds),
-            extra: Arc::new(Vec::new),
+            extra: Arc::new(move || match &reg_status {
+                Some(s) => {
+                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
+                    vec![("registrations", serde_json::to_value(status).unwrap_or_default())]
+                }
+                None => Vec::new(),
+            }),
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
         info!(admin = %admin_addr, "zkroute started");
-        Ok(App { admin_addr, listeners, routes, metrics, states, updates, draining, trigger, tasks, trackers })
+        Ok(App {
+            admin_addr,
+            listeners,
+            routes,
+            metrics,
+            states,
+            updates,
+            draining,
+            trigger,
+            tasks,
+            trackers,
+            registrations,
+        })
     }
 
     /// A shutdown signal tied to this app.
@@ -169,6 +195,10 @@ impl App {
     /// Stops: `/ready` turns 503, listeners stop accepting, open connections finish their
     /// in-flight work within `drain_timeout`, then every task is stopped.
     pub async fn stop(self, drain_timeout: Duration) {
+        // The local app leaves the registry first, so that other sidecars stop sending to it.
+        if let Some(r) = &self.registrations {
+            r.deregister(Duration::from_secs(5).min(drain_timeout)).await;
+        }
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         self.trigger.trigger();
         let deadline = tokio::time::Instant::now() + drain_timeout;
@@ -209,6 +239,11 @@ fn spawn_source(
         let source = FileSource { path: s.file.clone(), updates };
         return Ok(tokio::spawn(source.run(shutdown)));
     }
+    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics }.run(shutdown)))
+}
+
+/// How to reach ZooKeeper, from the configuration.
+pub fn zk_settings(config: &Config) -> anyhow::Result<ZkSettings> {
     let zk = &config.zookeeper;
     let auth = match (&zk.auth, &zk.auth_file) {
         (Some(a), _) => Some(a.clone().into_bytes()),
@@ -221,7 +256,7 @@ fn spawn_source(
         ),
         (None, None) => None,
     };
-    let settings = ZkSettings {
+    Ok(ZkSettings {
         connect: zk.connect.clone(),
         session_timeout: zk.session_timeout.0,
         paths: Paths {
@@ -230,6 +265,5 @@ fn spawn_source(
             policies: zk.policies_path.clone(),
         },
         auth,
-    };
-    Ok(tokio::spawn(ZkSource { settings, updates, metrics }.run(shutdown)))
+    })
 }

@@ -412,11 +412,12 @@ impl Args for ConfigArgs {
                 .help("TOML configuration file (CONTRACT section 3)"),
         );
         KEYS.iter().fold(cmd, |cmd, (key, kind, help)| {
+            // Table keys stay on the top-level command: `ctl route` has a `--listener` of its own.
             let arg = Arg::new(*key)
                 .long(flag_name(key))
                 .env(env_name(key))
                 .help(*help)
-                .global(true)
+                .global(!matches!(kind, Kind::Tables))
                 .help_heading("Configuration keys (each also a ZKROUTE_* variable)");
             let arg = match kind {
                 Kind::Tables => arg.action(ArgAction::Append).value_name("TABLE"),

@@ -16,11 +16,13 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod ctl;
 pub mod discovery;
 pub mod endpoint;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod register;
 pub mod routing;
 pub mod shutdown;
 

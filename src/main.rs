@@ -27,6 +27,15 @@ enum Cmd {
         /// The file to check.
         file: PathBuf,
     },
+    /// Read and change what is in ZooKeeper (same settings as the proxy). Exit codes: 0 done,
+    /// 1 not found or refused, 2 usage or connection.
+    Ctl {
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: zkroute::ctl::Command,
+    },
 }
 
 /// Exit code for a bad configuration or bad usage.
@@ -53,7 +62,42 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Cmd::Ctl { json, command }) => ctl(cli.config, command, json),
         None | Some(Cmd::Run) => run(cli.config),
+    }
+}
+
+fn ctl(args: ConfigArgs, command: zkroute::ctl::Command, json: bool) -> ExitCode {
+    let config = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zkroute ctl: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = match zkroute::app::zk_settings(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("zkroute ctl: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zkroute ctl: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(zkroute::ctl::run(&config, &settings, command, json)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("zkroute ctl: {}", f.message());
+            ExitCode::from(f.exit_code())
+        }
     }
 }
 

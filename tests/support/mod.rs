@@ -100,7 +100,7 @@ impl Proxy {
     pub async fn config_until(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         eventually(what, Duration::from_secs(10), || async {
             let c = self.config().await;
-            check(&c).then_some(c)
+            (c["loaded"] == true && check(&c)).then_some(c)
         })
         .await
     }
