@@ -241,7 +241,7 @@ our_pids() {
     for p in "${STARTED[@]}" $$; do
         echo "$p"
         pgrep -P "$p" || true
-    done
+    done | sort -un # the started ones are also children of $$: count each once
 }
 
 # ---------------------------------------------------------------------------------------------

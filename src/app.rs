@@ -17,6 +17,7 @@ use crate::access_log::{AccessLog, Sink};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
+use crate::discovery::snapshot;
 use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
@@ -84,10 +85,21 @@ impl App {
         let outliers = OutlierSink::new(health_tx);
         let mut checker = Checker::new(outliers.clone(), metrics.clone());
         let mut gauges = BackendGauges::new(metrics.clone());
-        let on_publish: Vec<OnPublish> = vec![
+        let mut on_publish: Vec<OnPublish> = vec![
             Box::new(move |t: &Arc<RoutingTable>| checker.reconcile(t)),
             Box::new(move |t: &Arc<RoutingTable>| gauges.update(t)),
         ];
+        let snapshot = config.zookeeper.snapshot.clone().filter(|_| config.static_file.is_none());
+        if let Some(path) = &snapshot {
+            let writer = snapshot::Writer::start(path.clone());
+            on_publish.push(Box::new(move |t: &Arc<RoutingTable>| writer.offer(t)));
+            tasks.push(tokio::spawn(serve_snapshot_if_late(
+                path.clone(),
+                config.zookeeper.startup_timeout.0,
+                routes.clone(),
+                updates.clone(),
+            )));
+        }
         let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
         tasks.push(tokio::spawn(control.run(update_rx)));
         tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
@@ -210,6 +222,28 @@ impl App {
         for task in self.tasks {
             task.abort();
         }
+    }
+}
+
+/// At a cold start: if no table arrives from ZooKeeper within `wait`, serve the snapshot.
+async fn serve_snapshot_if_late(
+    path: std::path::PathBuf,
+    wait: Duration,
+    mut routes: RouteReader,
+    updates: UpdateSender,
+) {
+    if tokio::time::timeout(wait, routes.wait_for_version(1)).await.is_ok() {
+        return;
+    }
+    let loaded = tokio::task::spawn_blocking(move || snapshot::load(&path).map(|r| (r, path))).await;
+    if let Ok(Some(((resync, version), path))) = loaded {
+        tracing::warn!(
+            snapshot = %path.display(),
+            table_version = version,
+            instances = resync.instances.len(),
+            "ZooKeeper did not answer within zookeeper.startup_timeout: serving the snapshot"
+        );
+        updates.send(crate::discovery::Update::new(vec![crate::routing::Change::Resync(resync)], None));
     }
 }
 

@@ -5,13 +5,14 @@
 
 pub mod file;
 pub mod formats;
+pub mod snapshot;
 pub mod zk;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
@@ -84,6 +85,7 @@ impl Control {
     /// Runs until every sender is dropped.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Update>) {
         let mut synced = false;
+        let mut live = false;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -102,7 +104,18 @@ impl Control {
             }
             for update in pending {
                 for change in update.changes {
-                    synced |= matches!(change, Change::Resync(_));
+                    if let Change::Resync(r) = &change {
+                        if r.source == SourceKind::Snapshot {
+                            if live {
+                                // ZooKeeper answered first: the snapshot is out of date.
+                                continue;
+                            }
+                            warn!("serving the routing table from the snapshot until ZooKeeper answers");
+                        } else {
+                            live = true;
+                        }
+                        synced = true;
+                    }
                     self.builder.apply(change);
                 }
             }

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use build::{Builder, Change, RawNode, Resync};
 pub use docs::{Backend, LbPolicy, Policy, Rule};
@@ -21,7 +21,7 @@ pub use store::{RouteReader, RouteWriter};
 pub use table::RoutingTable;
 
 /// A service name as it appears under `services_path` (one znode level).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ServiceName(Arc<str>);
 
@@ -169,6 +169,13 @@ impl Serialize for Addr {
     }
 }
 
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The stable identity of a backend endpoint: the service it serves and the address it listens
 /// on. Health, outlier, in-flight and pool state is keyed by it, so it survives table swaps and a
 /// registry's delete-and-re-create of the instance node.
@@ -188,7 +195,7 @@ impl fmt::Display for EndpointKey {
 }
 
 /// Which registry format an instance node was written in.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     Curator,
@@ -203,17 +210,17 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 pub const MAX_WEIGHT: u32 = 10_000;
 
 /// One service instance, parsed from a naming node.
-#[derive(Clone, PartialEq, Debug, Serialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct Instance {
     pub format: Format,
     pub addr: Addr,
     /// ServerSet `additionalEndpoints`, by name.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub named: BTreeMap<String, Addr>,
     pub weight: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     /// False when the registry marks the instance as not taking traffic (Curator
     /// `enabled: false`, ServerSet status other than ALIVE): it drains.
@@ -221,21 +228,21 @@ pub struct Instance {
 }
 
 /// Where a document came from, shown in `/config`.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Origin {
     pub source: SourceKind,
     /// ZooKeeper path (relative to the chroot) or `file#key`.
     pub path: String,
     /// The zxid of the last change to the node, as read (ZooKeeper only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mzxid: Option<i64>,
     /// The node's data version (ZooKeeper only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i32>,
 }
 
 /// The kind of source a document or a table came from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Zookeeper,

@@ -28,6 +28,9 @@ use crate::shutdown::Shutdown;
 /// for documents of a few hundred bytes.
 const MULTI_READ_BATCH: usize = 250;
 
+/// Longest random delay before the full read that follows a reconnect.
+const MAX_RESYNC_SPREAD: Duration = Duration::from_secs(2);
+
 /// Where the three trees live, relative to the chroot.
 #[derive(Clone, Debug)]
 pub struct Paths {
@@ -160,9 +163,17 @@ impl ZkSource {
         let mut state = client.state_watcher();
         let mut forwarders = Vec::new();
         let mut need_sync = true;
+        let mut first = true;
         let mut resync_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             if need_sync && client.state() == SessionState::SyncConnected {
+                if !first {
+                    // After an ensemble member goes away every sidecar reconnects at once: spread
+                    // their full reads out rather than hitting the servers together.
+                    let spread = (self.settings.session_timeout / 4).min(MAX_RESYNC_SPREAD);
+                    tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
+                }
+                first = false;
                 match self.watch_and_read(client, &events_tx, &mut forwarders).await {
                     Ok(()) => {
                         need_sync = false;

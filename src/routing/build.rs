@@ -435,7 +435,7 @@ impl Builder {
         }
     }
 
-    fn resolve_policy(&self, name: &ServiceName) -> (ServicePolicy, Option<Origin>) {
+    fn resolve_policy(&self, name: &ServiceName) -> (ServicePolicy, Option<(Arc<Policy>, Origin)>) {
         let d = &self.defaults;
         let slot = self.policies.get(name).and_then(|s| s.active.as_ref());
         let p = slot.map(|(p, _)| &**p);
@@ -448,13 +448,13 @@ impl Builder {
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
         };
-        (policy, slot.map(|(_, o)| o.clone()))
+        (policy, slot.cloned())
     }
 
     fn build_service(&self, name: &ServiceName, old: Option<&ServiceEntry>) -> Option<ServiceEntry> {
         let docs = self.instances.get(name);
         let has_policy = self.policies.contains_key(name);
-        let (policy, policy_origin) = self.resolve_policy(name);
+        let (policy, policy_source) = self.resolve_policy(name);
         let policy = match old {
             Some(o) if *o.policy == policy => o.policy.clone(),
             _ => Arc::new(policy),
@@ -514,7 +514,8 @@ impl Builder {
         Some(ServiceEntry {
             name: name.clone(),
             policy,
-            policy_origin,
+            policy_origin: policy_source.as_ref().map(|(_, o)| o.clone()),
+            policy_doc: policy_source.map(|(p, _)| p),
             instances: instances.into_boxed_slice(),
             protected,
             all,

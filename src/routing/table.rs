@@ -111,6 +111,8 @@ pub struct ServiceEntry {
     pub name: ServiceName,
     pub policy: Arc<ServicePolicy>,
     pub policy_origin: Option<Origin>,
+    /// The policy document in force, if the service has one.
+    pub policy_doc: Option<Arc<super::docs::Policy>>,
     /// Instances by node id.
     pub instances: Box<[InstanceEntry]>,
     /// True when the registry shows no instances and `protect_from_empty` kept the last ones.

@@ -39,11 +39,13 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub state: Arc<BackendState>,
     task: JoinHandle<()>,
+    /// Every connection's task, so that a kill closes them too.
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -67,13 +69,14 @@ impl Backend {
     fn serve(name: &str, listener: TcpListener) -> Backend {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState { healthy: AtomicBool::new(true), ..Default::default() });
-        let (n, s) = (name.to_owned(), state.clone());
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (n, s, conns) = (name.to_owned(), state.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 s.connections.fetch_add(1, Ordering::SeqCst);
                 let (n, s) = (n.clone(), s.clone());
-                tokio::spawn(async move {
+                let handle = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (n, s) = (n.clone(), s.clone());
                         async move { Ok::<_, Infallible>(answer(&n, &s, req).await) }
@@ -82,9 +85,18 @@ impl Backend {
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
+                conns.lock().unwrap().push(handle.abort_handle());
             }
         });
-        Backend { name: name.to_owned(), addr, state, task }
+        Backend { name: name.to_owned(), addr, state, task, connections }
+    }
+
+    /// Kills the backend: the listener and every open connection close at once.
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 
     pub fn requests(&self) -> usize {

@@ -23,7 +23,7 @@ use zkroute::{App, Config};
 pub use backend::{Backend, Misbehave, RawBackend, refused_addr};
 pub use binary::Binary;
 pub use tcp::{Checksum, TcpServer};
-pub use zk::{Chroot, Zk, ZkClient, free_port};
+pub use zk::{Chroot, Ensemble, Zk, ZkClient, free_port};
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -166,6 +166,11 @@ pub struct KeepAlive {
 }
 
 impl KeepAlive {
+    /// Whether the server closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
     pub async fn connect(addr: SocketAddr) -> KeepAlive {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
@@ -184,3 +189,65 @@ impl KeepAlive {
 
 /// TOML for one HTTP listener named `http` on a free port.
 pub const HTTP_LISTENER: &str = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n";
+
+/// Steady load: clients sending GETs in a loop on keep-alive connections, counting every answer.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+/// What a load saw.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failures: Vec<String>,
+}
+
+impl Load {
+    /// `clients` loops of `GET path` with `host`, each on its own connection (reconnecting after
+    /// a close).
+    pub fn start(addr: SocketAddr, host: &str, path: &str, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, host, path) = (stop.clone(), host.to_owned(), path.to_owned());
+                tokio::spawn(async move {
+                    let (mut ok, mut failures) = (0u64, Vec::new());
+                    let mut client = None;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let c = match &mut client {
+                            Some(c) => c,
+                            None => client.insert(KeepAlive::connect(addr).await),
+                        };
+                        match c.send(request("GET", &host, &path, &[], "")).await {
+                            Ok(r) if r.status() == 200 => ok += 1,
+                            Ok(r) => failures.push(format!("{} {}", r.status(), who(&r))),
+                            Err(e) => {
+                                failures.push(e);
+                                client = None;
+                            }
+                        }
+                        if let Some(c) = &client {
+                            if c.is_closed() {
+                                client = None;
+                            }
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut report = LoadReport { ok: 0, failures: Vec::new() };
+        for t in self.tasks {
+            let (ok, failures) = t.await.expect("load task");
+            report.ok += ok;
+            report.failures.extend(failures);
+        }
+        report
+    }
+}

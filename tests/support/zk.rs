@@ -41,7 +41,11 @@ pub struct Zk {
     running: Option<Running>,
     /// Where `java` writes its log, for failure messages.
     log: PathBuf,
+    main_class: &'static str,
 }
+
+const STANDALONE_MAIN: &str = "org.apache.zookeeper.server.ZooKeeperServerMain";
+const QUORUM_MAIN: &str = "org.apache.zookeeper.server.quorum.QuorumPeerMain";
 
 static SHARED: OnceLock<Zk> = OnceLock::new();
 static CHROOTS: AtomicU32 = AtomicU32::new(0);
@@ -60,8 +64,8 @@ impl Zk {
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         std::fs::write(dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
         let log = dir.path().join("zk.log");
-        let mut zk = Zk { port, dir, running: None, log };
-        zk.launch("org.apache.zookeeper.server.ZooKeeperServerMain");
+        let mut zk = Zk { port, dir, running: None, log, main_class: STANDALONE_MAIN };
+        zk.launch(STANDALONE_MAIN);
         zk.wait_until_serving();
         zk
     }
@@ -138,7 +142,7 @@ impl Zk {
     /// Starts the stopped server again, on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
-        self.launch("org.apache.zookeeper.server.ZooKeeperServerMain");
+        self.launch(self.main_class);
         self.wait_until_serving();
     }
 
@@ -271,4 +275,69 @@ fn ensure_installed() {
             .unwrap_or(false);
         assert!(ok && std::path::Path::new(ZK_JAR).exists(), "cannot install Debian's zookeeper package");
     });
+}
+
+/// A three-node ensemble on loopback.
+pub struct Ensemble {
+    pub members: Vec<Zk>,
+}
+
+impl Ensemble {
+    pub fn start(n: usize) -> Ensemble {
+        ensure_installed();
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
+        let servers: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer, election))| format!("server.{}=127.0.0.1:{peer}:{election}\n", i + 1))
+            .collect();
+        let mut members = Vec::new();
+        for (i, (client, _, _)) in ports.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data).expect("data dir");
+            std::fs::write(data.join("myid"), format!("{}\n", i + 1)).expect("myid");
+            let cfg = format!(
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={client}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=*\nmaxSessionTimeout=20000\n{servers}",
+                data.display()
+            );
+            std::fs::write(dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
+            let log = dir.path().join("zk.log");
+            let mut zk = Zk { port: *client, dir, running: None, log, main_class: QUORUM_MAIN };
+            zk.launch(QUORUM_MAIN);
+            members.push(zk);
+        }
+        let e = Ensemble { members };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while e.leader().is_none() {
+            assert!(Instant::now() < deadline, "the ensemble elected no leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    /// `127.0.0.1:p1,127.0.0.1:p2,...`
+    pub fn connect_string(&self) -> String {
+        self.members.iter().map(|m| m.connect_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The index of the member that says it leads.
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.running.is_some() && four_letter(m.addr(), "srvr").is_some_and(|s| s.contains("Mode: leader"))
+        })
+    }
+
+    /// A fresh chroot on the ensemble.
+    pub fn chroot(&self) -> Chroot {
+        let n = CHROOTS.fetch_add(1, Ordering::Relaxed);
+        let path = format!("/t{n}-{}", std::process::id());
+        let connect = self.connect_string();
+        block_on(async {
+            let c = Client::connect(&connect).await.expect("connect");
+            c.create(&path, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await.expect("create chroot");
+        });
+        Chroot { connect: format!("{connect}{path}") }
+    }
 }
