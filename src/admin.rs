@@ -121,7 +121,7 @@ pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Va
         "built_at": humantime::format_rfc3339_millis(table.built_at).to_string(),
         "source": table.source,
         "listeners": table.listeners.iter().map(|l| listener_json(l, binds)).collect::<Vec<_>>(),
-        "services": table.services.iter().map(|(n, s)| (n.to_string(), service_json(s))).collect::<serde_json::Map<_, _>>(),
+        "services": table.services.sorted().into_iter().map(|(n, s)| (n.to_string(), service_json(s))).collect::<serde_json::Map<_, _>>(),
         "rules": table.rules.iter().map(|(id, st)| {
             let mut v = serde_json::Map::new();
             if let Some((rule, origin)) = &st.active {

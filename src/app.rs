@@ -29,6 +29,7 @@ use crate::proxy::tcp::TcpContext;
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
 use crate::register::Registrations;
+use crate::routing::build::Delta;
 use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -86,13 +87,13 @@ impl App {
         let mut checker = Checker::new(outliers.clone(), metrics.clone());
         let mut gauges = BackendGauges::new(metrics.clone());
         let mut on_publish: Vec<OnPublish> = vec![
-            Box::new(move |t: &Arc<RoutingTable>| checker.reconcile(t)),
-            Box::new(move |t: &Arc<RoutingTable>| gauges.update(t)),
+            Box::new(move |t: &Arc<RoutingTable>, d: &Delta| checker.reconcile(t, d)),
+            Box::new(move |t: &Arc<RoutingTable>, d: &Delta| gauges.update(t, d)),
         ];
         let snapshot = config.zookeeper.snapshot.clone().filter(|_| config.static_file.is_none());
         if let Some(path) = &snapshot {
             let writer = snapshot::Writer::start(path.clone());
-            on_publish.push(Box::new(move |t: &Arc<RoutingTable>| writer.offer(t)));
+            on_publish.push(Box::new(move |t: &Arc<RoutingTable>, _: &Delta| writer.offer(t)));
             tasks.push(tokio::spawn(serve_snapshot_if_late(
                 path.clone(),
                 config.zookeeper.startup_timeout.0,

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
-use crate::routing::build::{Change, Doc, RawNode};
+use crate::routing::build::{Change, Delta, Doc, RawNode};
 use crate::routing::{Builder, NodeKind, Policy, RouteWriter, RoutingTable, Rule, ServiceName, SourceKind};
 
 /// A batch of changes from one source read.
@@ -69,8 +69,9 @@ pub fn policy_change(service: ServiceName, node: Option<RawNode>) -> Change {
     Change::Policy { service, doc }
 }
 
-/// Called with every table published, after the swap (snapshot writing, health checker).
-pub type OnPublish = Box<dyn FnMut(&Arc<RoutingTable>) + Send>;
+/// Called with every table published, after the swap, and what changed since the previous one
+/// (snapshot writing, health checks, gauges).
+pub type OnPublish = Box<dyn FnMut(&Arc<RoutingTable>, &Delta) + Send>;
 
 /// The control loop: owns the builder and the writer.
 pub struct Control {
@@ -86,7 +87,7 @@ impl Control {
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Update>) {
         let mut synced = false;
         let mut live = false;
-        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(Duration::from_secs(3));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
@@ -161,7 +162,7 @@ impl Control {
             );
         }
         for hook in &mut self.on_publish {
-            hook(&table);
+            hook(&table, &delta);
         }
     }
 }

@@ -108,23 +108,36 @@ impl BackendGauges {
         BackendGauges { metrics, services: Default::default() }
     }
 
-    pub fn update(&mut self, table: &crate::routing::RoutingTable) {
+    /// Updates the gauges of the services a table rebuilt (all of them the first time).
+    pub fn update(&mut self, table: &crate::routing::RoutingTable, delta: &crate::routing::build::Delta) {
         let g = &self.metrics.backends;
-        let mut seen = std::collections::HashSet::with_capacity(table.services.len());
-        for (name, service) in &table.services {
-            let c = StateCounts::of(&service.all);
-            for (state, n) in
-                [("healthy", c.healthy), ("unhealthy", c.unhealthy), ("ejected", c.ejected), ("draining", c.draining)]
-            {
-                g.with_label_values(&[name.as_str(), state]).set(n);
+        let names: Vec<ServiceName> = if self.services.is_empty() || delta.routes_rebuilt {
+            table.services.iter().map(|(n, _)| n.clone()).chain(self.services.iter().cloned()).collect()
+        } else {
+            delta.rebuilt.iter().cloned().collect()
+        };
+        for name in names {
+            match table.service(name.as_str()) {
+                Some(service) => {
+                    let c = StateCounts::of(&service.all);
+                    for (state, n) in [
+                        ("healthy", c.healthy),
+                        ("unhealthy", c.unhealthy),
+                        ("ejected", c.ejected),
+                        ("draining", c.draining),
+                    ] {
+                        g.with_label_values(&[name.as_str(), state]).set(n);
+                    }
+                    self.services.insert(name);
+                }
+                None => {
+                    if self.services.remove(&name) {
+                        for state in ["healthy", "unhealthy", "ejected", "draining"] {
+                            let _ = g.remove_label_values(&[name.as_str(), state]);
+                        }
+                    }
+                }
             }
-            seen.insert(name.clone());
         }
-        for gone in self.services.difference(&seen) {
-            for state in ["healthy", "unhealthy", "ejected", "draining"] {
-                let _ = g.remove_label_values(&[gone.as_str(), state]);
-            }
-        }
-        self.services = seen;
     }
 }

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::OutlierSink;
 use crate::endpoint::{CheckReport, EndpointState, Health};
 use crate::metrics::Metrics;
+use crate::routing::build::Delta;
 use crate::routing::docs::{CheckKind, HealthCheck};
 use crate::routing::table::EndpointSet;
 use crate::routing::{Addr, EndpointKey, RoutingTable, ServiceName};
@@ -31,61 +32,84 @@ impl Drop for Loop {
     }
 }
 
-/// The check loops, one per endpoint.
+/// The check loops, one per endpoint, by service.
 pub struct Checker {
-    loops: HashMap<EndpointKey, Loop>,
+    loops: HashMap<ServiceName, HashMap<EndpointKey, Loop>>,
     sink: OutlierSink,
     metrics: Arc<Metrics>,
+    /// A first table was reconciled in full.
+    started: bool,
 }
+
+type Wanted = HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck)>;
 
 impl Checker {
     pub fn new(sink: OutlierSink, metrics: Arc<Metrics>) -> Self {
-        Checker { loops: HashMap::new(), sink, metrics }
+        Checker { loops: HashMap::new(), sink, metrics, started: false }
     }
 
     /// Starts and stops loops so that exactly the endpoints of `table` whose service asks for
-    /// checks have one.
-    pub fn reconcile(&mut self, table: &RoutingTable) {
-        let mut wanted: HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck, ServiceName)> = HashMap::new();
-        let mut add = |set: &EndpointSet| {
+    /// checks have one. Only the services `delta` rebuilt are looked at, unless routes changed.
+    pub fn reconcile(&mut self, table: &RoutingTable, delta: &Delta) {
+        let full = delta.routes_rebuilt || !std::mem::replace(&mut self.started, true);
+        let services: Vec<ServiceName> = if full {
+            table.services.iter().map(|(n, _)| n.clone()).chain(self.loops.keys().cloned()).collect()
+        } else {
+            delta.rebuilt.iter().cloned().collect()
+        };
+        let mut wanted: HashMap<ServiceName, Wanted> = HashMap::new();
+        let mut add = |set: &EndpointSet, only: Option<&std::collections::HashSet<&ServiceName>>| {
             let (Some(hc), Some(service)) = (&set.policy.health_check, &set.service) else { return };
+            if only.is_some_and(|o| !o.contains(service)) {
+                return;
+            }
+            let w = wanted.entry(service.clone()).or_default();
             for e in set.endpoints.iter() {
-                wanted
-                    .entry(e.state.key.clone())
-                    .or_insert_with(|| (e.state.clone(), e.addr.clone(), hc.clone(), service.clone()));
+                w.entry(e.state.key.clone()).or_insert_with(|| (e.state.clone(), e.addr.clone(), hc.clone()));
             }
         };
-        for service in table.services.values() {
-            add(&service.all);
+        let only: std::collections::HashSet<&ServiceName> = services.iter().collect();
+        for name in &services {
+            if let Some(s) = table.service(name.as_str()) {
+                add(&s.all, None);
+            }
         }
         // Subsets share the service's endpoints; named endpoints have addresses of their own.
         for listener in table.listeners.iter() {
             for route in listener.routes.iter() {
                 for target in route.targets.iter() {
-                    add(&target.set);
+                    add(&target.set, Some(&only));
                 }
             }
         }
-        self.loops.retain(|key, l| wanted.get(key).is_some_and(|(_, _, hc, _)| *hc == l.check));
-        for (key, (state, addr, check, service)) in wanted {
-            if self.loops.contains_key(&key) {
-                continue;
+        for name in services {
+            let want = wanted.remove(&name).unwrap_or_default();
+            let loops = self.loops.entry(name.clone()).or_default();
+            loops.retain(|key, l| want.get(key).is_some_and(|(_, _, hc)| *hc == l.check));
+            for (key, (state, addr, check)) in want {
+                if loops.contains_key(&key) {
+                    continue;
+                }
+                let probe = Probe {
+                    state,
+                    addr,
+                    check: check.clone(),
+                    sink: self.sink.clone(),
+                    ok: self.metrics.health_checks.with_label_values(&[name.as_str(), "healthy"]),
+                    failed: self.metrics.health_checks.with_label_values(&[name.as_str(), "unhealthy"]),
+                    service: name.clone(),
+                };
+                loops.insert(key, Loop { check, task: tokio::spawn(probe.run()) });
             }
-            let probe = Probe {
-                state,
-                addr,
-                check: check.clone(),
-                sink: self.sink.clone(),
-                ok: self.metrics.health_checks.with_label_values(&[service.as_str(), "healthy"]),
-                failed: self.metrics.health_checks.with_label_values(&[service.as_str(), "unhealthy"]),
-                service,
-            };
-            self.loops.insert(key, Loop { check, task: tokio::spawn(probe.run()) });
+            if loops.is_empty() {
+                self.loops.remove(&name);
+            }
         }
     }
 
+    /// Check loops running.
     pub fn len(&self) -> usize {
-        self.loops.len()
+        self.loops.values().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::docs::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
-    RuleStatus, ServiceEntry, ServicePolicy, Target,
+    RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, Target,
 };
 use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::StateRegistry;
@@ -116,12 +116,18 @@ pub struct Delta {
     pub rules_removed: usize,
     pub rules_changed: usize,
     pub policies_changed: usize,
+    /// Services whose documents changed.
     pub services: BTreeSet<ServiceName>,
+    /// Services rebuilt (documents or health changed), for incremental consumers of tables.
+    pub rebuilt: BTreeSet<ServiceName>,
+    /// Every listener's routes were rebuilt (rules changed, or a full read).
+    pub routes_rebuilt: bool,
 }
 
 impl Delta {
+    /// Whether no document changed (health-only rebuilds are empty).
     pub fn is_empty(&self) -> bool {
-        *self == Delta::default()
+        Delta { rebuilt: BTreeSet::new(), routes_rebuilt: false, ..self.clone() } == Delta::default()
     }
 }
 
@@ -143,7 +149,7 @@ pub struct Builder {
     listeners: Arc<[ListenerSpec]>,
     metrics: Arc<Metrics>,
     /// Metric children per (listener, service label), kept across builds.
-    stats: HashMap<(Box<str>, Arc<str>), Arc<RouteStats>>,
+    stats: HashMap<(usize, Arc<str>), Arc<RouteStats>>,
     defaults: Defaults,
     states: Arc<StateRegistry>,
     source: SourceKind,
@@ -154,7 +160,10 @@ pub struct Builder {
     invalid: Invalids,
     invalid_view: Arc<[InvalidNode]>,
     // From the last build.
-    services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    services: ServiceMapBuilder,
+    /// Each listener's routes, reused when rules did not change.
+    listener_routes: Vec<ListenerRoutes>,
+    invalid_changed: bool,
     sets: HashMap<SetKey, Arc<EndpointSet>>,
     /// Instances removed from each service lately, for `protect_from_empty`.
     removed: HashMap<ServiceName, Vec<(Instant, InstanceEntry)>>,
@@ -185,7 +194,9 @@ impl Builder {
             policies: BTreeMap::new(),
             invalid: Invalids::default(),
             invalid_view: Arc::from(Vec::new()),
-            services: BTreeMap::new(),
+            services: ServiceMapBuilder::default(),
+            listener_routes: Vec::new(),
+            invalid_changed: true,
             sets: HashMap::new(),
             removed: HashMap::new(),
             dirty_services: BTreeSet::new(),
@@ -216,6 +227,7 @@ impl Builder {
     }
 
     pub fn apply(&mut self, change: Change) {
+        self.invalid_changed |= !matches!(change, Change::Health(_));
         match change {
             Change::Instance { service, id, doc } => self.apply_instance(service, id, doc),
             Change::Rule { id, doc } => self.apply_rule(id, doc),
@@ -387,13 +399,12 @@ impl Builder {
         } else {
             std::mem::take(&mut self.dirty_services)
         };
-        let services_changed = !rebuild.is_empty();
         for name in &rebuild {
             self.sets.retain(|k, _| match k {
                 SetKey::Subset { service, .. } | SetKey::Empty(service) => service != name,
                 SetKey::Address(_) => true,
             });
-            let old = self.services.remove(name);
+            let old = self.services.remove(name.as_str());
             let new = self.build_service(name, old.as_deref());
             if let Some(old) = old.as_ref().filter(|o| !o.protected) {
                 self.note_removed(name, old, new.as_ref());
@@ -402,23 +413,32 @@ impl Builder {
                 self.services.insert(name.clone(), Arc::new(entry));
             }
         }
-        let listeners =
-            if services_changed || self.dirty_routes || self.dirty_all { self.build_listeners() } else { Vec::new() };
+        let routes_rebuilt = self.dirty_all || self.dirty_routes || self.listener_routes.len() != self.listeners.len();
+        if routes_rebuilt {
+            self.listener_routes = self.build_listeners();
+        } else if !rebuild.is_empty() {
+            self.refresh_routes(&rebuild);
+        }
         self.dirty_all = false;
         self.dirty_routes = false;
         self.dirty_services.clear();
-        self.invalid_view = self.invalid.nodes.values().cloned().collect::<Vec<_>>().into();
+        if std::mem::take(&mut self.invalid_changed) {
+            self.invalid_view = self.invalid.nodes.values().cloned().collect::<Vec<_>>().into();
+        }
         self.version += 1;
         let table = RoutingTable {
             version: self.version,
             built_at: SystemTime::now(),
             source: self.source,
-            listeners: listeners.into_boxed_slice(),
-            services: self.services.clone(),
+            listeners: self.listener_routes.clone().into_boxed_slice(),
+            services: self.services.freeze(),
             rules: self.rules.clone(),
             invalid: self.invalid_view.clone(),
         };
-        (table, std::mem::take(&mut self.delta))
+        let mut delta = std::mem::take(&mut self.delta);
+        delta.rebuilt = rebuild;
+        delta.routes_rebuilt = routes_rebuilt;
+        (table, delta)
     }
 
     /// Remembers the instances a rebuild removed, for `protect_from_empty`.
@@ -533,32 +553,76 @@ impl Builder {
         let mut used_sets: HashSet<SetKey> = HashSet::new();
         let listeners = self.listeners.clone();
         let mut out = Vec::with_capacity(listeners.len());
-        for spec in listeners.iter() {
+        for (id, spec) in listeners.iter().enumerate() {
             let mut list = by_listener.remove(&*spec.name).unwrap_or_default();
             list.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
             let mut routes = Vec::with_capacity(list.len() + 1);
             for rule in list {
-                let targets = self.targets(&spec.name, &rule.backends, &mut used_sets);
-                let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
-                routes.push(Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries)));
+                routes.push(self.route(id, spec, Some(rule), &mut used_sets));
             }
-            if let Some(service) = &spec.service {
-                let backend = Backend::Service {
-                    service: service.clone(),
-                    subset: BTreeMap::new(),
-                    endpoint: spec.endpoint.clone(),
-                    weight: 1,
-                };
-                let targets = self.targets(&spec.name, &[backend], &mut used_sets);
-                let (timeout, retries) = self.route_limits(None, None, &targets);
-                let id: Arc<str> = Arc::from(format!("listener:{}", spec.name));
-                routes.push(Arc::new(Route::new(id, None, targets, timeout, retries)));
+            if spec.service.is_some() {
+                routes.push(self.route(id, spec, None, &mut used_sets));
             }
-            let no_route = self.stats_for(&spec.name, &Arc::from(""));
+            let no_route = self.stats_for(id, &spec.name, &Arc::from(""));
             out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes, no_route));
         }
         self.sets.retain(|k, _| used_sets.contains(k));
         out
+    }
+
+    /// Rules unchanged: rebuilds only the routes that send to a rebuilt service, and keeps each
+    /// listener's index.
+    fn refresh_routes(&mut self, rebuilt: &BTreeSet<ServiceName>) {
+        let listeners = self.listeners.clone();
+        let mut used = HashSet::new();
+        let previous = std::mem::take(&mut self.listener_routes);
+        self.listener_routes = previous
+            .iter()
+            .zip(listeners.iter())
+            .enumerate()
+            .map(|(id, (prev, spec))| {
+                let touched = |r: &Arc<Route>| {
+                    r.targets.iter().any(|t| t.set.service.as_ref().is_some_and(|s| rebuilt.contains(s)))
+                };
+                if !prev.routes.iter().any(touched) {
+                    return prev.with_routes(prev.routes.to_vec());
+                }
+                let routes = prev
+                    .routes
+                    .iter()
+                    .map(|r| if touched(r) { self.route(id, spec, r.rule.clone(), &mut used) } else { r.clone() })
+                    .collect();
+                prev.with_routes(routes)
+            })
+            .collect();
+    }
+
+    /// Compiles one route of listener `id`: a rule, or (None) the listener's own service.
+    fn route(
+        &mut self,
+        id: usize,
+        spec: &ListenerSpec,
+        rule: Option<Arc<Rule>>,
+        used: &mut HashSet<SetKey>,
+    ) -> Arc<Route> {
+        match rule {
+            Some(rule) => {
+                let targets = self.targets(id, &spec.name, &rule.backends, used);
+                let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
+                Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries))
+            }
+            None => {
+                let backend = Backend::Service {
+                    service: spec.service.clone().unwrap_or_else(|| ServiceName::new("")),
+                    subset: BTreeMap::new(),
+                    endpoint: spec.endpoint.clone(),
+                    weight: 1,
+                };
+                let targets = self.targets(id, &spec.name, &[backend], used);
+                let (timeout, retries) = self.route_limits(None, None, &targets);
+                Arc::new(Route::new(Arc::from(format!("listener:{}", spec.name)), None, targets, timeout, retries))
+            }
+        }
     }
 
     fn route_limits(&self, timeout: Option<Duration>, retries: Option<u32>, targets: &[Target]) -> (Duration, u32) {
@@ -566,20 +630,20 @@ impl Builder {
         (timeout.unwrap_or(self.defaults.timeout), retries.or(policy_retries).unwrap_or(self.defaults.retries))
     }
 
-    fn stats_for(&mut self, listener: &str, label: &Arc<str>) -> Arc<RouteStats> {
+    fn stats_for(&mut self, id: usize, listener: &str, label: &Arc<str>) -> Arc<RouteStats> {
         let metrics = &self.metrics;
         self.stats
-            .entry((listener.into(), label.clone()))
+            .entry((id, label.clone()))
             .or_insert_with(|| Arc::new(RouteStats::new(metrics, listener, label)))
             .clone()
     }
 
-    fn targets(&mut self, listener: &str, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
+    fn targets(&mut self, id: usize, listener: &str, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
         backends
             .iter()
             .map(|b| {
                 let set = match b {
-                    Backend::Service { service, subset, endpoint, .. } => match self.services.get(service) {
+                    Backend::Service { service, subset, endpoint, .. } => match self.services.get(service.as_str()) {
                         Some(entry) if subset.is_empty() && endpoint.is_none() => entry.all.clone(),
                         Some(entry) => {
                             let key = SetKey::Subset {
@@ -646,7 +710,7 @@ impl Builder {
                             .clone()
                     }
                 };
-                let stats = self.stats_for(listener, &set.label);
+                let stats = self.stats_for(id, listener, &set.label);
                 Target { backend: b.clone(), weight: b.weight(), set, stats }
             })
             .collect()

@@ -33,7 +33,7 @@ pub struct RoutingTable {
     pub source: SourceKind,
     /// Routes per local listener, indexed by [`ListenerId`].
     pub listeners: Box<[ListenerRoutes]>,
-    pub services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    pub services: ServiceMap,
     /// Every rule node seen, in force or not, for `/config`.
     pub rules: Arc<BTreeMap<Arc<str>, RuleStatus>>,
     /// Nodes skipped because they did not parse or validate.
@@ -55,6 +55,112 @@ impl RoutingTable {
 
     pub fn invalid_count(&self, kind: NodeKind) -> usize {
         self.invalid.iter().filter(|n| n.kind == kind).count()
+    }
+}
+
+/// Shards of the service map: a change to one service copies one shard of a few dozen entries,
+/// and every other shard is shared with the previous table.
+const SHARDS: usize = 256;
+
+type Shard = BTreeMap<ServiceName, Arc<ServiceEntry>>;
+
+fn shard_of(name: &str) -> usize {
+    (hash_bytes(name.as_bytes()) as usize) & (SHARDS - 1)
+}
+
+/// Services by name, shared between tables shard by shard.
+#[derive(Clone)]
+pub struct ServiceMap {
+    shards: Arc<[Arc<Shard>]>,
+    len: usize,
+}
+
+impl Default for ServiceMap {
+    fn default() -> Self {
+        ServiceMapBuilder::default().freeze()
+    }
+}
+
+impl<'a> IntoIterator for &'a ServiceMap {
+    type Item = (&'a ServiceName, &'a Arc<ServiceEntry>);
+    type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl ServiceMap {
+    pub fn get(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.shards[shard_of(name)].get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every service, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ServiceName, &Arc<ServiceEntry>)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// Every service, by name.
+    pub fn sorted(&self) -> Vec<(&ServiceName, &Arc<ServiceEntry>)> {
+        let mut all: Vec<_> = self.iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+}
+
+/// The builder's side of a [`ServiceMap`]: changed in place, frozen into tables.
+#[derive(Clone)]
+pub struct ServiceMapBuilder {
+    shards: Vec<Arc<Shard>>,
+    len: usize,
+}
+
+impl Default for ServiceMapBuilder {
+    fn default() -> Self {
+        ServiceMapBuilder { shards: (0..SHARDS).map(|_| Arc::default()).collect(), len: 0 }
+    }
+}
+
+impl ServiceMapBuilder {
+    pub fn get(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.shards[shard_of(name)].get(name)
+    }
+
+    pub fn insert(&mut self, name: ServiceName, entry: Arc<ServiceEntry>) {
+        if Arc::make_mut(&mut self.shards[shard_of(name.as_str())]).insert(name, entry).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<ServiceEntry>> {
+        let shard = &mut self.shards[shard_of(name)];
+        if !shard.contains_key(name) {
+            return None;
+        }
+        let removed = Arc::make_mut(shard).remove(name);
+        self.len -= usize::from(removed.is_some());
+        removed
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &ServiceName> {
+        self.shards.iter().flat_map(|s| s.keys())
+    }
+
+    /// The map as a table holds it; shares every shard.
+    pub fn freeze(&self) -> ServiceMap {
+        ServiceMap { shards: self.shards.iter().cloned().collect(), len: self.len }
     }
 }
 
@@ -394,12 +500,13 @@ impl Route {
 }
 
 /// The routes of one listener, indexed for lookup.
+#[derive(Clone)]
 pub struct ListenerRoutes {
     pub name: Box<str>,
     pub protocol: Protocol,
     /// In match order: priority, highest first, then rule id.
     pub routes: Box<[Arc<Route>]>,
-    index: RouteIndex,
+    index: Arc<RouteIndex>,
     /// Metrics of requests no rule matched.
     pub no_route: Arc<RouteStats>,
 }
@@ -407,8 +514,21 @@ pub struct ListenerRoutes {
 impl ListenerRoutes {
     /// Indexes `routes`, which must already be in match order.
     pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>, no_route: Arc<RouteStats>) -> Self {
-        let index = RouteIndex::new(routes.iter().map(|r| r.rule.as_ref().map(|r| &r.matcher)));
+        let index = Arc::new(RouteIndex::new(routes.iter().map(|r| r.rule.as_ref().map(|r| &r.matcher))));
         ListenerRoutes { name, protocol, routes: routes.into_boxed_slice(), index, no_route }
+    }
+
+    /// The same rules in the same order with some routes rebuilt (new endpoint sets): the index
+    /// of the previous table still holds.
+    pub fn with_routes(&self, routes: Vec<Arc<Route>>) -> Self {
+        debug_assert_eq!(routes.len(), self.routes.len());
+        ListenerRoutes {
+            name: self.name.clone(),
+            protocol: self.protocol,
+            routes: routes.into_boxed_slice(),
+            index: self.index.clone(),
+            no_route: self.no_route.clone(),
+        }
     }
 
     /// The first route, in match order, that matches the request.

@@ -223,8 +223,8 @@ fn a_change_to_one_service_leaves_the_others_shared() {
     assert!(b.dirty_services.len() == 1 && !b.dirty_all);
     let (t2, delta) = b.build();
     assert_eq!(delta.services.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["s7"]);
-    for (name, entry) in &t2.services {
-        let same = Arc::ptr_eq(entry, &t1.services[name]);
+    for (name, entry) in t2.services.iter() {
+        let same = Arc::ptr_eq(entry, t1.services.get(name.as_str()).unwrap());
         assert_eq!(same, name.as_str() != "s7", "{name}");
     }
     assert_eq!(t2.service("s7").unwrap().instances.len(), 4);
@@ -408,4 +408,35 @@ fn an_invalid_node_is_logged_once_per_version() {
     assert_eq!(b.invalid_logs(), 2, "a new version of the node is logged");
     let (t, _) = b.build();
     assert_eq!(t.invalid_count(NodeKind::Instance), 1, "counted once, however often logged");
+}
+
+#[test]
+fn an_instance_change_rebuilds_only_the_routes_that_send_to_its_service() {
+    let mut b = builder();
+    instance(&mut b, "a", "1", "10.0.0.1:80");
+    instance(&mut b, "b", "1", "10.0.0.2:80");
+    instance(&mut b, "elsewhere", "1", "10.0.0.3:80");
+    rule(&mut b, "ra", 1, r#"{"listener":"http","match":{"path_prefix":"/a"},"backends":[{"service":"a"}]}"#);
+    rule(&mut b, "rb", 1, r#"{"listener":"http","match":{"path_prefix":"/b"},"backends":[{"service":"b"}]}"#);
+    let (t1, _) = b.build();
+    // A service no rule sends to: every route is shared.
+    instance(&mut b, "elsewhere", "2", "10.0.0.4:80");
+    let (t2, delta) = b.build();
+    assert_eq!(delta.rebuilt.len(), 1);
+    let routes = |t: &RoutingTable| t.listener(0).unwrap().routes.to_vec();
+    for (r1, r2) in routes(&t1).iter().zip(routes(&t2).iter()) {
+        assert!(Arc::ptr_eq(r1, r2), "{} rebuilt", r1.id);
+    }
+    // Service b changes: only rb is rebuilt, and lookups see its new endpoints.
+    instance(&mut b, "b", "2", "10.0.0.5:80");
+    let (t3, _) = b.build();
+    let (r2, r3) = (routes(&t2), routes(&t3));
+    assert!(Arc::ptr_eq(&r2[0], &r3[0]), "ra kept");
+    assert!(!Arc::ptr_eq(&r2[1], &r3[1]), "rb rebuilt");
+    let rb = t3.listener(0).unwrap().route(None, "/b/x", &Method::GET, &HeaderMap::new()).unwrap();
+    assert_eq!(rb.targets[0].set.endpoints.len(), 2);
+    // A rule change rebuilds everything, in the new order.
+    rule(&mut b, "rc", 1, r#"{"listener":"http","priority":9,"backends":[{"service":"a"}]}"#);
+    let (t4, _) = b.build();
+    assert_eq!(&*t4.listener(0).unwrap().routes[0].id, "rc");
 }
