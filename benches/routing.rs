@@ -11,6 +11,7 @@ use zkroute::discovery::instance_change;
 use zkroute::proxy::balance::{self, PickInput, Tried};
 use zkroute::routing::ServiceName;
 
+#[path = "support/fixture.rs"]
 mod fixture;
 
 fn match_and_pick(c: &mut Criterion) {

@@ -5,7 +5,8 @@
 //! endpoint was last seen).
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -54,16 +55,16 @@ mod humantime_serde_compat {
 /// Shared state of one endpoint. Atomics only on the request path.
 pub struct EndpointState {
     pub key: EndpointKey,
-    epoch: Instant,
-    /// The wall-clock time of `epoch`, to show ejection ends.
-    epoch_wall: SystemTime,
+    clock: Arc<Clock>,
     in_flight: AtomicU32,
     health: AtomicU8,
     /// Milliseconds since `epoch` until which the endpoint is ejected; 0 when not ejected.
     ejected_until: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
-    last_check: Mutex<Option<CheckReport>>,
+    last_check: Mutex<Option<Box<CheckReport>>>,
+    /// Milliseconds since `clock.epoch` since when no table has held the state; 0 while one does.
+    unused_since: AtomicU64,
     /// Data-plane state of the endpoint (its connection pool), created on first use.
     data_plane: OnceLock<Box<dyn Any + Send + Sync>>,
 }
@@ -75,11 +76,11 @@ impl std::fmt::Debug for EndpointState {
 }
 
 impl EndpointState {
-    fn new(key: EndpointKey, epoch: (Instant, SystemTime)) -> Self {
+    fn new(key: EndpointKey, clock: Arc<Clock>) -> Self {
         EndpointState {
             key,
-            epoch: epoch.0,
-            epoch_wall: epoch.1,
+            clock,
+            unused_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             health: AtomicU8::new(0),
             ejected_until: AtomicU64::new(0),
@@ -100,7 +101,7 @@ impl EndpointState {
 
     /// A state not tied to any registry, for tests and benches.
     pub fn detached(key: EndpointKey) -> Arc<Self> {
-        Arc::new(EndpointState::new(key, (Instant::now(), SystemTime::now())))
+        Arc::new(EndpointState::new(key, Arc::new(Clock::new())))
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -129,16 +130,16 @@ impl EndpointState {
 
     pub fn record_check(&self, report: CheckReport) {
         if let Ok(mut last) = self.last_check.lock() {
-            *last = Some(report);
+            *last = Some(Box::new(report));
         }
     }
 
     pub fn last_check(&self) -> Option<CheckReport> {
-        self.last_check.lock().ok().and_then(|l| l.clone())
+        self.last_check.lock().ok().and_then(|l| l.as_deref().cloned())
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.clock.now_ms()
     }
 
     /// Whether outlier detection has the endpoint ejected right now.
@@ -151,7 +152,7 @@ impl EndpointState {
     /// When the current ejection ends, if ejected.
     pub fn ejected_until(&self) -> Option<SystemTime> {
         let until = self.ejected_until.load(Ordering::Relaxed);
-        (until != 0 && self.now_ms() < until).then(|| self.epoch_wall + Duration::from_millis(until))
+        (until != 0 && self.now_ms() < until).then(|| self.clock.wall + Duration::from_millis(until))
     }
 
     /// Ejects the endpoint for `base` times the number of its ejections so far, capped at `max`.
@@ -210,34 +211,73 @@ impl InFlight {
     }
 }
 
-struct Entry {
-    state: Arc<EndpointState>,
-    /// Since when no table has used the endpoint.
-    unused_since: Option<Instant>,
+/// The registry's clock: states count milliseconds from one epoch, shown as wall-clock times.
+#[derive(Debug)]
+struct Clock {
+    epoch: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock { epoch: Instant::now(), wall: SystemTime::now() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.ms_at(Instant::now())
+    }
+
+    fn ms_at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// A state in the registry's set, found by its key (no second copy of the key).
+struct ByKey(Arc<EndpointState>);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl Hash for ByKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.key.hash(h)
+    }
+}
+
+impl std::borrow::Borrow<EndpointKey> for ByKey {
+    fn borrow(&self) -> &EndpointKey {
+        &self.0.key
+    }
 }
 
 /// All endpoint states, keyed by endpoint. Only the control plane takes its lock, when a table
 /// is built; the request path reaches states through the table.
 pub struct StateRegistry {
-    epoch: (Instant, SystemTime),
+    clock: Arc<Clock>,
     retention: Duration,
-    entries: Mutex<HashMap<EndpointKey, Entry>>,
+    entries: Mutex<HashSet<ByKey>>,
 }
 
 impl StateRegistry {
     pub fn new(retention: Duration) -> Self {
-        StateRegistry { epoch: (Instant::now(), SystemTime::now()), retention, entries: Mutex::new(HashMap::new()) }
+        StateRegistry { clock: Arc::new(Clock::new()), retention, entries: Mutex::new(HashSet::new()) }
     }
 
     /// The state for `key`, created if new or expired.
     pub fn get(&self, key: &EndpointKey) -> Arc<EndpointState> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
-            state: Arc::new(EndpointState::new(key.clone(), self.epoch)),
-            unused_since: None,
-        });
-        entry.unused_since = None;
-        entry.state.clone()
+        if let Some(found) = entries.get(key) {
+            found.0.unused_since.store(0, Ordering::Relaxed);
+            return found.0.clone();
+        }
+        let state = Arc::new(EndpointState::new(key.clone(), self.clock.clone()));
+        entries.insert(ByKey(state.clone()));
+        state
     }
 
     /// Forgets states that no table has held for longer than the retention. A state is in use
@@ -247,14 +287,22 @@ impl StateRegistry {
     }
 
     fn sweep_at(&self, now: Instant) {
+        let now_ms = self.clock.ms_at(now);
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|_, entry| {
-            if Arc::strong_count(&entry.state) > 1 {
-                entry.unused_since = None;
+        entries.retain(|ByKey(state)| {
+            if Arc::strong_count(state) > 1 {
+                state.unused_since.store(0, Ordering::Relaxed);
                 return true;
             }
-            let since = *entry.unused_since.get_or_insert(now);
-            now.duration_since(since) < self.retention
+            let since = match state.unused_since.load(Ordering::Relaxed) {
+                0 => {
+                    state.unused_since.store(now_ms, Ordering::Relaxed);
+                    now_ms
+                }
+                t => t,
+            };
+            now_ms.saturating_sub(since) < retention
         });
     }
 

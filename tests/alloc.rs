@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use zkroute::proxy::balance::{self, PickInput, Tried};
 
-#[path = "../benches/fixture.rs"]
+#[path = "../benches/support/fixture.rs"]
 mod fixture;
 
 #[global_allocator]

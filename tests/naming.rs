@@ -46,7 +46,7 @@ async fn the_registered_node_is_a_curator_document_present_while_the_app_is_heal
     let i = parse_instance(data.as_bytes()).unwrap();
     assert_eq!(i.format, Format::Curator);
     assert_eq!(i.addr.to_string(), app.addr.to_string());
-    assert_eq!((i.weight, i.zone.as_deref(), i.metadata["version"].as_str()), (40, Some("a"), "v2"));
+    assert_eq!((i.weight, i.zone.as_deref(), i.metadata.get("version")), (40, Some("a"), Some("v2")));
     // It is ephemeral.
     let (_, stat) = zk.0.get_data(&path).await.unwrap();
     assert_ne!(stat.ephemeral_owner, 0);

@@ -83,7 +83,12 @@ fn raw(file_name: &str, key: &str, value: &toml::Value) -> RawNode {
         other => serde_json::to_vec(other).unwrap_or_default(),
     };
     RawNode {
-        origin: Origin { source: SourceKind::File, path: format!("{file_name}#{key}"), mzxid: None, version: None },
+        origin: Origin {
+            source: SourceKind::File,
+            path: format!("{file_name}#{key}").into(),
+            mzxid: None,
+            version: None,
+        },
         data,
     }
 }
@@ -168,7 +173,7 @@ mod tests {
         assert_eq!(r.instances.len(), 3);
         let bad = r.instances.iter().find(|(_, id, _)| &**id == "bad").unwrap();
         assert!(bad.2.parsed.is_err());
-        assert_eq!(bad.2.origin.path, "routes.toml#services.users.bad");
+        assert_eq!(&*bad.2.origin.path, "routes.toml#services.users.bad");
         let i2 = r.instances.iter().find(|(_, id, _)| &**id == "i2").unwrap();
         assert_eq!(i2.2.parsed.as_ref().unwrap().weight, 10);
         assert!(r.rules[0].1.parsed.is_ok());

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, MAX_WEIGHT, port_from_i64};
+use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, Labels, MAX_WEIGHT, port_from_i64};
 
 /// Parses an instance node's data, whatever format it is in.
 pub fn parse_instance(data: &[u8]) -> Result<Instance, String> {
@@ -40,7 +40,7 @@ fn plain(text: &str) -> Result<Instance, String> {
         named: BTreeMap::new(),
         weight: DEFAULT_WEIGHT,
         zone: None,
-        metadata: BTreeMap::new(),
+        metadata: Labels::default(),
         enabled: true,
     })
 }
@@ -64,14 +64,14 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, String> {
         Some(_) => return Err("enabled: must be true or false".into()),
     };
     let (weight, zone, metadata) = match doc.get("payload") {
-        None | Some(Value::Null) => (DEFAULT_WEIGHT, None, BTreeMap::new()),
+        None | Some(Value::Null) => (DEFAULT_WEIGHT, None, Labels::default()),
         Some(Value::Object(payload)) => (
             weight(payload.get("weight"), "payload.weight")?,
             opt_str(payload.get("zone"), "payload.zone")?,
             string_map(payload.get("metadata"), "payload.metadata")?,
         ),
         // Curator's default serializer allows any payload; only an object carries attributes.
-        Some(_) => (DEFAULT_WEIGHT, None, BTreeMap::new()),
+        Some(_) => (DEFAULT_WEIGHT, None, Labels::default()),
     };
     Ok(Instance { format: Format::Curator, addr, named: BTreeMap::new(), weight, zone, metadata, enabled })
 }
@@ -111,7 +111,7 @@ fn nerve(doc: &Map<String, Value>) -> Result<Instance, String> {
     let metadata = string_map(doc.get("labels"), "labels")?;
     let zone = match opt_str(doc.get("zone"), "zone")? {
         Some(z) => Some(z),
-        None => metadata.get("zone").or_else(|| metadata.get("az")).cloned(),
+        None => metadata.get("zone").or_else(|| metadata.get("az")).map(str::to_owned),
     };
     Ok(Instance {
         format: Format::Nerve,
@@ -171,10 +171,10 @@ fn weight(v: Option<&Value>, field: &str) -> Result<u32, String> {
 }
 
 /// A flat string map; numbers and booleans are taken as their text.
-fn string_map(v: Option<&Value>, field: &str) -> Result<BTreeMap<String, String>, String> {
-    let Some(v) = v else { return Ok(BTreeMap::new()) };
+fn string_map(v: Option<&Value>, field: &str) -> Result<Labels, String> {
+    let Some(v) = v else { return Ok(Labels::default()) };
     let map = match v {
-        Value::Null => return Ok(BTreeMap::new()),
+        Value::Null => return Ok(Labels::default()),
         Value::Object(map) => map,
         _ => return Err(format!("{field}: must be an object of strings")),
     };
@@ -216,8 +216,8 @@ mod tests {
         assert_eq!(i.addr.to_string(), "10.0.0.5:8080");
         assert_eq!(i.weight, 30);
         assert_eq!(i.zone.as_deref(), Some("a"));
-        assert_eq!(i.metadata.get("version").map(String::as_str), Some("v2"));
-        assert_eq!(i.metadata.get("shard").map(String::as_str), Some("3"));
+        assert_eq!(i.metadata.get("version"), Some("v2"));
+        assert_eq!(i.metadata.get("shard"), Some("3"));
         assert!(i.enabled);
     }
 
@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(i.format, Format::Nerve);
         assert_eq!(i.weight, 10);
         assert_eq!(i.zone.as_deref(), Some("a"));
-        assert_eq!(i.metadata["az"], "a");
+        assert_eq!(i.metadata.get("az"), Some("a"));
     }
 
     #[test]

@@ -355,7 +355,7 @@ fn join(root: &str, child: &str) -> String {
 fn origin(path: &str, stat: &Stat) -> Origin {
     Origin {
         source: SourceKind::Zookeeper,
-        path: path.to_owned(),
+        path: Arc::from(path),
         mzxid: Some(stat.mzxid),
         version: Some(stat.version),
     }
@@ -422,22 +422,20 @@ pub async fn read_all(client: &Client, paths: &Paths) -> Result<Resync, zookeepe
     let services = children(client, &paths.services).await?;
     let service_paths: Vec<String> = services.iter().map(|s| join(&paths.services, s)).collect();
     let instance_ids = read_children(client, &service_paths).await?;
-    let mut instance_refs = Vec::new();
-    for (service, ids) in services.iter().zip(instance_ids) {
-        let name = ServiceName::new(service);
-        for id in ids {
-            instance_refs.push((join(&join(&paths.services, service), &id), name.clone(), id));
+    let names: Vec<ServiceName> = services.iter().map(|s| ServiceName::new(s)).collect();
+    let refs: Vec<(usize, String)> =
+        instance_ids.into_iter().enumerate().flat_map(|(s, ids)| ids.into_iter().map(move |id| (s, id))).collect();
+    // Read and parse batch by batch, so that the raw bytes of only one batch are alive at a time.
+    let mut instances = Vec::with_capacity(refs.len());
+    for batch in refs.chunks(MULTI_READ_BATCH) {
+        let batch_paths: Vec<String> = batch.iter().map(|(s, id)| join(&service_paths[*s], id)).collect();
+        let data = read_data(client, batch_paths.iter().map(String::as_str)).await?;
+        for ((s, id), raw) in batch.iter().zip(data) {
+            if let Change::Instance { service, id, doc: Some(doc) } = instance_change(names[*s].clone(), id, raw) {
+                instances.push((service, id, doc));
+            }
         }
     }
-    let data = read_data(client, instance_refs.iter().map(|(p, _, _)| p.as_str())).await?;
-    let instances = instance_refs
-        .into_iter()
-        .zip(data)
-        .filter_map(|((_, service, id), raw)| match instance_change(service, &id, Some(raw?)) {
-            Change::Instance { service, id, doc: Some(doc) } => Some((service, id, doc)),
-            _ => None,
-        })
-        .collect();
 
     let rule_ids = children(client, &paths.rules).await?;
     let data = read_data(

@@ -726,7 +726,7 @@ fn subset_set(
 ) -> EndpointSet {
     let endpoints = dedupe(entry.instances.iter().filter_map(|i| {
         let inst = &i.instance;
-        if !subset.iter().all(|(k, v)| inst.metadata.get(k) == Some(v)) {
+        if !subset.iter().all(|(k, v)| inst.metadata.get(k) == Some(v.as_str())) {
             return None;
         }
         let (addr, state) = match endpoint {
@@ -779,14 +779,14 @@ struct Invalids {
 impl Invalids {
     /// Records (or, without a reason, clears) a node's invalid state.
     fn note(&mut self, kind: NodeKind, origin: &Origin, reason: Option<&String>, previous_in_force: bool) {
-        let key = (kind, origin.path.clone());
+        let key = (kind, origin.path.to_string());
         let Some(reason) = reason else {
             self.nodes.remove(&key);
             return;
         };
         let fresh = InvalidNode {
             kind,
-            path: origin.path.clone(),
+            path: origin.path.to_string(),
             reason: reason.clone(),
             previous_in_force,
             version: origin.version,

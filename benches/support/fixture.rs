@@ -14,7 +14,7 @@ use zkroute::routing::{Builder, Origin, ServiceName, SourceKind};
 
 pub fn raw(path: String, data: String) -> RawNode {
     RawNode {
-        origin: Origin { source: SourceKind::Zookeeper, path, mzxid: Some(1), version: Some(0) },
+        origin: Origin { source: SourceKind::Zookeeper, path: path.into(), mzxid: Some(1), version: Some(0) },
         data: data.into_bytes(),
     }
 }
