@@ -5,12 +5,15 @@ COPY . .
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home zkroute \
+RUN groupadd --system --gid 10001 zkroute \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home zkroute \
+ && mkdir -p /var/lib/zkroute /etc/zkroute && chown zkroute:zkroute /var/lib/zkroute \
  && apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/zkroute /usr/local/bin/zkroute
 USER zkroute
-# The configuration file (CONTRACT section 3); every key can also be a ZKROUTE_* variable.
+# The configuration file (see the README); every key can also be a ZKROUTE_* variable.
+# /var/lib/zkroute is writable for zookeeper.snapshot.
 ENV ZKROUTE_CONFIG=/etc/zkroute/zkroute.toml
 # Admin port: /metrics /healthz /ready /config. Bind it to 0.0.0.0 in the config to scrape it
 # from outside the pod.

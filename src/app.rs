@@ -29,7 +29,8 @@ use crate::proxy::tcp::TcpContext;
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
 use crate::register::Registrations;
-use crate::routing::build::Delta;
+use crate::routing::SourceKind;
+use crate::routing::build::{Delta, Resync};
 use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -208,11 +209,20 @@ impl App {
     /// Stops: `/ready` turns 503, listeners stop accepting, open connections finish their
     /// in-flight work within `drain_timeout`, then every task is stopped.
     pub async fn stop(self, drain_timeout: Duration) {
+        self.stop_after(Duration::ZERO, drain_timeout).await
+    }
+
+    /// As [`App::stop`], keeping the listeners open `delay` after deregistering.
+    pub async fn stop_after(self, delay: Duration, drain_timeout: Duration) {
         // The local app leaves the registry first, so that other sidecars stop sending to it.
         if let Some(r) = &self.registrations {
             r.deregister(Duration::from_secs(5).min(drain_timeout)).await;
         }
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(?delay, "deregistered; listeners keep accepting for proxy.shutdown_delay");
+            tokio::time::sleep(delay).await;
+        }
         self.trigger.trigger();
         let deadline = tokio::time::Instant::now() + drain_timeout;
         for tracker in &self.trackers {
@@ -270,6 +280,17 @@ fn spawn_source(
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) -> anyhow::Result<JoinHandle<()>> {
+    if config.listeners.is_empty() && config.static_file.is_none() {
+        // Registration only: following the whole naming tree would cost ZooKeeper for nothing.
+        tracing::info!("no listeners: not following ZooKeeper (registration only)");
+        let empty = Resync { source: SourceKind::None, instances: Vec::new(), rules: Vec::new(), policies: Vec::new() };
+        updates.send(crate::discovery::Update::new(vec![crate::routing::Change::Resync(empty)], None));
+        return Ok(tokio::spawn(async move {
+            let mut shutdown = shutdown;
+            shutdown.wait().await;
+            drop(updates);
+        }));
+    }
     if let Some(s) = &config.static_file {
         let source = FileSource { path: s.file.clone(), updates };
         return Ok(tokio::spawn(source.run(shutdown)));

@@ -141,6 +141,9 @@ pub struct ProxyConfig {
     pub state_retention: Dur,
     /// How long in-flight requests and connections may finish after SIGTERM.
     pub drain_timeout: Dur,
+    /// On SIGTERM, how long listeners keep accepting after the local app is deregistered (so
+    /// that the app's own late outbound calls still go through); `/ready` is 503 meanwhile.
+    pub shutdown_delay: Dur,
     /// Closes an idle downstream HTTP keep-alive connection.
     pub idle_timeout: Dur,
     /// Closes a TCP connection with no bytes either way for this long.
@@ -175,6 +178,7 @@ impl Default for ProxyConfig {
             protect_from_empty: false,
             state_retention: secs(30),
             drain_timeout: secs(15),
+            shutdown_delay: secs(0),
             idle_timeout: secs(60),
             tcp_idle_timeout: secs(3600),
             header_read_timeout: secs(10),
@@ -334,6 +338,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("proxy.protect_from_empty", Kind::Bool, "keep a service's last instances if all vanish at once [default: false]"),
     ("proxy.state_retention", Kind::Str, "keep a removed endpoint's state this long [default: 30s]"),
     ("proxy.drain_timeout", Kind::Str, "let in-flight work finish this long on SIGTERM [default: 15s]"),
+    ("proxy.shutdown_delay", Kind::Str, "keep accepting this long after deregistering on SIGTERM [default: 0s]"),
     ("proxy.idle_timeout", Kind::Str, "close idle client HTTP connections after [default: 60s]"),
     ("proxy.tcp_idle_timeout", Kind::Str, "close TCP connections idle for [default: 1h]"),
     ("proxy.header_read_timeout", Kind::Str, "time to receive request headers [default: 10s]"),
@@ -409,7 +414,7 @@ impl Args for ConfigArgs {
                 .value_name("FILE")
                 .value_parser(clap::value_parser!(PathBuf))
                 .global(true)
-                .help("TOML configuration file (CONTRACT section 3)"),
+                .help("TOML configuration file (see the README's Configuration section)"),
         );
         KEYS.iter().fold(cmd, |cmd, (key, kind, help)| {
             // Table keys stay on the top-level command: `ctl route` has a `--listener` of its own.

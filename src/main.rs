@@ -124,6 +124,7 @@ fn run(args: ConfigArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let drain = config.proxy.drain_timeout.0;
+        let delay = config.proxy.shutdown_delay.0;
         let app = match App::start(config).await {
             Ok(app) => app,
             Err(e) => {
@@ -133,7 +134,7 @@ fn run(args: ConfigArgs) -> ExitCode {
         };
         wait_for_signal().await;
         tracing::info!(drain_timeout = ?drain, "shutting down: draining");
-        app.stop(drain).await;
+        app.stop_after(delay, drain).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

@@ -295,6 +295,8 @@ pub enum SourceKind {
     Zookeeper,
     File,
     Snapshot,
+    /// Nothing to route (no listeners): nothing is read.
+    None,
 }
 
 impl fmt::Display for SourceKind {
@@ -303,6 +305,7 @@ impl fmt::Display for SourceKind {
             SourceKind::Zookeeper => "zookeeper",
             SourceKind::File => "file",
             SourceKind::Snapshot => "snapshot",
+            SourceKind::None => "none",
         })
     }
 }

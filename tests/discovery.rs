@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Proxy, Zk, addresses, eventually, get, instances};
+use support::{HTTP_LISTENER, Proxy, Zk, addresses, eventually, get, instances};
 
 const CURATOR: &str = r#"{"name":"users","id":"c1","address":"10.0.0.1","port":8080,"sslPort":null,
     "payload":{"@class":"x","metadata":{"version":"v1"}},"registrationTimeUTC":1732700000000,"serviceType":"DYNAMIC"}"#;
@@ -18,7 +18,7 @@ async fn an_instance_of_every_format_is_added_changed_and_removed() {
     let chroot = Zk::shared().chroot();
     let zk = chroot.client().await;
     zk.put("/zkroute/services/users/c1", CURATOR).await;
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     let c = proxy.config_until("the curator instance", |c| addresses(c, "users").len() == 1).await;
     let i = instances(&c, "users")[0];
     assert_eq!(i["format"], "curator");
@@ -129,7 +129,7 @@ async fn policies_are_read_and_a_bad_policy_keeps_the_previous_one() {
     let zk = chroot.client().await;
     zk.put("/zkroute/services/users/a", "10.0.0.1:80").await;
     zk.put("/zkroute/policies/users", r#"{"lb":"round_robin"}"#).await;
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     proxy.config_until("the policy", |c| c["services"]["users"]["policy"]["lb"] == "round_robin").await;
     zk.put("/zkroute/policies/users", r#"{"lb":"random"}"#).await;
     let c = proxy.config_until("the bad policy", |c| !c["invalid"].as_array().unwrap().is_empty()).await;
@@ -146,7 +146,10 @@ async fn a_connect_string_with_several_hosts_and_a_chroot_works() {
     let dead = support::free_port();
     let (hosts, path) = chroot.connect.split_once('/').unwrap();
     let connect = format!("127.0.0.1:{dead},{hosts}/{path}");
-    let proxy = Proxy::start(&format!("[zookeeper]\nconnect = \"{connect}\"\n[admin]\nbind = \"127.0.0.1:0\"\n")).await;
+    let proxy = Proxy::start(&format!(
+        "[zookeeper]\nconnect = \"{connect}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{HTTP_LISTENER}"
+    ))
+    .await;
     proxy.config_until("the service through the second host", |c| addresses(c, "s").len() == 1).await;
     proxy.stop().await;
 }
@@ -154,7 +157,7 @@ async fn a_connect_string_with_several_hosts_and_a_chroot_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_200_once_the_first_table_is_loaded() {
     let chroot = Zk::shared().chroot();
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     eventually("ready", Duration::from_secs(10), || async {
         (get(proxy.admin(), "/ready").await.ok()?.status() == 200).then_some(())
     })
@@ -172,7 +175,7 @@ async fn zookeeper_restarted_the_table_keeps_serving_and_later_changes_arrive() 
         let zk = chroot.client().await;
         zk.put("/zkroute/services/s/a", "10.0.0.1:80").await;
     }
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     proxy.config_until("the first table", |c| addresses(c, "s").len() == 1).await;
     assert_eq!(proxy.metric("zkroute_zk_connected").await, Some(1.0));
 
@@ -203,7 +206,7 @@ async fn a_session_expiry_moves_to_a_new_session_and_changes_arrive() {
     let chroot = server.chroot();
     let zk = chroot.client().await;
     zk.put("/zkroute/services/s/a", "10.0.0.1:80").await;
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     proxy.config_until("the first table", |c| addresses(c, "s").len() == 1).await;
 
     // Freeze the server past the 2s session timeout: on resume it expires the session.
@@ -260,7 +263,7 @@ async fn a_change_to_one_node_rereads_that_node_only() {
             zk.put(&format!("/zkroute/services/s{s}/i{i}"), &format!("10.0.{s}.{i}:80")).await;
         }
     }
-    let proxy = Proxy::with_zk(&chroot, "").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
     proxy.config_until("100 instances", |c| c["services"].as_object().is_some_and(|s| s.len() == 20)).await;
     let read = proxy.metric("zkroute_zk_nodes_read_total").await.unwrap();
     assert_eq!(read, 100.0, "the first read reads every node once");

@@ -393,7 +393,7 @@ async fn an_acl_protected_tree_is_read_with_digest_credentials() {
     let auth_file = dir.path().join("zk-auth");
     std::fs::write(&auth_file, "ops:s3cret\n").unwrap();
     let proxy = Proxy::start(&format!(
-        "[zookeeper]\nconnect = \"{}\"\nauth_file = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n",
+        "[zookeeper]\nconnect = \"{}\"\nauth_file = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{HTTP_LISTENER}",
         chroot.connect,
         auth_file.display()
     ))

@@ -29,7 +29,7 @@ async fn the_registered_node_is_a_curator_document_present_while_the_app_is_heal
     let chroot = Zk::shared().chroot();
     let zk = chroot.client().await;
     let app = Backend::http("app").await;
-    let proxy = Proxy::with_zk(&chroot, &register_toml(&app, "100ms")).await;
+    let proxy = Proxy::with_zk(&chroot, &format!("{HTTP_LISTENER}{}", register_toml(&app, "100ms"))).await;
     let path = node_path(&app);
     let data = eventually("registered", Duration::from_secs(10), || async { zk.get(&path).await }).await;
 
@@ -274,5 +274,22 @@ async fn ctl_route_agrees_with_the_proxy() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["targets"][0]["service"].as_str().unwrap(), who(&r), "{host}{path} {headers:?}");
     }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_only_zkroute_does_not_follow_the_naming_tree() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    for i in 0..20 {
+        zk.put(&format!("/zkroute/services/other/{i}"), "10.0.0.1:80").await;
+    }
+    let app = Backend::http("app").await;
+    // No [[listener]]: only registration.
+    let proxy = Proxy::with_zk(&chroot, &register_toml(&app, "100ms")).await;
+    eventually("registered", Duration::from_secs(10), || async { zk.get(&node_path(&app)).await }).await;
+    assert_eq!(get(proxy.admin(), "/ready").await.unwrap().status(), 200);
+    assert_eq!(proxy.config().await["source"], "none");
+    assert_eq!(proxy.metric("zkroute_zk_nodes_read_total").await, Some(0.0), "nothing read");
     proxy.stop().await;
 }

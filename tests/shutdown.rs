@@ -82,3 +82,32 @@ async fn work_still_open_at_the_drain_timeout_is_closed_and_the_exit_is_zero() {
     let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await.unwrap();
     assert!(matches!(n, Ok(0) | Err(_)), "the connection was closed when the process exited");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shutdown_delay_listeners_keep_accepting_after_deregistration() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let web = Backend::http("web").await;
+    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
+    let mut bin = Binary::start_with(&chroot, "5s", "", &["--proxy-shutdown-delay", "1500ms"]).await;
+    eventually("the web route", Duration::from_secs(10), || async {
+        (send(bin.http, request("GET", "h", "/", &[], "")).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    bin.sigterm();
+    eventually("/ready turns 503", Duration::from_secs(5), || async {
+        (get(bin.admin, "/ready").await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    // Still accepting during the delay.
+    let r = send(bin.http, request("GET", "h", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(1500), "answered within the delay");
+    eventually("new connections refused after the delay", Duration::from_secs(5), || async {
+        TcpStream::connect(bin.http).await.is_err().then_some(())
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert_eq!(bin.wait_exit(Duration::from_secs(5)).code(), Some(0));
+}
