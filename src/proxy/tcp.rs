@@ -28,8 +28,7 @@ use crate::routing::docs::{HashOn, LbPolicy};
 use crate::routing::table::{ListenerId, hash_bytes};
 use crate::shutdown::Shutdown;
 
-/// Bytes moved per splice call, and the pipe size asked for.
-const SPLICE_CHUNK: usize = 1 << 20;
+/// The pipe size asked for: the most one splice call moves.
 const PIPE_SIZE: usize = 1 << 20;
 
 /// Everything a TCP listener's connections share.
@@ -242,17 +241,24 @@ async fn pump(src: &TcpStream, dst: &TcpStream, bytes: (&IntCounter, &AtomicU64)
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Bytes the pipe holds at most.
+    capacity: usize,
 }
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // Best effort: a larger pipe moves more per call; the kernel caps it per user.
-        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
-        Ok(Pipe { read, write })
+        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
+            .unwrap_or(64 * 1024);
+        Ok(Pipe { read, write, capacity })
     }
 }
 
+/// Moves bytes from `src` to `dst` through the pipe: fill it with what `src` has, drain it into
+/// `dst` as far as `dst` takes, and wait only when neither can move, so reading and writing
+/// overlap instead of taking turns.
 async fn splice_loop(
     src: &TcpStream,
     dst: &TcpStream,
@@ -261,32 +267,68 @@ async fn splice_loop(
     last: &Activity,
 ) -> io::Result<()> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    let (mut in_pipe, mut eof) = (0usize, false);
     loop {
-        src.readable().await?;
-        let n = match src.try_io(Interest::READABLE, || {
-            rustix::pipe::splice(src.as_fd(), None, &pipe.write, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
-        }) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        last.touch();
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                rustix::pipe::splice(&pipe.read, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+        let mut moved = false;
+        if !eof && in_pipe < pipe.capacity {
+            let room = pipe.capacity - in_pipe;
+            let mut got = 0;
+            // A short read drained the socket: report it as WouldBlock too, so that tokio clears
+            // the readiness and the next attempt waits instead of failing with EAGAIN.
+            match src.try_io(Interest::READABLE, || {
+                got = rustix::pipe::splice(src.as_fd(), None, &pipe.write, None, room, flags)?;
+                if got > 0 && got < room { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
             }) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")),
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(()) if got == 0 => eof = true,
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+            if got > 0 {
+                in_pipe += got;
+                moved = true;
+                bytes.0.inc_by(got as u64);
+                bytes.1.fetch_add(got as u64, Ordering::Relaxed);
+            }
         }
-        bytes.0.inc_by(n as u64);
-        bytes.1.fetch_add(n as u64, Ordering::Relaxed);
-        last.touch();
+        if in_pipe > 0 {
+            let mut put = 0;
+            // Likewise a short write: the send buffer is full.
+            match dst.try_io(Interest::WRITABLE, || {
+                put = rustix::pipe::splice(&pipe.read, None, dst.as_fd(), None, in_pipe, flags)?;
+                if put < in_pipe { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+            }) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if put > 0 {
+                in_pipe -= put;
+                moved = true;
+            }
+        }
+        if eof && in_pipe == 0 {
+            return Ok(());
+        }
+        if moved {
+            last.touch();
+            // Counts against the task's cooperative budget, yielding only when it is spent, so a
+            // fast stream cannot starve the other direction or other connections.
+            tokio::task::consume_budget().await;
+            continue;
+        }
+        // Neither side can move: wait for the one (or either) that would unblock this direction.
+        let can_read = !eof && in_pipe < pipe.capacity;
+        match (can_read, in_pipe > 0) {
+            (true, false) => src.readable().await?,
+            (false, true) => dst.writable().await?,
+            _ => {
+                tokio::select! {
+                    r = src.readable() => r?,
+                    w = dst.writable() => w?,
+                }
+            }
+        }
     }
 }
 
