@@ -2,7 +2,7 @@
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
 #   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind]
-#                      [--entries direct,zkroute,haproxy,nginx,envoy] [--tcp-bytes 4G]
+#                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics] [--tcp-bytes 4G]
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
@@ -293,6 +293,14 @@ start_zkroute() {
     start "$(basename "$dir")" "$cpu" env RUST_LOG=warn "$@" "$ZKROUTE" --config "$dir/zkroute.toml"
     wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 ||
         die "zkroute did not become ready: $(tail -20 "$WORK/$(basename "$dir").log")"
+}
+
+# zkroute with data-plane metric recording off (`metrics.enabled = false`): an entry to set beside
+# `zkroute` to measure what recording costs (`--entries direct,zkroute,zkroute-nometrics`).
+start_zkroute-nometrics() {
+    local dir=$1 cpu=$2
+    shift 2
+    start_zkroute "$dir" "$cpu" ZKROUTE_METRICS_ENABLED=false "$@"
 }
 
 start_haproxy() {
