@@ -4,6 +4,7 @@
 //! path only reads atomics.
 
 pub mod checker;
+pub mod probe;
 
 use tokio::sync::mpsc;
 use tracing::warn;

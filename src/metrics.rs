@@ -232,6 +232,27 @@ impl RouteStats {
         self.enabled
     }
 
+    /// Counts a failed connection attempt to an endpoint.
+    pub fn connect_failed(&self) {
+        if self.enabled {
+            self.connect_errors.inc();
+        }
+    }
+
+    /// Counts an extra attempt after a failed one.
+    pub fn retried(&self) {
+        if self.enabled {
+            self.retries.inc();
+        }
+    }
+
+    /// Counts a TCP connection taken by this route.
+    pub fn tcp_accepted(&self) {
+        if self.enabled {
+            self.tcp_connections.inc();
+        }
+    }
+
     fn counter(&self, code: u16) -> IntCounter {
         for slot in &self.codes {
             let (c, counter) = slot.get_or_init(|| (code, self.child(code)));

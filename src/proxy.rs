@@ -9,11 +9,58 @@ pub mod http;
 pub mod tcp;
 pub mod upstream;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
+/// and connections beyond `max` open ones are closed at once and counted.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &str,
+    max: usize,
+    tracker: &Arc<Tracker>,
+    metrics: &Metrics,
+    mut shutdown: Shutdown,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let refused = metrics.connections_refused.with_label_values(&[name]);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(listener = %name, error = %e, "accept failed");
+                    // Out of descriptors and the like: let the situation ease.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let Some(tracked) = tracker.try_track(max) else {
+            refused.inc();
+            continue;
+        };
+        let work = handle(stream, peer);
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            work.await;
+        });
+    }
+}
 
 /// Per-listener limits, from the local configuration.
 #[derive(Clone, Debug)]

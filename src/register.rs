@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -18,6 +17,7 @@ use zookeeper_client::{Acls, Client, CreateMode, SessionState};
 
 use crate::config::{Dur, RegisterCheck, RegisterConfig};
 use crate::discovery::zk::{Backoff, ZkSettings};
+use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::routing::Addr;
 
@@ -157,7 +157,7 @@ async fn health_loop(
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut healthy = false;
     loop {
-        let result = probe(&entry, &check).await;
+        let result = check_app(&entry, &check).await;
         match &result {
             Ok(_) => {
                 passes += 1;
@@ -187,49 +187,18 @@ async fn health_loop(
     }
 }
 
-async fn probe(entry: &RegisterConfig, check: &RegisterCheck) -> Result<String, String> {
+async fn check_app(entry: &RegisterConfig, check: &RegisterCheck) -> Result<String, String> {
     let Dur(timeout) = check.timeout;
-    let attempt = async {
-        match (check.kind.as_str(), &check.url) {
-            ("http", Some(url)) => http_get(url).await,
-            _ => {
-                let addr = Addr::from_parts(&entry.address, entry.port).map_err(|e| e.to_string())?;
-                crate::proxy::upstream::connect(&addr, timeout)
-                    .await
-                    .map(|_| "connected".to_owned())
-                    .map_err(|e| e.to_string())
-            }
+    match (check.kind.as_str(), &check.url) {
+        ("http", Some(url)) => {
+            let (addr, host, path) = probe::parse_url(url)?;
+            probe::probe(&addr, probe::Probe::Http { host, path }, timeout, "zkroute-register").await
         }
-    };
-    tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-}
-
-/// GET an `http://host:port/path` URL; 2xx passes.
-async fn http_get(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or("not an http:// URL")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = authority.parse::<Addr>().map_err(|e| e.to_string())?;
-    let mut s =
-        crate::proxy::upstream::connect(&addr, Duration::from_secs(5)).await.map_err(|e| format!("connect: {e}"))?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: zkroute-register\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut head = [0u8; 32];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut head[n..]).await {
-            Ok(0) => return Err("closed before a status line".into()),
-            Ok(m) => n += m,
-            Err(e) => return Err(e.to_string()),
+        _ => {
+            let addr = Addr::from_parts(&entry.address, entry.port).map_err(|e| e.to_string())?;
+            probe::probe(&addr, probe::Probe::Tcp, timeout, "zkroute-register").await
         }
     }
-    let code =
-        std::str::from_utf8(&head[9..12]).ok().and_then(|c| c.parse::<u16>().ok()).ok_or("not an HTTP response")?;
-    if (200..300).contains(&code) { Ok(format!("HTTP {code}")) } else { Err(format!("HTTP {code}")) }
 }
 
 struct Session {

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::OutlierSink;
+use super::{OutlierSink, probe};
 use crate::endpoint::{CheckReport, EndpointState, Health};
 use crate::metrics::Metrics;
 use crate::routing::build::Delta;
@@ -179,37 +178,12 @@ impl Probe {
 
     /// One check: Ok or Err with what was seen.
     async fn probe_once(&self) -> Result<String, String> {
-        let attempt = async {
-            let mut stream = crate::proxy::upstream::connect(&self.addr, self.check.timeout)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let CheckKind::Http { path } = &self.check.kind else { return Ok("connected".to_owned()) };
-            let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: zkroute-health-check\r\nConnection: close\r\n\r\n",
-                self.addr
-            );
-            stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
-            let mut head = [0u8; 64];
-            let mut n = 0;
-            while n < 12 {
-                match stream.read(&mut head[n..]).await {
-                    Ok(0) => return Err("closed before a status line".to_owned()),
-                    Ok(m) => n += m,
-                    Err(e) => return Err(format!("read: {e}")),
-                }
-            }
-            let line = String::from_utf8_lossy(&head[..n]);
-            let status = line
-                .strip_prefix("HTTP/1.")
-                .and_then(|rest| rest.get(2..5))
-                .and_then(|code| code.parse::<u16>().ok())
-                .ok_or_else(|| "not an HTTP response".to_owned())?;
-            if (200..300).contains(&status) { Ok(format!("HTTP {status}")) } else { Err(format!("HTTP {status}")) }
+        let host = self.addr.to_string();
+        let probe = match &self.check.kind {
+            CheckKind::Http { path } => probe::Probe::Http { host: &host, path },
+            CheckKind::Tcp => probe::Probe::Tcp,
         };
-        match tokio::time::timeout(self.check.timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {:?}", self.check.timeout)),
-        }
+        probe::probe(&self.addr, probe, self.check.timeout, "zkroute-health-check").await
     }
 }
 

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::debug;
 
 use self::codec::IoBuf;
 use super::upstream::Pools;
@@ -47,31 +46,17 @@ impl HttpContext {
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>) {
-    let mut shutdown = ctx.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(listener = %ctx.name, error = %e, "accept failed");
-                    // Out of descriptors and the like: let the situation ease.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
-        let Some(tracked) = ctx.tracker.try_track(ctx.limits.max_connections) else {
-            ctx.metrics.connections_refused.with_label_values(&[&ctx.name]).inc();
-            drop(stream);
-            continue;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _tracked = tracked;
-            serve_connection(stream, peer, ctx).await;
-        });
-    }
+    let c = ctx.clone();
+    super::accept_loop(
+        listener,
+        &c.name,
+        c.limits.max_connections,
+        &c.tracker,
+        &c.metrics,
+        c.shutdown.clone(),
+        |s, peer| serve_connection(s, peer, ctx.clone()),
+    )
+    .await;
 }
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {

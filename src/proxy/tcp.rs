@@ -69,29 +69,20 @@ impl TcpContext {
 
 /// Accepts connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>) {
-    let mut shutdown = ctx.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(listener = %ctx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
-        };
-        let Some(tracked) = ctx.tracker.try_track(ctx.limits.max_connections) else {
-            ctx.metrics.connections_refused.with_label_values(&[&ctx.name]).inc();
-            continue;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let _tracked = tracked;
-            handle(stream, peer, &ctx).await;
-        });
-    }
+    let c = ctx.clone();
+    super::accept_loop(
+        listener,
+        &c.name,
+        c.limits.max_connections,
+        &c.tracker,
+        &c.metrics,
+        c.shutdown.clone(),
+        |s, peer| {
+            let ctx = ctx.clone();
+            async move { handle(s, peer, &ctx).await }
+        },
+    )
+    .await;
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
@@ -111,10 +102,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     } else {
         first
     };
-    let metrics_on = target.stats.enabled();
-    if metrics_on {
-        target.stats.tcp_connections.inc();
-    }
+    target.stats.tcp_accepted();
     let hash = match &target.set.policy.lb {
         LbPolicy::RingHash(HashOn::SourceIp | HashOn::Header(_)) => Some(hash_bytes(peer.ip().to_string().as_bytes())),
         _ => None,
@@ -135,17 +123,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             }
             Err(e) => {
                 debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
-                if metrics_on {
-                    target.stats.connect_errors.inc();
-                }
+                target.stats.connect_failed();
                 ctx.outliers.failure(&target.set, i);
                 if attempts_left == 0 {
                     return;
                 }
                 attempts_left -= 1;
-                if metrics_on {
-                    target.stats.retries.inc();
-                }
+                target.stats.retried();
             }
         }
     };

@@ -280,9 +280,7 @@ impl Connection {
                     match upstream::connect(&endpoint.addr, connect_timeout).await {
                         Ok(s) => Conn::new(s),
                         Err(e) => {
-                            if target.stats.enabled() {
-                                target.stats.connect_errors.inc();
-                            }
+                            target.stats.connect_failed();
                             self.ctx.outlier_failure(&target.set, i);
                             tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
                             last_error = if tokio::time::Instant::now() >= deadline {
@@ -292,9 +290,7 @@ impl Connection {
                             };
                             if attempts_left > 0 && last_error != ProxyError::Timeout {
                                 attempts_left -= 1;
-                                if target.stats.enabled() {
-                                    target.stats.retries.inc();
-                                }
+                                target.stats.retried();
                                 continue;
                             }
                             break;
@@ -329,9 +325,7 @@ impl Connection {
                 Outcome::Retry(e) if attempts_left > 0 && tokio::time::Instant::now() < deadline => {
                     self.ctx.outlier_failure(&target.set, i);
                     attempts_left -= 1;
-                    if target.stats.enabled() {
-                        target.stats.retries.inc();
-                    }
+                    target.stats.retried();
                     last_error = e;
                 }
                 Outcome::Retry(e) | Outcome::Fail(e) => {

@@ -299,16 +299,12 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                 match upstream::connect(&endpoint.addr, timeout).await {
                     Ok(s) => Conn::new(s),
                     Err(_) => {
-                        if target.stats.enabled() {
-                            target.stats.connect_errors.inc();
-                        }
+                        target.stats.connect_failed();
                         ctx.outlier_failure(&target.set, i);
                         last_error = ProxyError::ConnectFailed;
                         if attempts_left > 0 {
                             attempts_left -= 1;
-                            if target.stats.enabled() {
-                                target.stats.retries.inc();
-                            }
+                            target.stats.retried();
                             continue;
                         }
                         break;
