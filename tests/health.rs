@@ -133,6 +133,28 @@ async fn checks_stop_when_the_instance_goes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_keep_running_when_the_rules_change() {
+    // A rule change rebuilds every listener's routes, and the checker then looks at every
+    // service: the loops it keeps must keep running.
+    let (zk, proxy) = proxy("").await;
+    let a = Backend::http("a").await;
+    setup(&zk, &proxy, CHECKED, &[&a]).await;
+    eventually("checks running", Duration::from_secs(5), || async { (a.health_checks() >= 2).then_some(()) }).await;
+    zk.put(
+        "/zkroute/rules/other",
+        r#"{"listener":"http","match":{"path_prefix":"/other"},"backends":[{"service":"s"}]}"#,
+    )
+    .await;
+    proxy.config_until("the second rule", |c| c["rules"]["other"]["in_force"].is_object()).await;
+    let after = a.health_checks();
+    eventually("checks after the rule change", Duration::from_secs(5), || async {
+        (a.health_checks() >= after + 3).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_answering_5xx_is_ejected_and_returns_after_its_ejection() {
     let (zk, proxy) = proxy("").await;
     let bad = Backend::http("bad").await;

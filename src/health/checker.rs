@@ -4,13 +4,13 @@
 //! (outside the table) and, when an endpoint changes state, to the control loop, which rebuilds
 //! that service's lists.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{OutlierSink, probe};
 use crate::endpoint::{CheckReport, EndpointState, Health};
@@ -51,10 +51,12 @@ impl Checker {
     /// checks have one. Only the services `delta` rebuilt are looked at, unless routes changed.
     pub fn reconcile(&mut self, table: &RoutingTable, delta: &Delta) {
         let full = delta.routes_rebuilt || !std::mem::replace(&mut self.started, true);
-        let services: Vec<ServiceName> = if full {
+        // A set: a service named twice would be reconciled a second time against nothing wanted,
+        // stopping the loops the first pass kept.
+        let services: BTreeSet<ServiceName> = if full {
             table.services.iter().map(|(n, _)| n.clone()).chain(self.loops.keys().cloned()).collect()
         } else {
-            delta.rebuilt.iter().cloned().collect()
+            delta.rebuilt.clone()
         };
         let mut wanted: HashMap<ServiceName, Wanted> = HashMap::new();
         let mut add = |set: &EndpointSet, only: Option<&std::collections::HashSet<&ServiceName>>| {
@@ -98,6 +100,7 @@ impl Checker {
                     failed: self.metrics.health_checks.with_label_values(&[name.as_str(), "unhealthy"]),
                     service: name.clone(),
                 };
+                debug!(endpoint = %key, "health check loop started");
                 loops.insert(key, Loop { check, task: tokio::spawn(probe.run()) });
             }
             if loops.is_empty() {
@@ -146,6 +149,7 @@ impl Probe {
             let detail = match &result {
                 Ok(d) | Err(d) => d.clone(),
             };
+            debug!(endpoint = %self.state.key, ok, %detail, "health check");
             self.state.record_check(CheckReport { at: SystemTime::now(), ok, detail: detail.clone() });
             let current = match self.state.health() {
                 Health::Unknown if self.check.initially_healthy => Health::Healthy,

@@ -59,6 +59,20 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Response<Bytes>, String
     send(addr, req).await
 }
 
+/// With `ZKROUTE_TEST_LOG` set (an `EnvFilter`, such as `zkroute=debug`), the in-process zkroutes
+/// log to the test's output, which the harness shows for failing tests.
+fn log_if_asked() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if let Ok(filter) = std::env::var("ZKROUTE_TEST_LOG") {
+        ONCE.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        });
+    }
+}
+
 /// A zkroute running in this process.
 pub struct Proxy {
     pub app: App,
@@ -67,6 +81,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts zkroute from TOML text. Bind addresses may use port 0.
     pub async fn start(toml: &str) -> Proxy {
+        log_if_asked();
         let config = Config::from_toml(toml, "test.toml").unwrap_or_else(|e| panic!("test config: {e}"));
         let app = App::start(config).await.expect("zkroute starts");
         Proxy { app }
@@ -98,11 +113,15 @@ impl Proxy {
 
     /// Polls `/config` until `check` holds, returning the document.
     pub async fn config_until(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        eventually(what, Duration::from_secs(10), || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
             let c = self.config().await;
-            (c["loaded"] == true && check(&c)).then_some(c)
-        })
-        .await
+            if c["loaded"] == true && check(&c) {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "timed out after 10s waiting for {what}; /config last showed:\n{c:#}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// `/metrics` as text.
