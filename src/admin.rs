@@ -18,7 +18,7 @@ use tracing::debug;
 
 use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
-use crate::routing::docs::{Backend, LbPolicy};
+use crate::routing::docs::{Backend, CheckKind, HashOn, LbPolicy};
 use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
 use crate::routing::{RouteReader, RoutingTable};
 
@@ -172,17 +172,43 @@ fn set_json(set: &EndpointSet) -> Value {
 }
 
 fn policy_json(p: &ServicePolicy) -> Value {
+    let human = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let lb = match &p.lb {
         LbPolicy::RoundRobin => json!("round_robin"),
         LbPolicy::P2c => json!("p2c"),
-        LbPolicy::RingHash(on) => json!({ "ring_hash": format!("{on:?}") }),
+        LbPolicy::RingHash(HashOn::SourceIp) => json!({ "ring_hash": "source_ip" }),
+        LbPolicy::RingHash(HashOn::Header(name)) => json!({ "ring_hash": format!("header:{name}") }),
     };
+    // The same keys as the policy document, with the defaults filled in.
+    let health_check = p.health_check.as_ref().map(|h| {
+        let (kind, path) = match &h.kind {
+            CheckKind::Http { path } => ("http", Some(path)),
+            CheckKind::Tcp => ("tcp", None),
+        };
+        json!({
+            "kind": kind,
+            "path": path,
+            "interval": human(h.interval),
+            "timeout": human(h.timeout),
+            "healthy_threshold": h.healthy_threshold,
+            "unhealthy_threshold": h.unhealthy_threshold,
+            "initially_healthy": h.initially_healthy,
+        })
+    });
+    let outlier = p.outlier.as_ref().map(|o| {
+        json!({
+            "consecutive_failures": o.consecutive_failures,
+            "base_ejection": human(o.base_ejection),
+            "max_ejection": human(o.max_ejection),
+            "max_ejection_percent": o.max_ejection_percent,
+        })
+    });
     json!({
         "lb": lb,
-        "connect_timeout": humantime::format_duration(p.connect_timeout).to_string(),
+        "connect_timeout": human(p.connect_timeout),
         "retries": p.retries,
-        "health_check": p.health_check.as_ref().map(|h| format!("{h:?}")),
-        "outlier": p.outlier.as_ref().map(|o| format!("{o:?}")),
+        "health_check": health_check,
+        "outlier": outlier,
         "panic_threshold_percent": p.panic_threshold_percent,
         "protect_from_empty": p.protect_from_empty,
     })

@@ -135,6 +135,23 @@ async fn policies_are_read_and_a_bad_policy_keeps_the_previous_one() {
     let c = proxy.config_until("the bad policy", |c| !c["invalid"].as_array().unwrap().is_empty()).await;
     assert_eq!(c["services"]["users"]["policy"]["lb"], "round_robin");
     assert_eq!(c["invalid"][0]["kind"], "policy");
+    // /config shows a policy in the document's own keys, defaults filled in.
+    zk.put(
+        "/zkroute/policies/users",
+        r#"{"lb":"ring_hash","hash_on":"header:x-user","health_check":{"kind":"http","path":"/up","interval":"2s"},"outlier":{"consecutive_failures":3}}"#,
+    )
+    .await;
+    let c = proxy.config_until("the third policy", |c| c["services"]["users"]["policy"]["lb"].is_object()).await;
+    let policy = &c["services"]["users"]["policy"];
+    assert_eq!(policy["lb"]["ring_hash"], "header:x-user");
+    let check = &policy["health_check"];
+    assert_eq!(
+        (check["kind"].as_str(), check["path"].as_str(), check["interval"].as_str()),
+        (Some("http"), Some("/up"), Some("2s"))
+    );
+    assert!(check["healthy_threshold"].as_u64().is_some() && check["timeout"].is_string(), "{check}");
+    assert_eq!(policy["outlier"]["consecutive_failures"], 3);
+    assert!(policy["outlier"]["base_ejection"].is_string());
     proxy.stop().await;
 }
 
