@@ -621,6 +621,9 @@ mode_latency() {
     record "$round" latency "$entry" p50_us "$p50"
     record "$round" latency "$entry" p99_us "$p99"
     record "$round" latency "$entry" rps "$W_RPS"
+    # One connection, one request at a time: the mean round trip is 1/req/s, finer than wrk's
+    # whole-microsecond percentiles.
+    record "$round" latency "$entry" mean_us "$(awk -v r="$W_RPS" 'BEGIN {printf "%.2f", r > 0 ? 1e6 / r : 0}')"
     record "$round" latency "$entry" errors $((W_NON2XX + W_SOCKERR))
     say "   latency $entry: p50 $p50 us, p99 $p99 us ($W_RPS req/s)"
 }
@@ -852,8 +855,12 @@ if "latency" in modes and present("latency"):
     for e in present("latency"):
         d50, d99, p50, p99 = med("latency", "direct", "p50_us"), med("latency", "direct", "p99_us"), med("latency", e, "p50_us"), med("latency", e, "p99_us")
         added = "-" if e == "direct" or d50 is None or p50 is None else f"+{p50 - d50:.1f} / +{p99 - d99:.1f}"
-        rows.append([e, cell("latency", e, "p50_us"), cell("latency", e, "p99_us"), added, errors("latency", e), noise("latency", e)])
-    table(["entry", "p50 (us)", "p99 (us)", "added vs direct p50 / p99 (us)", "non-2xx + socket errors", NOISE], rows)
+        dm, em = med("latency", "direct", "mean_us"), med("latency", e, "mean_us")
+        added_mean = "-" if e == "direct" or dm is None or em is None else f"+{em - dm:.2f}"
+        rows.append([e, cell("latency", e, "p50_us"), cell("latency", e, "p99_us"), added,
+                     cell("latency", e, "mean_us", "{:.2f}"), added_mean, errors("latency", e), noise("latency", e)])
+    table(["entry", "p50 (us)", "p99 (us)", "added vs direct p50 / p99 (us)", "mean (us, 1 / req/s)", "added mean (us)",
+           "non-2xx + socket errors", NOISE], rows)
     commands("latency")
 
 if "newconn" in modes and present("newconn"):
