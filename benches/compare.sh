@@ -623,7 +623,7 @@ mode_latency() {
     record "$round" latency "$entry" rps "$W_RPS"
     # One connection, one request at a time: the mean round trip is 1/req/s, finer than wrk's
     # whole-microsecond percentiles.
-    record "$round" latency "$entry" mean_us "$(awk -v r="$W_RPS" 'BEGIN {printf "%.2f", r > 0 ? 1e6 / r : 0}')"
+    record "$round" latency "$entry" mean_us "$(awk -v r="$W_RPS" 'BEGIN {printf "%.2f", (r > 0 ? 1e6 / r : 0)}')"
     record "$round" latency "$entry" errors $((W_NON2XX + W_SOCKERR))
     say "   latency $entry: p50 $p50 us, p99 $p99 us ($W_RPS req/s)"
 }
