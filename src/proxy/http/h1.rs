@@ -4,13 +4,14 @@
 //! per-request task, no allocation on the common path.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::timeout_at;
+use tokio::time::{Sleep, timeout_at};
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
@@ -49,6 +50,11 @@ pub struct Connection {
     resp_fields: Vec<Field>,
     client_ip: String,
     peer: SocketAddr,
+    /// The keep-alive wait between requests, and the deadline of the response being awaited.
+    /// One timer each for the connection's life: moving a deadline later only marks the timer,
+    /// where a timer per request would enter and leave the timer wheel every time.
+    idle: Pin<Box<Sleep>>,
+    deadline: Pin<Box<Sleep>>,
 }
 
 /// How the exchange with one upstream connection ended.
@@ -108,6 +114,8 @@ impl Connection {
             resp_fields: Vec::with_capacity(32),
             client_ip: peer.ip().to_string(),
             peer,
+            idle: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
         }
     }
 
@@ -153,10 +161,10 @@ impl Connection {
                 None if self.buf.is_empty() => {
                     // Between requests: idle, or draining.
                     let mut shutdown = self.ctx.shutdown.clone();
-                    let idle = tokio::time::sleep(limits.idle_timeout);
+                    self.idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     tokio::select! {
                         r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
-                        _ = idle => return Ok(None),
+                        _ = self.idle.as_mut() => return Ok(None),
                         _ = shutdown.wait() => return Ok(None),
                     }
                     let d = tokio::time::Instant::now() + limits.header_read_timeout;
@@ -414,7 +422,8 @@ impl Connection {
         let idle = self.ctx.limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, .. } = self;
+        let Connection { stream, buf, out, resp_fields, deadline: timer, .. } = self;
+        timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
         let (mut us_r, mut us_w) = conn.stream.split();
@@ -429,7 +438,7 @@ impl Connection {
                 &mut conn.buf,
                 resp_fields,
                 head_request,
-                deadline,
+                timer.as_mut(),
                 &mut ds_w,
                 client_minor,
                 out,
@@ -610,7 +619,7 @@ async fn read_response(
     buf: &mut IoBuf,
     fields: &mut Vec<Field>,
     head_request: bool,
-    deadline: tokio::time::Instant,
+    mut deadline: Pin<&mut Sleep>,
     ds: &mut WriteHalf<'_>,
     client_minor: u8,
     out: &mut Vec<u8>,
@@ -639,10 +648,14 @@ async fn read_response(
                 Err(_) => return Err(ReadError::Invalid),
             }
         }
-        match timeout_at(deadline, buf.read_from(us)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadError::Closed),
-            Ok(Ok(_)) => {}
-            Err(_) => return Err(ReadError::Timeout),
+        let read = tokio::select! {
+            biased;
+            r = buf.read_from(us) => r,
+            _ = deadline.as_mut() => return Err(ReadError::Timeout),
+        };
+        match read {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
         }
     }
 }
