@@ -53,8 +53,8 @@ pub struct Connection {
     /// The keep-alive wait between requests, and the deadline of the response being awaited.
     /// One timer each for the connection's life: moving a deadline later only marks the timer,
     /// where a timer per request would enter and leave the timer wheel every time.
-    idle: Pin<Box<Sleep>>,
-    deadline: Pin<Box<Sleep>>,
+    idle_timer: Pin<Box<Sleep>>,
+    response_timer: Pin<Box<Sleep>>,
 }
 
 /// How the exchange with one upstream connection ended.
@@ -114,8 +114,8 @@ impl Connection {
             resp_fields: Vec::with_capacity(32),
             client_ip: peer.ip().to_string(),
             peer,
-            idle: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         }
     }
 
@@ -161,10 +161,10 @@ impl Connection {
                 None if self.buf.is_empty() => {
                     // Between requests: idle, or draining.
                     let mut shutdown = self.ctx.shutdown.clone();
-                    self.idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                    self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     tokio::select! {
                         r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
-                        _ = self.idle.as_mut() => return Ok(None),
+                        _ = self.idle_timer.as_mut() => return Ok(None),
                         _ = shutdown.wait() => return Ok(None),
                     }
                     let d = tokio::time::Instant::now() + limits.header_read_timeout;
@@ -422,8 +422,8 @@ impl Connection {
         let idle = self.ctx.limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, deadline: timer, .. } = self;
-        timer.as_mut().reset(deadline);
+        let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
+        response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
         let (mut us_r, mut us_w) = conn.stream.split();
@@ -438,7 +438,7 @@ impl Connection {
                 &mut conn.buf,
                 resp_fields,
                 head_request,
-                timer.as_mut(),
+                response_timer.as_mut(),
                 &mut ds_w,
                 client_minor,
                 out,
