@@ -6,6 +6,7 @@
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
+#   KEEP_WORK=1 benches/compare.sh ...   keeps the work directory (callgrind profiles, logs) for study
 #
 # Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -173,7 +174,9 @@ cleanup() {
         while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
         kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true
     done
-    [ -n "${WORK:-}" ] && [ -d "$WORK" ] && rm -rf "$WORK"
+    if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+        if [ -n "${KEEP_WORK:-}" ]; then say "work files (callgrind profiles, logs) kept in $WORK"; else rm -rf "$WORK"; fi
+    fi
     exit $rc
 }
 

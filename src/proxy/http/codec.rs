@@ -121,11 +121,12 @@ impl IoBuf {
 /// Most header fields accepted in one head.
 pub const MAX_HEADERS: usize = 100;
 
-/// A header field, as byte ranges of the head it was parsed from.
+/// A header field, as byte ranges of the head it was parsed from, and its kind.
 #[derive(Clone, Debug)]
 pub struct Field {
     pub name: Range<usize>,
     pub value: Range<usize>,
+    pub kind: Known,
 }
 
 /// How long a message body is (RFC 9112 section 6.3).
@@ -159,24 +160,34 @@ pub enum Known {
 #[inline]
 pub fn classify(name: &[u8]) -> Known {
     // Dispatch on length first: one comparison for most headers.
-    let eq = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let eq = |lower: &[u8]| eq_folded(name, lower);
     match name.len() {
-        2 if eq("te") => Known::HopByHop,
-        4 if eq("host") => Known::Host,
-        6 if eq("expect") => Known::Expect,
-        7 if eq("upgrade") => Known::Upgrade,
-        7 if eq("trailer") => Known::HopByHop,
-        10 if eq("connection") => Known::Connection,
-        10 if eq("keep-alive") => Known::HopByHop,
-        14 if eq("content-length") => Known::ContentLength,
-        15 if eq("x-forwarded-for") => Known::XForwardedFor,
-        16 if eq("proxy-connection") => Known::HopByHop,
-        17 if eq("transfer-encoding") => Known::TransferEncoding,
-        17 if eq("x-forwarded-proto") => Known::XForwardedProto,
-        19 if eq("proxy-authorization") => Known::HopByHop,
-        18 if eq("proxy-authenticate") => Known::HopByHop,
+        2 if eq(b"te") => Known::HopByHop,
+        4 if eq(b"host") => Known::Host,
+        6 if eq(b"expect") => Known::Expect,
+        7 if eq(b"upgrade") => Known::Upgrade,
+        7 if eq(b"trailer") => Known::HopByHop,
+        10 if eq(b"connection") => Known::Connection,
+        10 if eq(b"keep-alive") => Known::HopByHop,
+        14 if eq(b"content-length") => Known::ContentLength,
+        15 if eq(b"x-forwarded-for") => Known::XForwardedFor,
+        16 if eq(b"proxy-connection") => Known::HopByHop,
+        17 if eq(b"transfer-encoding") => Known::TransferEncoding,
+        17 if eq(b"x-forwarded-proto") => Known::XForwardedProto,
+        19 if eq(b"proxy-authorization") => Known::HopByHop,
+        18 if eq(b"proxy-authenticate") => Known::HopByHop,
         _ => Known::Other,
     }
+}
+
+/// `name == lower` ignoring ASCII case, where `lower` is lower case: its letters match either
+/// case, every other byte only itself. No early exit, so that a comparison of known length
+/// compiles to a few wide operations instead of a loop with two case conversions per byte.
+#[inline(always)]
+fn eq_folded(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name.iter().zip(lower).fold(0, |diff, (&b, &l)| diff | ((b | (u8::from(l.is_ascii_lowercase()) << 5)) ^ l))
+            == 0
 }
 
 /// Comma-separated list elements of a header value, trimmed, empty ones skipped.
@@ -463,6 +474,11 @@ mod tests {
         assert_eq!(classify(b"keep-alive"), Known::HopByHop);
         assert_eq!(classify(b"X-Forwarded-For"), Known::XForwardedFor);
         assert_eq!(classify(b"content-type"), Known::Other);
+        // Only letters fold, and only to their other case: '-' (0x2d) is not '\r' (0x0d), 'e' is not '%' or 0xe5.
+        assert_eq!(classify(b"Keep\rAlive"), Known::Other);
+        assert_eq!(classify(b"%xpect"), Known::Other);
+        assert_eq!(classify(b"\xe5xpect"), Known::Other);
+        assert_eq!(classify(b"HoSt"), Known::Host);
         assert_eq!(tokens(b" close , Upgrade,,").collect::<Vec<_>>(), [&b"close"[..], b"Upgrade"]);
     }
 

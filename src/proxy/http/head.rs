@@ -11,9 +11,6 @@ use super::codec::{BodyLen, Field, Known, MAX_HEADERS, classify, parse_content_l
 use crate::proxy::error::ProxyError;
 use crate::routing::docs::HeaderLookup;
 
-/// Most names a Connection header may list for removal.
-const MAX_CONN_TOKENS: usize = 8;
-
 /// A parsed request head. Ranges index the buffer it was parsed from.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -35,8 +32,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// A protocol upgrade (WebSocket) is requested.
     pub upgrade: bool,
-    conn_tokens: [Range<usize>; MAX_CONN_TOKENS],
-    n_conn_tokens: usize,
+    /// Connection names fields to remove besides the hop-by-hop ones.
+    names_fields: bool,
 }
 
 impl RequestHead {
@@ -59,10 +56,14 @@ impl RequestHead {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
         )
     }
+}
 
-    fn listed_in_connection(&self, buf: &[u8], name: &[u8]) -> bool {
-        self.conn_tokens[..self.n_conn_tokens].iter().any(|r| buf[r.clone()].eq_ignore_ascii_case(name))
-    }
+/// Whether a Connection field lists `name` (RFC 9110 section 7.6.1).
+fn listed_in_connection(buf: &[u8], fields: &[Field], name: &[u8]) -> bool {
+    fields
+        .iter()
+        .filter(|f| f.kind == Known::Connection)
+        .any(|f| tokens(&buf[f.value.clone()]).any(|t| t.eq_ignore_ascii_case(name)))
 }
 
 /// Result of parsing what has arrived so far.
@@ -131,17 +132,15 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
     let mut keep_alive = false;
     let mut conn_upgrade = false;
     let mut upgrade_header = false;
-    let mut conn_tokens: [Range<usize>; MAX_CONN_TOKENS] = Default::default();
-    let mut n_conn_tokens = 0;
+    let mut names_fields = false;
     for h in req.headers.iter() {
-        let name = range(buf, h.name.as_bytes());
-        let value = range(buf, h.value);
-        match classify(h.name.as_bytes()) {
+        let kind = classify(h.name.as_bytes());
+        match kind {
             Known::Host => {
                 if host.is_some() {
                     return Err(ProxyError::BadRequest("more than one Host header"));
                 }
-                host = Some(value.clone());
+                host = Some(range(buf, h.value));
             }
             Known::ContentLength => {
                 let n = parse_content_length(h.value).ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
@@ -167,16 +166,15 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
                         keep_alive = true;
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
                         conn_upgrade = true;
-                    } else if n_conn_tokens < MAX_CONN_TOKENS {
-                        conn_tokens[n_conn_tokens] = range(buf, t);
-                        n_conn_tokens += 1;
+                    } else {
+                        names_fields = true;
                     }
                 }
             }
             Known::Upgrade => upgrade_header = true,
             _ => {}
         }
-        fields.push(Field { name, value });
+        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value), kind });
     }
     if te_seen && !chunked {
         return Err(ProxyError::BadRequest("empty Transfer-Encoding"));
@@ -213,16 +211,14 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
         close,
         keep_alive,
         upgrade: conn_upgrade && upgrade_header,
-        conn_tokens,
-        n_conn_tokens,
+        names_fields,
     }))
 }
 
 fn close_listed(buf: &[u8], fields: &[Field]) -> bool {
-    fields.iter().any(|f| {
-        classify(&buf[f.name.clone()]) == Known::Connection
-            && tokens(&buf[f.value.clone()]).any(|t| t.eq_ignore_ascii_case(b"close"))
-    })
+    fields
+        .iter()
+        .any(|f| f.kind == Known::Connection && tokens(&buf[f.value.clone()]).any(|t| t.eq_ignore_ascii_case(b"close")))
 }
 
 fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
@@ -274,9 +270,10 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for: [Option<Range<usize>>; 4] = Default::default();
     let mut n_xff = 0;
+    let mut kept = KeptFields::new(buf);
     for f in fields {
         let name = &buf[f.name.clone()];
-        match classify(name) {
+        match f.kind {
             Known::Host if head.authority.is_some() => continue,
             Known::Connection | Known::HopByHop | Known::XForwardedProto | Known::TransferEncoding => continue,
             Known::ContentLength => {
@@ -296,16 +293,14 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
                 continue;
             }
             _ => {
-                if head.n_conn_tokens > 0 && head.listed_in_connection(buf, name) {
+                if head.names_fields && listed_in_connection(buf, fields, name) {
                     continue;
                 }
             }
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&buf[f.value.clone()]);
-        out.extend_from_slice(b"\r\n");
+        kept.push(out, f);
     }
+    kept.finish(out);
     if let Some(auth) = &head.authority {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(&buf[auth.clone()]);
@@ -336,8 +331,8 @@ pub struct ResponseHead {
     pub body: BodyLen,
     /// The upstream will close (or the body is delimited by the close).
     pub close: bool,
-    conn_tokens: [Range<usize>; MAX_CONN_TOKENS],
-    n_conn_tokens: usize,
+    /// Connection names fields to remove besides the hop-by-hop ones.
+    names_fields: bool,
 }
 
 impl ResponseHead {
@@ -371,10 +366,10 @@ pub fn parse_response(
     let mut content_length: Option<u64> = None;
     let mut chunked_last = None;
     let mut close = minor == 0;
-    let mut conn_tokens: [Range<usize>; MAX_CONN_TOKENS] = Default::default();
-    let mut n_conn_tokens = 0;
+    let mut names_fields = false;
     for h in resp.headers.iter() {
-        match classify(h.name.as_bytes()) {
+        let kind = classify(h.name.as_bytes());
+        match kind {
             Known::ContentLength => {
                 let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
                 if content_length.is_some_and(|c| c != n) {
@@ -397,15 +392,14 @@ pub fn parse_response(
                         }
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
                         // Kept for a 101; removed with the other hop-by-hop fields otherwise.
-                    } else if n_conn_tokens < MAX_CONN_TOKENS {
-                        conn_tokens[n_conn_tokens] = range(buf, t);
-                        n_conn_tokens += 1;
+                    } else {
+                        names_fields = true;
                     }
                 }
             }
             _ => {}
         }
-        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value) });
+        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value), kind });
     }
     let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         BodyLen::None
@@ -421,7 +415,42 @@ pub fn parse_response(
     if body == BodyLen::UntilClose {
         close = true;
     }
-    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, conn_tokens, n_conn_tokens }))
+    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, names_fields }))
+}
+
+/// Copies the fields a head keeps. Fields that lie next to each other in the received head,
+/// separated by exactly CRLF, go out as one copy of their raw lines; a field dropped in between,
+/// or any other line ending, starts a new piece.
+struct KeptFields<'b> {
+    buf: &'b [u8],
+    /// From the first name to the last value of the piece not yet written.
+    run: Option<Range<usize>>,
+}
+
+impl<'b> KeptFields<'b> {
+    fn new(buf: &'b [u8]) -> Self {
+        KeptFields { buf, run: None }
+    }
+
+    #[inline]
+    fn push(&mut self, out: &mut Vec<u8>, f: &Field) {
+        if let Some(run) = &mut self.run {
+            if f.name.start == run.end + 2 && self.buf[run.end] == b'\r' {
+                run.end = f.value.end;
+                return;
+            }
+        }
+        self.finish(out);
+        self.run = Some(f.name.start..f.value.end);
+    }
+
+    #[inline]
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if let Some(run) = self.run.take() {
+            out.extend_from_slice(&self.buf[run]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// How the response goes back to the client.
@@ -439,30 +468,29 @@ pub struct ResponseMode {
 
 /// Writes the response head for the client.
 pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, fields: &[Field], mode: ResponseMode) {
+    let status = head.status; // 100..=599, checked when parsed
+    let code = [b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8];
     out.extend_from_slice(b"HTTP/1.1 ");
-    super::codec::push_decimal(out, u64::from(head.status));
+    out.extend_from_slice(&code);
     out.push(b' ');
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
+    let mut kept = KeptFields::new(buf);
     for f in fields {
         let name = &buf[f.name.clone()];
-        match classify(name) {
+        match f.kind {
             Known::Connection | Known::HopByHop => continue,
             Known::Upgrade if !mode.upgrade => continue,
             Known::TransferEncoding if mode.dechunk => continue,
             _ => {
-                if head.n_conn_tokens > 0
-                    && head.conn_tokens[..head.n_conn_tokens].iter().any(|r| buf[r.clone()].eq_ignore_ascii_case(name))
-                {
+                if head.names_fields && listed_in_connection(buf, fields, name) {
                     continue;
                 }
             }
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&buf[f.value.clone()]);
-        out.extend_from_slice(b"\r\n");
+        kept.push(out, f);
     }
+    kept.finish(out);
     if mode.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     } else if mode.close {
@@ -504,6 +532,39 @@ mod tests {
             "GET /a?b=1 HTTP/1.1\r\nHost: users.internal\r\nAccept: */*\r\n\
              x-forwarded-for: 10.1.1.1, 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn every_field_a_connection_header_names_is_removed() {
+        let names: Vec<String> = (0..12).map(|i| format!("X-Opt-{i}")).collect();
+        let mut text = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\n", names.join(", "));
+        for n in &names {
+            text.push_str(&format!("{n}: v\r\n"));
+        }
+        text.push_str("Accept: */*\r\n\r\n");
+        let out = forwarded(&text);
+        assert!(!out.contains("X-Opt"), "{out}");
+        assert!(out.starts_with("GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n"), "{out}");
+    }
+
+    #[test]
+    fn kept_fields_go_out_with_crlf_whatever_the_line_endings_received() {
+        // Bare LF line ends, an empty value and trailing spaces: each field still ends in CRLF,
+        // and a dropped field between two kept ones leaves no trace.
+        let text =
+            "HTTP/1.1 200 OK\nServer: b  \nX-Empty:\r\nX-A: 1\r\nKeep-Alive: 5\r\nX-B: 2\nContent-Length: 0\r\n\r\n";
+        let mut f = Vec::new();
+        let Parse::Complete(r) = parse_response(text.as_bytes(), &mut f, false).unwrap() else { panic!() };
+        let mut out = Vec::new();
+        let mode = ResponseMode { close: true, keep_alive_10: false, dechunk: false, upgrade: false };
+        write_response_head(&mut out, text.as_bytes(), &r, &f, mode);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nServer: b\r\nX-Empty:\r\nX-A: 1\r\nX-B: 2\r\nContent-Length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let forwarded = forwarded("GET / HTTP/1.1\nHost: a\nX-A: 1 \r\nTE: x\r\nX-B:\n\n");
+        assert!(forwarded.starts_with("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nX-B:\r\nx-forwarded-for"), "{forwarded}");
     }
 
     #[test]
