@@ -6,6 +6,7 @@
 pub mod balance;
 pub mod error;
 pub mod http;
+mod lazy_timeout;
 pub mod tcp;
 pub mod upstream;
 

@@ -74,9 +74,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// An idle connection that is still clean, if any.
-    pub fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
+    /// An idle connection that is still clean at `now` (the caller's clock reading, which may be
+    /// a little old: a connection then counts as idle for less long), if any.
+    pub fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(mut conn) = idle.pop() {
             if now.duration_since(conn.idle_since) < self.settings.idle_timeout && conn.is_clean() {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::{Sleep, timeout_at};
+use tokio::time::Sleep;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
@@ -21,6 +21,7 @@ use crate::endpoint::InFlight;
 use crate::metrics::RouteStats;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
+use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::upstream::{self, Conn};
 use crate::routing::docs::{HashOn, LbPolicy};
 use crate::routing::table::{Route, Target, hash_bytes};
@@ -55,6 +56,9 @@ pub struct Connection {
     /// where a timer per request would enter and leave the timer wheel every time.
     idle_timer: Pin<Box<Sleep>>,
     response_timer: Pin<Box<Sleep>>,
+    /// Resolves when draining starts. Made once per connection: between requests it costs a
+    /// poll, where a fresh wait would join and leave the signal's waiter list every time.
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 /// How the exchange with one upstream connection ended.
@@ -105,7 +109,6 @@ enum Pending {
 impl Connection {
     pub fn new(ctx: Arc<HttpContext>, stream: TcpStream, peer: SocketAddr, buf: IoBuf) -> Self {
         Connection {
-            ctx,
             stream,
             buf,
             out: Vec::with_capacity(1024),
@@ -116,6 +119,11 @@ impl Connection {
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            shutdown: {
+                let mut shutdown = ctx.shutdown.clone();
+                Box::pin(async move { shutdown.wait().await })
+            },
+            ctx,
         }
     }
 
@@ -156,28 +164,29 @@ impl Connection {
                     }
                 }
             }
-            let deadline = match header_deadline {
-                Some(d) => d,
+            let read = match header_deadline {
+                Some(d) => timeout_at(d, self.buf.read_from(&mut self.stream)).await,
                 None if self.buf.is_empty() => {
                     // Between requests: idle, or draining.
-                    let mut shutdown = self.ctx.shutdown.clone();
                     self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     tokio::select! {
+                        biased;
                         r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
                         _ = self.idle_timer.as_mut() => return Ok(None),
-                        _ = shutdown.wait() => return Ok(None),
+                        // Completes once: the connection ends with it.
+                        _ = self.shutdown.as_mut() => return Ok(None),
                     }
-                    let d = tokio::time::Instant::now() + limits.header_read_timeout;
-                    header_deadline = Some(d);
-                    d
+                    // A head's first bytes are here. Most heads come whole in this read, so the
+                    // header timeout is armed only if it waits, or (below) if another is needed.
+                    timeout(limits.header_read_timeout, self.buf.read_from(&mut self.stream)).await
                 }
                 None => {
                     let d = tokio::time::Instant::now() + limits.header_read_timeout;
                     header_deadline = Some(d);
-                    d
+                    timeout_at(d, self.buf.read_from(&mut self.stream)).await
                 }
             };
-            match timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     return if self.buf.is_empty() {
                         Ok(None)
@@ -195,7 +204,7 @@ impl Connection {
     async fn answer(&mut self, err: &ProxyError, close: bool, head_only: bool) {
         self.out.clear();
         error::write_answer(&mut self.out, err, close, head_only);
-        let _ = tokio::time::timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
+        let _ = timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
@@ -280,7 +289,7 @@ impl Connection {
             let endpoint = &target.set.endpoints[i];
             let in_flight = endpoint.state.start_request();
             let pool = self.ctx.pools.of(&endpoint.state);
-            let conn = match pool.and_then(|p| p.checkout()) {
+            let conn = match pool.and_then(|p| p.checkout(started)) {
                 Some(c) => c,
                 None => {
                     let now = tokio::time::Instant::now();
@@ -598,7 +607,7 @@ async fn pump_request(
                 }
             }
         }
-        match tokio::time::timeout(idle, buf.read_from(ds)).await {
+        match timeout(idle, buf.read_from(ds)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(PumpError::ClientGone),
             Ok(Ok(_)) => {}
         }
@@ -709,18 +718,18 @@ async fn relay_body(
         if first || take > 0 || !head.is_empty() {
             let write = if (first || !head.is_empty()) && take <= COALESCE_BODY {
                 head.extend_from_slice(&buf.filled()[..take]);
-                let r = tokio::time::timeout(idle, dst.write_all(head)).await;
+                let r = timeout(idle, dst.write_all(head)).await;
                 head.clear();
                 r
             } else {
                 if !head.is_empty() {
-                    match tokio::time::timeout(idle, dst.write_all(head)).await {
+                    match timeout(idle, dst.write_all(head)).await {
                         Ok(Ok(())) => {}
                         _ => return Err(RelayError::Destination),
                     }
                     head.clear();
                 }
-                tokio::time::timeout(idle, dst.write_all(&buf.filled()[..take])).await
+                timeout(idle, dst.write_all(&buf.filled()[..take])).await
             };
             match write {
                 Ok(Ok(())) => {}
@@ -733,7 +742,7 @@ async fn relay_body(
         if done {
             return Ok(());
         }
-        match tokio::time::timeout(idle, buf.read_from(src)).await {
+        match timeout(idle, buf.read_from(src)).await {
             Ok(Ok(0)) => {
                 return if len == BodyLen::UntilClose { Ok(()) } else { Err(RelayError::Source) };
             }

@@ -288,7 +288,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
         let endpoint = &target.set.endpoints[i];
         let in_flight = endpoint.state.start_request();
         let pool = ctx.pools.of(&endpoint.state).cloned();
-        let mut conn = match pool.as_ref().and_then(|p| p.checkout()) {
+        let mut conn = match pool.as_ref().and_then(|p| p.checkout(Instant::now())) {
             Some(c) => c,
             None => {
                 let timeout = target
