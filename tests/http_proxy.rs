@@ -268,6 +268,24 @@ async fn a_post_that_reached_a_backend_is_not_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_line_without_a_reason_is_relayed() {
+    // "HTTP/1.1 200" with no reason phrase (and no space) is common enough; it once made the
+    // proxy slice outside its buffer.
+    let (zk, proxy) = proxy().await;
+    let bare = RawBackend::start(Misbehave::Answer(b"HTTP/1.1 200\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok")).await;
+    zk.put("/zkroute/services/s/a", &bare.addr.to_string()).await;
+    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
+    proxy.config_until("the instance", |c| routes(c) == 1 && addresses(c, "s").len() == 1).await;
+    for _ in 0..2 {
+        let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers().get("x-empty").map(|v| v.as_bytes()), Some(&b""[..]));
+        assert_eq!(r.body().as_ref(), b"ok");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_more_attempts_than_retries_plus_one() {
     let (zk, proxy) = proxy().await;
     let backends = [

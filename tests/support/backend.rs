@@ -211,6 +211,8 @@ pub enum Misbehave {
     Drop,
     /// Hold the request, never answering, and note when the client hangs up.
     Hold,
+    /// Answer every request on the connection with these bytes.
+    Answer(&'static [u8]),
 }
 
 impl RawBackend {
@@ -227,14 +229,22 @@ impl RawBackend {
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                    loop {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let Misbehave::Answer(bytes) = then else { break };
+                        head.clear();
+                        if stream.write_all(bytes).await.is_err() {
+                            return;
                         }
                     }
-                    r.fetch_add(1, Ordering::SeqCst);
                     match then {
+                        Misbehave::Answer(_) => {}
                         Misbehave::Drop => drop(stream),
                         Misbehave::Hold => loop {
                             match stream.read(&mut buf).await {

@@ -81,6 +81,21 @@ fn range(base: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// The range of `part` when it lies in `base`. httparse hands out a static `""` for some empty
+/// parts (a status line without a reason), which must not be taken for a range of the buffer.
+fn range_in(base: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+    (start + part.len() <= base.len()).then(|| start..start + part.len())
+}
+
+/// A field's name and value ranges; an empty value sits right after the colon, wherever
+/// httparse points it.
+fn field_ranges(base: &[u8], h: &httparse::Header<'_>) -> (Range<usize>, Range<usize>) {
+    let name = range(base, h.name.as_bytes());
+    let value = range_in(base, h.value).unwrap_or(name.end + 1..name.end + 1);
+    (name, value)
+}
+
 /// Parses a request head from `buf`, filling `fields`. Errors are answered and close the
 /// connection.
 pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<RequestHead>, ProxyError> {
@@ -140,7 +155,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
                 if host.is_some() {
                     return Err(ProxyError::BadRequest("more than one Host header"));
                 }
-                host = Some(range(buf, h.value));
+                host = Some(field_ranges(buf, h).1);
             }
             Known::ContentLength => {
                 let n = parse_content_length(h.value).ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
@@ -174,7 +189,8 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
             Known::Upgrade => upgrade_header = true,
             _ => {}
         }
-        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value), kind });
+        let (name, value) = field_ranges(buf, h);
+        fields.push(Field { name, value, kind });
     }
     if te_seen && !chunked {
         return Err(ProxyError::BadRequest("empty Transfer-Encoding"));
@@ -361,7 +377,7 @@ pub fn parse_response(
     if !(100..=599).contains(&status) {
         return Err("status code out of range");
     }
-    let reason = resp.reason.map(|r| range(buf, r.as_bytes())).unwrap_or(0..0);
+    let reason = resp.reason.and_then(|r| range_in(buf, r.as_bytes())).unwrap_or(0..0);
     fields.clear();
     let mut content_length: Option<u64> = None;
     let mut chunked_last = None;
@@ -399,7 +415,8 @@ pub fn parse_response(
             }
             _ => {}
         }
-        fields.push(Field { name: range(buf, h.name.as_bytes()), value: range(buf, h.value), kind });
+        let (name, value) = field_ranges(buf, h);
+        fields.push(Field { name, value, kind });
     }
     let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         BodyLen::None
@@ -654,6 +671,28 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn status_lines_without_a_reason_and_empty_values_are_relayed() {
+        for (text, line) in [
+            (&b"HTTP/1.1 200\r\nX-Empty:\r\nContent-Length: 0\r\n\r\n"[..], &b"HTTP/1.1 200 \r\n"[..]),
+            (b"HTTP/1.1 404 \r\nX-Empty:   \r\n\r\n", b"HTTP/1.1 404 \r\n"),
+            (b"HTTP/1.1 200 \xd6k\r\nX-Empty:\r\n\r\n", b"HTTP/1.1 200 "),
+        ] {
+            let mut f = Vec::new();
+            let Parse::Complete(r) = parse_response(text, &mut f, false).unwrap() else { panic!() };
+            let mut out = Vec::new();
+            let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+            write_response_head(&mut out, text, &r, &f, mode);
+            assert!(out.starts_with(line), "{:?}", String::from_utf8_lossy(&out));
+            // What goes out parses again, with the empty field in it.
+            let mut again = Vec::new();
+            let Ok(Parse::Complete(_)) = parse_response(&out, &mut again, false) else { panic!("{out:?}") };
+            assert!(again.iter().any(|f| &out[f.name.clone()] == b"X-Empty" && f.value.is_empty()), "{out:?}");
+        }
+        let forwarded = forwarded("GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n");
+        assert!(forwarded.contains("\r\nX-Empty:\r\n"), "{forwarded}");
     }
 
     #[test]
