@@ -695,6 +695,53 @@ mod tests {
         assert!(forwarded.contains("\r\nX-Empty:\r\n"), "{forwarded}");
     }
 
+    /// Heads edited at random (bytes replaced, inserted, removed) are parsed and, when accepted,
+    /// written out again, without a panic: with `panic = "abort"` a panic here ends the process.
+    #[test]
+    fn no_head_a_peer_sends_makes_parsing_or_writing_panic() {
+        const REQUESTS: &[&[u8]] = &[
+            b"GET /a?b=1 HTTP/1.1\r\nHost: users.internal\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+            b"POST http://a.b/v1?q HTTP/1.1\r\nHost: evil\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /ws HTTP/1.0\r\nConnection: Upgrade, keep-alive\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n",
+        ];
+        const RESPONSES: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nServer: b\r\nConnection: X-Internal, close\r\nX-Internal: 1\r\nContent-Length: 2\r\n\r\nhi",
+            b"HTTP/1.0 101 Switching\r\nUpgrade: websocket\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 204\r\nX-Empty:\r\nKeep-Alive: 5\r\n\r\n",
+        ];
+        let alphabet = b"\x00\t\n\r :/?,@*\x7f\x80\xffaZ09-";
+        let mut rng = fastrand::Rng::with_seed(7230);
+        let mut edit = |base: &[u8]| {
+            let mut text = base.to_vec();
+            for _ in 0..rng.usize(1..=3) {
+                let i = rng.usize(..text.len());
+                let b = alphabet[rng.usize(..alphabet.len())];
+                match rng.u8(..3) {
+                    0 => text[i] = b,
+                    1 => text.insert(i, b),
+                    _ => _ = text.remove(i),
+                }
+            }
+            text
+        };
+        let (mut fields, mut out) = (Vec::new(), Vec::new());
+        for round in 0..50_000 {
+            let text = edit(REQUESTS[round % REQUESTS.len()]);
+            if let Ok(Parse::Complete(h)) = parse_request(&text, &mut fields) {
+                let _ = (h.route_host(&text), h.path(&text), Fields { buf: &text, fields: &fields }.get(b"host"));
+                out.clear();
+                write_request(&mut out, &text, &h, &fields, "127.0.0.1");
+            }
+            let text = edit(RESPONSES[round % RESPONSES.len()]);
+            if let Ok(Parse::Complete(r)) = parse_response(&text, &mut fields, round % 2 == 0) {
+                let mode = ResponseMode { close: round % 3 == 0, keep_alive_10: false, dechunk: true, upgrade: true };
+                out.clear();
+                write_response_head(&mut out, &text, &r, &fields, mode);
+            }
+        }
+    }
+
     #[test]
     fn response_heads_lose_hop_by_hop_fields() {
         let text = "HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nServer: b\r\n\r\nhi";
