@@ -76,10 +76,16 @@ async fn metrics_move_with_real_traffic_and_pass_promtool() {
     let mut back = Vec::new();
     tcp.read_to_end(&mut back).await.unwrap();
 
-    let m = proxy.metrics().await;
+    // A request is counted just after its response is written: the client may ask first.
+    let m = eventually("the 21 requests counted", Duration::from_secs(5), || async {
+        let m = proxy.metrics().await;
+        let v = |s: &str| metric_value(&m, s);
+        (v(r#"zkroute_http_requests_total{code="200",listener="http",service="web"}"#) == Some(20.0)
+            && v(r#"zkroute_http_requests_total{code="404",listener="http",service="web"}"#) == Some(1.0))
+        .then_some(m)
+    })
+    .await;
     let v = |s: &str| metric_value(&m, s);
-    assert_eq!(v(r#"zkroute_http_requests_total{code="200",listener="http",service="web"}"#), Some(20.0));
-    assert_eq!(v(r#"zkroute_http_requests_total{code="404",listener="http",service="web"}"#), Some(1.0));
     assert!(v(r#"zkroute_http_request_duration_seconds_count{listener="http",service="web"}"#).unwrap() >= 21.0);
     assert!(v(r#"zkroute_upstream_connect_errors_total{service="web"}"#).unwrap() >= 1.0);
     assert!(v(r#"zkroute_retries_total{service="web"}"#).unwrap() >= 1.0);
@@ -117,7 +123,11 @@ async fn per_instance_metrics_label_endpoints_when_asked() {
     let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
     assert_eq!(r.status(), 200);
     let sample = format!(r#"zkroute_upstream_requests_total{{code="200",instance="{}",service="web"}}"#, web.addr);
-    assert_eq!(proxy.metric(&sample).await, Some(1.0));
+    // Counted just after the response is written: the client may ask first.
+    eventually("the per-instance sample", Duration::from_secs(5), || async {
+        (proxy.metric(&sample).await == Some(1.0)).then_some(())
+    })
+    .await;
     proxy.stop().await;
 }
 
@@ -170,14 +180,26 @@ async fn json_logs_carry_one_line_per_table_swap_saying_what_changed() {
     let bin = Binary::start_with(&chroot, "5s", "[log]\nformat = \"json\"\n", &[]).await;
     zk.put("/zkroute/services/web/1", "10.0.0.1:80").await;
     zk.put("/zkroute/services/web/2", "10.0.0.2:80").await;
-    let line = eventually("a swap line with the instances", Duration::from_secs(10), || async {
+    let swap_line = || {
         bin.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
             v["message"] == "routing table swapped"
                 && v["instances_added"].as_u64().unwrap_or(0) >= 1
                 && v["changed_services"].as_str().unwrap_or("").contains("web")
         })
-    })
-    .await;
+    };
+    // Polled by hand rather than with `eventually`, so that a timeout shows what was logged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(line) = swap_line() {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no swap line with the instances in 10 s; the log:\n{}",
+            bin.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(line["level"], "INFO");
     assert!(line["version"].as_u64().unwrap() >= 2);
 }
