@@ -73,7 +73,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             h2::serve(stream, peer, buf, ctx).await;
             return;
         }
-        let read = tokio::time::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await;
+        let read = super::lazy_timeout::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await;
         match read {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(_)) => {}

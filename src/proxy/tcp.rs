@@ -232,10 +232,11 @@ async fn copy_loop(
     bytes: (&IntCounter, &AtomicU64),
     last: &Activity,
 ) -> io::Result<()> {
-    // Allocated when the first bytes arrive: a connection that waits holds no buffer.
-    let mut buf = Vec::new();
+    // Allocated when the first bytes arrive: a connection that waits holds no buffer. Reads go
+    // into its spare capacity, which is never zeroed.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        if buf.len() > BUF_MIN {
+        if buf.capacity() > BUF_MIN {
             // A buffer grown for a burst is kept through short pauses and given back after a long one.
             match tokio::time::timeout(BUF_KEEP, src.readable()).await {
                 Ok(ready) => ready?,
@@ -247,10 +248,11 @@ async fn copy_loop(
         } else {
             src.readable().await?;
         }
-        if buf.is_empty() {
-            buf = vec![0u8; BUF_MIN];
+        if buf.capacity() == 0 {
+            buf = Vec::with_capacity(BUF_MIN);
         }
-        let n = match src.try_read(&mut buf) {
+        buf.clear();
+        let n = match src.try_read_buf(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -269,8 +271,8 @@ async fn copy_loop(
         bytes.0.inc_by(n as u64);
         bytes.1.fetch_add(n as u64, Ordering::Relaxed);
         // A full read means more was waiting: a bulk stream, which moves cheaper in larger steps.
-        if n == buf.len() && buf.len() < BUF_MAX {
-            buf = vec![0u8; (buf.len() * 4).min(BUF_MAX)];
+        if n == buf.capacity() && buf.capacity() < BUF_MAX {
+            buf = Vec::with_capacity((buf.capacity() * 4).min(BUF_MAX));
         }
     }
 }

@@ -7,35 +7,36 @@ use std::ops::Range;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// A read buffer: bytes `[start, end)` are filled and not yet consumed.
+/// A read buffer: `data[start..]` is filled and not yet consumed. Reads go into the spare
+/// capacity, which is never zeroed (tokio's `read_buf` fills uninitialised memory safely), so a
+/// new connection's buffer costs an allocation and nothing more.
 pub struct IoBuf {
-    data: Box<[u8]>,
+    data: Vec<u8>,
     start: usize,
-    end: usize,
 }
 
 impl IoBuf {
     pub fn new(capacity: usize) -> Self {
-        IoBuf { data: vec![0; capacity].into_boxed_slice(), start: 0, end: 0 }
+        IoBuf { data: Vec::with_capacity(capacity), start: 0 }
     }
 
     #[inline]
     pub fn filled(&self) -> &[u8] {
-        &self.data[self.start..self.end]
+        &self.data[self.start..]
     }
 
     #[inline]
     pub fn len(&self) -> usize {
-        self.end - self.start
+        self.data.len() - self.start
     }
 
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.data.len()
     }
 
     pub fn capacity(&self) -> usize {
-        self.data.len()
+        self.data.capacity()
     }
 
     /// Drops `n` filled bytes from the front.
@@ -43,30 +44,28 @@ impl IoBuf {
     pub fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len());
         self.start += n;
-        if self.start == self.end {
+        if self.start == self.data.len() {
             self.start = 0;
-            self.end = 0;
+            self.data.clear();
         }
     }
 
     /// Whether no more bytes fit, even after compaction.
     pub fn is_full(&self) -> bool {
-        self.len() == self.data.len()
+        self.len() == self.data.capacity()
     }
 
     /// Reads once from `r` into the free space (compacting first if needed); 0 means EOF.
     pub async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<usize> {
-        if self.end == self.data.len() {
+        if self.data.len() == self.data.capacity() {
             if self.start == 0 {
                 return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer full"));
             }
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
+            self.data.drain(..self.start);
             self.start = 0;
         }
-        let n = r.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+        // With spare capacity, a Vec reads into exactly that and never grows.
+        r.read_buf(&mut self.data).await
     }
 
     /// Polls one read from `r` into the free space (compacting first if needed); 0 means EOF.
@@ -75,45 +74,26 @@ impl IoBuf {
         cx: &mut std::task::Context<'_>,
         r: &mut R,
     ) -> std::task::Poll<io::Result<usize>> {
-        if self.end == self.data.len() {
-            if self.start == 0 {
-                return std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer full")));
-            }
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let mut rb = tokio::io::ReadBuf::new(&mut self.data[self.end..]);
-        match std::pin::Pin::new(r).poll_read(cx, &mut rb) {
-            std::task::Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                self.end += n;
-                std::task::Poll::Ready(Ok(n))
-            }
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
+        // A read that is not ready leaves no bytes behind, so the future may be dropped.
+        std::pin::pin!(self.read_from(r)).poll(cx)
     }
 
     /// Replaces the storage with a larger one (for long heads), keeping the filled bytes.
     pub fn grow(&mut self, capacity: usize) {
-        if capacity <= self.data.len() {
+        if capacity <= self.data.capacity() {
             return;
         }
-        let mut data = vec![0; capacity].into_boxed_slice();
-        let len = self.len();
-        data[..len].copy_from_slice(self.filled());
+        let mut data = Vec::with_capacity(capacity);
+        data.extend_from_slice(self.filled());
         self.data = data;
         self.start = 0;
-        self.end = len;
     }
 
     /// Shrinks back to `capacity` when empty, so pooled connections do not hold large buffers.
     pub fn shrink(&mut self, capacity: usize) {
-        if self.data.len() > capacity && self.is_empty() {
-            self.data = vec![0; capacity].into_boxed_slice();
+        if self.data.capacity() > capacity && self.is_empty() {
+            self.data = Vec::with_capacity(capacity);
             self.start = 0;
-            self.end = 0;
         }
     }
 }
@@ -389,6 +369,24 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// An IP address as text, IPv4 without the formatting machinery (this runs once per client
+/// connection).
+pub fn ip_text(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut text = Vec::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push(b'.');
+                }
+                push_decimal(&mut text, u64::from(octet));
+            }
+            String::from_utf8(text).unwrap_or_else(|_| ip.to_string())
+        }
+        std::net::IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
 /// Writes `n` in lower-case hex into `out` (chunk sizes).
 pub fn push_hex(out: &mut Vec<u8>, n: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -512,6 +510,14 @@ mod tests {
         assert_eq!(classify(b"\xe5xpect"), Known::Other);
         assert_eq!(classify(b"HoSt"), Known::Host);
         assert_eq!(tokens(b" close , Upgrade,,").collect::<Vec<_>>(), [&b"close"[..], b"Upgrade"]);
+    }
+
+    #[test]
+    fn addresses_are_written_as_the_standard_library_does() {
+        for ip in ["127.0.0.1", "0.0.0.0", "255.255.255.255", "10.20.0.9", "::1", "fe80::1:2"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]

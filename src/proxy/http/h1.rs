@@ -115,7 +115,7 @@ impl Connection {
             req: Vec::with_capacity(1024),
             fields: Vec::with_capacity(32),
             resp_fields: Vec::with_capacity(32),
-            client_ip: peer.ip().to_string(),
+            client_ip: super::codec::ip_text(peer.ip()),
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
