@@ -49,7 +49,8 @@ pub struct Connection {
     req: Vec<u8>,
     fields: Vec<Field>,
     resp_fields: Vec<Field>,
-    client_ip: String,
+    /// The client's address as text, for `x-forwarded-for` and hashing.
+    client_ip: Vec<u8>,
     peer: SocketAddr,
     /// The keep-alive wait between requests, and the deadline of the response being awaited.
     /// One timer each for the connection's life: moving a deadline later only marks the timer,
@@ -399,7 +400,7 @@ impl Connection {
                 let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
                 fields.get(name.as_str().as_bytes()).map(hash_bytes)
             }
-            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(self.client_ip.as_bytes())),
+            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(&self.client_ip)),
             _ => None,
         }
     }

@@ -149,13 +149,14 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
     let mut upgrade_header = false;
     let mut names_fields = false;
     for h in req.headers.iter() {
+        let (name, value) = field_ranges(buf, h);
         let kind = classify(h.name.as_bytes());
         match kind {
             Known::Host => {
                 if host.is_some() {
                     return Err(ProxyError::BadRequest("more than one Host header"));
                 }
-                host = Some(field_ranges(buf, h).1);
+                host = Some(value.clone());
             }
             Known::ContentLength => {
                 let n = parse_content_length(h.value).ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
@@ -189,7 +190,6 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
             Known::Upgrade => upgrade_header = true,
             _ => {}
         }
-        let (name, value) = field_ranges(buf, h);
         fields.push(Field { name, value, kind });
     }
     if te_seen && !chunked {
@@ -204,7 +204,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
     if minor == 1 && host.is_none() && authority.is_none() {
         return Err(ProxyError::BadRequest("missing Host header"));
     }
-    if minor == 0 && keep_alive && !close_listed(buf, fields) {
+    if minor == 0 && keep_alive && !listed_in_connection(buf, fields, b"close") {
         close = false;
     }
     let body = if chunked {
@@ -229,12 +229,6 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
         upgrade: conn_upgrade && upgrade_header,
         names_fields,
     }))
-}
-
-fn close_listed(buf: &[u8], fields: &[Field]) -> bool {
-    fields
-        .iter()
-        .any(|f| f.kind == Known::Connection && tokens(&buf[f.value.clone()]).any(|t| t.eq_ignore_ascii_case(b"close")))
 }
 
 fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
@@ -275,7 +269,7 @@ impl Fields<'_> {
 
 /// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
 /// ones, framing, and `x-forwarded-for` / `x-forwarded-proto`.
-pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: &[Field], client_ip: &str) {
+pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: &[Field], client_ip: &[u8]) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = &buf[head.target.clone()];
@@ -333,7 +327,7 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
         out.extend_from_slice(trim(&buf[r.clone()]));
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(client_ip);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
 }
 
@@ -533,7 +527,7 @@ mod tests {
     fn forwarded(text: &str) -> String {
         let (h, f) = req(text).unwrap();
         let mut out = Vec::new();
-        write_request(&mut out, text.as_bytes(), &h, &f, "127.0.0.1");
+        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1");
         String::from_utf8(out).unwrap()
     }
 
@@ -712,26 +706,14 @@ mod tests {
         ];
         let alphabet = b"\x00\t\n\r :/?,@*\x7f\x80\xffaZ09-";
         let mut rng = fastrand::Rng::with_seed(7230);
-        let mut edit = |base: &[u8]| {
-            let mut text = base.to_vec();
-            for _ in 0..rng.usize(1..=3) {
-                let i = rng.usize(..text.len());
-                let b = alphabet[rng.usize(..alphabet.len())];
-                match rng.u8(..3) {
-                    0 => text[i] = b,
-                    1 => text.insert(i, b),
-                    _ => _ = text.remove(i),
-                }
-            }
-            text
-        };
+        let mut edit = |base: &[u8]| super::super::codec::edited_at_random(&mut rng, base, alphabet);
         let (mut fields, mut out) = (Vec::new(), Vec::new());
         for round in 0..50_000 {
             let text = edit(REQUESTS[round % REQUESTS.len()]);
             if let Ok(Parse::Complete(h)) = parse_request(&text, &mut fields) {
                 let _ = (h.route_host(&text), h.path(&text), Fields { buf: &text, fields: &fields }.get(b"host"));
                 out.clear();
-                write_request(&mut out, &text, &h, &fields, "127.0.0.1");
+                write_request(&mut out, &text, &h, &fields, b"127.0.0.1");
             }
             let text = edit(RESPONSES[round % RESPONSES.len()]);
             if let Ok(Parse::Complete(r)) = parse_response(&text, &mut fields, round % 2 == 0) {
