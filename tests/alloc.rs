@@ -13,8 +13,13 @@ mod fixture;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
+/// The allocator's counts are process-wide: one test at a time, so no other test's allocations
+/// are counted.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn matching_and_picking_allocate_nothing() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut b = fixture::catalog(1_000, 10, 1_000);
     let (table, _) = b.build();
     let listener = table.listener(0).unwrap();
@@ -36,4 +41,25 @@ fn matching_and_picking_allocate_nothing() {
     assert!(picked > 0);
     assert_eq!(stats.allocations, 0, "{stats:?}");
     assert_eq!(stats.reallocations, 0, "{stats:?}");
+}
+
+#[test]
+fn a_client_address_is_written_and_hashed_without_allocating() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use zkroute::proxy::http::codec::IpText;
+    use zkroute::routing::table::hash_bytes;
+    let ips: Vec<std::net::IpAddr> = ["10.1.2.3", "255.255.255.255", "fe80::1:2", "2001:db8:85a3::8a2e:370:7334"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let region = Region::new(GLOBAL);
+    let mut sum = 0u64;
+    for _ in 0..100 {
+        for &ip in &ips {
+            sum = sum.wrapping_add(hash_bytes(IpText::new(ip).as_bytes()));
+        }
+    }
+    let stats = region.change();
+    assert_ne!(sum, 0);
+    assert_eq!(stats.allocations, 0, "{stats:?}");
 }

@@ -113,6 +113,42 @@ async fn a_refused_connect_fails_over_to_another_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_on_the_source_address_keeps_each_client_on_one_instance() {
+    let (zk, proxy) = proxy("").await;
+    let servers = [TcpServer::echo().await, TcpServer::echo().await, TcpServer::echo().await];
+    zk.put("/zkroute/policies/db", r#"{"lb":"ring_hash","hash_on":"source_ip"}"#).await;
+    for (i, s) in servers.iter().enumerate() {
+        zk.put(&format!("/zkroute/services/db/{i}"), &s.addr.to_string()).await;
+    }
+    until_instances(&proxy, "db", 3).await;
+    let counts = || servers.iter().map(|s| s.connections.load(std::sync::atomic::Ordering::SeqCst)).collect::<Vec<_>>();
+    let mut owners = std::collections::BTreeSet::new();
+    // Every address in 127.0.0.0/8 is this host's: eight clients with their own source address.
+    for last in 1..=8u8 {
+        let source = std::net::Ipv4Addr::new(127, 0, 0, last);
+        let mut owner = None;
+        for _ in 0..5 {
+            let before = counts();
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((source, 0).into()).unwrap();
+            let mut s = socket.connect(proxy.listener("db")).await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await.unwrap().unwrap();
+            assert_eq!(back, b"ping");
+            let after = counts();
+            let hit: Vec<usize> = (0..3).filter(|&i| after[i] > before[i]).collect();
+            assert_eq!(hit.len(), 1, "one connection reaches one instance: {before:?} -> {after:?}");
+            assert_eq!(*owner.get_or_insert(hit[0]), hit[0], "client {source} moved between instances");
+        }
+        owners.insert(owner.unwrap());
+    }
+    assert!(owners.len() >= 2, "eight clients all hashed to one of three instances: {owners:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
     let (zk, proxy) = proxy("").await;
     zk.put("/zkroute/services/db/dead", &refused_addr().to_string()).await;

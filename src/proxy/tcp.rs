@@ -20,6 +20,7 @@ use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
 use crate::health::OutlierSink;
 use crate::metrics::Metrics;
+use crate::proxy::http::codec::IpText;
 use crate::routing::RouteReader;
 use crate::routing::docs::{HashOn, LbPolicy};
 use crate::routing::table::{ListenerId, hash_bytes};
@@ -98,7 +99,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     };
     target.stats.tcp_accepted();
     let hash = match &target.set.policy.lb {
-        LbPolicy::RingHash(HashOn::SourceIp | HashOn::Header(_)) => Some(hash_bytes(peer.ip().to_string().as_bytes())),
+        LbPolicy::RingHash(HashOn::SourceIp | HashOn::Header(_)) => Some(hash_bytes(IpText::new(peer.ip()).as_bytes())),
         _ => None,
     };
     let mut tried = Tried::default();

@@ -50,7 +50,7 @@ pub struct Connection {
     fields: Vec<Field>,
     resp_fields: Vec<Field>,
     /// The client's address as text, for `x-forwarded-for` and hashing.
-    client_ip: Vec<u8>,
+    client_ip: super::codec::IpText,
     peer: SocketAddr,
     /// The keep-alive wait between requests, and the deadline of the response being awaited.
     /// One timer each for the connection's life: moving a deadline later only marks the timer,
@@ -116,7 +116,7 @@ impl Connection {
             req: Vec::with_capacity(1024),
             fields: Vec::with_capacity(32),
             resp_fields: Vec::with_capacity(32),
-            client_ip: super::codec::ip_text(peer.ip()),
+            client_ip: super::codec::IpText::new(peer.ip()),
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -250,7 +250,7 @@ impl Connection {
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
-        head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, &self.client_ip);
+        head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, self.client_ip.as_bytes());
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {
@@ -400,7 +400,7 @@ impl Connection {
                 let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
                 fields.get(name.as_str().as_bytes()).map(hash_bytes)
             }
-            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(&self.client_ip)),
+            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(self.client_ip.as_bytes())),
             _ => None,
         }
     }

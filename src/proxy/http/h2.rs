@@ -270,7 +270,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     };
     let hash = match &target.set.policy.lb {
         LbPolicy::RingHash(HashOn::Header(name)) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
-        LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(peer.ip().to_string().as_bytes())),
+        LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(super::codec::IpText::new(peer.ip()).as_bytes())),
         _ => None,
     };
 
@@ -455,7 +455,7 @@ fn write_head(
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     out.extend_from_slice(&xff);
-    out.extend_from_slice(peer.ip().to_string().as_bytes());
+    out.extend_from_slice(super::codec::IpText::new(peer.ip()).as_bytes());
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
 }
 
