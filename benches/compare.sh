@@ -405,6 +405,11 @@ cpu_ticks() {
     echo "$u $s"
 }
 
+# core_softirq_ticks: softirq time of the proxy core (/proc/stat), in clock ticks. This kernel
+# charges softirq work done in a task's context (loopback delivery to the peer socket) to the
+# task's stime as well; kernels built with CONFIG_IRQ_TIME_ACCOUNTING do not.
+core_softirq_ticks() { awk -v c="cpu$PROXY_CPU" '$1 == c {print $8}' /proc/stat; }
+
 # vm_kb ENTRY FIELD: VmRSS or VmHWM summed over the proxy's processes, in kB.
 vm_kb() {
     local p kb sum=0
@@ -637,11 +642,11 @@ mode_tcp() {
     kill -0 "$IPERF_PID" 2>/dev/null || { say "   iperf3 -s had exited; restarting it"; start_iperf_server; }
     local args=(-c 127.0.0.1 -p "${TCP_PORT[$entry]}" -n "$TCP_BYTES" -J)
     record_cmd tcp "$entry" "taskset -c $LOAD_CPU iperf3 $(quote "${args[@]}")   (server: taskset -c $LOAD_CPU iperf3 -s -p $IPERF_PORT)"
-    [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
+    [ "$entry" != direct ] && before="$(cpu_ticks "$entry") $(core_softirq_ticks)"
     timeout 90 taskset -c $LOAD_CPU iperf3 "${args[@]}" >"$out" 2>&1 || say "   iperf3 exited $?"
-    [ "$entry" != direct ] && after=$(cpu_ticks "$entry")
+    [ "$entry" != direct ] && after="$(cpu_ticks "$entry") $(core_softirq_ticks)"
     local res
-    res=$(python3 - "$out" "${before:-0 0}" "${after:-0 0}" "$TCK" <<'EOF'
+    res=$(python3 - "$out" "${before:-0 0 0}" "${after:-0 0 0}" "$TCK" <<'EOF'
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
@@ -653,7 +658,8 @@ r = d["end"]["sum_received"]
 b, a, tck = [int(x) for x in sys.argv[2].split()], [int(x) for x in sys.argv[3].split()], int(sys.argv[4])
 gib = r["bytes"] / 2**30
 print("ok", r["bytes"], "%.3f" % r["seconds"], "%.3f" % (r["bits_per_second"] / 1e9),
-      "%.4f" % ((a[0] - b[0]) / tck / gib), "%.4f" % ((a[1] - b[1]) / tck / gib))
+      "%.4f" % ((a[0] - b[0]) / tck / gib), "%.4f" % ((a[1] - b[1]) / tck / gib),
+      "%.4f" % ((a[2] - b[2]) / tck / gib))
 EOF
     )
     if [ "${res%% *}" != ok ]; then
@@ -661,8 +667,8 @@ EOF
         record "$round" tcp "$entry" errors 1
         return
     fi
-    local bytes secs gbps user sys
-    read -r _ bytes secs gbps user sys <<<"$res"
+    local bytes secs gbps user sys softirq
+    read -r _ bytes secs gbps user sys softirq <<<"$res"
     record "$round" tcp "$entry" gbps "$gbps"
     record "$round" tcp "$entry" bytes "$bytes"
     record "$round" tcp "$entry" errors 0
@@ -670,8 +676,9 @@ EOF
         record "$round" tcp "$entry" cpu_s_per_gib "$(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.4f", u + s}')"
         record "$round" tcp "$entry" user_s_per_gib "$user"
         record "$round" tcp "$entry" sys_s_per_gib "$sys"
+        record "$round" tcp "$entry" softirq_s_per_gib "$softirq"
     fi
-    say "   tcp $entry: $gbps Gbit/s over $secs s$([ "$entry" != direct ] && echo ", proxy $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.3f CPU-s/GiB (%.3f user + %.3f kernel)", u + s, u, s}')")"
+    say "   tcp $entry: $gbps Gbit/s over $secs s$([ "$entry" != direct ] && echo ", proxy $(awk -v u="$user" -v s="$sys" -v q="$softirq" 'BEGIN {printf "%.3f CPU-s/GiB (%.3f user + %.3f kernel; the proxy core spent %.3f in softirq)", u + s, u, s, q}')")"
 }
 
 # The start of each round: is anyone else using the machine?
@@ -875,9 +882,10 @@ if "newconn" in modes and present("newconn"):
 
 if "tcp" in modes and present("tcp"):
     print("### TCP bulk (iperf3 through the relay)\n")
-    table(["entry", "Gbit/s", "ratio to direct", "proxy CPU-s per GiB", "user", "kernel", "failed runs", NOISE],
+    table(["entry", "Gbit/s", "ratio to direct", "proxy CPU-s per GiB", "user", "kernel", "of which softirq (proxy core)", "failed runs", NOISE],
           [[e, cell("tcp", e, "gbps", "{:.2f}"), ratio("tcp", e, "gbps"), cell("tcp", e, "cpu_s_per_gib", "{:.3f}"),
-            cell("tcp", e, "user_s_per_gib", "{:.3f}"), cell("tcp", e, "sys_s_per_gib", "{:.3f}"), errors("tcp", e), noise("tcp", e)] for e in present("tcp")])
+            cell("tcp", e, "user_s_per_gib", "{:.3f}"), cell("tcp", e, "sys_s_per_gib", "{:.3f}"),
+            cell("tcp", e, "softirq_s_per_gib", "{:.3f}"), errors("tcp", e), noise("tcp", e)] for e in present("tcp")])
     commands("tcp")
 
 if "rss" in modes and present("rss"):
