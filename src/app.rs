@@ -25,7 +25,7 @@ use crate::health::checker::Checker;
 use crate::health::{BackendGauges, OutlierSink};
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
-use crate::proxy::tcp::TcpContext;
+use crate::proxy::tcp::{RelayMemory, TcpContext};
 use crate::proxy::upstream::{PoolSettings, Pools};
 use crate::proxy::{Limits, Tracker};
 use crate::register::Registrations;
@@ -114,6 +114,7 @@ impl App {
             max_header_bytes: p.max_header_bytes,
             max_connections: p.max_connections,
             tcp_idle_timeout: p.tcp_idle_timeout.0,
+            tcp_relay_memory: RelayMemory::new(p.tcp_relay_memory, metrics.tcp_relay_buffer_bytes.clone()),
         };
         let access_log = match &config.log.access_log {
             Some(sink) => Some(Arc::new(

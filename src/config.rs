@@ -148,6 +148,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Dur,
     /// Closes a TCP connection with no bytes either way for this long.
     pub tcp_idle_timeout: Dur,
+    /// Bytes that the TCP relay buffers of all connections together may grow into for bulk
+    /// transfers, beyond the 16 KiB each direction starts with.
+    pub tcp_relay_memory: usize,
     /// Time a client has to send a request's headers (slowloris).
     pub header_read_timeout: Dur,
     /// Largest request header section; larger ones get 431.
@@ -181,6 +184,7 @@ impl Default for ProxyConfig {
             shutdown_delay: secs(0),
             idle_timeout: secs(60),
             tcp_idle_timeout: secs(3600),
+            tcp_relay_memory: 64 << 20,
             header_read_timeout: secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
@@ -341,6 +345,11 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("proxy.shutdown_delay", Kind::Str, "keep accepting this long after deregistering on SIGTERM [default: 0s]"),
     ("proxy.idle_timeout", Kind::Str, "close idle client HTTP connections after [default: 60s]"),
     ("proxy.tcp_idle_timeout", Kind::Str, "close TCP connections idle for [default: 1h]"),
+    (
+        "proxy.tcp_relay_memory",
+        Kind::Int,
+        "bytes all TCP relay buffers may grow into for bulk transfers [default: 67108864]",
+    ),
     ("proxy.header_read_timeout", Kind::Str, "time to receive request headers [default: 10s]"),
     ("proxy.max_header_bytes", Kind::Int, "largest request header section [default: 65536]"),
     ("proxy.max_connections", Kind::Int, "most client connections per listener [default: 10000]"),

@@ -17,6 +17,7 @@ pub mod names {
     pub const TCP_CONNECTIONS: &str = "zkroute_tcp_connections_total";
     pub const TCP_ACTIVE_CONNECTIONS: &str = "zkroute_tcp_active_connections";
     pub const TCP_BYTES: &str = "zkroute_tcp_bytes_total";
+    pub const TCP_RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
     pub const BACKENDS: &str = "zkroute_backends";
     pub const HEALTH_CHECKS: &str = "zkroute_health_checks_total";
     pub const TABLE_VERSION: &str = "zkroute_table_version";
@@ -50,6 +51,8 @@ pub struct Metrics {
     pub tcp_connections: IntCounterVec,
     pub tcp_active_connections: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
+    /// Bytes held by TCP relay buffers grown past their first size, all listeners together.
+    pub tcp_relay_buffer_bytes: IntGauge,
     pub backends: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub table_version: IntGauge,
@@ -113,6 +116,8 @@ impl Metrics {
         let table_version = simple(TABLE_VERSION, "Version of the routing table in force.");
         let zk_connected = simple(ZK_CONNECTED, "1 while connected to ZooKeeper.");
         let snapshot_in_use = simple(SNAPSHOT_IN_USE, "1 while serving a table loaded from the snapshot file.");
+        let tcp_relay_buffer_bytes =
+            simple(TCP_RELAY_BUFFER_BYTES, "Bytes held by TCP relay buffers grown for bulk transfers.");
         let counter = |name: &str, help: &str| {
             let m = IntCounter::new(name, help).expect("valid metric");
             r.register(Box::new(m.clone())).expect("registered once");
@@ -137,6 +142,7 @@ impl Metrics {
             tcp_connections: counter_vec(&r, TCP_CONNECTIONS, "TCP connections accepted.", &["listener", "service"]),
             tcp_active_connections: gauge_vec(&r, TCP_ACTIVE_CONNECTIONS, "TCP connections open.", &["listener"]),
             tcp_bytes: counter_vec(&r, TCP_BYTES, "Bytes forwarded by TCP listeners.", &["listener", "direction"]),
+            tcp_relay_buffer_bytes,
             backends: gauge_vec(&r, BACKENDS, "Backend endpoints by state.", &["service", "state"]),
             health_checks: counter_vec(&r, HEALTH_CHECKS, "Active health checks run.", &["service", "result"]),
             table_version,

@@ -71,6 +71,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub tcp_idle_timeout: Duration,
+    /// Shared by every TCP listener: what their relay buffers may grow into.
+    pub tcp_relay_memory: Arc<tcp::RelayMemory>,
 }
 
 /// Counts a listener's open connections, for the connection limit and for draining.

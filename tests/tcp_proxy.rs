@@ -46,17 +46,14 @@ async fn an_echo_round_trip_goes_through() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_256_mib_transfer_arrives_intact() {
-    let (zk, proxy) = proxy("").await;
-    let sink = TcpServer::checksum().await;
-    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
-    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+/// Sends `mib` MiB of pseudo-random bytes through `addr` to a checksum server, half-closes, and
+/// returns what was sent and what the server says it received.
+async fn send_checksummed(addr: std::net::SocketAddr, mib: usize) -> (Checksum, Checksum) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let mut sent = Checksum::default();
     let mut block = vec![0u8; 1 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for _ in 0..256 {
+    for _ in 0..mib {
         for b in block.iter_mut() {
             x ^= x << 13;
             x ^= x >> 7;
@@ -74,8 +71,54 @@ async fn a_256_mib_transfer_arrives_intact() {
         len: u64::from_be_bytes(answer[..8].try_into().unwrap()),
         hash: u64::from_be_bytes(answer[8..].try_into().unwrap()),
     };
+    (sent, got)
+}
+
+const RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_transfer_arrives_intact() {
+    let (zk, proxy) = proxy("").await;
+    let sink = TcpServer::checksum().await;
+    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    // Meanwhile, the memory the relay's buffers grew into for the bulk stream.
+    let admin = proxy.admin();
+    let watch = tokio::spawn(async move {
+        let mut most = 0.0f64;
+        loop {
+            let text = String::from_utf8_lossy(get(admin, "/metrics").await.unwrap().body()).into_owned();
+            most = most.max(metric_value(&text, RELAY_BUFFER_BYTES).unwrap());
+            if most >= f64::from(4u32 << 20) {
+                return most;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let (sent, got) = send_checksummed(proxy.listener("db"), 256).await;
     assert_eq!(got, sent);
     assert_eq!(sent.len, 256 << 20);
+    let grown =
+        tokio::time::timeout(Duration::from_secs(5), watch).await.expect("relay buffers grew to 4 MiB").unwrap();
+    assert!(grown <= f64::from(8u32 << 20), "at most 4 MiB for each direction, not {grown}");
+    // The connection is over: its buffers are given back.
+    eventually("relay buffers given back", Duration::from_secs(5), || async {
+        (proxy.metric(RELAY_BUFFER_BYTES).await == Some(0.0)).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_relay_memory_a_bulk_transfer_moves_through_small_buffers() {
+    let (zk, proxy) = proxy("[proxy]\ntcp_relay_memory = 0\n").await;
+    let sink = TcpServer::checksum().await;
+    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let (sent, got) = send_checksummed(proxy.listener("db"), 32).await;
+    assert_eq!(got, sent);
+    assert_eq!(sent.len, 32 << 20);
+    assert_eq!(proxy.metric(RELAY_BUFFER_BYTES).await, Some(0.0));
     proxy.stop().await;
 }
 
