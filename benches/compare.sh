@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
-#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind]
+#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn]]
 #                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics] [--tcp-bytes 4G]
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
 #   KEEP_WORK=1 benches/compare.sh ...   keeps the work directory (callgrind profiles, logs) for study
+#   (`callgrind-newconn`, not run by default: instructions per `Connection: close` request)
 #
 # Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -701,15 +702,16 @@ noise_report() {
 # callgrind: instructions per request in user space. Each entry runs twice under valgrind, once
 # idle and once under `wrk -c1` for the same wall time; (Ir loaded - Ir idle) / requests, so
 # start-up and timer work cancel out.
-callgrind_one() { # ENTRY LOAD(0|1): sets CG_IR and CG_REQ (no subshell: STARTED must see the pid)
-    local entry=$1 load=$2 dir=$WORK/cg-$1-$2
+callgrind_one() { # MODE ENTRY LOAD(0|1) [WRK ARGS...]: sets CG_IR and CG_REQ (no subshell: STARTED must see the pid)
+    local mode=$1 entry=$2 load=$3 dir=$WORK/$1-$2-$3
+    shift 3
     local wrapper=(valgrind --tool=callgrind --callgrind-out-file="$dir.callgrind.out" --log-file="$dir.valgrind.log")
     "start_$entry" "$dir" $PROXY_CPU "${wrapper[@]}"
     local pid=$STARTED_PID requests=0
     curl -s -o /dev/null -m 30 "http://127.0.0.1:$P_HTTP/" || true
     if [ "$load" = 1 ]; then
-        local args=(-t1 -c1 -d"${CALLGRIND_SECONDS}s" "http://127.0.0.1:$P_HTTP/")
-        record_cmd callgrind "$entry" "taskset -c $PROXY_CPU valgrind --tool=callgrind <$entry>; taskset -c $LOAD_CPU wrk $(quote "${args[@]}"); minus an idle run of the same length"
+        local args=(-t1 -c1 -d"${CALLGRIND_SECONDS}s" "$@" "http://127.0.0.1:$P_HTTP/")
+        record_cmd "$mode" "$entry" "taskset -c $PROXY_CPU valgrind --tool=callgrind <$entry>; taskset -c $LOAD_CPU wrk $(quote "${args[@]}"); minus an idle run of the same length"
         DURATION=$CALLGRIND_SECONDS run_wrk $LOAD_CPU "$dir.wrk" "${args[@]}"
         requests=$W_REQ
     else
@@ -731,24 +733,25 @@ callgrind_one() { # ENTRY LOAD(0|1): sets CG_IR and CG_REQ (no subshell: STARTED
     CG_IR=$ir CG_REQ=$requests
 }
 
-mode_callgrind() {
-    local entry
+mode_callgrind() { # MODE [WRK ARGS...]
+    local mode=$1 entry
+    shift
     for entry in "${CG_LIST[@]}"; do
         [ "$entry" = direct ] && continue
-        say "== callgrind $entry (idle run, then ${CALLGRIND_SECONDS}s of wrk -c1)"
-        callgrind_one "$entry" 0
+        say "== $mode $entry (idle run, then ${CALLGRIND_SECONDS}s of wrk -c1 $*)"
+        callgrind_one "$mode" "$entry" 0
         local ir0=$CG_IR
-        callgrind_one "$entry" 1
+        callgrind_one "$mode" "$entry" 1 "$@"
         local ir1=$CG_IR n=$CG_REQ
         if [ "$ir0" -gt 0 ] && [ "$ir1" -gt 0 ] && [ "$n" -gt 0 ]; then
             local per=$(((ir1 - ir0) / n))
-            record 1 callgrind "$entry" ir_per_req "$per"
-            record 1 callgrind "$entry" requests "$n"
-            record 1 callgrind "$entry" ir_idle "$ir0"
-            record 1 callgrind "$entry" ir_loaded "$ir1"
-            say "   callgrind $entry: $per instructions per request ($n requests; Ir $ir1 loaded, $ir0 idle)"
+            record 1 "$mode" "$entry" ir_per_req "$per"
+            record 1 "$mode" "$entry" requests "$n"
+            record 1 "$mode" "$entry" ir_idle "$ir0"
+            record 1 "$mode" "$entry" ir_loaded "$ir1"
+            say "   $mode $entry: $per instructions per request ($n requests; Ir $ir1 loaded, $ir0 idle)"
         else
-            say "   ANOMALY: callgrind $entry gave no usable figure (Ir idle '$ir0', loaded '$ir1', $n requests)"
+            say "   ANOMALY: $mode $entry gave no usable figure (Ir idle '$ir0', loaded '$ir1', $n requests)"
         fi
     done
 }
@@ -900,6 +903,13 @@ if "callgrind" in modes and present("callgrind"):
           [[e, cell("callgrind", e, "ir_per_req", "{:,.0f}"), cell("callgrind", e, "requests", "{:.0f}"),
             cell("callgrind", e, "ir_loaded", "{:,.0f}"), cell("callgrind", e, "ir_idle", "{:,.0f}")] for e in present("callgrind")])
     commands("callgrind")
+
+if "callgrind-newconn" in modes and present("callgrind-newconn"):
+    print("### Instructions per new-connection request (callgrind, user space, wrk -c1 -H 'Connection: close'; idle run subtracted)\n")
+    table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
+          [[e, cell("callgrind-newconn", e, "ir_per_req", "{:,.0f}"), cell("callgrind-newconn", e, "requests", "{:.0f}"),
+            cell("callgrind-newconn", e, "ir_loaded", "{:,.0f}"), cell("callgrind-newconn", e, "ir_idle", "{:,.0f}")] for e in present("callgrind-newconn")])
+    commands("callgrind-newconn")
 EOF
 }
 
@@ -973,7 +983,8 @@ main() {
         fi
     done
 
-    has_mode callgrind && mode_callgrind
+    has_mode callgrind && mode_callgrind callgrind
+    has_mode callgrind-newconn && mode_callgrind callgrind-newconn -H 'Connection: close'
 
     echo "benches/compare.sh --rounds $ROUNDS --duration $DURATION --modes $MODES --entries $ENTRIES --tcp-bytes $TCP_BYTES" \
         "--max-noise $MAX_NOISE --retries $RETRIES --quiet-wait $QUIET_WAIT" >"$OUT_BASE.command"
