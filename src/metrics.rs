@@ -17,6 +17,7 @@ pub mod names {
     pub const TCP_CONNECTIONS: &str = "zkroute_tcp_connections_total";
     pub const TCP_ACTIVE_CONNECTIONS: &str = "zkroute_tcp_active_connections";
     pub const TCP_BYTES: &str = "zkroute_tcp_bytes_total";
+    pub const TCP_REJECTED: &str = "zkroute_tcp_connections_rejected_total";
     pub const TCP_RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
     pub const BACKENDS: &str = "zkroute_backends";
     pub const HEALTH_CHECKS: &str = "zkroute_health_checks_total";
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub tcp_connections: IntCounterVec,
     pub tcp_active_connections: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
+    /// TCP connections closed at once, never forwarded; `reason` is an `x-zkroute-error` value.
+    pub tcp_rejected: IntCounterVec,
     /// Bytes held by TCP relay buffers grown past their first size, all listeners together.
     pub tcp_relay_buffer_bytes: IntGauge,
     pub backends: IntGaugeVec,
@@ -142,6 +145,12 @@ impl Metrics {
             tcp_connections: counter_vec(&r, TCP_CONNECTIONS, "TCP connections accepted.", &["listener", "service"]),
             tcp_active_connections: gauge_vec(&r, TCP_ACTIVE_CONNECTIONS, "TCP connections open.", &["listener"]),
             tcp_bytes: counter_vec(&r, TCP_BYTES, "Bytes forwarded by TCP listeners.", &["listener", "direction"]),
+            tcp_rejected: counter_vec(
+                &r,
+                TCP_REJECTED,
+                "TCP connections closed without reaching an upstream, by reason.",
+                &["listener", "reason"],
+            ),
             tcp_relay_buffer_bytes,
             backends: gauge_vec(&r, BACKENDS, "Backend endpoints by state.", &["service", "state"]),
             health_checks: counter_vec(&r, HEALTH_CHECKS, "Active health checks run.", &["service", "result"]),

@@ -200,6 +200,19 @@ async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
     let mut buf = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "closed without data");
+    let rejected =
+        |reason: &str| format!(r#"zkroute_tcp_connections_rejected_total{{listener="db",reason="{reason}"}}"#);
+    assert_eq!(proxy.metric(&rejected("upstream_connect_failed")).await, Some(1.0));
+    assert_eq!(proxy.metric(r#"zkroute_upstream_connect_errors_total{service="db"}"#).await, Some(1.0));
+
+    // With no instance at all, the connection is closed at once too, for another reason.
+    zk.delete("/zkroute/services/db/dead").await;
+    until_instances(&proxy, "db", 0).await;
+    let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed without data");
+    assert_eq!(proxy.metric(&rejected("no_healthy_upstream")).await, Some(1.0));
+    assert_eq!(proxy.metric(&rejected("upstream_connect_failed")).await, Some(1.0));
     proxy.stop().await;
 }
 

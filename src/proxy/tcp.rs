@@ -40,6 +40,14 @@ pub struct TcpContext {
     rx: IntCounter,
     tx: IntCounter,
     active: IntGauge,
+    rejected: Rejected,
+}
+
+/// Connections closed without reaching an upstream, by reason (`zkroute_tcp_connections_rejected_total`).
+struct Rejected {
+    no_route: IntCounter,
+    no_healthy_upstream: IntCounter,
+    upstream_connect_failed: IntCounter,
 }
 
 impl TcpContext {
@@ -58,7 +66,27 @@ impl TcpContext {
         let rx = metrics.tcp_bytes.with_label_values(&[&name, "rx"]);
         let tx = metrics.tcp_bytes.with_label_values(&[&name, "tx"]);
         let active = metrics.tcp_active_connections.with_label_values(&[&name]);
-        TcpContext { listener, name, routes, metrics, limits, shutdown, tracker, outliers, access_log, rx, tx, active }
+        let reason = |r: &str| metrics.tcp_rejected.with_label_values(&[&name, r]);
+        let rejected = Rejected {
+            no_route: reason("no_route"),
+            no_healthy_upstream: reason("no_healthy_upstream"),
+            upstream_connect_failed: reason("upstream_connect_failed"),
+        };
+        TcpContext {
+            listener,
+            name,
+            routes,
+            metrics,
+            limits,
+            shutdown,
+            tracker,
+            outliers,
+            access_log,
+            rx,
+            tx,
+            active,
+            rejected,
+        }
     }
 }
 
@@ -87,11 +115,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             Some(r) => r.clone(),
             None => {
                 debug!(listener = %ctx.name, "no route for a TCP connection: closing it");
+                ctx.rejected.no_route.inc();
                 return;
             }
         }
     };
-    let Some((_, first)) = route.target_at(fastrand::u32(..)) else { return };
+    let Some((_, first)) = route.target_at(fastrand::u32(..)) else {
+        ctx.rejected.no_route.inc();
+        return;
+    };
     let target = if first.set.active().is_empty() {
         route.targets.iter().find(|t| t.weight > 0 && !t.set.active().is_empty()).unwrap_or(first)
     } else {
@@ -107,6 +139,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let upstream = loop {
         let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) else {
             debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
+            if tried.is_empty() {
+                ctx.rejected.no_healthy_upstream.inc();
+            } else {
+                ctx.rejected.upstream_connect_failed.inc();
+            }
             return;
         };
         tried.push(i);
@@ -121,6 +158,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
                 target.stats.connect_failed();
                 ctx.outliers.failure(&target.set, i);
                 if attempts_left == 0 {
+                    ctx.rejected.upstream_connect_failed.inc();
                     return;
                 }
                 attempts_left -= 1;
