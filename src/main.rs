@@ -152,12 +152,16 @@ fn init_tracing(format: LogFormat) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    // Without a SIGTERM handler (it cannot fail on Linux in practice), SIGINT still works.
+    let mut term = signal(SignalKind::terminate()).ok();
+    let term = async {
+        match &mut term {
+            Some(t) => t.recv().await,
+            None => std::future::pending().await,
+        }
     };
     tokio::select! {
-        _ = term.recv() => {}
+        _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -123,3 +123,36 @@ async fn with_a_shutdown_delay_listeners_keep_accepting_after_deregistration() {
     assert!(started.elapsed() >= Duration::from_millis(1400));
     assert_eq!(bin.wait_exit(Duration::from_secs(5)).code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_like_sigterm() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
+    let mut bin = Binary::start(&chroot, "10s").await;
+    let mut tcp = eventually("a relayed TCP connection", Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(bin.tcp).await.ok()?;
+        s.write_all(b"a").await.ok()?;
+        let mut one = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await.ok()?.ok()?;
+        Some(s)
+    })
+    .await;
+    bin.signal("INT");
+    eventually("/ready turns 503", Duration::from_secs(5), || async {
+        (get(bin.admin, "/ready").await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    eventually("new connections refused", Duration::from_secs(5), || async {
+        TcpStream::connect(bin.tcp).await.is_err().then_some(())
+    })
+    .await;
+    let mut one = [0u8; 1];
+    tcp.write_all(b"b").await.unwrap();
+    tcp.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"b", "the open connection still works while draining");
+    drop(tcp);
+    // Within 5 s of the last connection closing, well before the 10 s drain timeout.
+    assert_eq!(bin.wait_exit(Duration::from_secs(5)).code(), Some(0));
+}
