@@ -2,11 +2,12 @@
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
 #   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn]]
-#                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics] [--tcp-bytes 4G]
+#                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G]
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
 #   KEEP_WORK=1 benches/compare.sh ...   keeps the work directory (callgrind profiles, logs) for study
+#   benches/compare.sh --zkroute-b /path/to/zkroute --entries direct,zkroute,zkroute-b ...   A/B of two builds
 #   (`callgrind-newconn`, not run by default: instructions per `Connection: close` request)
 #
 # Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
@@ -59,6 +60,7 @@ QUIET_WAIT=10 # seconds to wait for a quiet window before each run
 OUT_DIR=$REPO/target/compare
 INSTALL=1
 REPORT_ONLY=""
+ZKROUTE_B_BIN="" # --zkroute-b: another build, the `zkroute-b` entry
 CONNS=32 # keep-alive and new-connection runs
 LOAD_CPU=0
 PROXY_CPU=1
@@ -66,7 +68,7 @@ STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 BODY=$(printf 'x%.0s' {1..99})$'\n' # 100 bytes; nginx `return` takes the literal
 BODY_CONF=$(printf 'x%.0s' {1..99})'\n'
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case $1 in
@@ -82,6 +84,7 @@ while [ $# -gt 0 ]; do
         --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
         --out) OUT_DIR=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
+        --zkroute-b) ZKROUTE_B_BIN=$(realpath "$2"); shift 2 ;;
         --report) REPORT_ONLY=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -144,6 +147,7 @@ build_zkroute() {
 
 versions() {
     echo "- zkroute: $("$ZKROUTE" --version) (git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes'))"
+    if [ -n "$ZKROUTE_B_BIN" ]; then echo "- zkroute-b: $("$ZKROUTE_B_BIN" --version) ($ZKROUTE_B_BIN)"; fi
     echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "- haproxy: $(haproxy -v | head -1)"
     [ -n "${ENVOY:-}" ] && echo "- envoy: $("$ENVOY" --version | grep -o 'version: .*' | sed 's/version: //')"
@@ -305,6 +309,18 @@ start_zkroute-nometrics() {
     local dir=$1 cpu=$2
     shift 2
     start_zkroute "$dir" "$cpu" ZKROUTE_METRICS_ENABLED=false "$@"
+}
+
+# Another zkroute build beside this checkout's, same configuration: an A/B of a change, in one run
+# (`benches/compare.sh --zkroute-b /tmp/old/zkroute --entries direct,zkroute,zkroute-b`).
+start_zkroute-b() {
+    local dir=$1 cpu=$2
+    shift 2
+    [ -x "$ZKROUTE_B_BIN" ] || die "the zkroute-b entry needs --zkroute-b /path/to/another/zkroute binary"
+    local mine=$ZKROUTE
+    ZKROUTE=$ZKROUTE_B_BIN
+    start_zkroute "$dir" "$cpu" "$@"
+    ZKROUTE=$mine
 }
 
 start_haproxy() {
@@ -987,7 +1003,7 @@ main() {
     has_mode callgrind-newconn && mode_callgrind callgrind-newconn -H 'Connection: close'
 
     echo "benches/compare.sh --rounds $ROUNDS --duration $DURATION --modes $MODES --entries $ENTRIES --tcp-bytes $TCP_BYTES" \
-        "--max-noise $MAX_NOISE --retries $RETRIES --quiet-wait $QUIET_WAIT" >"$OUT_BASE.command"
+        "--max-noise $MAX_NOISE --retries $RETRIES --quiet-wait $QUIET_WAIT${ZKROUTE_B_BIN:+ --zkroute-b $ZKROUTE_B_BIN}" >"$OUT_BASE.command"
     report | tee "$OUT_BASE.md"
     say "raw per-round results: $TSV"
     say "report: $OUT_BASE.md"
