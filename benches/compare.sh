@@ -913,19 +913,15 @@ if "rss" in modes and present("rss"):
           [[e, cell("rss", e, "idle_kb", "{:.1f}", 1 / 1024), cell("rss", e, "peak_kb", "{:.1f}", 1 / 1024)] for e in present("rss")])
     print()
 
-if "callgrind" in modes and present("callgrind"):
-    print("### Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)\n")
-    table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
-          [[e, cell("callgrind", e, "ir_per_req", "{:,.0f}"), cell("callgrind", e, "requests", "{:.0f}"),
-            cell("callgrind", e, "ir_loaded", "{:,.0f}"), cell("callgrind", e, "ir_idle", "{:,.0f}")] for e in present("callgrind")])
-    commands("callgrind")
-
-if "callgrind-newconn" in modes and present("callgrind-newconn"):
-    print("### Instructions per new-connection request (callgrind, user space, wrk -c1 -H 'Connection: close'; idle run subtracted)\n")
-    table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
-          [[e, cell("callgrind-newconn", e, "ir_per_req", "{:,.0f}"), cell("callgrind-newconn", e, "requests", "{:.0f}"),
-            cell("callgrind-newconn", e, "ir_loaded", "{:,.0f}"), cell("callgrind-newconn", e, "ir_idle", "{:,.0f}")] for e in present("callgrind-newconn")])
-    commands("callgrind-newconn")
+for mode, title in [("callgrind", "Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)"),
+                    ("callgrind-newconn", "Instructions per new-connection request (callgrind, user space, "
+                                          "wrk -c1 -H 'Connection: close'; idle run subtracted)")]:
+    if mode in modes and present(mode):
+        print(f"### {title}\n")
+        table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
+              [[e, cell(mode, e, "ir_per_req", "{:,.0f}"), cell(mode, e, "requests", "{:.0f}"),
+                cell(mode, e, "ir_loaded", "{:,.0f}"), cell(mode, e, "ir_idle", "{:,.0f}")] for e in present(mode)])
+        commands(mode)
 EOF
 }
 

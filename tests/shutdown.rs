@@ -9,6 +9,18 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A TCP connection through the binary's `tcp` listener that has echoed one byte.
+async fn relayed_tcp(bin: &Binary) -> TcpStream {
+    eventually("a relayed TCP connection", Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(bin.tcp).await.ok()?;
+        s.write_all(b"a").await.ok()?;
+        let mut one = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await.ok()?.ok()?;
+        Some(s)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero() {
     let chroot = Zk::shared().chroot();
@@ -77,14 +89,7 @@ async fn work_still_open_at_the_drain_timeout_is_closed_and_the_exit_is_zero() {
     let echo = TcpServer::echo().await;
     zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
     let mut bin = Binary::start(&chroot, "1s").await;
-    let mut tcp = eventually("a relayed TCP connection", Duration::from_secs(10), || async {
-        let mut s = TcpStream::connect(bin.tcp).await.ok()?;
-        s.write_all(b"a").await.ok()?;
-        let mut one = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await.ok()?.ok()?;
-        Some(s)
-    })
-    .await;
+    let mut tcp = relayed_tcp(&bin).await;
     let started = Instant::now();
     bin.sigterm();
     let status = bin.wait_exit(Duration::from_secs(5));
@@ -131,14 +136,7 @@ async fn sigint_drains_like_sigterm() {
     let echo = TcpServer::echo().await;
     zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
     let mut bin = Binary::start(&chroot, "10s").await;
-    let mut tcp = eventually("a relayed TCP connection", Duration::from_secs(10), || async {
-        let mut s = TcpStream::connect(bin.tcp).await.ok()?;
-        s.write_all(b"a").await.ok()?;
-        let mut one = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut one)).await.ok()?.ok()?;
-        Some(s)
-    })
-    .await;
+    let mut tcp = relayed_tcp(&bin).await;
     bin.signal("INT");
     eventually("/ready turns 503", Duration::from_secs(5), || async {
         (get(bin.admin, "/ready").await.ok()?.status() == 503).then_some(())
