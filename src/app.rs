@@ -26,8 +26,8 @@ use crate::health::{BackendGauges, OutlierSink};
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::{RelayMemory, TcpContext};
-use crate::proxy::upstream::{PoolSettings, Pools};
-use crate::proxy::{Limits, Tracker};
+use crate::proxy::upstream::{LoopbackCongestion, PoolSettings, Pools};
+use crate::proxy::{self, Limits, Tracker};
 use crate::register::Registrations;
 use crate::routing::SourceKind;
 use crate::routing::build::{Delta, Resync};
@@ -70,11 +70,17 @@ impl App {
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
 
+        let congestion = LoopbackCongestion::new(&config.proxy.loopback_congestion).with_context(|| {
+            format!(
+                "proxy.loopback_congestion: cannot use {:?} (net.ipv4.tcp_allowed_congestion_control lists what \
+                 may be; \"\" keeps the system's choice)",
+                config.proxy.loopback_congestion
+            )
+        })?;
         // Bind every listener before anything starts, so a bad one fails the start.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let socket = TcpListener::bind(l.bind)
-                .await
+            let socket = proxy::listen(l.bind, &congestion)
                 .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, l.bind))?;
             bound.push((l, socket));
         }
@@ -115,6 +121,7 @@ impl App {
             max_connections: p.max_connections,
             tcp_idle_timeout: p.tcp_idle_timeout.0,
             tcp_relay_memory: RelayMemory::new(p.tcp_relay_memory, metrics.tcp_relay_buffer_bytes.clone()),
+            congestion,
         };
         let access_log = match &config.log.access_log {
             Some(sink) => Some(Arc::new(

@@ -16,12 +16,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+
+/// Binds and listens on `addr` as `TcpListener::bind` does, with the congestion control set
+/// first if `addr` is a loopback one, so that every accepted connection inherits it.
+pub fn listen(addr: SocketAddr, congestion: &upstream::LoopbackCongestion) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    congestion.apply(&socket, addr.ip());
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
 
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
 /// and connections beyond `max` open ones are closed at once and counted.
@@ -73,6 +83,8 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
     /// Shared by every TCP listener: what their relay buffers may grow into.
     pub tcp_relay_memory: Arc<tcp::RelayMemory>,
+    /// For upstream connections to this host.
+    pub congestion: upstream::LoopbackCongestion,
 }
 
 /// Counts a listener's open connections, for the connection limit and for draining.

@@ -280,6 +280,52 @@ async fn an_http_listener_with_a_service_needs_no_rule() {
     proxy.stop().await;
 }
 
+/// The congestion control of each established socket that `ss` (iproute2) finds for `filter`.
+fn congestion_shown(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "state", "established", filter])
+        .output()
+        .expect("ss from iproute2 runs");
+    assert!(out.status.success(), "ss {filter}: {}", String::from_utf8_lossy(&out.stderr));
+    // Each socket is an address line, then an indented line of details that starts with the algorithm.
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_loopback_use_the_configured_congestion_control() {
+    // reno differs from any system default worth having, and every kernel has it.
+    let (zk, proxy) = proxy("[proxy]\nloopback_congestion = \"reno\"\n").await;
+    let echo = TcpServer::echo().await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    let mut client = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).await.unwrap();
+    // The proxy's two sockets of this connection: the accepted one and the one to the instance.
+    let accepted = congestion_shown(&format!("( sport = :{} )", proxy.listener("db").port()));
+    let upstream = congestion_shown(&format!("( dport = :{} )", echo.addr.port()));
+    assert_eq!((accepted, upstream), (vec!["reno".to_owned()], vec!["reno".to_owned()]));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congestion_control_the_system_lacks_fails_the_start_naming_the_key() {
+    let config = zkroute::Config::from_toml(
+        "[admin]\nbind = \"127.0.0.1:0\"\n[proxy]\nloopback_congestion = \"warp\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let err = zkroute::App::start(config).await.err().expect("the start fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("proxy.loopback_congestion") && msg.contains("\"warp\""), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_that_cannot_bind_fails_the_start_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

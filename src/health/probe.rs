@@ -20,7 +20,9 @@ pub enum Probe<'a> {
 /// Probes `addr` within `timeout`: Ok with what passed, Err with what was seen.
 pub async fn probe(addr: &Addr, probe: Probe<'_>, timeout: Duration, user_agent: &str) -> Result<String, String> {
     let attempt = async {
-        let mut stream = crate::proxy::upstream::connect(addr, timeout).await.map_err(|e| format!("connect: {e}"))?;
+        let mut stream = crate::proxy::upstream::connect(addr, timeout, &Default::default())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let Probe::Http { host, path } = probe else { return Ok("connected".to_owned()) };
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {user_agent}\r\nConnection: close\r\n\r\n");

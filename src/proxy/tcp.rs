@@ -148,7 +148,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
         };
         tried.push(i);
         let endpoint = &target.set.endpoints[i];
-        match upstream::connect(&endpoint.addr, target.set.policy.connect_timeout).await {
+        match upstream::connect(&endpoint.addr, target.set.policy.connect_timeout, &ctx.limits.congestion).await {
             Ok(s) => {
                 endpoint.state.record_success();
                 break (s, endpoint.state.start_request());

@@ -261,19 +261,23 @@ where
     })
 }
 
-/// Installs Debian's zookeeper package if it is missing (the README's commands do this too).
+/// Installs what the tests need from Debian if it is missing (the README's commands do this too):
+/// the zookeeper package, and iproute2 for `ss`, which shows sockets' TCP state.
 fn ensure_installed() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        if std::path::Path::new(ZK_JAR).exists() {
+        let have_ss = Command::new("ss").arg("-V").output().is_ok_and(|o| o.status.success());
+        let missing: Vec<&str> = [("zookeeper", std::path::Path::new(ZK_JAR).exists()), ("iproute2", have_ss)]
+            .into_iter()
+            .filter_map(|(package, present)| (!present).then_some(package))
+            .collect();
+        if missing.is_empty() {
             return;
         }
-        let ok = Command::new("sh")
-            .args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zookeeper"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok && std::path::Path::new(ZK_JAR).exists(), "cannot install Debian's zookeeper package");
+        let install =
+            format!("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}", missing.join(" "));
+        let ok = Command::new("sh").args(["-c", &install]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok && std::path::Path::new(ZK_JAR).exists(), "cannot install {missing:?} from Debian");
     });
 }
 

@@ -295,7 +295,7 @@ impl Connection {
                 None => {
                     let now = tokio::time::Instant::now();
                     let connect_timeout = policy.connect_timeout.min(deadline.saturating_duration_since(now));
-                    match upstream::connect(&endpoint.addr, connect_timeout).await {
+                    match upstream::connect(&endpoint.addr, connect_timeout, &self.ctx.limits.congestion).await {
                         Ok(s) => Conn::new(s),
                         Err(e) => {
                             target.stats.connect_failed();

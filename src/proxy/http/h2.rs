@@ -296,7 +296,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                     .policy
                     .connect_timeout
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                match upstream::connect(&endpoint.addr, timeout).await {
+                match upstream::connect(&endpoint.addr, timeout, &ctx.limits.congestion).await {
                     Ok(s) => Conn::new(s),
                     Err(_) => {
                         target.stats.connect_failed();
