@@ -60,7 +60,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>) {
 }
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
-    let _ = stream.set_nodelay(true);
     let mut buf = IoBuf::new(16 * 1024);
     // Read until the bytes either are the HTTP/2 preface or cannot be.
     loop {

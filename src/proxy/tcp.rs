@@ -168,7 +168,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     };
     let ((upstream, in_flight), started) = (upstream, Instant::now());
     drop(route);
-    let _ = client.set_nodelay(true);
     ctx.active.inc();
     let moved = Moved::default();
     let result = relay(&client, &upstream, ctx, &moved).await;

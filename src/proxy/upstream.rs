@@ -254,7 +254,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_loopback_listener_hands_its_algorithm_to_accepted_connections() {
+    async fn a_listener_hands_nodelay_and_the_loopback_algorithm_to_accepted_connections() {
         let (system, other) = system_and_other();
         let set = LoopbackCongestion::new(other).expect("an algorithm every kernel has");
         for (bind, expected) in [("127.0.0.1:0", other), ("0.0.0.0:0", system.as_str())] {
@@ -263,6 +263,7 @@ mod tests {
             let _client = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
             let (accepted, _) = listener.accept().await.expect("accept");
             assert_eq!(congestion_of(&accepted), expected, "a listener on {bind}");
+            assert!(accepted.nodelay().expect("TCP_NODELAY"), "Nagle is off on what a listener on {bind} accepts");
         }
     }
 
