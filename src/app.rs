@@ -26,7 +26,7 @@ use crate::health::{BackendGauges, OutlierSink};
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::{RelayMemory, TcpContext};
-use crate::proxy::upstream::{LoopbackCongestion, PoolSettings, Pools};
+use crate::proxy::upstream::{DEFAULT_LOOPBACK_CONGESTION, LoopbackCongestion, PoolSettings, Pools};
 use crate::proxy::{self, Limits, Tracker};
 use crate::register::Registrations;
 use crate::routing::SourceKind;
@@ -70,11 +70,12 @@ impl App {
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let congestion = LoopbackCongestion::new(&config.proxy.loopback_congestion).with_context(|| {
+        let wanted = config.proxy.loopback_congestion.as_deref();
+        let congestion = LoopbackCongestion::configured(wanted, DEFAULT_LOOPBACK_CONGESTION).with_context(|| {
             format!(
                 "proxy.loopback_congestion: cannot use {:?} (net.ipv4.tcp_allowed_congestion_control lists what \
                  may be; \"\" keeps the system's choice)",
-                config.proxy.loopback_congestion
+                wanted.unwrap_or_default()
             )
         })?;
         // Bind every listener before anything starts, so a bad one fails the start.

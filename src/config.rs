@@ -152,8 +152,8 @@ pub struct ProxyConfig {
     /// transfers, beyond the 16 KiB each direction starts with.
     pub tcp_relay_memory: usize,
     /// TCP congestion control for connections with both ends on this host; empty keeps the
-    /// system's (`net.ipv4.tcp_congestion_control`).
-    pub loopback_congestion: String,
+    /// system's (`net.ipv4.tcp_congestion_control`). Unset: cubic where the kernel allows it.
+    pub loopback_congestion: Option<String>,
     /// Time a client has to send a request's headers (slowloris).
     pub header_read_timeout: Dur,
     /// Largest request header section; larger ones get 431.
@@ -188,7 +188,7 @@ impl Default for ProxyConfig {
             idle_timeout: secs(60),
             tcp_idle_timeout: secs(3600),
             tcp_relay_memory: 64 << 20,
-            loopback_congestion: "cubic".into(),
+            loopback_congestion: None,
             header_read_timeout: secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
@@ -357,7 +357,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     (
         "proxy.loopback_congestion",
         Kind::Str,
-        "TCP congestion control on loopback connections, \"\" = the system's [default: cubic]",
+        "TCP congestion control on loopback connections, \"\" = the system's [default: cubic if allowed]",
     ),
     ("proxy.header_read_timeout", Kind::Str, "time to receive request headers [default: 10s]"),
     ("proxy.max_header_bytes", Kind::Int, "largest request header section [default: 65536]"),
