@@ -296,10 +296,10 @@ fn congestion_shown(filter: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_on_loopback_use_the_configured_congestion_control() {
-    // reno differs from any system default worth having, and every kernel has it.
-    let (zk, proxy) = proxy("[proxy]\nloopback_congestion = \"reno\"\n").await;
+/// The congestion control of the proxy's two sockets of one relayed connection: the one its
+/// listener accepted and the one to the instance.
+async fn relayed_congestion(extra: &str) -> (Vec<String>, Vec<String>) {
+    let (zk, proxy) = proxy(extra).await;
     let echo = TcpServer::echo().await;
     zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
     until_instances(&proxy, "db", 1).await;
@@ -307,11 +307,21 @@ async fn connections_on_loopback_use_the_configured_congestion_control() {
     client.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
     client.read_exact(&mut back).await.unwrap();
-    // The proxy's two sockets of this connection: the accepted one and the one to the instance.
     let accepted = congestion_shown(&format!("( sport = :{} )", proxy.listener("db").port()));
     let upstream = congestion_shown(&format!("( dport = :{} )", echo.addr.port()));
-    assert_eq!((accepted, upstream), (vec!["reno".to_owned()], vec!["reno".to_owned()]));
+    drop(client);
     proxy.stop().await;
+    (accepted, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_loopback_use_the_configured_congestion_control() {
+    // reno differs from any system default worth having, and every kernel has it.
+    let reno = vec!["reno".to_owned()];
+    assert_eq!(relayed_congestion("[proxy]\nloopback_congestion = \"reno\"\n").await, (reno.clone(), reno));
+    // Unset, it is cubic (the tests run as root, to whom every algorithm the kernel has is open).
+    let cubic = vec!["cubic".to_owned()];
+    assert_eq!(relayed_congestion("").await, (cubic.clone(), cubic));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
