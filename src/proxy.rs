@@ -28,12 +28,17 @@ use crate::shutdown::Shutdown;
 /// Nagle off (responses and relayed bytes are written whole) and, if `addr` is a loopback one,
 /// the loopback congestion control. That saves a system call per connection.
 pub fn listen(addr: SocketAddr, congestion: &upstream::LoopbackCongestion) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = tcp_socket(addr)?;
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     congestion.apply(&socket, addr.ip());
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// A TCP socket of `addr`'s family, to set options on before it binds or connects.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
 }
 
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,

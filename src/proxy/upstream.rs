@@ -44,7 +44,7 @@ pub async fn connect(addr: &Addr, timeout: Duration, congestion: &LoopbackConges
 }
 
 async fn connect_one(addr: SocketAddr, congestion: &LoopbackCongestion) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = super::tcp_socket(addr)?;
     // Before the connect: BBR, once started on a socket, leaves it paced whatever follows.
     congestion.apply(&socket, addr.ip());
     socket.connect(addr).await
