@@ -19,6 +19,14 @@ async fn proxy(extra: &str) -> (ZkClient, Proxy) {
     (zk, proxy)
 }
 
+/// A proxy whose `db` service has one instance, at `instance`.
+async fn proxy_to(extra: &str, instance: std::net::SocketAddr) -> (ZkClient, Proxy) {
+    let (zk, proxy) = proxy(extra).await;
+    zk.put("/zkroute/services/db/1", &instance.to_string()).await;
+    until_instances(&proxy, "db", 1).await;
+    (zk, proxy)
+}
+
 async fn until_instances(proxy: &Proxy, service: &str, n: usize) {
     proxy.config_until(&format!("{n} instances of {service}"), |c| addresses(c, service).len() == n).await;
 }
@@ -34,10 +42,8 @@ async fn echo_once(addr: std::net::SocketAddr, msg: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_echo_round_trip_goes_through() {
-    let (zk, proxy) = proxy("").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to("", echo.addr).await;
     assert_eq!(echo_once(proxy.listener("db"), b"hello through the proxy").await, b"hello through the proxy");
     let rx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="rx",listener="db"}"#).await.unwrap();
     let tx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="tx",listener="db"}"#).await.unwrap();
@@ -78,10 +84,8 @@ const RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_transfer_arrives_intact() {
-    let (zk, proxy) = proxy("").await;
     let sink = TcpServer::checksum().await;
-    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to("", sink.addr).await;
     // Meanwhile, the memory the relay's buffers grew into for the bulk stream, at its most.
     let admin = proxy.admin();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -114,10 +118,8 @@ async fn a_256_mib_transfer_arrives_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_relay_memory_a_bulk_transfer_moves_through_small_buffers() {
-    let (zk, proxy) = proxy("[proxy]\ntcp_relay_memory = 0\n").await;
     let sink = TcpServer::checksum().await;
-    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to("[proxy]\ntcp_relay_memory = 0\n", sink.addr).await;
     let (sent, got) = send_checksummed(proxy.listener("db"), 32).await;
     assert_eq!(got, sent);
     assert_eq!(sent.len, 32 << 20);
@@ -127,11 +129,9 @@ async fn with_no_relay_memory_a_bulk_transfer_moves_through_small_buffers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_client_still_receives_the_rest() {
-    let (zk, proxy) = proxy("").await;
     // The server answers only after it has seen the client's EOF.
     let sink = TcpServer::checksum().await;
-    zk.put("/zkroute/services/db/1", &sink.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to("", sink.addr).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     s.write_all(b"abc").await.unwrap();
     s.shutdown().await.unwrap();
@@ -221,10 +221,8 @@ async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
-    let (zk, proxy) = proxy("[proxy]\ntcp_idle_timeout = \"400ms\"\n").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to("[proxy]\ntcp_idle_timeout = \"400ms\"\n", echo.addr).await;
     let mut busy = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut idle = TcpStream::connect(proxy.listener("db")).await.unwrap();
     idle.write_all(b"x").await.unwrap();
@@ -249,10 +247,8 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_instance_does_not_cut_its_open_connections() {
-    let (zk, proxy) = proxy("").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (zk, proxy) = proxy_to("", echo.addr).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut buf = [0u8; 5];
     s.write_all(b"first").await.unwrap();
@@ -299,10 +295,8 @@ fn congestion_shown(filter: &str) -> Vec<String> {
 /// The congestion control of the proxy's two sockets of one relayed connection: the one its
 /// listener accepted and the one to the instance.
 async fn relayed_congestion(extra: &str) -> (Vec<String>, Vec<String>) {
-    let (zk, proxy) = proxy(extra).await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let (_zk, proxy) = proxy_to(extra, echo.addr).await;
     let mut client = TcpStream::connect(proxy.listener("db")).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
