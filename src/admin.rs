@@ -18,7 +18,7 @@ use tracing::debug;
 
 use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
-use crate::routing::docs::{Backend, CheckKind, HashOn, LbPolicy};
+use crate::routing::documents::{Backend, CheckKind, HashOn, LbPolicy};
 use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
 use crate::routing::{RouteReader, RoutingTable};
 

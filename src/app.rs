@@ -22,7 +22,7 @@ use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
 use crate::health::checker::Checker;
-use crate::health::{BackendGauges, OutlierSink};
+use crate::health::{BackendGauges, HealthReporter};
 use crate::metrics::Metrics;
 use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::{RelayMemory, TcpContext};
@@ -91,8 +91,8 @@ impl App {
         let mut tasks = Vec::new();
         let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(forward_health(health_rx, updates.clone())));
-        let outliers = OutlierSink::new(health_tx);
-        let mut checker = Checker::new(outliers.clone(), metrics.clone());
+        let health = HealthReporter::new(health_tx);
+        let mut checker = Checker::new(health.clone(), metrics.clone());
         let mut gauges = BackendGauges::new(metrics.clone());
         let mut on_publish: Vec<OnPublish> = vec![
             Box::new(move |t: &Arc<RoutingTable>, d: &Delta| checker.reconcile(t, d)),
@@ -150,7 +150,7 @@ impl App {
                         limits: limits.clone(),
                         shutdown: shutdown.clone(),
                         tracker,
-                        outliers: outliers.clone(),
+                        health: health.clone(),
                         access_log: access_log.clone(),
                     });
                     tasks.push(tokio::spawn(crate::proxy::http::serve(socket, ctx)));
@@ -164,7 +164,7 @@ impl App {
                         limits.clone(),
                         shutdown.clone(),
                         tracker,
-                        outliers.clone(),
+                        health.clone(),
                         access_log.clone(),
                     ));
                     tasks.push(tokio::spawn(crate::proxy::tcp::serve(socket, ctx)));

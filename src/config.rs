@@ -12,7 +12,7 @@ use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Deserializer};
 
 use crate::routing::build::{Defaults, ListenerSpec};
-use crate::routing::docs::{HealthCheckDoc, LbPolicy, OutlierDoc, Policy, PolicyDoc};
+use crate::routing::documents::{HealthCheckDoc, LbPolicy, OutlierDoc, Policy, PolicyDoc};
 use crate::routing::table::Protocol;
 use crate::routing::{Addr, MAX_WEIGHT, ServiceName};
 
@@ -28,25 +28,25 @@ pub struct ConfigError {
 
 /// A duration written as humantime text ("10s", "1m 30s", "250ms").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dur(pub Duration);
+pub struct HumanDuration(pub Duration);
 
-impl<'de> Deserialize<'de> for Dur {
+impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
-            .map(Dur)
+            .map(HumanDuration)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration ({e}); write e.g. \"10s\"")))
     }
 }
 
-impl fmt::Display for Dur {
+impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
     }
 }
 
-fn secs(s: u64) -> Dur {
-    Dur(Duration::from_secs(s))
+fn secs(s: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(s))
 }
 
 /// The whole local configuration.
@@ -79,9 +79,9 @@ pub struct Config {
 pub struct ZookeeperConfig {
     /// Ensemble and optional chroot: "zk1:2181,zk2:2181,zk3:2181/prod".
     pub connect: String,
-    pub session_timeout: Dur,
+    pub session_timeout: HumanDuration,
     /// How long a start waits for ZooKeeper before serving from the snapshot.
-    pub startup_timeout: Dur,
+    pub startup_timeout: HumanDuration,
     pub services_path: String,
     pub rules_path: String,
     pub policies_path: String,
@@ -128,26 +128,26 @@ impl Default for AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Whole-request timeout when a rule sets none.
-    pub timeout: Dur,
+    pub timeout: HumanDuration,
     /// Extra attempts when a rule or policy sets none.
     pub retries: u32,
-    pub connect_timeout: Dur,
+    pub connect_timeout: HumanDuration,
     /// `p2c`, `round_robin`, or `ring_hash` (then with `hash_on`).
     pub lb: String,
     pub hash_on: Option<String>,
     pub panic_threshold_percent: u32,
     pub protect_from_empty: bool,
     /// How long health, outlier and pool state outlives an endpoint's removal.
-    pub state_retention: Dur,
+    pub state_retention: HumanDuration,
     /// How long in-flight requests and connections may finish after SIGTERM.
-    pub drain_timeout: Dur,
+    pub drain_timeout: HumanDuration,
     /// On SIGTERM, how long listeners keep accepting after the local app is deregistered (so
     /// that the app's own late outbound calls still go through); `/ready` is 503 meanwhile.
-    pub shutdown_delay: Dur,
+    pub shutdown_delay: HumanDuration,
     /// Closes an idle downstream HTTP keep-alive connection.
-    pub idle_timeout: Dur,
+    pub idle_timeout: HumanDuration,
     /// Closes a TCP connection with no bytes either way for this long.
-    pub tcp_idle_timeout: Dur,
+    pub tcp_idle_timeout: HumanDuration,
     /// Bytes that the TCP relay buffers of all connections together may grow into for bulk
     /// transfers, beyond the 16 KiB each direction starts with.
     pub tcp_relay_memory: usize,
@@ -155,7 +155,7 @@ pub struct ProxyConfig {
     /// system's (`net.ipv4.tcp_congestion_control`). Unset: cubic where the kernel allows it.
     pub loopback_congestion: Option<String>,
     /// Time a client has to send a request's headers (slowloris).
-    pub header_read_timeout: Dur,
+    pub header_read_timeout: HumanDuration,
     /// Largest request header section; larger ones get 431.
     pub max_header_bytes: usize,
     /// Most open downstream connections per listener; more are refused.
@@ -163,7 +163,7 @@ pub struct ProxyConfig {
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
-    pub pool_idle_timeout: Dur,
+    pub pool_idle_timeout: HumanDuration,
     /// Default active health check for services whose policy has none.
     pub health_check: Option<HealthCheckDoc>,
     /// Default outlier detection for services whose policy has none.
@@ -238,9 +238,9 @@ pub struct RegisterCheck {
     pub kind: String,
     pub url: Option<String>,
     #[serde(default = "default_register_interval")]
-    pub interval: Dur,
+    pub interval: HumanDuration,
     #[serde(default = "default_register_timeout")]
-    pub timeout: Dur,
+    pub timeout: HumanDuration,
     /// Passing checks in a row before registering.
     #[serde(default = "default_rise")]
     pub rise: u32,
@@ -249,11 +249,11 @@ pub struct RegisterCheck {
     pub fall: u32,
 }
 
-fn default_register_interval() -> Dur {
-    Dur(Duration::from_secs(2))
+fn default_register_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
 }
-fn default_register_timeout() -> Dur {
-    Dur(Duration::from_secs(1))
+fn default_register_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
 }
 fn default_rise() -> u32 {
     2
@@ -312,7 +312,7 @@ impl Default for MetricsConfig {
 // ---- keys, flags and variables --------------------------------------------------------------
 
 #[derive(Clone, Copy)]
-enum Kind {
+enum ValueKind {
     Str,
     Int,
     Bool,
@@ -321,57 +321,61 @@ enum Kind {
 }
 
 /// Every scalar key, settable as `--a-b` and `ZKROUTE_A_B` for key `a.b`.
-const KEYS: &[(&str, Kind, &str)] = &[
-    ("zookeeper.connect", Kind::Str, "ZooKeeper ensemble and chroot, e.g. zk1:2181,zk2:2181/prod"),
-    ("zookeeper.session_timeout", Kind::Str, "ZooKeeper session timeout [default: 10s]"),
+const KEYS: &[(&str, ValueKind, &str)] = &[
+    ("zookeeper.connect", ValueKind::Str, "ZooKeeper ensemble and chroot, e.g. zk1:2181,zk2:2181/prod"),
+    ("zookeeper.session_timeout", ValueKind::Str, "ZooKeeper session timeout [default: 10s]"),
     (
         "zookeeper.startup_timeout",
-        Kind::Str,
+        ValueKind::Str,
         "wait this long for ZooKeeper at start before using the snapshot [default: 3s]",
     ),
-    ("zookeeper.services_path", Kind::Str, "naming nodes [default: /zkroute/services]"),
-    ("zookeeper.rules_path", Kind::Str, "rule nodes [default: /zkroute/rules]"),
-    ("zookeeper.policies_path", Kind::Str, "policy nodes [default: /zkroute/policies]"),
-    ("zookeeper.snapshot", Kind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
-    ("zookeeper.auth", Kind::Str, "digest credentials user:password (prefer auth_file)"),
-    ("zookeeper.auth_file", Kind::Str, "file holding digest credentials user:password"),
-    ("admin.bind", Kind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
-    ("admin.config_endpoint", Kind::Bool, "serve /config [default: true]"),
-    ("proxy.timeout", Kind::Str, "default whole-request timeout [default: 15s]"),
-    ("proxy.retries", Kind::Int, "default extra attempts [default: 1]"),
-    ("proxy.connect_timeout", Kind::Str, "default upstream connect timeout [default: 1s]"),
-    ("proxy.lb", Kind::Str, "default balancer: p2c, round_robin, ring_hash [default: p2c]"),
-    ("proxy.hash_on", Kind::Str, "default ring_hash key: header:<name> or source_ip"),
-    ("proxy.panic_threshold_percent", Kind::Int, "below this healthy share, use every instance [default: 50]"),
-    ("proxy.protect_from_empty", Kind::Bool, "keep a service's last instances if all vanish at once [default: false]"),
-    ("proxy.state_retention", Kind::Str, "keep a removed endpoint's state this long [default: 30s]"),
-    ("proxy.drain_timeout", Kind::Str, "let in-flight work finish this long on SIGTERM [default: 15s]"),
-    ("proxy.shutdown_delay", Kind::Str, "keep accepting this long after deregistering on SIGTERM [default: 0s]"),
-    ("proxy.idle_timeout", Kind::Str, "close idle client HTTP connections after [default: 60s]"),
-    ("proxy.tcp_idle_timeout", Kind::Str, "close TCP connections idle for [default: 1h]"),
+    ("zookeeper.services_path", ValueKind::Str, "naming nodes [default: /zkroute/services]"),
+    ("zookeeper.rules_path", ValueKind::Str, "rule nodes [default: /zkroute/rules]"),
+    ("zookeeper.policies_path", ValueKind::Str, "policy nodes [default: /zkroute/policies]"),
+    ("zookeeper.snapshot", ValueKind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
+    ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
+    ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
+    ("admin.bind", ValueKind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
+    ("admin.config_endpoint", ValueKind::Bool, "serve /config [default: true]"),
+    ("proxy.timeout", ValueKind::Str, "default whole-request timeout [default: 15s]"),
+    ("proxy.retries", ValueKind::Int, "default extra attempts [default: 1]"),
+    ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout [default: 1s]"),
+    ("proxy.lb", ValueKind::Str, "default balancer: p2c, round_robin, ring_hash [default: p2c]"),
+    ("proxy.hash_on", ValueKind::Str, "default ring_hash key: header:<name> or source_ip"),
+    ("proxy.panic_threshold_percent", ValueKind::Int, "below this healthy share, use every instance [default: 50]"),
+    (
+        "proxy.protect_from_empty",
+        ValueKind::Bool,
+        "keep a service's last instances if all vanish at once [default: false]",
+    ),
+    ("proxy.state_retention", ValueKind::Str, "keep a removed endpoint's state this long [default: 30s]"),
+    ("proxy.drain_timeout", ValueKind::Str, "let in-flight work finish this long on SIGTERM [default: 15s]"),
+    ("proxy.shutdown_delay", ValueKind::Str, "keep accepting this long after deregistering on SIGTERM [default: 0s]"),
+    ("proxy.idle_timeout", ValueKind::Str, "close idle client HTTP connections after [default: 60s]"),
+    ("proxy.tcp_idle_timeout", ValueKind::Str, "close TCP connections idle for [default: 1h]"),
     (
         "proxy.tcp_relay_memory",
-        Kind::Int,
+        ValueKind::Int,
         "bytes all TCP relay buffers may grow into for bulk transfers [default: 67108864]",
     ),
     (
         "proxy.loopback_congestion",
-        Kind::Str,
+        ValueKind::Str,
         "TCP congestion control on loopback connections, \"\" = the system's [default: cubic if allowed]",
     ),
-    ("proxy.header_read_timeout", Kind::Str, "time to receive request headers [default: 10s]"),
-    ("proxy.max_header_bytes", Kind::Int, "largest request header section [default: 65536]"),
-    ("proxy.max_connections", Kind::Int, "most client connections per listener [default: 10000]"),
-    ("proxy.pool_max_idle", Kind::Int, "idle upstream connections kept per endpoint [default: 64]"),
-    ("proxy.pool_idle_timeout", Kind::Str, "close idle upstream connections after [default: 30s]"),
-    ("proxy.workers", Kind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),
-    ("static.file", Kind::Str, "serve services and rules from this TOML file instead of ZooKeeper"),
-    ("log.format", Kind::Str, "text or json [default: text]"),
-    ("log.access_log", Kind::Str, "access log: stdout or a file path [default: off]"),
-    ("metrics.enabled", Kind::Bool, "record data-plane metrics [default: true]"),
-    ("metrics.per_instance", Kind::Bool, "label upstream metrics by instance address [default: false]"),
-    ("listener", Kind::Tables, "a listener as an inline table: '{name=\"http\", bind=\"127.0.0.1:15001\"}'"),
-    ("register", Kind::Tables, "an instance to register, as an inline table"),
+    ("proxy.header_read_timeout", ValueKind::Str, "time to receive request headers [default: 10s]"),
+    ("proxy.max_header_bytes", ValueKind::Int, "largest request header section [default: 65536]"),
+    ("proxy.max_connections", ValueKind::Int, "most client connections per listener [default: 10000]"),
+    ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint [default: 64]"),
+    ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after [default: 30s]"),
+    ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),
+    ("static.file", ValueKind::Str, "serve services and rules from this TOML file instead of ZooKeeper"),
+    ("log.format", ValueKind::Str, "text or json [default: text]"),
+    ("log.access_log", ValueKind::Str, "access log: stdout or a file path [default: off]"),
+    ("metrics.enabled", ValueKind::Bool, "record data-plane metrics [default: true]"),
+    ("metrics.per_instance", ValueKind::Bool, "label upstream metrics by instance address [default: false]"),
+    ("listener", ValueKind::Tables, "a listener as an inline table: '{name=\"http\", bind=\"127.0.0.1:15001\"}'"),
+    ("register", ValueKind::Tables, "an instance to register, as an inline table"),
 ];
 
 fn flag_name(key: &str) -> String {
@@ -440,11 +444,11 @@ impl Args for ConfigArgs {
                 .long(flag_name(key))
                 .env(env_name(key))
                 .help(*help)
-                .global(!matches!(kind, Kind::Tables))
+                .global(!matches!(kind, ValueKind::Tables))
                 .help_heading("Configuration keys (each also a ZKROUTE_* variable)");
             let arg = match kind {
-                Kind::Tables => arg.action(ArgAction::Append).value_name("TABLE"),
-                Kind::Bool => arg.value_name("BOOL"),
+                ValueKind::Tables => arg.action(ArgAction::Append).value_name("TABLE"),
+                ValueKind::Bool => arg.value_name("BOOL"),
                 _ => arg.value_name("VALUE"),
             };
             cmd.arg(arg)
@@ -684,14 +688,14 @@ fn apply_override(table: &mut toml::Table, key: &str, values: &[String]) -> Resu
     };
     let last = values.last().map(String::as_str).unwrap_or_default();
     let value = match kind {
-        Kind::Str => toml::Value::String(last.to_owned()),
-        Kind::Int => toml::Value::Integer(last.trim().parse().map_err(|_| format!("{last:?} is not an integer"))?),
-        Kind::Bool => toml::Value::Boolean(match last.trim() {
+        ValueKind::Str => toml::Value::String(last.to_owned()),
+        ValueKind::Int => toml::Value::Integer(last.trim().parse().map_err(|_| format!("{last:?} is not an integer"))?),
+        ValueKind::Bool => toml::Value::Boolean(match last.trim() {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
             other => return Err(format!("{other:?} is not true or false")),
         }),
-        Kind::Tables => {
+        ValueKind::Tables => {
             let mut items = Vec::new();
             for v in values {
                 let wrapped: toml::Table =
@@ -782,7 +786,7 @@ mod tests {
         assert_eq!(c.listeners.len(), 2);
         assert_eq!(c.listeners[1].protocol, Protocol::Tcp);
         assert_eq!(c.registrations[0].payload.metadata["version"], "v2");
-        assert_eq!(c.registrations[0].health_check.as_ref().unwrap().interval, Dur(Duration::from_secs(2)));
+        assert_eq!(c.registrations[0].health_check.as_ref().unwrap().interval, HumanDuration(Duration::from_secs(2)));
     }
 
     #[test]

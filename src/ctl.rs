@@ -21,7 +21,7 @@ use crate::discovery::zk::{self, ZkSettings};
 use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
 use crate::routing::build::{Builder, Change};
-use crate::routing::docs::{Backend, Policy, Rule};
+use crate::routing::documents::{Backend, Policy, Rule};
 
 /// What a ctl command came to.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ impl Failure {
 
 /// A kind of document node.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Kind {
+pub enum DocKind {
     Rule,
     Policy,
 }
@@ -66,10 +66,10 @@ pub enum Command {
     /// Policy nodes, valid or not.
     Policies,
     /// Print one rule or policy document with its version.
-    Get { kind: Kind, name: String },
+    Get { kind: DocKind, name: String },
     /// Validate a document (from FILE, or - for standard input) and write it, compare-and-set.
     Put {
-        kind: Kind,
+        kind: DocKind,
         name: String,
         file: String,
         /// Write only if the node is at this version (as `get` printed it); by default the
@@ -79,7 +79,7 @@ pub enum Command {
     },
     /// Delete a rule or policy node, compare-and-set.
     Delete {
-        kind: Kind,
+        kind: DocKind,
         name: String,
         #[arg(long)]
         expect_version: Option<i32>,
@@ -110,8 +110,8 @@ pub async fn run(config: &Config, settings: &ZkSettings, cmd: Command, json_out:
     let out = match cmd {
         Command::Services => services(&client, &paths.services).await?,
         Command::Instances { service } => instances(&client, &paths.services, &service).await?,
-        Command::Rules => documents(&client, &paths.rules, Kind::Rule).await?,
-        Command::Policies => documents(&client, &paths.policies, Kind::Policy).await?,
+        Command::Rules => documents(&client, &paths.rules, DocKind::Rule).await?,
+        Command::Policies => documents(&client, &paths.policies, DocKind::Policy).await?,
         Command::Get { kind, name } => get(&client, &node_path(settings, kind, &name)?, kind, &name).await?,
         Command::Put { kind, name, file, expect_version } => {
             put(&client, &node_path(settings, kind, &name)?, kind, &name, &file, expect_version).await?
@@ -138,13 +138,13 @@ struct Output {
     json: Value,
 }
 
-fn node_path(settings: &ZkSettings, kind: Kind, name: &str) -> Result<String, Failure> {
+fn node_path(settings: &ZkSettings, kind: DocKind, name: &str) -> Result<String, Failure> {
     if name.is_empty() || name.contains('/') {
         return Err(Failure::Usage(format!("{name:?} is not a node name")));
     }
     let root = match kind {
-        Kind::Rule => &settings.paths.rules,
-        Kind::Policy => &settings.paths.policies,
+        DocKind::Rule => &settings.paths.rules,
+        DocKind::Policy => &settings.paths.policies,
     };
     Ok(format!("{}/{name}", root.trim_end_matches('/')))
 }
@@ -232,10 +232,10 @@ async fn instances(client: &Client, root: &str, service: &str) -> Result<Output,
     Ok(Output { text, json: Value::Array(list) })
 }
 
-fn validate(kind: Kind, name: &str, data: &[u8]) -> Result<String, String> {
+fn validate(kind: DocKind, name: &str, data: &[u8]) -> Result<String, String> {
     match kind {
-        Kind::Rule => Rule::parse(name, data).map(|r| describe_rule(&r)).map_err(|e| e.to_string()),
-        Kind::Policy => Policy::parse(data).map(|p| format!("lb {:?}", p.lb)).map_err(|e| e.to_string()),
+        DocKind::Rule => Rule::parse(name, data).map(|r| describe_rule(&r)).map_err(|e| e.to_string()),
+        DocKind::Policy => Policy::parse(data).map(|p| format!("lb {:?}", p.lb)).map_err(|e| e.to_string()),
     }
 }
 
@@ -252,7 +252,7 @@ fn describe_rule(r: &Rule) -> String {
     format!("listener={} priority={} match={m} -> {}", r.listener, r.priority, targets.join(" "))
 }
 
-async fn documents(client: &Client, root: &str, kind: Kind) -> Result<Output, Failure> {
+async fn documents(client: &Client, root: &str, kind: DocKind) -> Result<Output, Failure> {
     let mut text = String::new();
     let mut list = Vec::new();
     for name in children(client, root).await? {
@@ -275,7 +275,7 @@ async fn documents(client: &Client, root: &str, kind: Kind) -> Result<Output, Fa
     Ok(Output { text, json: Value::Array(list) })
 }
 
-async fn get(client: &Client, path: &str, kind: Kind, name: &str) -> Result<Output, Failure> {
+async fn get(client: &Client, path: &str, kind: DocKind, name: &str) -> Result<Output, Failure> {
     let (data, stat) = client.get_data(path).await.map_err(|e| match e {
         ZkError::NoNode => Failure::Refused(format!("{path}: not found")),
         e => zk_failure(e),
@@ -298,7 +298,7 @@ async fn get(client: &Client, path: &str, kind: Kind, name: &str) -> Result<Outp
 async fn put(
     client: &Client,
     path: &str,
-    kind: Kind,
+    kind: DocKind,
     name: &str,
     file: &str,
     expect: Option<i32>,

@@ -12,20 +12,21 @@ use tracing::warn;
 use crate::routing::ServiceName;
 use crate::routing::table::EndpointSet;
 
-/// Where health changes are reported: the control loop rebuilds the named services.
+/// Passive health: counts failed exchanges, ejects outliers, and reports health changes to the
+/// control loop, which rebuilds the named services.
 #[derive(Clone, Debug, Default)]
-pub struct OutlierSink {
+pub struct HealthReporter {
     tx: Option<mpsc::UnboundedSender<ServiceName>>,
 }
 
-impl OutlierSink {
+impl HealthReporter {
     pub fn new(tx: mpsc::UnboundedSender<ServiceName>) -> Self {
-        OutlierSink { tx: Some(tx) }
+        HealthReporter { tx: Some(tx) }
     }
 
-    /// A sink that reports nowhere (tests, benches).
+    /// A reporter that reports nowhere (tests, benches).
     pub fn none() -> Self {
-        OutlierSink { tx: None }
+        HealthReporter { tx: None }
     }
 
     /// Counts a failed exchange with endpoint `index` of `set` (a connect failure, a reset or a

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use zookeeper_client::{Acls, Client, CreateMode, SessionState};
 
-use crate::config::{Dur, RegisterCheck, RegisterConfig};
+use crate::config::{HumanDuration, RegisterCheck, RegisterConfig};
 use crate::discovery::zk::{Backoff, ZkSettings};
 use crate::health::probe;
 use crate::metrics::Metrics;
@@ -188,7 +188,7 @@ async fn health_loop(
 }
 
 async fn check_app(entry: &RegisterConfig, check: &RegisterCheck) -> Result<String, String> {
-    let Dur(timeout) = check.timeout;
+    let HumanDuration(timeout) = check.timeout;
     match (check.kind.as_str(), &check.url) {
         ("http", Some(url)) => {
             let (addr, host, path) = probe::parse_url(url)?;

@@ -2,7 +2,7 @@
 //! immutable [`RoutingTable`], and that the data plane reads. Nothing here does I/O.
 
 pub mod build;
-pub mod docs;
+pub mod documents;
 pub mod index;
 pub mod store;
 pub mod table;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use build::{Builder, Change, RawNode, Resync};
-pub use docs::{Backend, LbPolicy, Policy, Rule};
+pub use documents::{Backend, LbPolicy, Policy, Rule};
 pub use store::{RouteReader, RouteWriter};
 pub use table::RoutingTable;
 

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::routing::build::{Doc, Resync};
-use crate::routing::docs::{Policy, PolicyDoc, Rule, RuleDoc};
+use crate::routing::documents::{Policy, PolicyDoc, Rule, RuleDoc};
 use crate::routing::{Instance, Origin, RoutingTable, ServiceName, SourceKind};
 
 /// Bumped when the file's shape changes incompatibly.

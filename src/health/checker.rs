@@ -12,11 +12,11 @@ use prometheus::IntCounter;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{OutlierSink, probe};
+use super::{HealthReporter, probe};
 use crate::endpoint::{CheckReport, EndpointState, Health};
 use crate::metrics::Metrics;
 use crate::routing::build::Delta;
-use crate::routing::docs::{CheckKind, HealthCheck};
+use crate::routing::documents::{CheckKind, HealthCheck};
 use crate::routing::table::EndpointSet;
 use crate::routing::{Addr, EndpointKey, RoutingTable, ServiceName};
 
@@ -34,7 +34,7 @@ impl Drop for Loop {
 /// The check loops, one per endpoint, by service.
 pub struct Checker {
     loops: HashMap<ServiceName, HashMap<EndpointKey, Loop>>,
-    sink: OutlierSink,
+    health: HealthReporter,
     metrics: Arc<Metrics>,
     /// A first table was reconciled in full.
     started: bool,
@@ -43,8 +43,8 @@ pub struct Checker {
 type Wanted = HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck)>;
 
 impl Checker {
-    pub fn new(sink: OutlierSink, metrics: Arc<Metrics>) -> Self {
-        Checker { loops: HashMap::new(), sink, metrics, started: false }
+    pub fn new(health: HealthReporter, metrics: Arc<Metrics>) -> Self {
+        Checker { loops: HashMap::new(), health, metrics, started: false }
     }
 
     /// Starts and stops loops so that exactly the endpoints of `table` whose service asks for
@@ -95,7 +95,7 @@ impl Checker {
                     state,
                     addr,
                     check: check.clone(),
-                    sink: self.sink.clone(),
+                    health: self.health.clone(),
                     ok: self.metrics.health_checks.with_label_values(&[name.as_str(), "healthy"]),
                     failed: self.metrics.health_checks.with_label_values(&[name.as_str(), "unhealthy"]),
                     service: name.clone(),
@@ -124,7 +124,7 @@ struct Probe {
     addr: Addr,
     check: HealthCheck,
     service: ServiceName,
-    sink: OutlierSink,
+    health: HealthReporter,
     ok: IntCounter,
     failed: IntCounter,
 }
@@ -173,7 +173,7 @@ impl Probe {
                     Health::Unhealthy => warn!(endpoint = %self.state.key, %detail, "endpoint unhealthy"),
                     _ => info!(endpoint = %self.state.key, %detail, "endpoint healthy"),
                 }
-                self.sink.service_changed(&self.service);
+                self.health.service_changed(&self.service);
             }
             let interval = self.check.interval;
             tokio::time::sleep(interval - interval / 10 + jitter(interval / 5)).await;

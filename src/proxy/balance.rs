@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::routing::docs::LbPolicy;
+use crate::routing::documents::LbPolicy;
 use crate::routing::table::{EndpointSet, WeightedList};
 
 /// Draws before falling back to a scan of the list.

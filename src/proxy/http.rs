@@ -33,14 +33,14 @@ pub struct HttpContext {
     pub shutdown: Shutdown,
     pub tracker: Arc<Tracker>,
     /// Told when passive outlier detection ejects an endpoint.
-    pub outliers: crate::health::OutlierSink,
+    pub health: crate::health::HealthReporter,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl HttpContext {
     /// Counts a failed exchange against an endpoint (connect failure, reset, 5xx).
     pub fn outlier_failure(&self, set: &EndpointSet, index: usize) {
-        self.outliers.failure(set, index);
+        self.health.failure(set, index);
     }
 }
 

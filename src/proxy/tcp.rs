@@ -18,11 +18,11 @@ use super::balance::{self, PickInput, Tried};
 use super::upstream;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
-use crate::health::OutlierSink;
+use crate::health::HealthReporter;
 use crate::metrics::Metrics;
 use crate::proxy::http::codec::IpText;
 use crate::routing::RouteReader;
-use crate::routing::docs::{HashOn, LbPolicy};
+use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::{ListenerId, hash_bytes};
 use crate::shutdown::Shutdown;
 
@@ -35,7 +35,7 @@ pub struct TcpContext {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub tracker: Arc<Tracker>,
-    pub outliers: OutlierSink,
+    pub health: HealthReporter,
     pub access_log: Option<Arc<AccessLog>>,
     rx: IntCounter,
     tx: IntCounter,
@@ -60,7 +60,7 @@ impl TcpContext {
         limits: Limits,
         shutdown: Shutdown,
         tracker: Arc<Tracker>,
-        outliers: OutlierSink,
+        health: HealthReporter,
         access_log: Option<Arc<AccessLog>>,
     ) -> Self {
         let rx = metrics.tcp_bytes.with_label_values(&[&name, "rx"]);
@@ -80,7 +80,7 @@ impl TcpContext {
             limits,
             shutdown,
             tracker,
-            outliers,
+            health,
             access_log,
             rx,
             tx,
@@ -156,7 +156,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             Err(e) => {
                 debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
                 target.stats.connect_failed();
-                ctx.outliers.failure(&target.set, i);
+                ctx.health.failure(&target.set, i);
                 if attempts_left == 0 {
                     ctx.rejected.upstream_connect_failed.inc();
                     return;
@@ -169,7 +169,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let ((upstream, in_flight), started) = (upstream, Instant::now());
     drop(route);
     ctx.active.inc();
-    let moved = Moved::default();
+    let moved = RelayedBytes::default();
     let result = relay(&client, &upstream, ctx, &moved).await;
     ctx.active.dec();
     if let Err(e) = result {
@@ -194,13 +194,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
 
 /// Bytes a connection moved each way.
 #[derive(Default)]
-struct Moved {
+struct RelayedBytes {
     rx: AtomicU64,
     tx: AtomicU64,
 }
 
 /// Copies both ways until both directions have ended, or the connection idles out.
-async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext, moved: &Moved) -> io::Result<()> {
+async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext, moved: &RelayedBytes) -> io::Result<()> {
     let last = Activity::new();
     let idle = ctx.limits.tcp_idle_timeout;
     let memory = &ctx.limits.tcp_relay_memory;

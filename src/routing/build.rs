@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::warn;
 
-use super::docs::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
+use super::documents::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
     RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, Target,

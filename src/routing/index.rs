@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use http::{HeaderName, Method};
 
-use super::docs::{HeaderLookup, HostMatch, Matcher};
+use super::documents::{HeaderLookup, HostMatch, Matcher};
 
 /// Longest Host header (without port) that host rules can match.
 const MAX_HOST: usize = 255;

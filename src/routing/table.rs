@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use http::Method;
 use serde::Serialize;
 
-use super::docs::{Backend, HeaderLookup, HealthCheck, LbPolicy, Outlier, Rule};
+use super::documents::{Backend, HeaderLookup, HealthCheck, LbPolicy, Outlier, Rule};
 use super::index::RouteIndex;
 use super::{Addr, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::EndpointState;
@@ -218,7 +218,7 @@ pub struct ServiceEntry {
     pub policy: Arc<ServicePolicy>,
     pub policy_origin: Option<Origin>,
     /// The policy document in force, if the service has one.
-    pub policy_doc: Option<Arc<super::docs::Policy>>,
+    pub policy_doc: Option<Arc<super::documents::Policy>>,
     /// Instances by node id.
     pub instances: Box<[InstanceEntry]>,
     /// True when the registry shows no instances and `protect_from_empty` kept the last ones.

@@ -23,7 +23,7 @@ use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::upstream::{self, Conn};
-use crate::routing::docs::{HashOn, LbPolicy};
+use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::{Route, Target, hash_bytes};
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
@@ -33,7 +33,7 @@ const COALESCE_BODY: usize = 16 * 1024;
 
 /// What the connection does after an exchange.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Next {
+enum AfterExchange {
     KeepAlive,
     Close,
 }
@@ -65,7 +65,7 @@ pub struct Connection {
 /// How the exchange with one upstream connection ended.
 enum Outcome {
     /// The response was relayed (fully or partly); body bytes each way.
-    Relayed { next: Next, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
+    Relayed { next: AfterExchange, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
     /// Nothing reached the client: another endpoint may be tried.
     Retry(ProxyError),
     /// Nothing reached the client, and the request cannot be sent again.
@@ -76,7 +76,7 @@ enum Outcome {
 
 /// What an exchange came to, for the access log.
 #[derive(Default)]
-struct Done {
+struct ExchangeRecord {
     status: u16,
     upstream: Option<crate::routing::Addr>,
     bytes_in: u64,
@@ -139,7 +139,7 @@ impl Connection {
                     return;
                 }
             };
-            if self.exchange(head).await == Next::Close || self.ctx.shutdown.is_triggered() {
+            if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
@@ -210,7 +210,7 @@ impl Connection {
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
-    async fn exchange(&mut self, head: RequestHead) -> Next {
+    async fn exchange(&mut self, head: RequestHead) -> AfterExchange {
         let started = Instant::now();
         let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), &head));
         let (next, done) = self.proxy_request(head, started).await;
@@ -232,9 +232,9 @@ impl Connection {
         next
     }
 
-    async fn proxy_request(&mut self, head: RequestHead, started: Instant) -> (Next, Done) {
+    async fn proxy_request(&mut self, head: RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
         let head_only = head.method == http::Method::HEAD;
-        let mut done = Done::default();
+        let mut done = ExchangeRecord::default();
         let (route, target) = match self.route(&head) {
             Ok(rt) => rt,
             Err((e, stats)) => {
@@ -244,7 +244,7 @@ impl Connection {
                     stats.observe(done.status, started.elapsed());
                 }
                 self.answer(&e, close, head_only).await;
-                return (if close { Next::Close } else { self.skip_head(&head) }, done);
+                return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
             }
         };
         let hash = self.request_hash(&target.set.policy.lb);
@@ -273,7 +273,7 @@ impl Connection {
                         done.status = 400;
                         target.stats.observe(400, started.elapsed());
                         self.answer(&ProxyError::BadRequest("malformed chunked body"), true, head_only).await;
-                        return (Next::Close, done);
+                        return (AfterExchange::Close, done);
                     }
                 }
                 if scanner.is_done() { Pending::None } else { Pending::Chunked(scanner) }
@@ -339,7 +339,7 @@ impl Connection {
                     done.status = status;
                     done.bytes_in += bytes_in;
                     done.bytes_out = bytes_out;
-                    return (if head.close { Next::Close } else { next }, done);
+                    return (if head.close { AfterExchange::Close } else { next }, done);
                 }
                 Outcome::Retry(e) if attempts_left > 0 && tokio::time::Instant::now() < deadline => {
                     self.ctx.outlier_failure(&target.set, i);
@@ -357,7 +357,7 @@ impl Connection {
                 Outcome::Abort => {
                     target.stats.observe(499, started.elapsed());
                     done.status = 499;
-                    return (Next::Close, done);
+                    return (AfterExchange::Close, done);
                 }
             }
         }
@@ -365,13 +365,13 @@ impl Connection {
         target.stats.observe(done.status, started.elapsed());
         let close = head.close || !matches!(pending, Pending::None);
         self.answer(&last_error, close, head_only).await;
-        (if close { Next::Close } else { Next::KeepAlive }, done)
+        (if close { AfterExchange::Close } else { AfterExchange::KeepAlive }, done)
     }
 
     /// Drops a request that was answered without forwarding (it had no body).
-    fn skip_head(&mut self, head: &RequestHead) -> Next {
+    fn skip_head(&mut self, head: &RequestHead) -> AfterExchange {
         self.buf.consume(head.len);
-        Next::KeepAlive
+        AfterExchange::KeepAlive
     }
 
     /// Matches the request to a route and picks the target.
@@ -507,11 +507,17 @@ impl Connection {
         match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle, &mut bytes_out).await {
             Ok(()) => {}
             Err(RelayError::Source) => {
-                return Outcome::Relayed { next: Next::Close, status, upstream_ok: false, bytes_in: pumped, bytes_out };
+                return Outcome::Relayed {
+                    next: AfterExchange::Close,
+                    status,
+                    upstream_ok: false,
+                    bytes_in: pumped,
+                    bytes_out,
+                };
             }
             Err(RelayError::Destination) => {
                 return Outcome::Relayed {
-                    next: Next::Close,
+                    next: AfterExchange::Close,
                     status: 499,
                     upstream_ok: true,
                     bytes_in: pumped,
@@ -522,7 +528,13 @@ impl Connection {
         if upgrade {
             drop(in_flight);
             tunnel(stream, buf, conn).await;
-            return Outcome::Relayed { next: Next::Close, status, upstream_ok: true, bytes_in: pumped, bytes_out };
+            return Outcome::Relayed {
+                next: AfterExchange::Close,
+                status,
+                upstream_ok: true,
+                bytes_in: pumped,
+                bytes_out,
+            };
         }
         drop(in_flight);
         if body_done && !resp.close && conn.buf.is_empty() {
@@ -530,7 +542,7 @@ impl Connection {
                 pool.checkin(conn);
             }
         }
-        let next = if client_close { Next::Close } else { Next::KeepAlive };
+        let next = if client_close { AfterExchange::Close } else { AfterExchange::KeepAlive };
         Outcome::Relayed { next, status, upstream_ok: status < 500, bytes_in: pumped, bytes_out }
     }
 }

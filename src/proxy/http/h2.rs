@@ -28,7 +28,7 @@ use crate::endpoint::InFlight;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::upstream::{self, Conn, Pool};
-use crate::routing::docs::{HashOn, LbPolicy};
+use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::hash_bytes;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.

@@ -9,7 +9,7 @@ use http::Method;
 
 use super::codec::{BodyLen, Field, Known, MAX_HEADERS, classify, parse_content_length, tokens, trim};
 use crate::proxy::error::ProxyError;
-use crate::routing::docs::HeaderLookup;
+use crate::routing::documents::HeaderLookup;
 
 /// A parsed request head. Ranges index the buffer it was parsed from.
 #[derive(Debug, Clone)]
