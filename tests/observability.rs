@@ -9,20 +9,9 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// promtool, from Debian's `prometheus` package, installed if missing.
+/// promtool, from Debian's `prometheus` package (`tests/deps.sh` installs it if missing).
 fn promtool() -> &'static str {
-    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        if Command::new("promtool").arg("--version").output().is_ok() {
-            return;
-        }
-        let ok = Command::new("sh")
-            .args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "cannot install Debian's prometheus package (promtool)");
-    });
+    deps::ensure();
     "promtool"
 }
 

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod binary;
+pub mod deps;
 pub mod tcp;
 pub mod zk;
 

@@ -53,7 +53,7 @@ static CHROOTS: AtomicU32 = AtomicU32::new(0);
 impl Zk {
     /// Starts a standalone server and waits until it answers.
     pub fn start() -> Zk {
-        ensure_installed();
+        super::deps::ensure();
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let cfg = format!(
@@ -263,24 +263,6 @@ where
 
 /// Installs what the tests need from Debian if it is missing (the README's commands do this too):
 /// the zookeeper package, and iproute2 for `ss`, which shows sockets' TCP state.
-fn ensure_installed() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let have_ss = Command::new("ss").arg("-V").output().is_ok_and(|o| o.status.success());
-        let missing: Vec<&str> = [("zookeeper", std::path::Path::new(ZK_JAR).exists()), ("iproute2", have_ss)]
-            .into_iter()
-            .filter_map(|(package, present)| (!present).then_some(package))
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        let install =
-            format!("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}", missing.join(" "));
-        let ok = Command::new("sh").args(["-c", &install]).status().map(|s| s.success()).unwrap_or(false);
-        assert!(ok && std::path::Path::new(ZK_JAR).exists(), "cannot install {missing:?} from Debian");
-    });
-}
-
 /// A three-node ensemble on loopback.
 pub struct Ensemble {
     pub members: Vec<Zk>,
@@ -288,7 +270,7 @@ pub struct Ensemble {
 
 impl Ensemble {
     pub fn start(n: usize) -> Ensemble {
-        ensure_installed();
+        super::deps::ensure();
         let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
         let servers: String = ports
             .iter()
