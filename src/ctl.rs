@@ -22,6 +22,7 @@ use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
 use crate::routing::build::{Builder, Change};
 use crate::routing::documents::{Backend, Policy, Rule};
+use crate::routing::{NodeKind, key_versions};
 
 /// What a ctl command came to.
 #[derive(Debug)]
@@ -239,6 +240,24 @@ fn validate(kind: DocKind, name: &str, data: &[u8]) -> Result<String, String> {
     }
 }
 
+/// The oldest zkroute that accepts a (valid) document, and what to tell the operator about it:
+/// older sidecars refuse the document and keep its previous version.
+fn needs(kind: DocKind, data: &[u8]) -> (key_versions::Version, String) {
+    let node = match kind {
+        DocKind::Rule => NodeKind::Rule,
+        DocKind::Policy => NodeKind::Policy,
+    };
+    let doc: Value = serde_json::from_slice(data).unwrap_or(Value::Null);
+    let (version, key) = key_versions::required(node, &doc);
+    let text = match key {
+        Some(key) => format!(
+            "needs zkroute {version} or later (it uses `{key}`): older sidecars refuse it and keep the previous version"
+        ),
+        None => format!("needs zkroute {version} or later"),
+    };
+    (version, text)
+}
+
 fn describe_rule(r: &Rule) -> String {
     let targets: Vec<String> = r
         .backends
@@ -335,9 +354,10 @@ async fn put(
             client.set_data(path, &data, Some(expect.unwrap_or(stat.version))).await.map_err(zk_failure)?
         }
     };
+    let (version, needs) = needs(kind, &data);
     Ok(Output {
-        text: format!("{path}: written, version {} ({summary})\n", stat.version),
-        json: json!({"path": path, "version": stat.version, "mzxid": stat.mzxid}),
+        text: format!("{path}: written, version {} ({summary})\n{needs}\n", stat.version),
+        json: json!({"path": path, "version": stat.version, "mzxid": stat.mzxid, "needs": version.to_string()}),
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod documents;
 pub mod index;
+pub mod key_versions;
 pub mod store;
 pub mod table;
 

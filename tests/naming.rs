@@ -150,6 +150,7 @@ async fn ctl_refuses_an_invalid_rule_and_leaves_zookeeper_unchanged() {
     let good = r#"{"listener":"http","backends":[{"service":"users"}]}"#;
     let out = ctl(&chroot, &["put", "rule", "r1", "-"], Some(good));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("needs zkroute 0.1 or later"), "says which version it needs: {}", text(&out));
     assert_eq!(zk.get("/zkroute/rules/r1").await.as_deref(), Some(good));
 
     let bad = r#"{"listener":"http","backends":[{"service":"users","weight":99999}]}"#;
