@@ -10,7 +10,7 @@
 #   benches/compare.sh --zkroute-b /path/to/zkroute --entries direct,zkroute,zkroute-b ...   A/B of two builds
 #   (`callgrind-newconn`, not run by default: instructions per `Connection: close` request)
 #
-# Method (shared/notes/benchmarking.md, "Method that gave stable figures"):
+# Method (docs/PERFORMANCE.md says why each step is there):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
 #   `keepalive_requests` very high, no access log. C, no file I/O: about as cheap per request as
 #   wrk, so the backend is not what is measured. `iperf3 -s` is the backend for TCP bulk.

@@ -1,4 +1,4 @@
-//! The admin port (CONTRACT 4): `/metrics`, `/healthz`, `/ready`, `/config`. Loopback by default
+//! The admin port (README: "What it serves"): `/metrics`, `/healthz`, `/ready`, `/config`. Loopback by default
 //! and never a data-plane port.
 
 use std::collections::BTreeMap;

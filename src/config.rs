@@ -1,4 +1,4 @@
-//! Local configuration (CONTRACT 3): a TOML file, every key also a flag and a `ZKROUTE_*`
+//! Local configuration (README: "Configuration"): a TOML file, every key also a flag and a `ZKROUTE_*`
 //! variable. Flags and variables override the file. Loading is pure apart from reading the file;
 //! every error names the file, the key and the reason.
 

@@ -1,4 +1,4 @@
-//! Every metric family of CONTRACT 5, registered once at start in a registry owned by the
+//! Every metric family of the README's "Observability", registered once at start in a registry owned by the
 //! process (not the global one, so several proxies can run in one test binary).
 
 use std::sync::OnceLock;

@@ -1,4 +1,4 @@
-//! Naming: registering the local app in ZooKeeper (CONTRACT 3, `[[register]]`), the way Curator
+//! Naming: registering the local app in ZooKeeper (README: "Registering the local app"), the way Curator
 //! and SmartStack Nerve do. Each entry gets an ephemeral node holding a Curator x-discovery
 //! document (so Curator, Spring Cloud Zookeeper and zkroute itself all discover it), present only
 //! while the app passes its health check (with rise and fall thresholds, so a flapping app does

@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
-//! The fault suite (CONTRACT 6): each case runs under steady load from a client in the test that
-//! counts every response, and says in its name what it proves. Cases that stop or pause
-//! ZooKeeper get servers of their own.
+//! The fault suite (README: "Faults and hostile input"): each case runs under steady load from a
+//! client in the test that counts every response, and says in its name what it proves. Cases that
+//! stop or pause ZooKeeper get servers of their own.
 
 mod support;
 

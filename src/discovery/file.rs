@@ -1,4 +1,4 @@
-//! The static file provider (CONTRACT 3): the same instance, rule and policy documents as
+//! The static file provider (README: "Configuration"): the same instance, rule and policy documents as
 //! ZooKeeper would hold, from one local TOML file, re-read when it changes. For local
 //! development, demos, and tests of the data plane without ZooKeeper.
 //!

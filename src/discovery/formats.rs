@@ -1,4 +1,4 @@
-//! Instance documents in every format of CONTRACT 2.1, detected per node: Curator x-discovery
+//! Instance documents in every format of the README's "Instance documents", detected per node: Curator x-discovery
 //! (also Spring Cloud Zookeeper and Dubbo 3), Finagle ServerSet, SmartStack Nerve, and plain
 //! `host:port` / `ip=host:port`. Unknown fields are ignored; anything malformed is an error that
 //! names the field.

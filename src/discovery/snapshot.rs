@@ -1,4 +1,4 @@
-//! The last-known-good snapshot (CONTRACT 6): after each swap the table's source documents are
+//! The last-known-good snapshot (README: "Faults and hostile input"): after each swap the table's source documents are
 //! written atomically (temporary file, fsync, rename) by a task of their own, at most once a
 //! second; at a cold start with ZooKeeper down they are loaded and served until ZooKeeper
 //! answers. A snapshot that does not decode is ignored with a message saying why.

@@ -1,4 +1,4 @@
-//! ZooKeeper source (CONTRACT 2, 6). One persistent recursive watch per tree (services, rules,
+//! ZooKeeper source (README: "How it works", "Faults"). One persistent recursive watch per tree (services, rules,
 //! policies); a changed node is re-read on its own, and whatever changed while one read was in
 //! flight is read in the next batch, so bursts coalesce. Full reads (first, after reconnect, after
 //! session expiry) go through multi-read in batches.

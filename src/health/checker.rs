@@ -1,4 +1,4 @@
-//! Active health checks (CONTRACT 2.3): one loop per endpoint of every service whose policy asks
+//! Active health checks (README: "Health"): one loop per endpoint of every service whose policy asks
 //! for checks, shared by all listeners. After each table swap the loops are reconciled with the
 //! table: new endpoints get a loop, removed ones lose theirs. Results go to the endpoint state
 //! (outside the table) and, when an endpoint changes state, to the control loop, which rebuilds

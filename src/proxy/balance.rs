@@ -1,4 +1,4 @@
-//! Choosing an endpoint from a set (CONTRACT 2.3): `p2c` on requests in flight, `round_robin`,
+//! Choosing an endpoint from a set (README: "Policy documents"): `p2c` on requests in flight, `round_robin`,
 //! and `ring_hash`, all honouring instance weights. The set's lists were computed when the table
 //! was built; here an endpoint is only re-checked (it may have been ejected since) and, if it is
 //! no longer usable, another is drawn.

@@ -1,4 +1,4 @@
-//! Answers zkroute makes itself (CONTRACT 4): one place maps each failure to its status, its
+//! Answers zkroute makes itself (the README's error table): one place maps each failure to its status, its
 //! `x-zkroute-error` value (also the metric's view of it) and a one-line body saying why.
 
 use super::http::codec::push_decimal;

@@ -1,4 +1,4 @@
-//! TCP listeners (CONTRACT 4): each connection goes to an endpoint chosen by the listener's rule
+//! TCP listeners (README: "What it serves"): each connection goes to an endpoint chosen by the listener's rule
 //! (or its `service`), with connect failover, then bytes flow both ways until both sides have
 //! closed, honouring half-close, with an idle timeout.
 

@@ -1,6 +1,7 @@
-//! Rule and policy documents (CONTRACT 2.2, 2.3): parsed from JSON and validated into the forms
-//! the table builder compiles. The proxy, the static file provider and `zkroute ctl put` all
-//! validate through here, so a document is accepted or refused the same way everywhere.
+//! Rule and policy documents (README: "Rule documents", "Policy documents"): parsed from JSON and
+//! validated into the forms the table builder compiles. The proxy, the static file provider and
+//! `zkroute ctl put` all validate through here, so a document is accepted or refused the same way
+//! everywhere.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ fn duration(field: &str, text: &str) -> Result<Duration, DocError> {
 
 // ---- rules ----------------------------------------------------------------------------------
 
-/// A rule document as written (CONTRACT 2.2). Unknown fields are refused: a misspelt `priorty`
+/// A rule document as written (README: "Rule documents"). Unknown fields are refused: a misspelt `priorty`
 /// would otherwise be silently ignored.
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -330,7 +331,7 @@ fn compile_backend(field: &str, b: &BackendDoc) -> Result<Backend, DocError> {
 
 // ---- policies -------------------------------------------------------------------------------
 
-/// A per-service policy document as written (CONTRACT 2.3).
+/// A per-service policy document as written (README: "Policy documents").
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDoc {
