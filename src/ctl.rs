@@ -226,7 +226,7 @@ async fn instances(client: &Client, root: &str, service: &str) -> Result<Output,
             }
             Err(e) => {
                 let _ = writeln!(text, "{id:<24} {:<10} {:<22} {:>6} {:<8} {e}", "invalid", "-", "-", "-");
-                list.push(json!({"id": id, "error": e, "version": stat.version}));
+                list.push(json!({"id": id, "error": e.to_string(), "version": stat.version}));
             }
         }
     }

@@ -51,7 +51,10 @@ impl UpdateSender {
 
 /// Parses an instance node into a change.
 pub fn instance_change(service: ServiceName, id: &str, node: Option<RawNode>) -> Change {
-    let doc = node.map(|n| Doc { parsed: formats::parse_instance(&n.data).map(Arc::new), origin: n.origin });
+    let doc = node.map(|n| Doc {
+        parsed: formats::parse_instance(&n.data).map(Arc::new).map_err(|e| e.to_string()),
+        origin: n.origin,
+    });
     Change::Instance { service, id: Arc::from(id), doc }
 }
 

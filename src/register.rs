@@ -187,7 +187,7 @@ async fn health_loop(
     }
 }
 
-async fn check_app(entry: &RegisterConfig, check: &RegisterCheck) -> Result<String, String> {
+async fn check_app(entry: &RegisterConfig, check: &RegisterCheck) -> Result<probe::Passed, probe::ProbeError> {
     let HumanDuration(timeout) = check.timeout;
     match (check.kind.as_str(), &check.url) {
         ("http", Some(url)) => {
@@ -195,7 +195,7 @@ async fn check_app(entry: &RegisterConfig, check: &RegisterCheck) -> Result<Stri
             probe::probe(&addr, probe::Probe::Http { host, path }, timeout, "zkroute-register").await
         }
         _ => {
-            let addr = Addr::from_parts(&entry.address, entry.port).map_err(|e| e.to_string())?;
+            let addr = Addr::from_parts(&entry.address, entry.port)?;
             probe::probe(&addr, probe::Probe::Tcp, timeout, "zkroute-register").await
         }
     }

@@ -1,22 +1,23 @@
-//! Instance documents in every format of the README's "Instance documents", detected per node: Curator x-discovery
-//! (also Spring Cloud Zookeeper and Dubbo 3), Finagle ServerSet, SmartStack Nerve, and plain
-//! `host:port` / `ip=host:port`. Unknown fields are ignored; anything malformed is an error that
-//! names the field.
+//! Instance documents in every format of the README's "Instance documents", detected per node:
+//! Curator x-discovery (also Spring Cloud Zookeeper and Dubbo 3), Finagle ServerSet, SmartStack
+//! Nerve, and plain `host:port` / `ip=host:port`. Unknown fields are ignored; anything malformed
+//! is an error that names the field.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::routing::documents::DocError;
 use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, Labels, MAX_WEIGHT, port_from_i64};
 
 /// Parses an instance node's data, whatever format it is in.
-pub fn parse_instance(data: &[u8]) -> Result<Instance, String> {
-    let text = std::str::from_utf8(data).map_err(|_| "not UTF-8".to_owned())?.trim();
+pub fn parse_instance(data: &[u8]) -> Result<Instance, DocError> {
+    let text = std::str::from_utf8(data).map_err(|_| DocError::new("", "not UTF-8"))?.trim();
     if text.is_empty() {
-        return Err("empty node: expected an instance document".into());
+        return Err(DocError::new("", "empty node: expected an instance document"));
     }
     if text.starts_with('{') {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| DocError::new("", format!("not valid JSON: {e}")))?;
         let Value::Object(doc) = value else { unreachable!("a JSON text starting with '{{' is an object") };
         return if doc.contains_key("serviceEndpoint") {
             serverset(&doc)
@@ -25,15 +26,18 @@ pub fn parse_instance(data: &[u8]) -> Result<Instance, String> {
         } else if doc.contains_key("host") {
             nerve(&doc)
         } else {
-            Err("JSON object is not a Curator (address), ServerSet (serviceEndpoint) or Nerve (host) document".into())
+            Err(DocError::new(
+                "",
+                "JSON object is not a Curator (address), ServerSet (serviceEndpoint) or Nerve (host) document",
+            ))
         };
     }
     plain(text)
 }
 
-fn plain(text: &str) -> Result<Instance, String> {
+fn plain(text: &str) -> Result<Instance, DocError> {
     let addr_text = text.strip_prefix("ip=").unwrap_or(text);
-    let addr = addr_text.parse::<Addr>().map_err(|e| format!("plain instance: {e}"))?;
+    let addr = addr_text.parse::<Addr>().map_err(|e| DocError::new("", format!("plain instance: {e}")))?;
     Ok(Instance {
         format: Format::Plain,
         addr,
@@ -45,23 +49,23 @@ fn plain(text: &str) -> Result<Instance, String> {
     })
 }
 
-fn curator(doc: &Map<String, Value>) -> Result<Instance, String> {
+fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
     let address = str_field(doc, "address")?;
     let port = match doc.get("port") {
         Some(Value::Null) | None => {
             return Err(if doc.get("sslPort").is_some_and(|v| !v.is_null()) {
-                "port: null (only sslPort is set; zkroute forwards plain TCP)".into()
+                DocError::new("port", "null (only sslPort is set; zkroute forwards plain TCP)")
             } else {
-                "port: missing".into()
+                DocError::new("port", "missing")
             });
         }
         Some(v) => port(v, "port")?,
     };
-    let addr = Addr::from_parts(address, port).map_err(|e| format!("address: {e}"))?;
+    let addr = Addr::from_parts(address, port).map_err(|e| DocError::new("address", e.to_string()))?;
     let enabled = match doc.get("enabled") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("enabled: must be true or false".into()),
+        Some(_) => return Err(DocError::new("enabled", "must be true or false")),
     };
     let (weight, zone, metadata) = match doc.get("payload") {
         None | Some(Value::Null) => (DEFAULT_WEIGHT, None, Labels::default()),
@@ -76,7 +80,7 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, String> {
     Ok(Instance { format: Format::Curator, addr, named: BTreeMap::new(), weight, zone, metadata, enabled })
 }
 
-fn serverset(doc: &Map<String, Value>) -> Result<Instance, String> {
+fn serverset(doc: &Map<String, Value>) -> Result<Instance, DocError> {
     let addr = endpoint(doc.get("serviceEndpoint"), "serviceEndpoint")?;
     let mut named = BTreeMap::new();
     match doc.get("additionalEndpoints") {
@@ -86,12 +90,12 @@ fn serverset(doc: &Map<String, Value>) -> Result<Instance, String> {
                 named.insert(name.clone(), endpoint(Some(ep), &format!("additionalEndpoints.{name}"))?);
             }
         }
-        Some(_) => return Err("additionalEndpoints: must be an object".into()),
+        Some(_) => return Err(DocError::new("additionalEndpoints", "must be an object")),
     }
     let enabled = match doc.get("status") {
         None | Some(Value::Null) => true,
         Some(Value::String(s)) => s == "ALIVE",
-        Some(_) => return Err("status: must be a string".into()),
+        Some(_) => return Err(DocError::new("status", "must be a string")),
     };
     Ok(Instance {
         format: Format::Serverset,
@@ -104,10 +108,10 @@ fn serverset(doc: &Map<String, Value>) -> Result<Instance, String> {
     })
 }
 
-fn nerve(doc: &Map<String, Value>) -> Result<Instance, String> {
+fn nerve(doc: &Map<String, Value>) -> Result<Instance, DocError> {
     let host = str_field(doc, "host")?;
-    let port = port(doc.get("port").ok_or("port: missing")?, "port")?;
-    let addr = Addr::from_parts(host, port).map_err(|e| format!("host: {e}"))?;
+    let port = port(doc.get("port").ok_or_else(|| DocError::new("port", "missing"))?, "port")?;
+    let addr = Addr::from_parts(host, port).map_err(|e| DocError::new("host", e.to_string()))?;
     let metadata = string_map(doc.get("labels"), "labels")?;
     let zone = match opt_str(doc.get("zone"), "zone")? {
         Some(z) => Some(z),
@@ -124,59 +128,64 @@ fn nerve(doc: &Map<String, Value>) -> Result<Instance, String> {
     })
 }
 
-fn str_field<'a>(doc: &'a Map<String, Value>, field: &str) -> Result<&'a str, String> {
+fn str_field<'a>(doc: &'a Map<String, Value>, field: &str) -> Result<&'a str, DocError> {
     match doc.get(field) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
-        Some(Value::String(_)) => Err(format!("{field}: empty")),
-        Some(_) => Err(format!("{field}: must be a string")),
-        None => Err(format!("{field}: missing")),
+        Some(Value::String(_)) => Err(DocError::new(field, "empty")),
+        Some(_) => Err(DocError::new(field, "must be a string")),
+        None => Err(DocError::new(field, "missing")),
     }
 }
 
-fn opt_str(v: Option<&Value>, field: &str) -> Result<Option<String>, String> {
+fn opt_str(v: Option<&Value>, field: &str) -> Result<Option<String>, DocError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(format!("{field}: must be a string")),
+        Some(_) => Err(DocError::new(field, "must be a string")),
     }
 }
 
-fn port(v: &Value, field: &str) -> Result<u16, String> {
+fn port(v: &Value, field: &str) -> Result<u16, DocError> {
     let n = match v {
-        Value::Number(n) => n.as_i64().ok_or_else(|| format!("{field}: {n} is not an integer"))?,
-        Value::String(s) => s.trim().parse::<i64>().map_err(|_| format!("{field}: {s:?} is not a number"))?,
-        _ => return Err(format!("{field}: must be a number")),
+        Value::Number(n) => n.as_i64().ok_or_else(|| DocError::new(field, format!("{n} is not an integer")))?,
+        Value::String(s) => {
+            s.trim().parse::<i64>().map_err(|_| DocError::new(field, format!("{s:?} is not a number")))?
+        }
+        _ => return Err(DocError::new(field, "must be a number")),
     };
-    port_from_i64(n).map_err(|e| format!("{field}: {e}"))
+    port_from_i64(n).map_err(|e| DocError::new(field, e.to_string()))
 }
 
-fn endpoint(v: Option<&Value>, field: &str) -> Result<Addr, String> {
-    let Some(Value::Object(ep)) = v else { return Err(format!("{field}: must be an object with host and port")) };
-    let host = str_field(ep, "host").map_err(|e| format!("{field}.{e}"))?;
-    let port = port(ep.get("port").ok_or_else(|| format!("{field}.port: missing"))?, &format!("{field}.port"))?;
-    Addr::from_parts(host, port).map_err(|e| format!("{field}.host: {e}"))
+fn endpoint(v: Option<&Value>, field: &str) -> Result<Addr, DocError> {
+    let Some(Value::Object(ep)) = v else { return Err(DocError::new(field, "must be an object with host and port")) };
+    let host = str_field(ep, "host").map_err(|e| e.within(field))?;
+    let port = port(ep.get("port").ok_or_else(|| DocError::new("port", "missing").within(field))?, "port")
+        .map_err(|e| e.within(field))?;
+    Addr::from_parts(host, port).map_err(|e| DocError::new("host", e.to_string()).within(field))
 }
 
-fn weight(v: Option<&Value>, field: &str) -> Result<u32, String> {
+fn weight(v: Option<&Value>, field: &str) -> Result<u32, DocError> {
     let n = match v {
         None | Some(Value::Null) => return Ok(DEFAULT_WEIGHT),
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| format!("{field}: {n} is not an integer"))?,
-        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| format!("{field}: {s:?} is not an integer"))?,
-        Some(_) => return Err(format!("{field}: must be an integer")),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| DocError::new(field, format!("{n} is not an integer")))?,
+        Some(Value::String(s)) => {
+            s.trim().parse::<i64>().map_err(|_| DocError::new(field, format!("{s:?} is not an integer")))?
+        }
+        Some(_) => return Err(DocError::new(field, "must be an integer")),
     };
     match u32::try_from(n) {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),
-        _ => Err(format!("{field}: {n} is outside 0..={MAX_WEIGHT}")),
+        _ => Err(DocError::new(field, format!("{n} is outside 0..={MAX_WEIGHT}"))),
     }
 }
 
 /// A flat string map; numbers and booleans are taken as their text.
-fn string_map(v: Option<&Value>, field: &str) -> Result<Labels, String> {
+fn string_map(v: Option<&Value>, field: &str) -> Result<Labels, DocError> {
     let Some(v) = v else { return Ok(Labels::default()) };
     let map = match v {
         Value::Null => return Ok(Labels::default()),
         Value::Object(map) => map,
-        _ => return Err(format!("{field}: must be an object of strings")),
+        _ => return Err(DocError::new(field, "must be an object of strings")),
     };
     map.iter()
         .map(|(k, v)| {
@@ -184,7 +193,7 @@ fn string_map(v: Option<&Value>, field: &str) -> Result<Labels, String> {
                 Value::String(s) => s.clone(),
                 Value::Number(n) => n.to_string(),
                 Value::Bool(b) => b.to_string(),
-                _ => return Err(format!("{field}.{k}: must be a string")),
+                _ => return Err(DocError::new(k.as_str(), "must be a string").within(field)),
             };
             Ok((k.clone(), v))
         })
@@ -199,8 +208,20 @@ mod tests {
         parse_instance(s.as_bytes()).unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
+    #[test]
+    fn errors_name_the_nested_field() {
+        let doc =
+            r#"{"serviceEndpoint":{"host":"10.0.0.1","port":80},"additionalEndpoints":{"http":{"host":"h","port":0}}}"#;
+        let err = parse_instance(doc.as_bytes()).expect_err("port 0");
+        assert_eq!(err.field, "additionalEndpoints.http.port");
+        let err = parse_instance(br#"{"host":"10.0.0.1","port":80,"labels":{"az":[1]}}"#).expect_err("a list label");
+        assert_eq!(err.field, "labels.az");
+        let err = parse_instance(b"not an instance").expect_err("garbage");
+        assert_eq!(err.field, "");
+    }
+
     fn fails(s: &str, needle: &str) {
-        let err = parse_instance(s.as_bytes()).expect_err(s);
+        let err = parse_instance(s.as_bytes()).expect_err(s).to_string();
         assert!(err.contains(needle), "{s}: error {err:?} should mention {needle:?}");
     }
 

@@ -147,7 +147,8 @@ impl Probe {
                 passes = 0;
             }
             let detail = match &result {
-                Ok(d) | Err(d) => d.clone(),
+                Ok(passed) => passed.to_string(),
+                Err(e) => e.to_string(),
             };
             debug!(endpoint = %self.state.key, ok, %detail, "health check");
             self.state.record_check(CheckReport { at: SystemTime::now(), ok, detail: detail.clone() });
@@ -181,7 +182,7 @@ impl Probe {
     }
 
     /// One check: Ok or Err with what was seen.
-    async fn probe_once(&self) -> Result<String, String> {
+    async fn probe_once(&self) -> Result<probe::Passed, probe::ProbeError> {
         let host = self.addr.to_string();
         let probe = match &self.check.kind {
             CheckKind::Http { path } => probe::Probe::Http { host: &host, path },

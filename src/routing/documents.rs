@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Addr, MAX_WEIGHT, ServiceName};
 
-/// Why a document was refused: the field (a JSON path, empty for the whole document) and the
+/// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{reason}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
@@ -22,8 +22,14 @@ pub struct DocError {
 }
 
 impl DocError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         DocError { field: field.into(), reason: reason.into() }
+    }
+
+    /// The same error, for a field nested in `parent` (`parent.field`).
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() { parent.to_owned() } else { format!("{parent}.{}", self.field) };
+        self
     }
 }
 
