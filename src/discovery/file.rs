@@ -1,6 +1,6 @@
 //! The static file provider (README: "Configuration"): the same instance, rule and policy documents as
-//! ZooKeeper would hold, from one local TOML file, re-read when it changes. For local
-//! development, demos, and tests of the data plane without ZooKeeper.
+//! ZooKeeper would hold, from one local TOML file, re-read when it changes or is replaced. For
+//! local development, demos, and tests of the data plane without ZooKeeper.
 //!
 //! ```toml
 //! [services.users]                      # one key per instance node: its data
@@ -15,6 +15,7 @@
 //! lb = "round_robin"
 //! ```
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -93,6 +94,27 @@ fn raw(file_name: &str, key: &str, value: &toml::Value) -> RawNode {
     }
 }
 
+/// What tells one version of the file from another without reading it. An edit in place changes
+/// the modification time or the length, but two edits of the same length within one tick of the
+/// kernel's file clock (a few milliseconds) leave both alike; a file written anew and renamed over
+/// the path, as editors and deployment tools save, is another inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    modified: SystemTime,
+    len: u64,
+}
+
+impl Stamp {
+    /// The stamp of the file the path leads to now (through symbolic links), if there is one.
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = std::fs::metadata(path).ok()?;
+        let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        Some(Stamp { dev: m.dev(), ino: m.ino(), modified, len: m.len() })
+    }
+}
+
 /// Follows the file, sending a full read whenever its content changes.
 pub struct FileSource {
     pub path: PathBuf,
@@ -101,17 +123,16 @@ pub struct FileSource {
 
 impl FileSource {
     pub async fn run(self, mut shutdown: Shutdown) {
-        let mut last_meta: Option<(SystemTime, u64)> = None;
+        let mut last_stamp: Option<Stamp> = None;
         let mut last_text: Option<String> = None;
         loop {
-            let meta =
-                std::fs::metadata(&self.path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-            if meta.is_some() && meta != last_meta {
-                last_meta = meta;
+            let stamp = Stamp::of(&self.path);
+            if stamp.is_some() && stamp != last_stamp {
+                last_stamp = stamp;
                 self.reload(&mut last_text).await;
-            } else if meta.is_none() && last_meta.is_some() {
+            } else if stamp.is_none() && last_stamp.is_some() {
                 warn!(file = %self.path.display(), "static file is gone; keeping the table in force");
-                last_meta = None;
+                last_stamp = None;
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -183,5 +204,43 @@ mod tests {
     #[test]
     fn an_unknown_section_is_an_error() {
         assert!(parse("[servics.a]\nx = \"1.2.3.4:5\"\n", "f").unwrap_err().contains("servics"));
+    }
+
+    /// The ids of the instances in the next full read the source sends.
+    async fn next_read(updates: &mut tokio::sync::mpsc::UnboundedReceiver<Update>) -> Vec<String> {
+        let update = tokio::time::timeout(Duration::from_secs(5), updates.recv())
+            .await
+            .expect("a read within 5 s")
+            .expect("the source runs");
+        match &update.changes[..] {
+            [Change::Resync(r)] => r.instances.iter().map(|(_, id, _)| id.to_string()).collect(),
+            other => panic!("expected one full read, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_replaced_by_one_of_the_same_length_and_time_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, "[services.s]\na = \"10.0.0.1:80\"\n").unwrap();
+        let (sender, mut updates) = crate::discovery::updates();
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let source = tokio::spawn(FileSource { path: path.clone(), updates: sender }.run(shutdown));
+        assert_eq!(next_read(&mut updates).await, ["a"]);
+
+        // A save by rename within the tick of the first write: the new file has the old one's
+        // length, and its modification time is set to the old one's so that the test does not
+        // depend on the clock's granularity.
+        let old = std::fs::metadata(&path).unwrap();
+        let new = dir.path().join("routes.toml.new");
+        std::fs::write(&new, "[services.s]\nb = \"10.0.0.2:80\"\n").unwrap();
+        std::fs::File::options().write(true).open(&new).unwrap().set_modified(old.modified().unwrap()).unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        let replaced = std::fs::metadata(&path).unwrap();
+        assert_eq!((replaced.len(), replaced.modified().unwrap()), (old.len(), old.modified().unwrap()));
+        assert_eq!(next_read(&mut updates).await, ["b"]);
+
+        trigger.trigger();
+        source.await.unwrap();
     }
 }
