@@ -310,7 +310,7 @@ async fn pump(
 /// What the relay buffers of all TCP connections may grow into together
 /// (`proxy.tcp_relay_memory`), so that many bulk streams at once cannot take the host's memory.
 ///
-/// The [`BUF_MIN`] bytes a direction starts with are not counted: `proxy.max_connections` bounds
+/// The 16 KiB a direction starts with (`BUF_MIN`) are not counted: `proxy.max_connections` bounds
 /// those. A buffer that grows past it takes its whole new size from here, and gives it back when
 /// it shrinks or its connection ends; with nothing left, buffers stay the size they are.
 #[derive(Debug)]
