@@ -3,10 +3,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Chroot, eventually, free_port, get};
+use super::{RouteSource, eventually, free_port, get};
 
-/// The zkroute binary, started with a config following `chroot`: admin, an HTTP listener
-/// `http` (service `web`) and a TCP listener `tcp` (service `echo`) on free ports.
+/// The zkroute binary, started with a config following a ZooKeeper chroot or a routes file:
+/// admin, an HTTP listener `http` (service `web`) and a TCP listener `tcp` (service `echo`) on free
+/// ports.
 pub struct Binary {
     pub child: Child,
     pub admin: std::net::SocketAddr,
@@ -16,20 +17,20 @@ pub struct Binary {
 }
 
 impl Binary {
-    pub async fn start(chroot: &Chroot, drain: &str) -> Binary {
-        Binary::start_with(chroot, drain, "", &[]).await
+    pub async fn start(routes: &impl RouteSource, drain: &str) -> Binary {
+        Binary::start_with(routes, drain, "", &[]).await
     }
 
     /// With extra TOML and extra command-line arguments.
-    pub async fn start_with(chroot: &Chroot, drain: &str, extra: &str, args: &[&str]) -> Binary {
+    pub async fn start_with(routes: &impl RouteSource, drain: &str, extra: &str, args: &[&str]) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let (admin, http, tcp) = (free_port(), free_port(), free_port());
         let config = format!(
-            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\
+            "{}[admin]\nbind = \"127.0.0.1:{admin}\"\n\
              [proxy]\ndrain_timeout = \"{drain}\"\n\
              [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{http}\"\nservice = \"web\"\n\
              [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{tcp}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n{extra}",
-            chroot.connect
+            routes.source_config()
         );
         let path = dir.path().join("zkroute.toml");
         std::fs::write(&path, config).unwrap();

@@ -1,11 +1,12 @@
-//! Test harness: real ZooKeeper servers, a zkroute started in this process on port 0, a small
-//! HTTP client, and polling with deadlines instead of sleeps.
+//! Test harness: real ZooKeeper servers or a routes file, a zkroute started in this process on
+//! port 0, a small HTTP client, and polling with deadlines instead of sleeps.
 
 #![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod backend;
 pub mod binary;
 pub mod deps;
+pub mod routes;
 pub mod tcp;
 pub mod zk;
 
@@ -23,6 +24,7 @@ use zkroute::{App, Config};
 
 pub use backend::{Backend, Misbehave, RawBackend, refused_addr};
 pub use binary::Binary;
+pub use routes::{RouteSource, Routes};
 pub use tcp::{Checksum, TcpServer};
 pub use zk::{Chroot, Ensemble, Zk, ZkClient, free_port};
 
@@ -90,11 +92,12 @@ impl Proxy {
 
     /// Starts zkroute following `chroot`, with extra TOML after the `[zookeeper]` keys.
     pub async fn with_zk(chroot: &Chroot, extra: &str) -> Proxy {
-        Proxy::start(&format!(
-            "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\n[admin]\nbind = \"127.0.0.1:0\"\n{extra}",
-            chroot.connect
-        ))
-        .await
+        Proxy::following(chroot, extra).await
+    }
+
+    /// Starts zkroute reading its routes from `source`, admin on a free port, with extra TOML after.
+    pub async fn following(source: &impl RouteSource, extra: &str) -> Proxy {
+        Proxy::start(&format!("{}[admin]\nbind = \"127.0.0.1:0\"\n{extra}", source.source_config())).await
     }
 
     pub fn admin(&self) -> SocketAddr {
