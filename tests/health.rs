@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! Health: active checks, outlier ejection, panic mode, protection from empty registries, and
-//! state kept outside the table. Short intervals; every wait is a poll with a deadline.
+//! state kept outside the table. Short intervals; every wait is a poll with a deadline. Routes come
+//! from a static file (the documents ZooKeeper would hold).
 
 mod support;
 
@@ -10,26 +11,18 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-async fn proxy(extra: &str) -> (ZkClient, Proxy) {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
-    let proxy = Proxy::with_zk(&chroot, &format!("{HTTP_LISTENER}{extra}")).await;
-    (zk, proxy)
-}
-
-/// Registers each backend under service `s` (node id = backend name) and a catch-all rule.
-async fn setup(zk: &ZkClient, proxy: &Proxy, policy: &str, backends: &[&Backend]) {
-    zk.put("/zkroute/policies/s", policy).await;
-    zk.put("/zkroute/rules/r", r#"{"listener":"http","retries":0,"backends":[{"service":"s"}]}"#).await;
-    for b in backends {
-        zk.put(&format!("/zkroute/services/s/{}", b.name), &b.addr.to_string()).await;
-    }
-    let n = backends.len();
-    proxy
-        .config_until("the service, its policy and the rule", |c| {
-            addresses(c, "s").len() == n && !c["listeners"][0]["routes"].as_array().unwrap().is_empty()
-        })
-        .await;
+/// A zkroute routing every request on listener `http` to service `s` without retries, with
+/// `policy` and each backend as an instance (id = backend name), once its table holds them.
+async fn setup(policy: &str, backends: &[&Backend]) -> (Routes, Proxy) {
+    let routes = Routes::new();
+    routes.policy("s", policy);
+    routes.rule("r", r#"{"listener":"http","retries":0,"backends":[{"service":"s"}]}"#);
+    routes.backends("s", backends);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let c = proxy.config().await;
+    assert_eq!(addresses(&c, "s").len(), backends.len());
+    assert!(!c["listeners"][0]["routes"].as_array().unwrap().is_empty());
+    (routes, proxy)
 }
 
 /// Which backends answer `n` requests, by name.
@@ -51,10 +44,9 @@ const CHECKED: &str = r#"{"health_check":{"kind":"http","path":"/health","interv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_leaves_rotation_and_comes_back() {
-    let (zk, proxy) = proxy("").await;
     let a = Backend::http("a").await;
     let b = Backend::http("b").await;
-    setup(&zk, &proxy, CHECKED, &[&a, &b]).await;
+    let (_routes, proxy) = setup(CHECKED, &[&a, &b]).await;
     proxy
         .config_until("both checked healthy", |c| instances(c, "s").iter().all(|i| i["health"]["health"] == "healthy"))
         .await;
@@ -75,18 +67,15 @@ async fn a_failing_instance_leaves_rotation_and_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_instance_takes_traffic_only_after_its_first_passing_check() {
-    let (zk, proxy) = proxy("").await;
     let a = Backend::http("a").await;
     // An instance whose health endpoint never answers: its first check cannot finish for 30s.
     let unproven = RawBackend::start(Misbehave::Hold).await;
-    zk.put(
-        "/zkroute/policies/s",
-        r#"{"health_check":{"kind":"http","path":"/health","interval":"100ms","timeout":"30s"}}"#,
-    )
-    .await;
-    zk.put("/zkroute/rules/r", r#"{"listener":"http","retries":0,"backends":[{"service":"s"}]}"#).await;
-    zk.put("/zkroute/services/s/a", &a.addr.to_string()).await;
-    zk.put("/zkroute/services/s/unproven", &unproven.addr.to_string()).await;
+    let routes = Routes::new();
+    routes.policy("s", r#"{"health_check":{"kind":"http","path":"/health","interval":"100ms","timeout":"30s"}}"#);
+    routes.rule("r", r#"{"listener":"http","retries":0,"backends":[{"service":"s"}]}"#);
+    routes.backends("s", &[&a]);
+    routes.instance("s", "unproven", unproven.addr);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let c = proxy
         .config_until("a checked, the other still unproven", |c| {
             addresses(c, "s").len() == 2 && instance(c, "a")["health"]["state"] == "healthy"
@@ -100,12 +89,13 @@ async fn a_new_instance_takes_traffic_only_after_its_first_passing_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_check_against_a_closed_port_fails() {
-    let (zk, proxy) = proxy("").await;
     let a = Backend::http("a").await;
-    zk.put("/zkroute/policies/s", r#"{"health_check":{"kind":"tcp","interval":"100ms","timeout":"300ms"}}"#).await;
-    zk.put("/zkroute/rules/r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    zk.put("/zkroute/services/s/a", &a.addr.to_string()).await;
-    zk.put("/zkroute/services/s/closed", &refused_addr().to_string()).await;
+    let routes = Routes::new();
+    routes.policy("s", r#"{"health_check":{"kind":"tcp","interval":"100ms","timeout":"300ms"}}"#);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
+    routes.backends("s", &[&a]);
+    routes.instance("s", "closed", refused_addr());
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let c = proxy
         .config_until("the closed port judged", |c| {
             addresses(c, "s").len() == 2 && instance(c, "closed")["health"]["health"] == "unhealthy"
@@ -119,11 +109,10 @@ async fn a_tcp_check_against_a_closed_port_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_stop_when_the_instance_goes() {
-    let (zk, proxy) = proxy("").await;
     let a = Backend::http("a").await;
-    setup(&zk, &proxy, CHECKED, &[&a]).await;
+    let (routes, proxy) = setup(CHECKED, &[&a]).await;
     eventually("checks running", Duration::from_secs(5), || async { (a.health_checks() >= 3).then_some(()) }).await;
-    zk.delete("/zkroute/services/s/a").await;
+    routes.remove_instance("s", "a");
     proxy.config_until("the instance gone", |c| addresses(c, "s").is_empty()).await;
     let after = a.health_checks();
     // Five intervals with no event to poll for: the absence of checks is the thing tested.
@@ -136,15 +125,10 @@ async fn checks_stop_when_the_instance_goes() {
 async fn checks_keep_running_when_the_rules_change() {
     // A rule change rebuilds every listener's routes, and the checker then looks at every
     // service: the loops it keeps must keep running.
-    let (zk, proxy) = proxy("").await;
     let a = Backend::http("a").await;
-    setup(&zk, &proxy, CHECKED, &[&a]).await;
+    let (routes, proxy) = setup(CHECKED, &[&a]).await;
     eventually("checks running", Duration::from_secs(5), || async { (a.health_checks() >= 2).then_some(()) }).await;
-    zk.put(
-        "/zkroute/rules/other",
-        r#"{"listener":"http","match":{"path_prefix":"/other"},"backends":[{"service":"s"}]}"#,
-    )
-    .await;
+    routes.rule("other", r#"{"listener":"http","match":{"path_prefix":"/other"},"backends":[{"service":"s"}]}"#);
     proxy.config_until("the second rule", |c| c["rules"]["other"]["in_force"].is_object()).await;
     let after = a.health_checks();
     eventually("checks after the rule change", Duration::from_secs(5), || async {
@@ -156,12 +140,9 @@ async fn checks_keep_running_when_the_rules_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_answering_5xx_is_ejected_and_returns_after_its_ejection() {
-    let (zk, proxy) = proxy("").await;
     let bad = Backend::http("bad").await;
     let good = Backend::http("good").await;
-    setup(
-        &zk,
-        &proxy,
+    let (_routes, proxy) = setup(
         r#"{"outlier":{"consecutive_failures":3,"base_ejection":"600ms","max_ejection_percent":50}}"#,
         &[&bad, &good],
     )
@@ -188,19 +169,13 @@ async fn an_instance_answering_5xx_is_ejected_and_returns_after_its_ejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_more_than_the_configured_share_is_ejected() {
-    let (zk, proxy) = proxy("").await;
     let backends: Vec<Backend> = futures_join(["a", "b", "c", "d"]).await;
     for b in &backends {
         b.state.force_status.store(503, std::sync::atomic::Ordering::SeqCst);
     }
     let refs: Vec<&Backend> = backends.iter().collect();
-    setup(
-        &zk,
-        &proxy,
-        r#"{"outlier":{"consecutive_failures":2,"base_ejection":"30s","max_ejection_percent":50}}"#,
-        &refs,
-    )
-    .await;
+    let (_routes, proxy) =
+        setup(r#"{"outlier":{"consecutive_failures":2,"base_ejection":"30s","max_ejection_percent":50}}"#, &refs).await;
     for _ in 0..10 {
         let _ = spread(&proxy, 20).await;
     }
@@ -220,12 +195,9 @@ async fn futures_join(names: [&str; 4]) -> Vec<Backend> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_mode_spreads_over_every_instance_and_disengages() {
-    let (zk, proxy) = proxy("").await;
     let backends = futures_join(["a", "b", "c", "d"]).await;
     let refs: Vec<&Backend> = backends.iter().collect();
-    setup(
-        &zk,
-        &proxy,
+    let (_routes, proxy) = setup(
         r#"{"panic_threshold_percent":50,"health_check":{"kind":"http","interval":"100ms","timeout":"500ms","healthy_threshold":1,"unhealthy_threshold":1}}"#,
         &refs,
     )
@@ -249,14 +221,13 @@ async fn panic_mode_spreads_over_every_instance_and_disengages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protect_from_empty_keeps_traffic_flowing_when_every_node_vanishes() {
     for protect in [true, false] {
-        let (zk, proxy) = proxy("").await;
         let a = Backend::http("a").await;
         let b = Backend::http("b").await;
-        setup(&zk, &proxy, &format!(r#"{{"protect_from_empty":{protect}}}"#), &[&a, &b]).await;
+        let (routes, proxy) = setup(&format!(r#"{{"protect_from_empty":{protect}}}"#), &[&a, &b]).await;
         assert_eq!(spread(&proxy, 10).await.values().sum::<usize>(), 10);
         // One by one, as a registry's expiring sessions delete them.
-        zk.delete("/zkroute/services/s/a").await;
-        zk.delete("/zkroute/services/s/b").await;
+        routes.remove_instance("s", "a");
+        routes.remove_instance("s", "b");
         if protect {
             let c = proxy.config_until("protected", |c| c["services"]["s"]["protected"] == true).await;
             assert_eq!(addresses(&c, "s").len(), 2, "the last instances are kept");
@@ -274,12 +245,9 @@ async fn protect_from_empty_keeps_traffic_flowing_when_every_node_vanishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_state_survives_delete_and_recreate_of_the_node() {
-    let (zk, proxy) = proxy("").await;
     let bad = Backend::http("bad").await;
     let good = Backend::http("good").await;
-    setup(
-        &zk,
-        &proxy,
+    let (routes, proxy) = setup(
         r#"{"outlier":{"consecutive_failures":2,"base_ejection":"60s","max_ejection_percent":50}}"#,
         &[&bad, &good],
     )
@@ -292,9 +260,9 @@ async fn health_state_survives_delete_and_recreate_of_the_node() {
     })
     .await;
     // Curator re-registers by deleting the node and creating it again, here under a new id.
-    zk.delete("/zkroute/services/s/bad").await;
+    routes.remove_instance("s", "bad");
     proxy.config_until("deleted", |c| addresses(c, "s").len() == 1).await;
-    zk.put("/zkroute/services/s/bad-again", &bad.addr.to_string()).await;
+    routes.instance("s", "bad-again", bad.addr);
     let c = proxy.config_until("re-created", |c| addresses(c, "s").len() == 2).await;
     let again = instance(&c, "bad-again");
     assert_eq!(again["health"]["state"], "ejected", "the ejection is kept");

@@ -1,37 +1,24 @@
 #![allow(clippy::unwrap_used)]
-//! The HTTP data plane end to end: real backends, a real ZooKeeper, a real client.
+//! The HTTP data plane end to end: real backends, a real client, routes from a static file (the
+//! documents ZooKeeper would hold; ZooKeeper itself is the subject of other test files).
 
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Response;
 use support::*;
-
-/// A zkroute with one HTTP listener following a fresh chroot.
-async fn proxy() -> (ZkClient, Proxy) {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
-    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
-    (zk, proxy)
-}
-
-async fn register(zk: &ZkClient, service: &str, id: &str, backend: &Backend) {
-    zk.put(&format!("/zkroute/services/{service}/{id}"), &backend.addr.to_string()).await;
-}
-
-async fn rule(zk: &ZkClient, id: &str, json: &str) {
-    zk.put(&format!("/zkroute/rules/{id}"), json).await;
-}
+use zkroute::discovery::{Update, instance_change, rule_change};
+use zkroute::routing::{Origin, RawNode, ServiceName, SourceKind};
 
 async fn call(proxy: &Proxy, host: &str, path: &str, headers: &[(&str, &str)]) -> Response<Bytes> {
     send(proxy.listener("http"), request("GET", host, path, headers, "")).await.unwrap()
 }
 
 /// Routes of the `http` listener in a `/config` document.
-fn routes(c: &serde_json::Value) -> usize {
+fn route_count(c: &serde_json::Value) -> usize {
     c["listeners"][0]["routes"].as_array().map_or(0, Vec::len)
 }
 
@@ -45,38 +32,30 @@ async fn until_answered_by(proxy: &Proxy, host: &str, path: &str, backend: &str)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_matcher_routes_to_its_backend() {
-    let (zk, proxy) = proxy().await;
+    let routes = Routes::new();
     let names = ["exact", "wild", "prefix", "method", "header", "default"];
     let mut backends = HashMap::new();
     for n in names {
         let b = Backend::http(n).await;
-        register(&zk, n, "1", &b).await;
+        routes.instance(n, "1", b.addr);
         backends.insert(n, b);
     }
-    rule(&zk, "exact", r#"{"listener":"http","match":{"host":"api.example.com"},"backends":[{"service":"exact"}]}"#)
-        .await;
-    rule(&zk, "wild", r#"{"listener":"http","match":{"host":"*.example.com"},"backends":[{"service":"wild"}]}"#).await;
-    rule(
-        &zk,
+    routes.rule("exact", r#"{"listener":"http","match":{"host":"api.example.com"},"backends":[{"service":"exact"}]}"#);
+    routes.rule("wild", r#"{"listener":"http","match":{"host":"*.example.com"},"backends":[{"service":"wild"}]}"#);
+    routes.rule(
         "prefix",
         r#"{"listener":"http","priority":5,"match":{"path_prefix":"/v2/"},"backends":[{"service":"prefix"}]}"#,
-    )
-    .await;
-    rule(
-        &zk,
+    );
+    routes.rule(
         "method",
         r#"{"listener":"http","priority":5,"match":{"method":"DELETE"},"backends":[{"service":"method"}]}"#,
-    )
-    .await;
-    rule(
-        &zk,
+    );
+    routes.rule(
         "header",
         r#"{"listener":"http","priority":9,"match":{"headers":{"x-canary":"true"}},"backends":[{"service":"header"}]}"#,
-    )
-    .await;
-    rule(&zk, "default", r#"{"listener":"http","priority":-10,"backends":[{"service":"default"}]}"#).await;
-    until_answered_by(&proxy, "other", "/", "default").await;
-    until_answered_by(&proxy, "a.example.com", "/", "wild").await;
+    );
+    routes.rule("default", r#"{"listener":"http","priority":-10,"backends":[{"service":"default"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
 
     assert_eq!(who(&call(&proxy, "API.Example.com:8080", "/x", &[]).await), "exact");
     assert_eq!(who(&call(&proxy, "deep.a.example.com", "/", &[]).await), "wild");
@@ -92,33 +71,32 @@ async fn each_matcher_routes_to_its_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equal_priorities_are_ordered_by_rule_id() {
-    let (zk, proxy) = proxy().await;
     let a = Backend::http("a").await;
     let b = Backend::http("b").await;
-    register(&zk, "a", "1", &a).await;
-    register(&zk, "b", "1", &b).await;
-    rule(&zk, "r-b", r#"{"listener":"http","priority":1,"backends":[{"service":"b"}]}"#).await;
-    rule(&zk, "r-a", r#"{"listener":"http","priority":1,"backends":[{"service":"a"}]}"#).await;
+    let routes = Routes::new();
+    routes.backends("a", &[&a]);
+    routes.backends("b", &[&b]);
+    routes.rule("r-b", r#"{"listener":"http","priority":1,"backends":[{"service":"b"}]}"#);
+    routes.rule("r-a", r#"{"listener":"http","priority":1,"backends":[{"service":"a"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     until_answered_by(&proxy, "h", "/", "a").await;
-    rule(&zk, "r-b", r#"{"listener":"http","priority":2,"backends":[{"service":"b"}]}"#).await;
+    routes.rule("r-b", r#"{"listener":"http","priority":2,"backends":[{"service":"b"}]}"#);
     until_answered_by(&proxy, "h", "/", "b").await;
     proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_90_10_split_holds_over_2000_requests() {
-    let (zk, proxy) = proxy().await;
     let main = Backend::http("main").await;
     let canary = Backend::http("canary").await;
-    register(&zk, "main", "1", &main).await;
-    register(&zk, "canary", "1", &canary).await;
-    rule(
-        &zk,
+    let routes = Routes::new();
+    routes.backends("main", &[&main]);
+    routes.backends("canary", &[&canary]);
+    routes.rule(
         "split",
         r#"{"listener":"http","backends":[{"service":"main","weight":90},{"service":"canary","weight":10}]}"#,
-    )
-    .await;
-    until_answered_by(&proxy, "h", "/", "main").await;
+    );
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let (m0, c0) = (main.requests(), canary.requests());
     let mut client = KeepAlive::connect(proxy.listener("http")).await;
     for _ in 0..2000 {
@@ -134,19 +112,19 @@ async fn a_90_10_split_holds_over_2000_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subsets_select_instances_by_metadata() {
-    let (zk, proxy) = proxy().await;
     let v1 = Backend::http("v1").await;
     let v2 = Backend::http("v2").await;
+    let routes = Routes::new();
     for (id, b, version) in [("1", &v1, "v1"), ("2", &v2, "v2")] {
         let doc = format!(
             r#"{{"name":"users","id":"{id}","address":"127.0.0.1","port":{},"payload":{{"metadata":{{"version":"{version}"}}}}}}"#,
             b.addr.port()
         );
-        zk.put(&format!("/zkroute/services/users/{id}"), &doc).await;
+        routes.instance("users", id, doc);
     }
-    rule(&zk, "canary", r#"{"listener":"http","priority":1,"match":{"headers":{"x-version":"2"}},"backends":[{"service":"users","subset":{"version":"v2"}}]}"#).await;
-    rule(&zk, "stable", r#"{"listener":"http","backends":[{"service":"users","subset":{"version":"v1"}}]}"#).await;
-    until_answered_by(&proxy, "h", "/", "v1").await;
+    routes.rule("canary", r#"{"listener":"http","priority":1,"match":{"headers":{"x-version":"2"}},"backends":[{"service":"users","subset":{"version":"v2"}}]}"#);
+    routes.rule("stable", r#"{"listener":"http","backends":[{"service":"users","subset":{"version":"v1"}}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     for _ in 0..20 {
         assert_eq!(who(&call(&proxy, "h", "/", &[]).await), "v1");
         assert_eq!(who(&call(&proxy, "h", "/", &[("x-version", "2")]).await), "v2");
@@ -156,13 +134,9 @@ async fn subsets_select_instances_by_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_prefers_the_less_loaded_instance() {
-    let (zk, proxy) = proxy().await;
     let slow = Backend::http("slow").await;
     let fast = Backend::http("fast").await;
-    register(&zk, "s", "slow", &slow).await;
-    register(&zk, "s", "fast", &fast).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "h", "/", "fast").await;
+    let (_routes, proxy) = Routes::serving("s", &[&slow, &fast]).await;
     // The slow instance holds each request 50ms, so requests pile up on it. A random or
     // round-robin choice would still send it half the requests; p2c sends new ones to the
     // instance with fewer in flight.
@@ -189,18 +163,15 @@ async fn p2c_prefers_the_less_loaded_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_a_key_on_its_instance_across_a_table_swap() {
-    let (zk, proxy) = proxy().await;
-    let backends = [Backend::http("a").await, Backend::http("b").await, Backend::http("c").await];
-    for (i, b) in backends.iter().enumerate() {
-        register(&zk, "s", &i.to_string(), b).await;
-    }
-    zk.put("/zkroute/policies/s", r#"{"lb":"ring_hash","hash_on":"header:x-user"}"#).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    proxy
-        .config_until("ring_hash and 3 instances", |c| {
-            c["services"]["s"]["policy"]["lb"].is_object() && addresses(c, "s").len() == 3 && routes(c) == 1
-        })
-        .await;
+    let (a, b, c) = (Backend::http("a").await, Backend::http("b").await, Backend::http("c").await);
+    let routes = Routes::new();
+    routes.backends("s", &[&a, &b, &c]);
+    routes.policy("s", r#"{"lb":"ring_hash","hash_on":"header:x-user"}"#);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let config = proxy.config().await;
+    assert!(config["services"]["s"]["policy"]["lb"].is_object());
+    assert_eq!((addresses(&config, "s").len(), route_count(&config)), (3, 1));
     let owner = |user: String| {
         let proxy = &proxy;
         async move { who(&call(proxy, "h", "/", &[("x-user", &user)]).await) }
@@ -216,8 +187,8 @@ async fn ring_hash_keeps_a_key_on_its_instance_across_a_table_swap() {
     // A swap that leaves the instances in place: a new rule, and a fourth instance.
     let v = proxy.metric("zkroute_table_version").await.unwrap();
     let d = Backend::http("d").await;
-    register(&zk, "s", "3", &d).await;
-    rule(&zk, "other", r#"{"listener":"http","match":{"path_prefix":"/other"},"backends":[{"service":"s"}]}"#).await;
+    routes.backends("s", &[&d]);
+    routes.rule("other", r#"{"listener":"http","match":{"path_prefix":"/other"},"backends":[{"service":"s"}]}"#);
     proxy.config_until("the swap", |c| addresses(c, "s").len() == 4 && c["version"].as_f64().unwrap() > v).await;
     for (k, o) in &before {
         let now = owner(format!("user-{k}")).await;
@@ -228,11 +199,12 @@ async fn ring_hash_keeps_a_key_on_its_instance_across_a_table_swap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_retried_on_another_instance() {
-    let (zk, proxy) = proxy().await;
     let live = Backend::http("live").await;
-    zk.put("/zkroute/services/s/dead", &refused_addr().to_string()).await;
-    register(&zk, "s", "live", &live).await;
-    rule(&zk, "r", r#"{"listener":"http","retries":1,"backends":[{"service":"s"}]}"#).await;
+    let routes = Routes::new();
+    routes.instance("s", "dead", refused_addr());
+    routes.backends("s", &[&live]);
+    routes.rule("r", r#"{"listener":"http","retries":1,"backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     until_answered_by(&proxy, "h", "/", "live").await;
     for _ in 0..50 {
         let r = send(proxy.listener("http"), request("POST", "h", "/", &[], "body")).await.unwrap();
@@ -245,13 +217,13 @@ async fn a_refused_connection_is_retried_on_another_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_that_reached_a_backend_is_not_retried() {
-    let (zk, proxy) = proxy().await;
     let a = RawBackend::start(Misbehave::Drop).await;
     let b = RawBackend::start(Misbehave::Drop).await;
-    zk.put("/zkroute/services/s/a", &a.addr.to_string()).await;
-    zk.put("/zkroute/services/s/b", &b.addr.to_string()).await;
-    rule(&zk, "r", r#"{"listener":"http","retries":3,"backends":[{"service":"s"}]}"#).await;
-    proxy.config_until("two instances", |c| routes(c) == 1 && addresses(c, "s").len() == 2).await;
+    let routes = Routes::new();
+    routes.instance("s", "a", a.addr);
+    routes.instance("s", "b", b.addr);
+    routes.rule("r", r#"{"listener":"http","retries":3,"backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let r = send(proxy.listener("http"), request("POST", "h", "/", &[], "once")).await.unwrap();
     assert_eq!(r.status(), 502);
     assert_eq!(who(&r), "error:upstream_reset");
@@ -271,11 +243,11 @@ async fn a_post_that_reached_a_backend_is_not_retried() {
 async fn a_status_line_without_a_reason_is_relayed() {
     // "HTTP/1.1 200" with no reason phrase (and no space) is common enough; it once made the
     // proxy slice outside its buffer.
-    let (zk, proxy) = proxy().await;
     let bare = RawBackend::start(Misbehave::Answer(b"HTTP/1.1 200\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok")).await;
-    zk.put("/zkroute/services/s/a", &bare.addr.to_string()).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    proxy.config_until("the instance", |c| routes(c) == 1 && addresses(c, "s").len() == 1).await;
+    let routes = Routes::new();
+    routes.instance("s", "a", bare.addr);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     for _ in 0..2 {
         let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
         assert_eq!(r.status(), 200);
@@ -287,18 +259,18 @@ async fn a_status_line_without_a_reason_is_relayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_more_attempts_than_retries_plus_one() {
-    let (zk, proxy) = proxy().await;
     let backends = [
         RawBackend::start(Misbehave::Drop).await,
         RawBackend::start(Misbehave::Drop).await,
         RawBackend::start(Misbehave::Drop).await,
         RawBackend::start(Misbehave::Drop).await,
     ];
-    rule(&zk, "r", r#"{"listener":"http","retries":2,"backends":[{"service":"s"}]}"#).await;
+    let routes = Routes::new();
+    routes.rule("r", r#"{"listener":"http","retries":2,"backends":[{"service":"s"}]}"#);
     for (i, b) in backends.iter().enumerate() {
-        zk.put(&format!("/zkroute/services/s/{i}"), &b.addr.to_string()).await;
+        routes.instance("s", &i.to_string(), b.addr);
     }
-    proxy.config_until("four instances", |c| routes(c) == 1 && addresses(c, "s").len() == 4).await;
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let count = || backends.iter().map(|b| b.requests.load(std::sync::atomic::Ordering::SeqCst)).sum::<usize>();
     for n in 1..=5 {
         let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
@@ -310,10 +282,8 @@ async fn never_more_attempts_than_retries_plus_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_across_table_swaps() {
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
+    let (routes, proxy) = Routes::serving("s", &[&b]).await;
     until_answered_by(&proxy, "h", "/", "b").await;
     let mut client = KeepAlive::connect(proxy.listener("http")).await;
     let c0 = b.connections();
@@ -321,8 +291,7 @@ async fn upstream_connections_are_reused_across_table_swaps() {
         if i == 50 {
             // A swap that keeps the instance: its pool stays.
             let v = proxy.metric("zkroute_table_version").await.unwrap();
-            rule(&zk, "other", r#"{"listener":"http","match":{"path_prefix":"/o"},"backends":[{"service":"s"}]}"#)
-                .await;
+            routes.rule("other", r#"{"listener":"http","match":{"path_prefix":"/o"},"backends":[{"service":"s"}]}"#);
             proxy.config_until("the swap", |c| c["version"].as_f64().unwrap() > v).await;
         }
         assert_eq!(client.send(request("GET", "h", "/", &[], "")).await.unwrap().status(), 200);
@@ -333,10 +302,8 @@ async fn upstream_connections_are_reused_across_table_swaps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_on_the_table_it_started_on() {
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
+    let (routes, proxy) = Routes::serving("s", &[&b]).await;
     until_answered_by(&proxy, "h", "/", "b").await;
     let addr = proxy.listener("http");
     let slow = tokio::spawn(async move { send(addr, request("GET", "h", "/?sleep_ms=1000", &[], "")).await });
@@ -345,9 +312,9 @@ async fn a_request_in_flight_finishes_on_the_table_it_started_on() {
     })
     .await;
     // Remove the instance and the rule: the new table has no route at all.
-    zk.delete("/zkroute/services/s/1").await;
-    zk.delete("/zkroute/rules/r").await;
-    proxy.config_until("the swap", |c| routes(c) == 0).await;
+    routes.remove_instance("s", "b");
+    routes.remove_rule("r");
+    proxy.config_until("the swap", |c| route_count(c) == 0).await;
     assert_eq!(call(&proxy, "h", "/", &[]).await.status(), 404, "new requests see the new table");
     let r = slow.await.unwrap().unwrap();
     assert_eq!((r.status(), who(&r)), (http::StatusCode::OK, "b".to_owned()), "the request in flight finished");
@@ -356,20 +323,19 @@ async fn a_request_in_flight_finishes_on_the_table_it_started_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_answer_has_its_status_and_reason() {
-    let (zk, proxy) = proxy().await;
     let slow = Backend::http("slow").await;
-    register(&zk, "slow", "1", &slow).await;
-    zk.put("/zkroute/services/dead/1", &refused_addr().to_string()).await;
-    rule(&zk, "empty", r#"{"listener":"http","match":{"path_prefix":"/empty"},"backends":[{"service":"nobody"}]}"#)
-        .await;
-    rule(
-        &zk,
+    let routes = Routes::new();
+    routes.backends("slow", &[&slow]);
+    routes.instance("dead", "1", refused_addr());
+    routes.rule("empty", r#"{"listener":"http","match":{"path_prefix":"/empty"},"backends":[{"service":"nobody"}]}"#);
+    routes.rule(
         "dead",
         r#"{"listener":"http","match":{"path_prefix":"/dead"},"retries":0,"backends":[{"service":"dead"}]}"#,
-    )
-    .await;
-    rule(&zk, "slow", r#"{"listener":"http","match":{"path_prefix":"/slow"},"timeout":"200ms","retries":0,"backends":[{"service":"slow"}]}"#).await;
-    proxy.config_until("three rules", |c| routes(c) == 3 && addresses(c, "dead").len() == 1).await;
+    );
+    routes.rule("slow", r#"{"listener":"http","match":{"path_prefix":"/slow"},"timeout":"200ms","retries":0,"backends":[{"service":"slow"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let config = proxy.config().await;
+    assert_eq!((route_count(&config), addresses(&config, "dead").len()), (3, 1));
     let cases = [
         ("/nothing", 404, "no_route"),
         ("/empty", 503, "no_healthy_upstream"),
@@ -415,11 +381,8 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_added_removed_and_host_is_kept() {
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "users.internal", "/", "b").await;
+    let (_routes, proxy) = Routes::serving("s", &[&b]).await;
     let r = call(
         &proxy,
         "users.internal:15001",
@@ -446,11 +409,8 @@ async fn headers_are_added_removed_and_host_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_of_every_framing_pass_through() {
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "h", "/", "b").await;
+    let (_routes, proxy) = Routes::serving("s", &[&b]).await;
     let mut client = KeepAlive::connect(proxy.listener("http")).await;
     for size in [0usize, 1, 100, 16 * 1024, 16 * 1024 + 1, 1024 * 1024 + 7] {
         let body: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
@@ -477,11 +437,11 @@ async fn bodies_of_every_framing_pass_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_requests_go_through() {
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","match":{"path_prefix":"/api"},"backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "h", "/api", "b").await;
+    let routes = Routes::new();
+    routes.backends("s", &[&b]);
+    routes.rule("r", r#"{"listener":"http","match":{"path_prefix":"/api"},"backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let stream = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -520,11 +480,8 @@ async fn h2c_requests_go_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_upgrade_echoes_end_to_end() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (zk, proxy) = proxy().await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "1", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "h", "/", "b").await;
+    let (_routes, proxy) = Routes::serving("s", &[&b]).await;
     let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
     let mut head = Vec::new();
@@ -548,11 +505,11 @@ async fn a_websocket_upgrade_echoes_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_the_upstream_request() {
     use tokio::io::AsyncWriteExt;
-    let (zk, proxy) = proxy().await;
     let hold = RawBackend::start(Misbehave::Hold).await;
-    zk.put("/zkroute/services/s/1", &hold.addr.to_string()).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    proxy.config_until("the rule and the instance", |c| routes(c) == 1 && addresses(c, "s").len() == 1).await;
+    let routes = Routes::new();
+    routes.instance("s", "1", hold.addr);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
     eventually("the request reached the backend", Duration::from_secs(5), || async {
@@ -569,13 +526,9 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_table_swaps_fails_no_request() {
-    let (zk, proxy) = proxy().await;
     let a = Backend::http("a").await;
     let b = Backend::http("b").await;
-    register(&zk, "s", "a", &a).await;
-    register(&zk, "s", "b", &b).await;
-    rule(&zk, "r", r#"{"listener":"http","backends":[{"service":"s"}]}"#).await;
-    until_answered_by(&proxy, "h", "/", "a").await;
+    let (routes, proxy) = Routes::serving("s", &[&a, &b]).await;
     let updates_before = proxy.metric("zkroute_table_updates_total").await.unwrap();
 
     let addr = proxy.listener("http");
@@ -598,40 +551,30 @@ async fn a_flood_of_table_swaps_fails_no_request() {
     }
     // One change per millisecond for two seconds: an unrelated rule changes, and a third
     // (draining) instance changes; every change is a new table for the same two live instances.
-    // Writes are pipelined (the client sends each at once), so the flood does not wait on
-    // ZooKeeper's round trips.
-    rule(&zk, "other", r#"{"listener":"http","match":{"path_prefix":"/x"},"backends":[{"service":"s"}]}"#).await;
-    zk.put(
-        "/zkroute/services/s/drain",
-        &format!(r#"{{"address":"127.0.0.1","port":{},"enabled":false}}"#, a.addr.port()),
-    )
-    .await;
-    let started = std::time::Instant::now();
+    // The file source looks at its file every 200 ms, so the flood goes to the control loop
+    // directly, one change at a time as ZooKeeper's watches deliver them.
+    routes.rule("other", r#"{"listener":"http","match":{"path_prefix":"/x"},"backends":[{"service":"s"}]}"#);
+    routes.instance("s", "drain", format!(r#"{{"address":"127.0.0.1","port":{},"enabled":false}}"#, a.addr.port()));
+    proxy.config_until("the other rule and the draining instance", |c| routes.shown_in(c)).await;
+    let started = Instant::now();
     let mut n = 0u32;
-    let mut writes = Vec::new();
     let tick = tokio::time::interval(Duration::from_millis(1));
     tokio::pin!(tick);
     while started.elapsed() < Duration::from_secs(2) {
         tick.as_mut().tick().await;
-        let (path, data) = if n % 2 == 0 {
-            (
-                "/zkroute/rules/other",
-                format!(r#"{{"listener":"http","match":{{"path_prefix":"/x{n}"}},"backends":[{{"service":"s"}}]}}"#),
-            )
+        let change = if n % 2 == 0 {
+            let rule =
+                format!(r#"{{"listener":"http","match":{{"path_prefix":"/x{n}"}},"backends":[{{"service":"s"}}]}}"#);
+            rule_change("other", Some(node("rules.other", rule)))
         } else {
-            (
-                "/zkroute/services/s/drain",
-                format!(
-                    r#"{{"address":"127.0.0.1","port":{},"enabled":false,"payload":{{"weight":{n}}}}}"#,
-                    a.addr.port()
-                ),
-            )
+            let drain = format!(
+                r#"{{"address":"127.0.0.1","port":{},"enabled":false,"payload":{{"weight":{n}}}}}"#,
+                a.addr.port()
+            );
+            instance_change(ServiceName::new("s"), "drain", Some(node("services.s.drain", drain)))
         };
-        writes.push(zk.0.set_data(path, data.as_bytes(), None));
+        assert!(proxy.app.updates.send(Update::new(vec![change], Some(Instant::now()))), "the control loop runs");
         n += 1;
-    }
-    for w in writes {
-        w.await.unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
@@ -645,4 +588,11 @@ async fn a_flood_of_table_swaps_fails_no_request() {
     assert!(n > 1000, "changes written: {n}");
     assert!(swaps > 50.0, "the table was swapped many times: {swaps}");
     proxy.stop().await;
+}
+
+/// A node of the routes file as the file source passes it on.
+fn node(key: &str, data: String) -> RawNode {
+    let origin =
+        Origin { source: SourceKind::File, path: format!("routes.toml#{key}").into(), mzxid: None, version: None };
+    RawNode { origin, data: data.into_bytes() }
 }

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
-//! SIGTERM on the real binary: drain in-flight work, refuse new connections, exit 0.
+//! SIGTERM on the real binary: drain in-flight work, refuse new connections, exit 0. Routes come
+//! from a static file.
 
 mod support;
 
@@ -23,13 +24,12 @@ async fn relayed_tcp(bin: &Binary) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero() {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
     let web = Backend::http("web").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
-    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
-    let mut bin = Binary::start(&chroot, "10s").await;
+    let routes = Routes::new();
+    routes.instance("web", "1", web.addr);
+    routes.instance("echo", "1", echo.addr);
+    let mut bin = Binary::start(&routes, "10s").await;
     eventually("both services in the table", Duration::from_secs(10), || async {
         let c: serde_json::Value = serde_json::from_slice(get(bin.admin, "/config").await.ok()?.body()).ok()?;
         (addresses(&c, "web").len() == 1 && addresses(&c, "echo").len() == 1).then_some(())
@@ -84,11 +84,10 @@ async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_still_open_at_the_drain_timeout_is_closed_and_the_exit_is_zero() {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
-    let mut bin = Binary::start(&chroot, "1s").await;
+    let routes = Routes::new();
+    routes.instance("echo", "1", echo.addr);
+    let mut bin = Binary::start(&routes, "1s").await;
     let mut tcp = relayed_tcp(&bin).await;
     let started = Instant::now();
     bin.sigterm();
@@ -102,11 +101,10 @@ async fn work_still_open_at_the_drain_timeout_is_closed_and_the_exit_is_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_shutdown_delay_listeners_keep_accepting_after_deregistration() {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
     let web = Backend::http("web").await;
-    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
-    let mut bin = Binary::start_with(&chroot, "5s", "", &["--proxy-shutdown-delay", "1500ms"]).await;
+    let routes = Routes::new();
+    routes.instance("web", "1", web.addr);
+    let mut bin = Binary::start_with(&routes, "5s", "", &["--proxy-shutdown-delay", "1500ms"]).await;
     eventually("the web route", Duration::from_secs(10), || async {
         (send(bin.http, request("GET", "h", "/", &[], "")).await.ok()?.status() == 200).then_some(())
     })
@@ -131,11 +129,10 @@ async fn with_a_shutdown_delay_listeners_keep_accepting_after_deregistration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_drains_like_sigterm() {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
-    let mut bin = Binary::start(&chroot, "10s").await;
+    let routes = Routes::new();
+    routes.instance("echo", "1", echo.addr);
+    let mut bin = Binary::start(&routes, "10s").await;
     let mut tcp = relayed_tcp(&bin).await;
     bin.signal("INT");
     eventually("/ready turns 503", Duration::from_secs(5), || async {

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
-//! TCP listeners and port-per-service listeners end to end.
+//! TCP listeners and port-per-service listeners end to end, with routes from a static file (the
+//! documents ZooKeeper would hold).
 
 mod support;
 
@@ -12,19 +13,13 @@ use tokio::net::TcpStream;
 const TCP_LISTENER: &str =
     "[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n";
 
-async fn proxy(extra: &str) -> (ZkClient, Proxy) {
-    let chroot = Zk::shared().chroot();
-    let zk = chroot.client().await;
-    let proxy = Proxy::with_zk(&chroot, &format!("{TCP_LISTENER}{extra}")).await;
-    (zk, proxy)
-}
-
-/// A proxy whose `db` service has one instance, at `instance`.
-async fn proxy_to(extra: &str, instance: std::net::SocketAddr) -> (ZkClient, Proxy) {
-    let (zk, proxy) = proxy(extra).await;
-    zk.put("/zkroute/services/db/1", &instance.to_string()).await;
-    until_instances(&proxy, "db", 1).await;
-    (zk, proxy)
+/// A proxy with listener `db` for service `db`, whose one instance is at `instance`, and `extra`
+/// TOML; once its table holds the instance.
+async fn proxy_to(extra: &str, instance: std::net::SocketAddr) -> (Routes, Proxy) {
+    let routes = Routes::new();
+    routes.instance("db", "1", instance);
+    let proxy = routes.proxy(&format!("{TCP_LISTENER}{extra}")).await;
+    (routes, proxy)
 }
 
 async fn until_instances(proxy: &Proxy, service: &str, n: usize) {
@@ -43,7 +38,7 @@ async fn echo_once(addr: std::net::SocketAddr, msg: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_echo_round_trip_goes_through() {
     let echo = TcpServer::echo().await;
-    let (_zk, proxy) = proxy_to("", echo.addr).await;
+    let (_routes, proxy) = proxy_to("", echo.addr).await;
     assert_eq!(echo_once(proxy.listener("db"), b"hello through the proxy").await, b"hello through the proxy");
     let rx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="rx",listener="db"}"#).await.unwrap();
     let tx = proxy.metric(r#"zkroute_tcp_bytes_total{direction="tx",listener="db"}"#).await.unwrap();
@@ -85,7 +80,7 @@ const RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_transfer_arrives_intact() {
     let sink = TcpServer::checksum().await;
-    let (_zk, proxy) = proxy_to("", sink.addr).await;
+    let (_routes, proxy) = proxy_to("", sink.addr).await;
     // Meanwhile, the memory the relay's buffers grew into for the bulk stream, at its most.
     let admin = proxy.admin();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -119,7 +114,7 @@ async fn a_256_mib_transfer_arrives_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_relay_memory_a_bulk_transfer_moves_through_small_buffers() {
     let sink = TcpServer::checksum().await;
-    let (_zk, proxy) = proxy_to("[proxy]\ntcp_relay_memory = 0\n", sink.addr).await;
+    let (_routes, proxy) = proxy_to("[proxy]\ntcp_relay_memory = 0\n", sink.addr).await;
     let (sent, got) = send_checksummed(proxy.listener("db"), 32).await;
     assert_eq!(got, sent);
     assert_eq!(sent.len, 32 << 20);
@@ -131,7 +126,7 @@ async fn with_no_relay_memory_a_bulk_transfer_moves_through_small_buffers() {
 async fn a_half_closed_client_still_receives_the_rest() {
     // The server answers only after it has seen the client's EOF.
     let sink = TcpServer::checksum().await;
-    let (_zk, proxy) = proxy_to("", sink.addr).await;
+    let (_routes, proxy) = proxy_to("", sink.addr).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     s.write_all(b"abc").await.unwrap();
     s.shutdown().await.unwrap();
@@ -144,12 +139,12 @@ async fn a_half_closed_client_still_receives_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_fails_over_to_another_instance() {
-    let (zk, proxy) = proxy("").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/policies/db", r#"{"retries":1}"#).await;
-    zk.put("/zkroute/services/db/dead", &refused_addr().to_string()).await;
-    zk.put("/zkroute/services/db/live", &echo.addr.to_string()).await;
-    until_instances(&proxy, "db", 2).await;
+    let routes = Routes::new();
+    routes.policy("db", r#"{"retries":1}"#);
+    routes.instance("db", "dead", refused_addr());
+    routes.instance("db", "live", echo.addr);
+    let proxy = routes.proxy(TCP_LISTENER).await;
     for i in 0..20 {
         let msg = format!("message {i}");
         assert_eq!(echo_once(proxy.listener("db"), msg.as_bytes()).await, msg.as_bytes());
@@ -160,13 +155,13 @@ async fn a_refused_connect_fails_over_to_another_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_on_the_source_address_keeps_each_client_on_one_instance() {
-    let (zk, proxy) = proxy("").await;
     let servers = [TcpServer::echo().await, TcpServer::echo().await, TcpServer::echo().await];
-    zk.put("/zkroute/policies/db", r#"{"lb":"ring_hash","hash_on":"source_ip"}"#).await;
+    let routes = Routes::new();
+    routes.policy("db", r#"{"lb":"ring_hash","hash_on":"source_ip"}"#);
     for (i, s) in servers.iter().enumerate() {
-        zk.put(&format!("/zkroute/services/db/{i}"), &s.addr.to_string()).await;
+        routes.instance("db", &i.to_string(), s.addr);
     }
-    until_instances(&proxy, "db", 3).await;
+    let proxy = routes.proxy(TCP_LISTENER).await;
     let counts = || servers.iter().map(|s| s.connections.load(std::sync::atomic::Ordering::SeqCst)).collect::<Vec<_>>();
     let mut owners = std::collections::BTreeSet::new();
     // Every address in 127.0.0.0/8 is this host's: eight clients with their own source address.
@@ -196,9 +191,9 @@ async fn ring_hash_on_the_source_address_keeps_each_client_on_one_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
-    let (zk, proxy) = proxy("").await;
-    zk.put("/zkroute/services/db/dead", &refused_addr().to_string()).await;
-    until_instances(&proxy, "db", 1).await;
+    let routes = Routes::new();
+    routes.instance("db", "dead", refused_addr());
+    let proxy = routes.proxy(TCP_LISTENER).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut buf = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
@@ -209,7 +204,7 @@ async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
     assert_eq!(proxy.metric(r#"zkroute_upstream_connect_errors_total{service="db"}"#).await, Some(1.0));
 
     // With no instance at all, the connection is closed at once too, for another reason.
-    zk.delete("/zkroute/services/db/dead").await;
+    routes.remove_instance("db", "dead");
     until_instances(&proxy, "db", 0).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap_or(0);
@@ -222,7 +217,7 @@ async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let echo = TcpServer::echo().await;
-    let (_zk, proxy) = proxy_to("[proxy]\ntcp_idle_timeout = \"400ms\"\n", echo.addr).await;
+    let (_routes, proxy) = proxy_to("[proxy]\ntcp_idle_timeout = \"400ms\"\n", echo.addr).await;
     let mut busy = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut idle = TcpStream::connect(proxy.listener("db")).await.unwrap();
     idle.write_all(b"x").await.unwrap();
@@ -248,12 +243,12 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_instance_does_not_cut_its_open_connections() {
     let echo = TcpServer::echo().await;
-    let (zk, proxy) = proxy_to("", echo.addr).await;
+    let (routes, proxy) = proxy_to("", echo.addr).await;
     let mut s = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut buf = [0u8; 5];
     s.write_all(b"first").await.unwrap();
     s.read_exact(&mut buf).await.unwrap();
-    zk.delete("/zkroute/services/db/1").await;
+    routes.remove_instance("db", "1");
     until_instances(&proxy, "db", 0).await;
     s.write_all(b"later").await.unwrap();
     s.read_exact(&mut buf).await.unwrap();
@@ -267,10 +262,12 @@ async fn removing_an_instance_does_not_cut_its_open_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_listener_with_a_service_needs_no_rule() {
-    let (zk, proxy) = proxy("[[listener]]\nname = \"users\"\nbind = \"127.0.0.1:0\"\nservice = \"users\"\n").await;
     let b = Backend::http("users-1").await;
-    zk.put("/zkroute/services/users/1", &b.addr.to_string()).await;
-    until_instances(&proxy, "users", 1).await;
+    let routes = Routes::new();
+    routes.instance("users", "1", b.addr);
+    let proxy = routes
+        .proxy(&format!("{TCP_LISTENER}[[listener]]\nname = \"users\"\nbind = \"127.0.0.1:0\"\nservice = \"users\"\n"))
+        .await;
     let r = send(proxy.listener("users"), request("GET", "anything", "/any/path", &[], "")).await.unwrap();
     assert_eq!(who(&r), "users-1");
     proxy.stop().await;
@@ -296,7 +293,7 @@ fn congestion_shown(filter: &str) -> Vec<String> {
 /// listener accepted and the one to the instance.
 async fn relayed_congestion(extra: &str) -> (Vec<String>, Vec<String>) {
     let echo = TcpServer::echo().await;
-    let (_zk, proxy) = proxy_to(extra, echo.addr).await;
+    let (_routes, proxy) = proxy_to(extra, echo.addr).await;
     let mut client = TcpStream::connect(proxy.listener("db")).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
