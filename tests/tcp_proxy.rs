@@ -217,15 +217,16 @@ async fn a_client_is_closed_at_once_when_no_instance_can_be_reached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let echo = TcpServer::echo().await;
-    let (_routes, proxy) = proxy_to("[proxy]\ntcp_idle_timeout = \"400ms\"\n", echo.addr).await;
+    let (_routes, proxy) = proxy_to("[proxy]\ntcp_idle_timeout = \"1s\"\n", echo.addr).await;
     let mut busy = TcpStream::connect(proxy.listener("db")).await.unwrap();
     let mut idle = TcpStream::connect(proxy.listener("db")).await.unwrap();
     idle.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     idle.read_exact(&mut one).await.unwrap();
     let started = std::time::Instant::now();
-    // Keep `busy` talking every 100ms for 1.2s, three idle timeouts.
-    for _ in 0..12 {
+    // Keep `busy` talking every 100ms for three idle timeouts. The timeout is ten times the pause,
+    // so that a loaded machine stretching a pause does not make `busy` idle.
+    while started.elapsed() < Duration::from_secs(3) {
         busy.write_all(b"y").await.unwrap();
         busy.read_exact(&mut one).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -233,7 +234,7 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await.unwrap();
     assert!(matches!(n, Ok(0) | Err(_)), "the idle connection was closed");
-    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(started.elapsed() >= Duration::from_secs(1));
     busy.write_all(b"z").await.unwrap();
     busy.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"z", "the busy connection lives on");
