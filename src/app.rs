@@ -18,7 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
-use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
+use crate::discovery::zk::{Paths, ZkSettings, ZkSource, ZkStatus, ZkStatusHandle};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
 use crate::health::checker::Checker;
@@ -98,6 +98,9 @@ impl App {
             Box::new(move |t: &Arc<RoutingTable>, d: &Delta| checker.reconcile(t, d)),
             Box::new(move |t: &Arc<RoutingTable>, d: &Delta| gauges.update(t, d)),
         ];
+        let follows_zk = config.static_file.is_none() && !config.listeners.is_empty();
+        let zk_status = follows_zk.then(|| ZkStatus::handle(&config.zookeeper.connect));
+        on_publish.push(discovery::empty_registry_alarm(metrics.clone(), zk_status.clone()));
         let snapshot = config.zookeeper.snapshot.clone().filter(|_| config.static_file.is_none());
         if let Some(path) = &snapshot {
             let writer = snapshot::Writer::start(path.clone());
@@ -111,7 +114,7 @@ impl App {
         }
         let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
         tasks.push(tokio::spawn(control.run(update_rx)));
-        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
+        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), zk_status.clone(), shutdown.clone())?);
         let p = &config.proxy;
         let pools = Pools::new(PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 });
         tasks.push(pools.spawn_sweeper());
@@ -185,12 +188,16 @@ impl App {
             config_endpoint: config.admin.config_endpoint,
             draining: draining.clone(),
             binds: Arc::new(binds),
-            extra: Arc::new(move || match &reg_status {
-                Some(s) => {
-                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
-                    vec![("registrations", serde_json::to_value(status).unwrap_or_default())]
+            extra: Arc::new(move || {
+                let mut extra = Vec::new();
+                if let Some(s) = zk_status.as_ref().and_then(|s| s.lock().ok()) {
+                    extra.push(("zookeeper", serde_json::to_value(&*s).unwrap_or_default()));
                 }
-                None => Vec::new(),
+                if let Some(s) = &reg_status {
+                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
+                    extra.push(("registrations", serde_json::to_value(status).unwrap_or_default()));
+                }
+                extra
             }),
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
@@ -287,6 +294,7 @@ fn spawn_source(
     config: &Config,
     updates: UpdateSender,
     metrics: Arc<Metrics>,
+    status: Option<ZkStatusHandle>,
     shutdown: Shutdown,
 ) -> anyhow::Result<JoinHandle<()>> {
     if config.listeners.is_empty() && config.static_file.is_none() {
@@ -304,7 +312,8 @@ fn spawn_source(
         let source = FileSource { path: s.file.clone(), updates };
         return Ok(tokio::spawn(source.run(shutdown)));
     }
-    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics }.run(shutdown)))
+    let status = status.unwrap_or_else(|| ZkStatus::handle(&config.zookeeper.connect));
+    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics, status }.run(shutdown)))
 }
 
 /// How to reach ZooKeeper, from the configuration.

@@ -381,7 +381,7 @@ async fn route(
         Arc::new(StateRegistry::new(Duration::from_secs(1))),
         Arc::new(Metrics::new(false)),
     );
-    builder.apply(Change::Resync(resync));
+    builder.apply(Change::Resync(resync.resync));
     let (table, _) = builder.build();
     let routes = table
         .listener_by_name(listener)

@@ -176,11 +176,18 @@ impl Writer {
         Writer { tx }
     }
 
-    /// Takes a newly published table (tables loaded from the snapshot itself are not written).
+    /// Takes a newly published table. Tables loaded from the snapshot itself are not written,
+    /// nor tables without a registered instance: an emptied registry must not replace the last
+    /// good snapshot.
     pub fn offer(&self, table: &Arc<RoutingTable>) {
-        if table.source != SourceKind::Snapshot {
-            self.tx.send_replace(Some(table.clone()));
+        if table.source == SourceKind::Snapshot {
+            return;
         }
+        if crate::discovery::registered_instances(table) == 0 {
+            debug!(version = table.version, "not writing a table without instances over the snapshot");
+            return;
+        }
+        self.tx.send_replace(Some(table.clone()));
     }
 }
 
