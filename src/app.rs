@@ -178,7 +178,8 @@ impl App {
         let registrations = if config.registrations.is_empty() {
             None
         } else {
-            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone()))
+            let owner = crate::register::owner_token(config.zookeeper.snapshot.as_deref());
+            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone(), owner))
         };
         let reg_status = registrations.as_ref().map(Registrations::status_handle);
         let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();

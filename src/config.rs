@@ -229,6 +229,14 @@ pub struct RegisterConfig {
     pub health_check: Option<RegisterCheck>,
     #[serde(default)]
     pub payload: RegisterPayload,
+    /// On deregistration, how long the node stays marked `"enabled": false` (draining) before it
+    /// is deleted, so that other sidecars stop sending to it first.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: HumanDuration,
+}
+
+fn default_drain_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
 }
 
 #[derive(Deserialize, Debug, Clone)]
