@@ -108,6 +108,7 @@ impl App {
             tasks.push(tokio::spawn(serve_snapshot_if_late(
                 path.clone(),
                 config.zookeeper.startup_timeout.0,
+                config.zookeeper.snapshot_max_age.0,
                 routes.clone(),
                 updates.clone(),
             )));
@@ -257,13 +258,14 @@ impl App {
 async fn serve_snapshot_if_late(
     path: std::path::PathBuf,
     wait: Duration,
+    max_age: Duration,
     mut routes: RouteReader,
     updates: UpdateSender,
 ) {
     if tokio::time::timeout(wait, routes.wait_for_version(1)).await.is_ok() {
         return;
     }
-    let loaded = tokio::task::spawn_blocking(move || snapshot::load(&path).map(|r| (r, path))).await;
+    let loaded = tokio::task::spawn_blocking(move || snapshot::load(&path, max_age).map(|r| (r, path))).await;
     if let Ok(Some(((resync, version), path))) = loaded {
         tracing::warn!(
             snapshot = %path.display(),

@@ -230,3 +230,42 @@ async fn a_drop_during_the_full_read_after_an_expiry_re_adds_the_watches() {
     has_address(&proxy, "web", "10.9.9.9:80", "a change made after the drop").await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_registry_raises_the_alarm_and_keeps_the_last_good_snapshot() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    zk.put("/zkroute/services/web/a", "10.0.0.1:80").await;
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snapshot.json");
+    let proxy = Proxy::start(&format!(
+        "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\nsnapshot = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{HTTP_LISTENER}",
+        chroot.connect,
+        snap.display()
+    ))
+    .await;
+    eventually("the snapshot written", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&snap).ok()?.contains("10.0.0.1:80").then_some(())
+    })
+    .await;
+    assert_eq!(proxy.metric("zkroute_services_empty").await, Some(0.0));
+
+    // The whole services tree goes.
+    zk.delete("/zkroute/services/web/a").await;
+    zk.delete("/zkroute/services/web").await;
+    zk.delete("/zkroute/services").await;
+    eventually("the alarm", Duration::from_secs(10), || async {
+        (proxy.metric("zkroute_services_empty").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.config().await["zookeeper"]["services_empty"], true);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the writer's 1 s: nothing is written
+    assert!(std::fs::read_to_string(&snap).unwrap().contains("10.0.0.1:80"), "the last good snapshot stays");
+
+    zk.put("/zkroute/services/web/b", "10.0.0.2:80").await;
+    eventually("the alarm cleared", Duration::from_secs(10), || async {
+        (proxy.metric("zkroute_services_empty").await == Some(0.0)).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}

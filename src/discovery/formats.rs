@@ -31,6 +31,17 @@ pub fn parse_instance(data: &[u8]) -> Result<Instance, String> {
     plain(text)
 }
 
+/// Checks an instance that did not come through [`parse_instance`] (a snapshot's) as that would.
+pub fn validate(i: &Instance) -> Result<(), String> {
+    if i.weight > MAX_WEIGHT {
+        return Err(format!("weight: {} is above {MAX_WEIGHT}", i.weight));
+    }
+    for addr in std::iter::once(&i.addr).chain(i.named.values()) {
+        addr.to_string().parse::<Addr>().map_err(|e| format!("address: {e}"))?;
+    }
+    Ok(())
+}
+
 fn plain(text: &str) -> Result<Instance, String> {
     let addr_text = text.strip_prefix("ip=").unwrap_or(text);
     let addr = addr_text.parse::<Addr>().map_err(|e| format!("plain instance: {e}"))?;
