@@ -18,7 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
-use crate::discovery::zk::{Paths, ZkSettings, ZkSource};
+use crate::discovery::zk::{Paths, ZkSettings, ZkSource, ZkStatus, ZkStatusHandle};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
 use crate::health::checker::Checker;
@@ -98,6 +98,9 @@ impl App {
             Box::new(move |t: &Arc<RoutingTable>, d: &Delta| checker.reconcile(t, d)),
             Box::new(move |t: &Arc<RoutingTable>, d: &Delta| gauges.update(t, d)),
         ];
+        let follows_zk = config.static_file.is_none() && !config.listeners.is_empty();
+        let zk_status = follows_zk.then(|| ZkStatus::handle(&config.zookeeper.connect));
+        on_publish.push(discovery::empty_registry_alarm(metrics.clone(), zk_status.clone()));
         let snapshot = config.zookeeper.snapshot.clone().filter(|_| config.static_file.is_none());
         if let Some(path) = &snapshot {
             let writer = snapshot::Writer::start(path.clone());
@@ -105,13 +108,14 @@ impl App {
             tasks.push(tokio::spawn(serve_snapshot_if_late(
                 path.clone(),
                 config.zookeeper.startup_timeout.0,
+                config.zookeeper.snapshot_max_age.0,
                 routes.clone(),
                 updates.clone(),
             )));
         }
         let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
         tasks.push(tokio::spawn(control.run(update_rx)));
-        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
+        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), zk_status.clone(), shutdown.clone())?);
         let p = &config.proxy;
         let pools = Pools::new(PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 });
         tasks.push(pools.spawn_sweeper());
@@ -175,7 +179,8 @@ impl App {
         let registrations = if config.registrations.is_empty() {
             None
         } else {
-            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone()))
+            let owner = crate::register::owner_token(config.zookeeper.snapshot.as_deref());
+            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone(), owner))
         };
         let reg_status = registrations.as_ref().map(Registrations::status_handle);
         let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();
@@ -185,12 +190,16 @@ impl App {
             config_endpoint: config.admin.config_endpoint,
             draining: draining.clone(),
             binds: Arc::new(binds),
-            extra: Arc::new(move || match &reg_status {
-                Some(s) => {
-                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
-                    vec![("registrations", serde_json::to_value(status).unwrap_or_default())]
+            extra: Arc::new(move || {
+                let mut extra = Vec::new();
+                if let Some(s) = zk_status.as_ref().and_then(|s| s.lock().ok()) {
+                    extra.push(("zookeeper", serde_json::to_value(&*s).unwrap_or_default()));
                 }
-                None => Vec::new(),
+                if let Some(s) = &reg_status {
+                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
+                    extra.push(("registrations", serde_json::to_value(status).unwrap_or_default()));
+                }
+                extra
             }),
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
@@ -249,13 +258,14 @@ impl App {
 async fn serve_snapshot_if_late(
     path: std::path::PathBuf,
     wait: Duration,
+    max_age: Duration,
     mut routes: RouteReader,
     updates: UpdateSender,
 ) {
     if tokio::time::timeout(wait, routes.wait_for_version(1)).await.is_ok() {
         return;
     }
-    let loaded = tokio::task::spawn_blocking(move || snapshot::load(&path).map(|r| (r, path))).await;
+    let loaded = tokio::task::spawn_blocking(move || snapshot::load(&path, max_age).map(|r| (r, path))).await;
     if let Ok(Some(((resync, version), path))) = loaded {
         tracing::warn!(
             snapshot = %path.display(),
@@ -287,6 +297,7 @@ fn spawn_source(
     config: &Config,
     updates: UpdateSender,
     metrics: Arc<Metrics>,
+    status: Option<ZkStatusHandle>,
     shutdown: Shutdown,
 ) -> anyhow::Result<JoinHandle<()>> {
     if config.listeners.is_empty() && config.static_file.is_none() {
@@ -304,7 +315,8 @@ fn spawn_source(
         let source = FileSource { path: s.file.clone(), updates };
         return Ok(tokio::spawn(source.run(shutdown)));
     }
-    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics }.run(shutdown)))
+    let status = status.unwrap_or_else(|| ZkStatus::handle(&config.zookeeper.connect));
+    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics, status }.run(shutdown)))
 }
 
 /// How to reach ZooKeeper, from the configuration.

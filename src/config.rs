@@ -87,6 +87,8 @@ pub struct ZookeeperConfig {
     pub policies_path: String,
     /// Last-known-good table, for a cold start without ZooKeeper.
     pub snapshot: Option<PathBuf>,
+    /// A snapshot written longer ago than this is not served.
+    pub snapshot_max_age: HumanDuration,
     /// Digest credentials, "user:password". Never logged.
     pub auth: Option<String>,
     /// A file holding the digest credentials, "user:password".
@@ -103,6 +105,7 @@ impl Default for ZookeeperConfig {
             rules_path: "/zkroute/rules".into(),
             policies_path: "/zkroute/policies".into(),
             snapshot: None,
+            snapshot_max_age: secs(24 * 3600),
             auth: None,
             auth_file: None,
         }
@@ -229,6 +232,14 @@ pub struct RegisterConfig {
     pub health_check: Option<RegisterCheck>,
     #[serde(default)]
     pub payload: RegisterPayload,
+    /// On deregistration, how long the node stays marked `"enabled": false` (draining) before it
+    /// is deleted, so that other sidecars stop sending to it first.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: HumanDuration,
+}
+
+fn default_drain_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -333,6 +344,7 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.rules_path", ValueKind::Str, "rule nodes [default: /zkroute/rules]"),
     ("zookeeper.policies_path", ValueKind::Str, "policy nodes [default: /zkroute/policies]"),
     ("zookeeper.snapshot", ValueKind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
+    ("zookeeper.snapshot_max_age", ValueKind::Str, "never serve a snapshot older than this [default: 24h]"),
     ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
     ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
     ("admin.bind", ValueKind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),

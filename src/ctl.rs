@@ -1,6 +1,7 @@
 //! `zkroute ctl`: read and change what is in ZooKeeper, safely. Documents are validated with the
-//! same code the proxy uses before anything is written, and writes are compare-and-set against
-//! the version read, so two operators cannot silently overwrite each other. `route` answers which
+//! same code the proxy uses before anything is written, and an existing node is overwritten only
+//! against the version the operator read (or with `--force`), so two operators cannot silently
+//! overwrite each other. `route` answers which
 //! rule and targets a request would get, computed from ZooKeeper now by the proxy's own builder.
 //!
 //! Exit codes: 0 done; 1 not found or refused; 2 usage or connection.
@@ -68,15 +69,19 @@ pub enum Command {
     Policies,
     /// Print one rule or policy document with its version.
     Get { kind: DocKind, name: String },
-    /// Validate a document (from FILE, or - for standard input) and write it, compare-and-set.
+    /// Validate a document (from FILE, or - for standard input) and write it. Creating a node
+    /// needs nothing more; overwriting one needs --expect-version (compare-and-set against the
+    /// version `get` printed) or --force.
     Put {
         kind: DocKind,
         name: String,
         file: String,
-        /// Write only if the node is at this version (as `get` printed it); by default the
-        /// version read just before writing.
-        #[arg(long)]
+        /// Overwrite only if the node is still at this version (as `get` printed it).
+        #[arg(long, conflicts_with = "force")]
         expect_version: Option<i32>,
+        /// Overwrite whatever version the node is at.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a rule or policy node, compare-and-set.
     Delete {
@@ -114,8 +119,13 @@ pub async fn run(config: &Config, settings: &ZkSettings, cmd: Command, json_out:
         Command::Rules => documents(&client, &paths.rules, DocKind::Rule).await?,
         Command::Policies => documents(&client, &paths.policies, DocKind::Policy).await?,
         Command::Get { kind, name } => get(&client, &node_path(settings, kind, &name)?, kind, &name).await?,
-        Command::Put { kind, name, file, expect_version } => {
-            put(&client, &node_path(settings, kind, &name)?, kind, &name, &file, expect_version).await?
+        Command::Put { kind, name, file, expect_version, force } => {
+            let expect = match (expect_version, force) {
+                (Some(v), _) => Expect::Version(v),
+                (None, true) => Expect::Any,
+                (None, false) => Expect::Absent,
+            };
+            put(&client, settings, &node_path(settings, kind, &name)?, kind, &name, &file, expect).await?
         }
         Command::Delete { kind, name, expect_version } => {
             delete(&client, &node_path(settings, kind, &name)?, expect_version).await?
@@ -149,6 +159,9 @@ fn node_path(settings: &ZkSettings, kind: DocKind, name: &str) -> Result<String,
     };
     Ok(format!("{}/{name}", root.trim_end_matches('/')))
 }
+
+/// How a node zkroute may not read is listed.
+const UNREADABLE: &str = "unreadable: not authorized by the node's ACL (NoAuth)";
 
 fn zk_failure(e: ZkError) -> Failure {
     match e {
@@ -185,6 +198,8 @@ async fn services(client: &Client, root: &str) -> Result<Output, Failure> {
                     Err(_) => bad += 1,
                 },
                 Err(ZkError::NoNode) => {}
+                // Unreadable (its ACL): counted as invalid, as the proxy does.
+                Err(ZkError::NoAuth) => bad += 1,
                 Err(e) => return Err(zk_failure(e)),
             }
         }
@@ -206,6 +221,11 @@ async fn instances(client: &Client, root: &str, service: &str) -> Result<Output,
         let (data, stat) = match client.get_data(&path).await {
             Ok(d) => d,
             Err(ZkError::NoNode) => continue,
+            Err(ZkError::NoAuth) => {
+                let _ = writeln!(text, "{id:<24} {:<10} {:<22} {:>6} {:<8} {UNREADABLE}", "invalid", "-", "-", "-");
+                list.push(json!({"id": id, "error": UNREADABLE}));
+                continue;
+            }
             Err(e) => return Err(zk_failure(e)),
         };
         match parse_instance(&data) {
@@ -278,6 +298,11 @@ async fn documents(client: &Client, root: &str, kind: DocKind) -> Result<Output,
         let (data, stat) = match client.get_data(&format!("{root}/{name}")).await {
             Ok(d) => d,
             Err(ZkError::NoNode) => continue,
+            Err(ZkError::NoAuth) => {
+                let _ = writeln!(text, "{name:<24} {:<5} INVALID: {UNREADABLE}", "-");
+                list.push(json!({"name": name, "valid": false, "error": UNREADABLE}));
+                continue;
+            }
             Err(e) => return Err(zk_failure(e)),
         };
         match validate(kind, &name, &data) {
@@ -314,13 +339,25 @@ async fn get(client: &Client, path: &str, kind: DocKind, name: &str) -> Result<O
     })
 }
 
+/// What `put` may overwrite.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Nothing: the node must not exist yet.
+    Absent,
+    /// The node at this version (or, if it does not exist, nothing).
+    Version(i32),
+    /// Anything (`--force`).
+    Any,
+}
+
 async fn put(
     client: &Client,
+    settings: &ZkSettings,
     path: &str,
     kind: DocKind,
     name: &str,
     file: &str,
-    expect: Option<i32>,
+    expect: Expect,
 ) -> Result<Output, Failure> {
     let data = if file == "-" {
         let mut buf = Vec::new();
@@ -333,26 +370,32 @@ async fn put(
         validate(kind, name, &data).map_err(|e| Failure::Refused(format!("refused, nothing written: {e}")))?;
     let current = client.check_stat(path).await.map_err(zk_failure)?;
     let stat = match (current, expect) {
-        (None, Some(v)) => {
+        (None, Expect::Version(v)) => {
             return Err(Failure::Refused(format!("{path} does not exist (expected version {v})")));
         }
-        (None, None) => {
+        (None, _) => {
             let parent = &path[..path.rfind('/').unwrap_or(0)];
             if !parent.is_empty() {
+                // Parents stay open, so that others can add their own children.
                 match client.mkdir(parent, &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
                     Ok(()) | Err(ZkError::NodeExists) => {}
                     Err(e) => return Err(zk_failure(e)),
                 }
             }
             client
-                .create(path, &data, &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+                .create(path, &data, &CreateMode::Persistent.with_acls(settings.leaf_acls()))
                 .await
                 .map_err(zk_failure)?
                 .0
         }
-        (Some(stat), expect) => {
-            client.set_data(path, &data, Some(expect.unwrap_or(stat.version))).await.map_err(zk_failure)?
+        (Some(stat), Expect::Absent) => {
+            return Err(Failure::Refused(format!(
+                "{path} exists (version {}): read it with `get`, then write with --expect-version {} (or --force)",
+                stat.version, stat.version
+            )));
         }
+        (Some(_), Expect::Version(v)) => client.set_data(path, &data, Some(v)).await.map_err(zk_failure)?,
+        (Some(_), Expect::Any) => client.set_data(path, &data, None).await.map_err(zk_failure)?,
     };
     let (version, needs) = needs(kind, &data);
     Ok(Output {
@@ -401,7 +444,7 @@ async fn route(
         Arc::new(StateRegistry::new(Duration::from_secs(1))),
         Arc::new(Metrics::new(false)),
     );
-    builder.apply(Change::Resync(resync));
+    builder.apply(Change::Resync(resync.resync));
     let (table, _) = builder.build();
     let routes = table
         .listener_by_name(listener)

@@ -170,6 +170,39 @@ impl Control {
     }
 }
 
+/// Instances the registry holds in `table` (those kept by `protect_from_empty` not counted).
+pub fn registered_instances(table: &RoutingTable) -> usize {
+    table.services.values().filter(|s| !s.protected).map(|s| s.instances.len()).sum()
+}
+
+/// Watches for a registry that suddenly holds no instance at all although it held some (a
+/// services root deleted or emptied, a wrong chroot): warns once and raises
+/// `zkroute_services_empty` until instances are back. The snapshot writer, for its part, never
+/// writes such a table.
+pub fn empty_registry_alarm(metrics: Arc<Metrics>, status: Option<zk::ZkStatusHandle>) -> OnPublish {
+    let mut had_instances = false;
+    let mut raised = false;
+    Box::new(move |table: &Arc<RoutingTable>, _: &Delta| {
+        let count = registered_instances(table);
+        let now_empty = count == 0 && had_instances && table.source != SourceKind::Snapshot;
+        if now_empty != raised {
+            raised = now_empty;
+            metrics.services_empty.set(i64::from(raised));
+            if let Some(s) = status.as_ref().and_then(|s| s.lock().ok()).as_deref_mut() {
+                s.services_empty = raised;
+            }
+            if raised {
+                warn!(
+                    "the registry holds no instance any more (services_path missing or emptied): routing to services                      has stopped unless protect_from_empty keeps them; the snapshot keeps the last table with instances"
+                );
+            } else {
+                info!(instances = count, "the registry holds instances again");
+            }
+        }
+        had_instances |= count > 0;
+    })
+}
+
 /// Creates the update channel.
 pub fn updates() -> (UpdateSender, mpsc::UnboundedReceiver<Update>) {
     let (tx, rx) = mpsc::unbounded_channel();

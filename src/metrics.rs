@@ -34,6 +34,9 @@ pub mod names {
     pub const ZK_NODES_READ: &str = "zkroute_zk_nodes_read_total";
     pub const ACCESS_LOG_DROPPED: &str = "zkroute_access_log_dropped_total";
     pub const UPSTREAM_REQUESTS: &str = "zkroute_upstream_requests_total";
+    pub const SERVICES_EMPTY: &str = "zkroute_services_empty";
+    pub const ZK_SERVER_UNSUPPORTED: &str = "zkroute_zk_server_unsupported";
+    pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -64,6 +67,12 @@ pub struct Metrics {
     pub discovery_propagation: Histogram,
     pub invalid_nodes: IntGaugeVec,
     pub zk_connected: IntGauge,
+    /// 1 while no instance is registered although some were (a services root gone or emptied).
+    pub services_empty: IntGauge,
+    /// 1 when the ZooKeeper server lacks what zkroute needs (3.6 or later).
+    pub zk_server_unsupported: IntGauge,
+    /// 1 while a registration's node is held by another owner.
+    pub registration_conflict: IntGaugeVec,
     pub zk_session_expirations: IntCounter,
     pub registered: IntGaugeVec,
     pub snapshot_in_use: IntGauge,
@@ -118,6 +127,12 @@ impl Metrics {
         };
         let table_version = simple(TABLE_VERSION, "Version of the routing table in force.");
         let zk_connected = simple(ZK_CONNECTED, "1 while connected to ZooKeeper.");
+        let services_empty =
+            simple(SERVICES_EMPTY, "1 while the registry shows no instance at all although it showed some before.");
+        let zk_server_unsupported = simple(
+            ZK_SERVER_UNSUPPORTED,
+            "1 when the ZooKeeper server answered UNIMPLEMENTED: zkroute needs ZooKeeper 3.6 or later.",
+        );
         let snapshot_in_use = simple(SNAPSHOT_IN_USE, "1 while serving a table loaded from the snapshot file.");
         let tcp_relay_buffer_bytes =
             simple(TCP_RELAY_BUFFER_BYTES, "Bytes held by TCP relay buffers grown for bulk transfers.");
@@ -170,6 +185,14 @@ impl Metrics {
             ),
             invalid_nodes: gauge_vec(&r, INVALID_NODES, "Nodes skipped as invalid, now.", &["kind"]),
             zk_connected,
+            services_empty,
+            zk_server_unsupported,
+            registration_conflict: gauge_vec(
+                &r,
+                REGISTRATION_CONFLICT,
+                "1 while a registration's node is held by another owner (same id from elsewhere).",
+                &["service"],
+            ),
             zk_session_expirations,
             registered: gauge_vec(&r, REGISTERED, "1 while the local app is registered.", &["service"]),
             snapshot_in_use,

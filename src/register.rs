@@ -3,8 +3,16 @@
 //! document (so Curator, Spring Cloud Zookeeper and zkroute itself all discover it), present only
 //! while the app passes its health check (with rise and fall thresholds, so a flapping app does
 //! not churn ZooKeeper). The node lives in a session of its own: after an expiry it is created
-//! again in a new one; a node left by the old session is deleted and replaced, as Curator does.
+//! again in a new one.
+//!
+//! Whose node is it? While a node exists ZooKeeper counts its owner session as alive, so a
+//! restarted sidecar cannot tell its own predecessor's node from a rival's by the session alone.
+//! Each node therefore carries an owner token (see [`owner_token`]): a node with this sidecar's
+//! token is replaced at once (its predecessor, or its own expired session), one with another
+//! token is left alone until it goes (its owner deregisters or its session ends), and the
+//! conflict is logged once and shown in `/config` and `zkroute_registration_conflict`.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +21,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use zookeeper_client::{Acls, Client, CreateMode, SessionState};
+use zookeeper_client::{Acls, Client, CreateMode, SessionState, Stat};
 
 use crate::config::{HumanDuration, RegisterCheck, RegisterConfig};
 use crate::discovery::zk::{Backoff, ZkSettings};
@@ -33,6 +41,53 @@ pub struct Status {
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_check: Option<String>,
+    /// Another owner (same id, another sidecar or app) holds the node: this one waits for it to go.
+    pub conflict: bool,
+    /// The session (hex) holding the node in a conflict.
+    pub conflict_owner: Option<String>,
+}
+
+/// The top-level field of the node's document holding the owner token. Curator's
+/// `JsonInstanceSerializer` ignores unknown fields (it turns `FAIL_ON_UNKNOWN_PROPERTIES` off),
+/// and so do zkroute's own parser and Spring Cloud Zookeeper, which reads through Curator.
+pub const OWNER_FIELD: &str = "zkrouteOwner";
+
+/// This sidecar's owner token. With `zookeeper.snapshot` set, a random token kept in a file
+/// beside it (`<snapshot>.owner`), created on first use: each sidecar with its own state keeps
+/// its own token across restarts. Otherwise the host name: a restart on the same host is
+/// recognized, another host is not (two sidecars on one host registering the same id cannot be
+/// told apart without a snapshot path each).
+pub fn owner_token(snapshot: Option<&Path>) -> String {
+    if let Some(snapshot) = snapshot {
+        let mut name = snapshot.as_os_str().to_owned();
+        name.push(".owner");
+        let file = std::path::PathBuf::from(name);
+        match std::fs::read_to_string(&file) {
+            Ok(t) if !t.trim().is_empty() => return t.trim().to_owned(),
+            _ => {
+                let token = format!("{:032x}", fastrand::u128(..));
+                match crate::discovery::snapshot::write_atomic(&file, token.as_bytes()) {
+                    Ok(()) => return token,
+                    Err(e) => {
+                        warn!(file = %file.display(), error = %e, "cannot keep the registration owner token; using the host name")
+                    }
+                }
+            }
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("host:{host}")
+}
+
+/// The owner token a node's document carries, if any.
+fn token_of(data: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(data).ok()?;
+    doc.get(OWNER_FIELD)?.as_str().map(str::to_owned)
 }
 
 /// The stable node name of an entry: configured, or `address:port`.
@@ -41,8 +96,8 @@ pub fn instance_id(r: &RegisterConfig) -> String {
 }
 
 /// The Curator x-discovery document of an entry. `payload` is Spring Cloud's ZookeeperInstance
-/// with `metadata`, plus `weight` and `zone` where zkroute reads them.
-pub fn document(r: &RegisterConfig, enabled: bool, registered_at: SystemTime) -> Vec<u8> {
+/// with `metadata`, plus `weight` and `zone` where zkroute reads them; `owner` is the token.
+pub fn document(r: &RegisterConfig, enabled: bool, registered_at: SystemTime, owner: &str) -> Vec<u8> {
     let id = instance_id(r);
     let mut payload = json!({
         "@class": "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance",
@@ -72,6 +127,7 @@ pub fn document(r: &RegisterConfig, enabled: bool, registered_at: SystemTime) ->
             {"value": "port", "variable": true}
         ]},
         "enabled": enabled,
+        OWNER_FIELD: owner,
     });
     serde_json::to_vec(&doc).unwrap_or_default()
 }
@@ -81,11 +137,19 @@ pub struct Registrations {
     status: Arc<Mutex<Vec<Status>>>,
     stop: mpsc::UnboundedSender<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The longest `drain_delay` of the entries.
+    max_drain: Duration,
 }
 
 impl Registrations {
-    /// Starts a health loop per entry and the session that keeps the nodes.
-    pub fn start(settings: ZkSettings, entries: Vec<RegisterConfig>, metrics: Arc<Metrics>) -> Registrations {
+    /// Starts a health loop per entry and the session that keeps the nodes, which carry `owner`
+    /// (see [`owner_token`]).
+    pub fn start(
+        settings: ZkSettings,
+        entries: Vec<RegisterConfig>,
+        metrics: Arc<Metrics>,
+        owner: String,
+    ) -> Registrations {
         let status: Arc<Mutex<Vec<Status>>> = Arc::new(Mutex::new(
             entries
                 .iter()
@@ -96,12 +160,16 @@ impl Registrations {
                     registered: false,
                     healthy: false,
                     last_check: None,
+                    conflict: false,
+                    conflict_owner: None,
                 })
                 .collect(),
         ));
         for e in &entries {
             metrics.registered.with_label_values(&[e.service.as_str()]).set(0);
+            metrics.registration_conflict.with_label_values(&[e.service.as_str()]).set(0);
         }
+        let max_drain = entries.iter().map(|e| e.drain_delay.0).max().unwrap_or_default();
         let mut tasks = Vec::new();
         let mut wants = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
@@ -114,10 +182,19 @@ impl Registrations {
             }
         }
         let (stop, stop_rx) = mpsc::unbounded_channel();
-        let session =
-            Session { settings, entries, wants, status: status.clone(), metrics, registered_at: SystemTime::now() };
+        let written = vec![None; entries.len()];
+        let session = Session {
+            settings,
+            entries,
+            wants,
+            status: status.clone(),
+            metrics,
+            registered_at: SystemTime::now(),
+            owner,
+            written,
+        };
         tasks.push(tokio::spawn(session.run(stop_rx)));
-        Registrations { status, stop, tasks }
+        Registrations { status, stop, tasks, max_drain }
     }
 
     pub fn status(&self) -> Vec<Status> {
@@ -129,11 +206,14 @@ impl Registrations {
         self.status.clone()
     }
 
-    /// Marks every node as draining (`enabled: false`), then deletes it; waits up to `timeout`.
+    /// Deregisters every entry: marks its node as draining (`enabled: false`), keeps it so for
+    /// the entry's `drain_delay`, then deletes it (with the version it wrote). Waits for that, up
+    /// to the longest `drain_delay` plus `timeout` for ZooKeeper to answer. Registration stops
+    /// for good. This is the one way out, for SIGTERM as for an operator's drain.
     pub async fn deregister(&self, timeout: Duration) {
         let (tx, rx) = oneshot::channel();
         if self.stop.send(tx).is_ok() {
-            let _ = tokio::time::timeout(timeout, rx).await;
+            let _ = tokio::time::timeout(self.max_drain + timeout, rx).await;
         }
     }
 }
@@ -208,6 +288,9 @@ struct Session {
     status: Arc<Mutex<Vec<Status>>>,
     metrics: Arc<Metrics>,
     registered_at: SystemTime,
+    owner: String,
+    /// Per entry: the session and node version of what this process last wrote.
+    written: Vec<Option<(i64, i32)>>,
 }
 
 enum End {
@@ -246,11 +329,13 @@ impl Session {
     async fn serve(&mut self, client: &Client, stop: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>) -> End {
         let mut state = client.state_watcher();
         let mut verify = tokio::time::interval(Duration::from_secs(10));
+        // A node held by another owner wakes the loop when it changes or goes.
+        let (kick_tx, mut kick) = mpsc::unbounded_channel::<()>();
         loop {
             if client.state() == SessionState::SyncConnected {
                 for i in 0..self.entries.len() {
                     let want = *self.wants[i].borrow_and_update();
-                    if let Err(e) = self.reconcile(client, i, want).await {
+                    if let Err(e) = self.reconcile(client, i, want, &kick_tx).await {
                         if e == zookeeper_client::Error::SessionExpired {
                             return End::Expired;
                         }
@@ -277,6 +362,7 @@ impl Session {
                     _ => {}
                 },
                 _ = verify.tick() => {}
+                Some(()) = kick.recv() => {}
                 Some(ack) = stop.recv() => {
                     self.deregister_all(client).await;
                     let _ = ack.send(());
@@ -304,39 +390,123 @@ impl Session {
         }
     }
 
-    /// Makes the node exist (ours) or not, as wanted.
-    async fn reconcile(&self, client: &Client, i: usize, want: bool) -> Result<(), zookeeper_client::Error> {
-        let path = self.path(i);
-        let stat = client.check_stat(&path).await?;
-        let ours = stat.is_some_and(|s| s.ephemeral_owner == client.session_id().0);
-        match (want, stat, ours) {
-            (true, _, true) | (false, None, _) => {}
-            (true, None, _) => self.create(client, i, &path).await?,
-            (true, Some(s), false) => {
-                // Left by an expired session of ours (deletion is not atomic with expiry), or by
-                // another process claiming this id: replace it, as Curator does.
-                info!(%path, owner = s.ephemeral_owner, "registration: replacing a node another session left");
-                match client.delete(&path, Some(s.version)).await {
-                    Ok(()) | Err(zookeeper_client::Error::NoNode) => {}
-                    Err(e) => return Err(e),
+    /// Records whether another owner holds entry `i`'s node; logs a new conflict once.
+    fn set_conflict(&self, i: usize, holder: Option<i64>) {
+        let service = self.entries[i].service.as_str();
+        self.metrics.registration_conflict.with_label_values(&[service]).set(i64::from(holder.is_some()));
+        let holder = holder.map(|h| format!("{h:#x}"));
+        if let Ok(mut s) = self.status.lock() {
+            if s[i].conflict_owner != holder {
+                if let Some(h) = &holder {
+                    warn!(path = %s[i].path, holder = %h,
+                        "registration: another owner holds this node (the same id registered elsewhere); \
+                         waiting for it to go rather than taking it");
+                } else if s[i].conflict {
+                    info!(path = %s[i].path, "registration: the other owner's node is gone");
                 }
+            }
+            s[i].conflict = holder.is_some();
+            s[i].conflict_owner = holder;
+        }
+    }
+
+    /// Makes the node exist (ours) or not, as wanted.
+    async fn reconcile(
+        &mut self,
+        client: &Client,
+        i: usize,
+        want: bool,
+        kick: &mpsc::UnboundedSender<()>,
+    ) -> Result<(), zookeeper_client::Error> {
+        let path = self.path(i);
+        let node = match client.get_data(&path).await {
+            Ok(n) => Some(n),
+            Err(zookeeper_client::Error::NoNode) => None,
+            Err(e) => return Err(e),
+        };
+        let session = client.session_id().0;
+        let ours = node.as_ref().is_some_and(|(_, s)| s.ephemeral_owner == session);
+        match (want, node) {
+            (true, Some(_)) if ours => self.set_conflict(i, None),
+            (false, None) => {
+                self.set_conflict(i, None);
+                self.set_registered(i, false);
+            }
+            (true, None) => {
+                self.set_conflict(i, None);
                 self.create(client, i, &path).await?;
             }
-            (false, Some(s), _) => {
-                if ours {
-                    match client.delete(&path, Some(s.version)).await {
+            (true, Some((data, stat))) => {
+                if token_of(&data).as_deref() == Some(self.owner.as_str()) {
+                    // Our predecessor's (a restart, or our own expired session's, whose deletion
+                    // is not atomic with the expiry): replace it, as Curator does.
+                    info!(%path, previous = format!("{:#x}", stat.ephemeral_owner),
+                        "registration: replacing the node a previous session of this sidecar left");
+                    match client.delete(&path, Some(stat.version)).await {
                         Ok(()) | Err(zookeeper_client::Error::NoNode) => {}
                         Err(e) => return Err(e),
                     }
+                    self.set_conflict(i, None);
+                    self.create(client, i, &path).await?;
+                } else {
+                    self.set_registered(i, false);
+                    self.set_conflict(i, Some(stat.ephemeral_owner));
+                    self.wake_when_changed(client, &path, kick).await?;
+                }
+            }
+            (false, Some((_, stat))) => {
+                if ours {
+                    self.delete_ours(client, i, &path, stat).await?;
                     info!(%path, "deregistered");
                 }
+                self.set_conflict(i, None);
                 self.set_registered(i, false);
             }
         }
         Ok(())
     }
 
-    async fn create(&self, client: &Client, i: usize, path: &str) -> Result<(), zookeeper_client::Error> {
+    /// Kicks the loop when the node at `path` changes or goes.
+    async fn wake_when_changed(
+        &self,
+        client: &Client,
+        path: &str,
+        kick: &mpsc::UnboundedSender<()>,
+    ) -> Result<(), zookeeper_client::Error> {
+        let (_, watcher) = client.check_and_watch_stat(path).await?;
+        let kick = kick.clone();
+        tokio::spawn(async move {
+            watcher.changed().await;
+            let _ = kick.send(());
+        });
+        Ok(())
+    }
+
+    /// Deletes our node with the version this process wrote; a node changed since by someone
+    /// else is left to go with the session.
+    async fn delete_ours(
+        &mut self,
+        client: &Client,
+        i: usize,
+        path: &str,
+        stat: Stat,
+    ) -> Result<(), zookeeper_client::Error> {
+        let version = match self.written[i] {
+            Some((session, version)) if session == stat.ephemeral_owner => version,
+            _ => stat.version,
+        };
+        match client.delete(path, Some(version)).await {
+            Ok(()) | Err(zookeeper_client::Error::NoNode) => {}
+            Err(zookeeper_client::Error::BadVersion) => {
+                warn!(%path, "registration: the node was changed by someone else; it goes with the session");
+            }
+            Err(e) => return Err(e),
+        }
+        self.written[i] = None;
+        Ok(())
+    }
+
+    async fn create(&mut self, client: &Client, i: usize, path: &str) -> Result<(), zookeeper_client::Error> {
         let parent = &path[..path.rfind('/').unwrap_or(0)];
         if !parent.is_empty() {
             match client.mkdir(parent, &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
@@ -344,10 +514,12 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        let data = document(&self.entries[i], true, self.registered_at);
-        match client.create(path, &data, &CreateMode::Ephemeral.with_acls(Acls::anyone_all())).await {
-            Ok(_) => {
+        let data = document(&self.entries[i], true, self.registered_at, &self.owner);
+        let mode = CreateMode::Ephemeral.with_acls(self.settings.leaf_acls());
+        match client.create(path, &data, &mode).await {
+            Ok((stat, _)) => {
                 info!(%path, "registered");
+                self.written[i] = Some((stat.ephemeral_owner, stat.version));
                 self.set_registered(i, true);
                 Ok(())
             }
@@ -357,17 +529,37 @@ impl Session {
         }
     }
 
-    /// Draining first (`enabled: false`, so discovery stops sending new traffic), then removal.
-    async fn deregister_all(&self, client: &Client) {
+    /// Draining first (`enabled: false`, so discovery stops sending new traffic) for each
+    /// entry's `drain_delay`, then removal. Every entry drains at the same time.
+    async fn deregister_all(&mut self, client: &Client) {
+        let started = tokio::time::Instant::now();
+        let session = client.session_id().0;
+        let mut draining = Vec::new();
         for i in 0..self.entries.len() {
             let path = self.path(i);
             let Ok(Some(stat)) = client.check_stat(&path).await else { continue };
-            if stat.ephemeral_owner != client.session_id().0 {
+            if stat.ephemeral_owner != session {
                 continue;
             }
-            let draining = document(&self.entries[i], false, self.registered_at);
-            let _ = client.set_data(&path, &draining, Some(stat.version)).await;
-            let _ = client.delete(&path, None).await;
+            let doc = document(&self.entries[i], false, self.registered_at, &self.owner);
+            let version = self.written[i].map_or(stat.version, |(_, v)| v);
+            match client.set_data(&path, &doc, Some(version)).await {
+                Ok(stat) => {
+                    self.written[i] = Some((session, stat.version));
+                    info!(%path, drain_delay = %self.entries[i].drain_delay, "draining: marked enabled=false");
+                }
+                Err(e) => warn!(%path, error = %e, "registration: cannot mark the node as draining"),
+            }
+            draining.push((started + self.entries[i].drain_delay.0, i, path));
+        }
+        draining.sort_by_key(|(at, _, _)| *at);
+        for (at, i, path) in draining {
+            tokio::time::sleep_until(at).await;
+            if let Ok(Some(stat)) = client.check_stat(&path).await {
+                if let Err(e) = self.delete_ours(client, i, &path, stat).await {
+                    warn!(%path, error = %e, "registration: cannot delete the node; it goes with the session");
+                }
+            }
             self.set_registered(i, false);
             info!(%path, "deregistered for shutdown");
         }

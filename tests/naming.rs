@@ -104,7 +104,8 @@ async fn sigterm_removes_the_node_before_the_process_exits() {
     .await;
     // An in-flight request keeps the process draining; the node must be gone meanwhile.
     let http = bin.http;
-    let slow = tokio::spawn(async move { send(http, request("GET", "h", "/?sleep_ms=1500", &[], "")).await });
+    // Longer than the default drain_delay (2 s) the node is kept draining before its deletion.
+    let slow = tokio::spawn(async move { send(http, request("GET", "h", "/?sleep_ms=4000", &[], "")).await });
     eventually("the slow request in flight", Duration::from_secs(5), || async { (app.requests() >= 2).then_some(()) })
         .await;
     bin.sigterm();
@@ -120,10 +121,16 @@ async fn sigterm_removes_the_node_before_the_process_exits() {
 // ---- zkroute ctl ---------------------------------------------------------------------------
 
 fn ctl(chroot: &Chroot, args: &[&str], stdin: Option<&str>) -> Output {
+    ctl_with(chroot, &[], args, stdin)
+}
+
+/// `zkroute ctl` with extra settings flags.
+fn ctl_with(chroot: &Chroot, settings: &[&str], args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_zkroute"));
     cmd.args(["--listener", r#"{name="http", bind="127.0.0.1:1"}"#])
         .arg("ctl")
         .args(["--zookeeper-connect", &chroot.connect, "--zookeeper-session-timeout", "2s"])
+        .args(settings)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -293,4 +300,164 @@ async fn a_registration_only_zkroute_does_not_follow_the_naming_tree() {
     assert_eq!(proxy.config().await["source"], "none");
     assert_eq!(proxy.metric("zkroute_zk_nodes_read_total").await, Some(0.0), "nothing read");
     proxy.stop().await;
+}
+
+// ---- registrations under faults --------------------------------------------------------------
+
+/// A register-only zkroute whose owner token lives beside `snapshot`.
+async fn registrar(chroot: &Chroot, app: &Backend, snapshot: &std::path::Path, extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\nsnapshot = \"{}\"\n{extra}\n[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[register]]\nservice = \"users\"\naddress = \"127.0.0.1\"\nport = {}\nid = \"shared\"\ndrain_delay = \"0s\"\n",
+        chroot.connect,
+        snapshot.display(),
+        app.addr.port()
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_registrations_with_one_id_never_take_the_node_from_each_other() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let app = Backend::http("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = "/zkroute/services/users/shared";
+    let first = registrar(&chroot, &app, &dir.path().join("a.json"), "").await;
+    let holder = eventually("the first registration", Duration::from_secs(10), || owner_of(&chroot, path)).await;
+    let second = registrar(&chroot, &app, &dir.path().join("b.json"), "").await;
+    eventually("the conflict shown", Duration::from_secs(10), || async {
+        let c = second.config().await;
+        (c["registrations"][0]["conflict"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(second.metric(r#"zkroute_registration_conflict{service="users"}"#).await, Some(1.0));
+    assert_eq!(second.metric(r#"zkroute_registered{service="users"}"#).await, Some(0.0));
+    // Over more than one verification round of both (10 s), the node stays where it is.
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        assert_eq!(zk.0.get_data(path).await.unwrap().1.ephemeral_owner, holder, "the node changed hands");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The holder leaves: the other takes over, at once rather than at its next check.
+    first.stop().await;
+    let taker = eventually("the takeover", Duration::from_secs(5), || async {
+        owner_of(&chroot, path).await.filter(|o| *o != holder)
+    })
+    .await;
+    assert_ne!(taker, holder);
+    eventually("the conflict cleared", Duration::from_secs(5), || async {
+        let c = second.config().await;
+        (c["registrations"][0]["conflict"] == false && c["registrations"][0]["registered"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(second.metric(r#"zkroute_registration_conflict{service="users"}"#).await, Some(0.0));
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_replaces_its_predecessors_node_at_once() {
+    let chroot = Zk::shared().chroot();
+    let app = Backend::http("app").await;
+    let path = node_path(&app);
+    // A session timeout of 10 s: the killed process's node outlives the restart by far.
+    let args = ["--zookeeper-session-timeout", "10s"];
+    let mut first = Binary::start_with(&chroot, "2s", &register_toml(&app, "100ms"), &args).await;
+    let before = eventually("registered", Duration::from_secs(10), || owner_of(&chroot, &path)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let started = std::time::Instant::now();
+    let _second = Binary::start_with(&chroot, "2s", &register_toml(&app, "100ms"), &args).await;
+    eventually("registered by the restarted sidecar", Duration::from_secs(8), || async {
+        owner_of(&chroot, &path).await.filter(|o| *o != before)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(8), "before the old session's 10 s ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_node_draining_for_drain_delay_before_deleting_it() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let app = Backend::http("app").await;
+    let register = format!("{}drain_delay = \"1500ms\"\n", register_toml(&app, "100ms"));
+    let mut bin = Binary::start_with(&chroot, "5s", &register, &[]).await;
+    let path = node_path(&app);
+    eventually("registered", Duration::from_secs(10), || async { zk.get(&path).await }).await;
+    bin.sigterm();
+    let signalled = std::time::Instant::now();
+    eventually("marked draining", Duration::from_secs(5), || async {
+        let doc: serde_json::Value = serde_json::from_str(&zk.get(&path).await?).ok()?;
+        (doc["enabled"] == false).then_some(())
+    })
+    .await;
+    // Other sidecars see it draining for the drain delay, then it goes.
+    eventually("deleted", Duration::from_secs(10), || async { zk.get(&path).await.is_none().then_some(()) }).await;
+    assert!(signalled.elapsed() >= Duration::from_millis(1400), "kept draining: {:?}", signalled.elapsed());
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_credentials_created_leaves_are_creator_only_and_world_readable() {
+    use zookeeper_client::{Acl, Permission};
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let app = Backend::http("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, "ops:s3cret\n").unwrap();
+    let proxy = Proxy::start(&format!(
+        "[zookeeper]\nconnect = \"{}\"\nsession_timeout = \"2s\"\nauth_file = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{}",
+        chroot.connect,
+        auth.display(),
+        register_toml(&app, "100ms")
+    ))
+    .await;
+    let path = node_path(&app);
+    eventually("registered", Duration::from_secs(10), || async { zk.get(&path).await }).await;
+    let out = ctl_with(&chroot, &["--zookeeper-auth", "ops:s3cret"], &["put", "rule", "r1", "-"], Some(RULE_A));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let digest = |acls: &[Acl]| acls.iter().any(|a| a.scheme() == "digest" && a.permission() == Permission::ALL);
+    let world = |acls: &[Acl], p: Permission| {
+        acls.iter().any(|a| a.scheme() == "world" && a.id() == "anyone" && a.permission() == p)
+    };
+    for leaf in [path.as_str(), "/zkroute/rules/r1"] {
+        let (acls, _) = zk.0.get_acl(leaf).await.unwrap();
+        assert!(digest(&acls) && world(&acls, Permission::READ) && acls.len() == 2, "{leaf}: {acls:?}");
+        assert!(zk.get(leaf).await.is_some(), "{leaf}: readable by anyone");
+        // (Deleting is the parent's ACL's business in ZooKeeper.)
+        assert!(matches!(zk.0.set_data(leaf, b"x", None).await, Err(zookeeper_client::Error::NoAuth)), "{leaf}");
+    }
+    for parent in ["/zkroute/services/users", "/zkroute/rules"] {
+        let (acls, _) = zk.0.get_acl(parent).await.unwrap();
+        assert!(world(&acls, Permission::ALL), "{parent}: {acls:?}");
+    }
+    proxy.stop().await;
+}
+
+const RULE_A: &str = r#"{"listener":"http","backends":[{"service":"a"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_put_over_an_existing_node_needs_the_version_read_or_force() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let out = ctl(&chroot, &["put", "rule", "r1", "-"], Some(RULE_A));
+    assert_eq!(out.status.code(), Some(0), "creating needs neither: {}", text(&out));
+    // Someone changes it; an operator who has not read it since must not overwrite that.
+    let theirs = r#"{"listener":"http","backends":[{"service":"theirs"}]}"#;
+    zk.put("/zkroute/rules/r1", theirs).await;
+    let mine = r#"{"listener":"http","backends":[{"service":"mine"}]}"#;
+    let out = ctl(&chroot, &["put", "rule", "r1", "-"], Some(mine));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--expect-version 1"), "{}", text(&out));
+    assert_eq!(zk.get("/zkroute/rules/r1").await.as_deref(), Some(theirs));
+    // `get` prints the version; writing with it succeeds.
+    let out = ctl(&chroot, &["get", "rule", "r1"], None);
+    assert!(text(&out).contains("version 1"), "{}", text(&out));
+    let out = ctl(&chroot, &["put", "rule", "r1", "-", "--expect-version", "1"], Some(mine));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = ctl(&chroot, &["put", "rule", "r1", "-", "--force"], Some(RULE_A));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(zk.get("/zkroute/rules/r1").await.as_deref(), Some(RULE_A));
 }

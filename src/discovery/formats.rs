@@ -35,6 +35,17 @@ pub fn parse_instance(data: &[u8]) -> Result<Instance, DocError> {
     plain(text)
 }
 
+/// Checks an instance that did not come through [`parse_instance`] (a snapshot's) as that would.
+pub fn validate(i: &Instance) -> Result<(), DocError> {
+    if i.weight > MAX_WEIGHT {
+        return Err(DocError::new("weight", format!("{} is above {MAX_WEIGHT}", i.weight)));
+    }
+    for addr in std::iter::once(&i.addr).chain(i.named.values()) {
+        addr.to_string().parse::<Addr>().map_err(|e| DocError::new("address", e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn plain(text: &str) -> Result<Instance, DocError> {
     let addr_text = text.strip_prefix("ip=").unwrap_or(text);
     let addr = addr_text.parse::<Addr>().map_err(|e| DocError::new("", format!("plain instance: {e}")))?;

@@ -1,27 +1,39 @@
 //! ZooKeeper source (README: "How it works", "Faults"). One persistent recursive watch per tree (services, rules,
 //! policies); a changed node is re-read on its own, and whatever changed while one read was in
 //! flight is read in the next batch, so bursts coalesce. Full reads (first, after reconnect, after
-//! session expiry) go through multi-read in batches.
+//! session expiry) go through multi-read in batches, after a `sync`.
 //!
-//! zookeeper-client 0.11 does not re-register persistent watches after a reconnect (its
-//! `resend_watches` never sends them) and ZooKeeper does not replay what changed while a client
-//! was away (ZOOKEEPER-4698), so after every reconnect the watches are added again (the new ones
-//! before the old are dropped, which would remove the server-side watch) and everything is re-read.
+//! Watches and reconnects: zookeeper-client 0.11.2 does not re-register persistent watches after
+//! a reconnect. Its `resend_watches` computes the highest watch kind with `index = index.max(index)`,
+//! which never moves from 0, so it sends `SetWatches` with the data, exist and child lists only and
+//! the persistent ones are dropped. ZooKeeper does not replay what changed while a client was away
+//! either (ZOOKEEPER-4698). So every reconnect, however it is announced, costs the watches: they are
+//! added again (the new ones before the old are dropped, which would remove the server-side watch)
+//! and everything is re-read. Reconnects are taken from the session events the watchers deliver,
+//! one per transition, as well as from the client's state watcher, which keeps only the latest
+//! state and so can hide a Disconnected that was followed quickly by SyncConnected. Once the crate
+//! re-sends persistent watches, the re-adding can go; the re-read cannot.
+//!
+//! Only connection and session errors fail a read. A node this session may not read (its ACL, or
+//! wrong credentials) is skipped on its own and listed as invalid, like a node that does not parse.
 //! Session expiry is terminal for a client: a new one is built, with backoff.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
-use zookeeper_client::{AddWatchMode, Client, EventType, MultiReadResult, SessionState, Stat};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+use zookeeper_client::{Acl, Acls, AddWatchMode, Client, EventType, MultiReadResult, Permission, SessionState, Stat};
 
 use super::{Update, UpdateSender, instance_change, policy_change, rule_change};
 use crate::metrics::Metrics;
-use crate::routing::build::{Change, RawNode, Resync};
-use crate::routing::{Origin, ServiceName, SourceKind};
+use crate::routing::build::{Change, Doc, RawNode, Resync};
+use crate::routing::table::InvalidNode;
+use crate::routing::{NodeKind, Origin, ServiceName, SourceKind};
 use crate::shutdown::Shutdown;
 
 /// Operations per multi-read request: keeps a reply well under ZooKeeper's 1 MB `jute.maxbuffer`
@@ -30,6 +42,13 @@ const MULTI_READ_BATCH: usize = 250;
 
 /// Longest random delay before the full read that follows a reconnect.
 const MAX_RESYNC_SPREAD: Duration = Duration::from_secs(2);
+
+/// How long to wait before trying a server again that lacks what zkroute needs.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+/// What zkroute says when the server answers UNIMPLEMENTED.
+pub const REQUIRES_3_6: &str = "ZooKeeper 3.6 or later is required: persistent recursive watches \
+                                (AddWatch) and multi-read (the server answered UNIMPLEMENTED)";
 
 /// Where the three trees live, relative to the chroot.
 #[derive(Clone, Debug)]
@@ -60,6 +79,10 @@ impl std::fmt::Debug for ZkSettings {
     }
 }
 
+/// Creator (the digest identity) may do anything, anyone may read.
+static CREATOR_ALL_WORLD_READ: [Acl; 2] =
+    [Acl::new_const(Permission::ALL, "auth", ""), Acl::new_const(Permission::READ, "world", "anyone")];
+
 impl ZkSettings {
     /// Connects a new session (blocks for about the session timeout when no server answers).
     pub async fn connect(&self) -> Result<Client, zookeeper_client::Error> {
@@ -68,6 +91,13 @@ impl ZkSettings {
             connector = connector.with_auth("digest", auth);
         }
         connector.connect(&self.connect).await
+    }
+
+    /// The ACL of leaf nodes zkroute creates (registrations, `ctl put`): with credentials, only
+    /// their identity may change or delete the node and anyone may read it; without, it is open.
+    /// Parent paths always get the open ACL, so that other registrants can add their children.
+    pub fn leaf_acls(&self) -> Acls<'static> {
+        if self.auth.is_some() { Acls::new(&CREATOR_ALL_WORLD_READ) } else { Acls::anyone_all() }
     }
 }
 
@@ -97,15 +127,71 @@ impl Backoff {
     }
 }
 
-/// A node event from one of the watches.
-struct NodeEvent {
-    path: String,
-    at: Instant,
+/// What `/config` shows of the discovery session: flat, scalar, self-explanatory keys.
+#[derive(Clone, Debug, Serialize)]
+pub struct ZkStatus {
+    /// "connecting", "connected", "disconnected", "expired" or "failed".
+    pub state: &'static str,
+    pub connected: bool,
+    /// The session id in hex, while there is a session.
+    pub session_id: Option<String>,
+    /// The connect string (the client does not say which server of it is in use).
+    pub server: String,
+    /// When the last full read finished (RFC 3339, UTC).
+    pub last_full_read: Option<String>,
+    pub full_reads: u64,
+    /// When the watches were last (re-)added (RFC 3339, UTC).
+    pub watches_added: Option<String>,
+    pub session_expirations: u64,
+    /// The last error, while it lasts.
+    pub error: Option<String>,
+    /// No instance under the services path although there were some before (as the gauge
+    /// `zkroute_services_empty`).
+    pub services_empty: bool,
+    /// The server lacks what zkroute needs (ZooKeeper 3.6 or later), as the gauge
+    /// `zkroute_zk_server_unsupported`.
+    pub server_unsupported: bool,
+}
+
+/// The discovery session's status, shared with `/config`.
+pub type ZkStatusHandle = Arc<Mutex<ZkStatus>>;
+
+impl ZkStatus {
+    pub fn handle(connect: &str) -> ZkStatusHandle {
+        Arc::new(Mutex::new(ZkStatus {
+            state: "connecting",
+            connected: false,
+            session_id: None,
+            server: connect.to_owned(),
+            last_full_read: None,
+            full_reads: 0,
+            watches_added: None,
+            session_expirations: 0,
+            error: None,
+            services_empty: false,
+            server_unsupported: false,
+        }))
+    }
+}
+
+/// Now, as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// What the watchers report.
+enum Watched {
+    /// A node under one of the trees changed.
+    Node { path: String, at: Instant },
+    /// The session went through a transition (each is reported once).
+    Session(SessionState),
 }
 
 enum SessionEnd {
     Expired,
-    Failed,
+    Failed(String),
+    /// The server answered UNIMPLEMENTED: it predates 3.6.
+    Unsupported,
     Shutdown,
 }
 
@@ -114,13 +200,42 @@ pub struct ZkSource {
     pub settings: ZkSettings,
     pub updates: UpdateSender,
     pub metrics: Arc<Metrics>,
+    pub status: ZkStatusHandle,
+}
+
+/// The watch forwarders of a session; stopped when dropped.
+#[derive(Default)]
+struct Forwarders(Vec<JoinHandle<()>>);
+
+impl Drop for Forwarders {
+    fn drop(&mut self) {
+        self.0.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Where a session stands between full reads.
+struct Follow {
+    connected: bool,
+    /// A full read is needed: the first of the session, or anything that may have cost the watches.
+    need_sync: bool,
+    /// Not before then (the random spread after a reconnect, or a retry's backoff).
+    not_before: Instant,
 }
 
 impl ZkSource {
+    fn set_status(&self, f: impl FnOnce(&mut ZkStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
     /// Runs until shutdown: connect, follow, and on expiry start over with a new session.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
+            self.set_status(|s| {
+                s.state = if s.state == "expired" || s.state == "failed" { s.state } else { "connecting" };
+            });
             let client = tokio::select! {
                 c = self.settings.connect() => c,
                 _ = shutdown.wait() => return,
@@ -130,26 +245,60 @@ impl ZkSource {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     warn!(connect = %self.settings.connect, error = %e, retry_in = ?delay, "cannot reach ZooKeeper");
+                    self.set_status(|s| s.error = Some(format!("cannot reach ZooKeeper: {e}")));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = shutdown.wait() => return,
                     }
                 }
             };
-            info!(connect = %self.settings.connect, session = ?client.session_id(), "ZooKeeper session established");
+            let session = format!("{:#x}", client.session_id().0);
+            info!(connect = %self.settings.connect, %session, "ZooKeeper session established");
             self.metrics.zk_connected.set(1);
+            self.set_status(|s| {
+                s.state = "connected";
+                s.connected = true;
+                s.session_id = Some(session);
+                s.error = None;
+            });
             let end = self.follow(&client, &mut shutdown).await;
             self.metrics.zk_connected.set(0);
-            match end {
+            self.set_status(|s| {
+                s.connected = false;
+                s.session_id = None;
+            });
+            let delay = match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Expired => {
                     self.metrics.zk_session_expirations.inc();
                     warn!("ZooKeeper session expired: starting a new one; the table in force keeps serving");
+                    self.set_status(|s| {
+                        s.state = "expired";
+                        s.session_expirations += 1;
+                        s.error = Some("session expired".into());
+                    });
                     backoff.reset();
+                    backoff.next_delay()
                 }
-                SessionEnd::Failed => {}
-            }
-            let delay = backoff.next_delay();
+                SessionEnd::Failed(reason) => {
+                    self.set_status(|s| {
+                        s.state = "failed";
+                        s.error = Some(reason);
+                    });
+                    backoff.next_delay()
+                }
+                SessionEnd::Unsupported => {
+                    error!(connect = %self.settings.connect, retry_in = ?UNSUPPORTED_RETRY, "{REQUIRES_3_6}");
+                    self.metrics.zk_server_unsupported.set(1);
+                    self.set_status(|s| {
+                        s.state = "failed";
+                        s.server_unsupported = true;
+                        s.error = Some(REQUIRES_3_6.into());
+                    });
+                    UNSUPPORTED_RETRY
+                }
+            };
+            drop(client);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait() => return,
@@ -159,127 +308,182 @@ impl ZkSource {
 
     /// Follows one session until it ends.
     async fn follow(&self, client: &Client, shutdown: &mut Shutdown) -> SessionEnd {
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let mut state = client.state_watcher();
-        let mut forwarders = Vec::new();
-        let mut need_sync = true;
-        let mut first = true;
-        let mut resync_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut forwarders = Forwarders::default();
+        let mut f = Follow { connected: true, need_sync: true, not_before: Instant::now() };
+        let mut retry = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            if need_sync && client.state() == SessionState::SyncConnected {
-                if !first {
-                    // After an ensemble member goes away every sidecar reconnects at once: spread
-                    // their full reads out rather than hitting the servers together.
-                    let spread = (self.settings.session_timeout / 4).min(MAX_RESYNC_SPREAD);
-                    tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
-                }
-                first = false;
-                match self.watch_and_read(client, &events_tx, &mut forwarders).await {
-                    Ok(()) => {
-                        need_sync = false;
-                        resync_backoff.reset();
-                    }
-                    Err(e) => match session_end(&e) {
-                        Some(end) => return end,
-                        None => {
-                            let delay = resync_backoff.next_delay();
-                            warn!(error = %e, retry_in = ?delay, "full read of ZooKeeper failed");
-                            tokio::time::sleep(delay).await;
-                            continue;
-                        }
-                    },
-                }
-            }
+            let due = (f.need_sync && f.connected).then_some(f.not_before);
             tokio::select! {
-                s = state.changed() => match s {
-                    SessionState::Disconnected => {
-                        self.metrics.zk_connected.set(0);
-                        warn!("disconnected from ZooKeeper; serving the table in force while reconnecting");
-                        need_sync = true;
+                biased;
+                _ = shutdown.wait() => return SessionEnd::Shutdown,
+                s = state.changed() => {
+                    if let Some(end) = self.on_session(s, &mut f) {
+                        return end;
                     }
-                    SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
-                        self.metrics.zk_connected.set(1);
-                        if need_sync {
-                            info!("reconnected to ZooKeeper: adding the watches again and re-reading everything");
+                }
+                Some(first) = rx.recv() => {
+                    let mut at = None;
+                    let mut paths = BTreeSet::new();
+                    let mut next = Some(first);
+                    while let Some(w) = next.take().or_else(|| rx.try_recv().ok()) {
+                        match w {
+                            Watched::Node { path, at: t } => {
+                                at = Some(at.map_or(t, |a: Instant| a.min(t)));
+                                paths.insert(path);
+                            }
+                            Watched::Session(s) => {
+                                if let Some(end) = self.on_session(s, &mut f) {
+                                    return end;
+                                }
+                            }
                         }
                     }
-                    SessionState::Expired => return SessionEnd::Expired,
-                    SessionState::AuthFailed => {
-                        warn!("ZooKeeper authentication failed");
-                        return SessionEnd::Failed;
-                    }
-                    SessionState::Closed => return SessionEnd::Failed,
-                },
-                Some(first) = events.recv() => {
-                    let mut at = first.at;
-                    let mut paths = BTreeSet::from([first.path]);
-                    while let Ok(more) = events.try_recv() {
-                        at = at.min(more.at);
-                        paths.insert(more.path);
+                    // A pending full read reads these nodes too.
+                    if paths.is_empty() || f.need_sync {
+                        continue;
                     }
                     match self.read_changes(client, paths).await {
                         Ok(changes) if changes.is_empty() => {}
                         Ok(changes) => {
-                            self.updates.send(Update::new(changes, Some(at)));
+                            self.updates.send(Update::new(changes, at.map(Instant::into_std)));
                         }
                         Err(e) => match session_end(&e) {
                             Some(end) => return end,
                             None => {
                                 warn!(error = %e, "reading changed nodes failed; re-reading everything");
-                                need_sync = true;
+                                f.need_sync = true;
                             }
                         },
                     }
                 }
-                _ = shutdown.wait() => return SessionEnd::Shutdown,
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    let read = tokio::select! {
+                        r = self.watch_and_read(client, &tx, &mut forwarders) => r,
+                        _ = shutdown.wait() => return SessionEnd::Shutdown,
+                    };
+                    match read {
+                        Ok(()) => {
+                            f.need_sync = false;
+                            retry.reset();
+                            self.set_status(|s| s.error = None);
+                        }
+                        Err(e) => match session_end(&e) {
+                            Some(end) => return end,
+                            None => {
+                                let delay = retry.next_delay();
+                                warn!(error = %e, retry_in = ?delay, "full read of ZooKeeper failed");
+                                self.set_status(|s| s.error = Some(format!("full read failed: {e}")));
+                                f.not_before = Instant::now() + delay;
+                            }
+                        },
+                    }
+                }
             }
         }
     }
 
-    /// Adds the three watches (again) and reads everything.
+    /// Takes a session transition; the end of the session, if it is one.
+    fn on_session(&self, s: SessionState, f: &mut Follow) -> Option<SessionEnd> {
+        match s {
+            SessionState::Disconnected => {
+                f.need_sync = true;
+                if f.connected {
+                    f.connected = false;
+                    self.metrics.zk_connected.set(0);
+                    self.set_status(|s| {
+                        s.state = "disconnected";
+                        s.connected = false;
+                    });
+                    warn!("disconnected from ZooKeeper; serving the table in force while reconnecting");
+                }
+            }
+            SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+                // A transition to connected is a reconnect, whether or not the Disconnected
+                // before it was seen: the watches are gone.
+                f.need_sync = true;
+                // After an ensemble member goes away every sidecar reconnects at once: spread
+                // their full reads out rather than hitting the servers together.
+                let spread = (self.settings.session_timeout / 4).min(MAX_RESYNC_SPREAD);
+                f.not_before = Instant::now() + spread.mul_f64(fastrand::f64());
+                if !f.connected {
+                    f.connected = true;
+                    self.metrics.zk_connected.set(1);
+                    self.set_status(|s| {
+                        s.state = "connected";
+                        s.connected = true;
+                    });
+                    info!("reconnected to ZooKeeper: adding the watches again and re-reading everything");
+                }
+            }
+            SessionState::Expired => return Some(SessionEnd::Expired),
+            SessionState::AuthFailed => {
+                warn!("ZooKeeper authentication failed");
+                return Some(SessionEnd::Failed("authentication failed".into()));
+            }
+            SessionState::Closed => return Some(SessionEnd::Failed("session closed".into())),
+        }
+        None
+    }
+
+    /// Adds the three watches (again), syncs, and reads everything.
     async fn watch_and_read(
         &self,
         client: &Client,
-        events: &mpsc::UnboundedSender<NodeEvent>,
-        forwarders: &mut Vec<JoinHandle<()>>,
+        events: &mpsc::UnboundedSender<Watched>,
+        forwarders: &mut Forwarders,
     ) -> Result<(), zookeeper_client::Error> {
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let paths = &self.settings.paths;
-        let mut fresh = Vec::with_capacity(3);
-        for root in [&paths.services, &paths.rules, &paths.policies] {
+        let mut fresh = Forwarders::default();
+        for (i, root) in [&paths.services, &paths.rules, &paths.policies].into_iter().enumerate() {
             let mut watcher = client.watch(root, AddWatchMode::PersistentRecursive).await?;
             let tx = events.clone();
-            fresh.push(tokio::spawn(async move {
+            // Every watcher sees every session transition: one of them reports them.
+            let sessions = i == 0;
+            fresh.0.push(tokio::spawn(async move {
                 loop {
                     let event = watcher.changed().await;
-                    if event.event_type == EventType::Session {
-                        if event.session_state.is_terminated() {
-                            // Polling again after a terminal event panics.
-                            return;
+                    let watched = if event.event_type == EventType::Session {
+                        if !sessions && !event.session_state.is_terminated() {
+                            continue;
                         }
-                        continue;
-                    }
-                    if tx.send(NodeEvent { path: event.path, at: Instant::now() }).is_err() {
+                        Watched::Session(event.session_state)
+                    } else {
+                        Watched::Node { path: event.path, at: Instant::now() }
+                    };
+                    let terminal = matches!(&watched, Watched::Session(s) if s.is_terminated());
+                    if tx.send(watched).is_err() || terminal {
+                        // Polling again after a terminal event panics.
                         return;
                     }
                 }
             }));
         }
         // The new watchers exist: dropping the old ones now keeps the server-side watches.
-        for old in std::mem::replace(forwarders, fresh) {
-            old.abort();
-        }
-        let resync = read_all(client, paths).await?;
+        *forwarders = fresh;
+        self.set_status(|s| s.watches_added = Some(rfc3339_now()));
+        // The server this session reads from may lag behind the leader (a new session can land on
+        // any follower): catch it up before reading, so an older state is never published.
+        client.sync("/").await?;
+        let read = read_all(client, paths).await?;
+        let resync = &read.resync;
         let nodes = resync.instances.len() + resync.rules.len() + resync.policies.len();
         self.metrics.zk_nodes_read.inc_by(nodes as u64);
         info!(
             instances = resync.instances.len(),
             rules = resync.rules.len(),
             policies = resync.policies.len(),
+            unreadable_directories = read.unreadable.len(),
             took_ms = started.elapsed().as_millis() as u64,
             "read everything from ZooKeeper"
         );
-        self.updates.send(Update::new(vec![Change::Resync(resync)], Some(started)));
+        self.set_status(|s| {
+            s.full_reads += 1;
+            s.last_full_read = Some(rfc3339_now());
+        });
+        self.updates.send(Update::new(read.into_changes(), Some(started)));
         Ok(())
     }
 
@@ -291,19 +495,42 @@ impl ZkSource {
     ) -> Result<Vec<Change>, zookeeper_client::Error> {
         let wanted: Vec<(String, NodeRef)> =
             paths.into_iter().filter_map(|p| classify(&self.settings.paths, &p).map(|r| (p, r))).collect();
-        let data = read_data(client, wanted.iter().map(|(p, _)| p.as_str())).await?;
+        let paths: Vec<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
+        let data = read_data(client, &paths).await?;
         self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
         debug!(nodes = wanted.len(), "re-read changed nodes");
-        Ok(wanted.into_iter().zip(data).map(|((_, node), raw)| node.into_change(raw)).collect())
+        Ok(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)).collect())
     }
 }
 
+/// How an error ends the session, if it does; others fail one read, which is tried again.
 fn session_end(e: &zookeeper_client::Error) -> Option<SessionEnd> {
+    use zookeeper_client::Error;
     match e {
-        zookeeper_client::Error::SessionExpired => Some(SessionEnd::Expired),
-        zookeeper_client::Error::ClientClosed | zookeeper_client::Error::AuthFailed => Some(SessionEnd::Failed),
+        Error::SessionExpired => Some(SessionEnd::Expired),
+        Error::ClientClosed => Some(SessionEnd::Failed("client closed".into())),
+        Error::AuthFailed => Some(SessionEnd::Failed("authentication failed".into())),
+        Error::Unimplemented => Some(SessionEnd::Unsupported),
         _ => None,
     }
+}
+
+/// Why a node cannot be read, for `/config` and the log.
+fn unreadable_reason(e: &zookeeper_client::Error) -> String {
+    match e {
+        zookeeper_client::Error::NoAuth => {
+            "unreadable: its ACL does not let zkroute read it (NoAuth; see zookeeper.auth)".into()
+        }
+        e => format!("unreadable: {e}"),
+    }
+}
+
+/// One node's outcome in a read.
+#[derive(Debug)]
+enum NodeRead {
+    Data(RawNode),
+    Gone,
+    Unreadable(String),
 }
 
 /// What a path under one of the trees is.
@@ -315,7 +542,29 @@ enum NodeRef {
 }
 
 impl NodeRef {
-    fn into_change(self, raw: Option<RawNode>) -> Change {
+    fn into_change(self, path: &str, read: NodeRead) -> Change {
+        let raw = match read {
+            NodeRead::Data(raw) => Some(raw),
+            NodeRead::Gone => None,
+            NodeRead::Unreadable(reason) => {
+                // Listed as invalid; a rule or policy keeps its previous version in force.
+                let origin =
+                    Origin { source: SourceKind::Zookeeper, path: Arc::from(path), mzxid: None, version: None };
+                return match self {
+                    NodeRef::Instance(service, id) => Change::Instance {
+                        service,
+                        id: Arc::from(id.as_str()),
+                        doc: Some(Doc { origin, parsed: Err(reason) }),
+                    },
+                    NodeRef::Rule(id) => {
+                        Change::Rule { id: Arc::from(id.as_str()), doc: Some(Doc { origin, parsed: Err(reason) }) }
+                    }
+                    NodeRef::Policy(service) => {
+                        Change::Policy { service, doc: Some(Doc { origin, parsed: Err(reason) }) }
+                    }
+                };
+            }
+        };
         match self {
             NodeRef::Instance(service, id) => instance_change(service, &id, raw),
             NodeRef::Rule(id) => rule_change(&id, raw),
@@ -361,21 +610,19 @@ fn origin(path: &str, stat: &Stat) -> Origin {
     }
 }
 
-/// Children of `path`; none if it does not exist.
-async fn children(client: &Client, path: &str) -> Result<Vec<String>, zookeeper_client::Error> {
+/// A directory's children: none if it does not exist, the reason if this session may not list it.
+async fn children(client: &Client, path: &str) -> Result<Result<Vec<String>, String>, zookeeper_client::Error> {
     match client.list_children(path).await {
-        Ok(c) => Ok(c),
-        Err(zookeeper_client::Error::NoNode) => Ok(Vec::new()),
+        Ok(c) => Ok(Ok(c)),
+        Err(zookeeper_client::Error::NoNode) => Ok(Ok(Vec::new())),
+        Err(e @ zookeeper_client::Error::NoAuth) => Ok(Err(unreadable_reason(&e))),
         Err(e) => Err(e),
     }
 }
 
-/// Reads the data of many nodes with multi-read, in batches; None for a node that is gone.
-async fn read_data<'a>(
-    client: &Client,
-    paths: impl Iterator<Item = &'a str>,
-) -> Result<Vec<Option<RawNode>>, zookeeper_client::Error> {
-    let paths: Vec<&str> = paths.collect();
+/// Reads the data of many nodes with multi-read, in batches. Only the request can fail; each
+/// node is read, gone or unreadable on its own.
+async fn read_data(client: &Client, paths: &[&str]) -> Result<Vec<NodeRead>, zookeeper_client::Error> {
     let mut out = Vec::with_capacity(paths.len());
     for batch in paths.chunks(MULTI_READ_BATCH) {
         let mut reader = client.new_multi_reader();
@@ -385,20 +632,22 @@ async fn read_data<'a>(
         let results = reader.commit().await?;
         for (p, result) in batch.iter().zip(results) {
             out.push(match result {
-                MultiReadResult::Data { data, stat } => Some(RawNode { origin: origin(p, &stat), data }),
-                MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => None,
-                MultiReadResult::Error { err } => return Err(err),
-                MultiReadResult::Children { .. } => None,
-                #[allow(unreachable_patterns)]
-                _ => None,
+                MultiReadResult::Data { data, stat } => NodeRead::Data(RawNode { origin: origin(p, &stat), data }),
+                MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => NodeRead::Gone,
+                MultiReadResult::Error { err } => NodeRead::Unreadable(unreadable_reason(&err)),
+                _ => NodeRead::Gone,
             });
         }
     }
     Ok(out)
 }
 
-/// Lists the children of many nodes with multi-read, in batches; empty for a node that is gone.
-async fn read_children(client: &Client, paths: &[String]) -> Result<Vec<Vec<String>>, zookeeper_client::Error> {
+/// Lists the children of many nodes with multi-read, in batches; empty for a node that is gone,
+/// the reason for one this session may not list.
+async fn read_children(
+    client: &Client,
+    paths: &[String],
+) -> Result<Vec<Result<Vec<String>, String>>, zookeeper_client::Error> {
     let mut out = Vec::with_capacity(paths.len());
     for batch in paths.chunks(MULTI_READ_BATCH) {
         let mut reader = client.new_multi_reader();
@@ -407,63 +656,78 @@ async fn read_children(client: &Client, paths: &[String]) -> Result<Vec<Vec<Stri
         }
         for result in reader.commit().await? {
             out.push(match result {
-                MultiReadResult::Children { children } => children,
-                MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => Vec::new(),
-                MultiReadResult::Error { err } => return Err(err),
-                _ => Vec::new(),
+                MultiReadResult::Children { children } => Ok(children),
+                MultiReadResult::Error { err: zookeeper_client::Error::NoNode } => Ok(Vec::new()),
+                MultiReadResult::Error { err } => Err(unreadable_reason(&err)),
+                _ => Ok(Vec::new()),
             });
         }
     }
     Ok(out)
 }
 
-/// Reads the three trees in full.
-pub async fn read_all(client: &Client, paths: &Paths) -> Result<Resync, zookeeper_client::Error> {
-    let services = children(client, &paths.services).await?;
+/// A full read: the documents, and the directories that could not be listed.
+pub struct FullRead {
+    pub resync: Resync,
+    pub unreadable: Vec<InvalidNode>,
+}
+
+impl FullRead {
+    /// The changes that replace the catalog with this read.
+    pub fn into_changes(self) -> Vec<Change> {
+        vec![Change::Resync(self.resync), Change::Unreadable(self.unreadable)]
+    }
+}
+
+fn unreadable_dir(kind: NodeKind, path: &str, reason: String) -> InvalidNode {
+    InvalidNode { kind, path: path.to_owned(), reason, previous_in_force: false, version: None, mzxid: None }
+}
+
+/// Reads the three trees in full. A node or directory this session may not read is skipped on
+/// its own; only connection and session errors fail the read.
+pub async fn read_all(client: &Client, paths: &Paths) -> Result<FullRead, zookeeper_client::Error> {
+    let mut resync =
+        Resync { source: SourceKind::Zookeeper, instances: Vec::new(), rules: Vec::new(), policies: Vec::new() };
+    let mut unreadable = Vec::new();
+    let mut listed = |kind: NodeKind, path: &str, children: Result<Vec<String>, String>| match children {
+        Ok(c) => c,
+        Err(reason) => {
+            unreadable.push(unreadable_dir(kind, path, reason));
+            Vec::new()
+        }
+    };
+
+    // Instances: the service directories, then their children, then the nodes.
+    let services = listed(NodeKind::Instance, &paths.services, children(client, &paths.services).await?);
     let service_paths: Vec<String> = services.iter().map(|s| join(&paths.services, s)).collect();
-    let instance_ids = read_children(client, &service_paths).await?;
-    let names: Vec<ServiceName> = services.iter().map(|s| ServiceName::new(s)).collect();
-    let refs: Vec<(usize, String)> =
-        instance_ids.into_iter().enumerate().flat_map(|(s, ids)| ids.into_iter().map(move |id| (s, id))).collect();
+    let mut refs = Vec::new();
+    for ((service, path), ids) in services.iter().zip(&service_paths).zip(read_children(client, &service_paths).await?)
+    {
+        for id in listed(NodeKind::Instance, path, ids) {
+            refs.push((join(path, &id), NodeRef::Instance(ServiceName::new(service), id)));
+        }
+    }
+    let rule_ids = listed(NodeKind::Rule, &paths.rules, children(client, &paths.rules).await?);
+    refs.extend(rule_ids.into_iter().map(|id| (join(&paths.rules, &id), NodeRef::Rule(id))));
+    let policy_names = listed(NodeKind::Policy, &paths.policies, children(client, &paths.policies).await?);
+    refs.extend(policy_names.into_iter().map(|s| (join(&paths.policies, &s), NodeRef::Policy(ServiceName::new(&s)))));
+
     // Read and parse batch by batch, so that the raw bytes of only one batch are alive at a time.
-    let mut instances = Vec::with_capacity(refs.len());
-    for batch in refs.chunks(MULTI_READ_BATCH) {
-        let batch_paths: Vec<String> = batch.iter().map(|(s, id)| join(&service_paths[*s], id)).collect();
-        let data = read_data(client, batch_paths.iter().map(String::as_str)).await?;
-        for ((s, id), raw) in batch.iter().zip(data) {
-            if let Change::Instance { service, id, doc: Some(doc) } = instance_change(names[*s].clone(), id, raw) {
-                instances.push((service, id, doc));
+    let mut refs = refs.into_iter().peekable();
+    while refs.peek().is_some() {
+        let batch: Vec<(String, NodeRef)> = refs.by_ref().take(MULTI_READ_BATCH).collect();
+        let batch_paths: Vec<&str> = batch.iter().map(|(p, _)| p.as_str()).collect();
+        let data = read_data(client, &batch_paths).await?;
+        for ((path, node), read) in batch.into_iter().zip(data) {
+            match node.into_change(&path, read) {
+                Change::Instance { service, id, doc: Some(doc) } => resync.instances.push((service, id, doc)),
+                Change::Rule { id, doc: Some(doc) } => resync.rules.push((id, doc)),
+                Change::Policy { service, doc: Some(doc) } => resync.policies.push((service, doc)),
+                _ => {}
             }
         }
     }
-
-    let rule_ids = children(client, &paths.rules).await?;
-    let data = read_data(
-        client,
-        rule_ids.iter().map(|id| join(&paths.rules, id)).collect::<Vec<_>>().iter().map(String::as_str),
-    )
-    .await?;
-    let rules = rule_ids
-        .iter()
-        .zip(data)
-        .filter_map(|(id, raw)| match rule_change(id, Some(raw?)) {
-            Change::Rule { id, doc: Some(doc) } => Some((id, doc)),
-            _ => None,
-        })
-        .collect();
-
-    let policy_names = children(client, &paths.policies).await?;
-    let policy_paths: Vec<String> = policy_names.iter().map(|s| join(&paths.policies, s)).collect();
-    let data = read_data(client, policy_paths.iter().map(String::as_str)).await?;
-    let policies = policy_names
-        .iter()
-        .zip(data)
-        .filter_map(|(name, raw)| match policy_change(ServiceName::new(name), Some(raw?)) {
-            Change::Policy { service, doc: Some(doc) } => Some((service, doc)),
-            _ => None,
-        })
-        .collect();
-    Ok(Resync { source: SourceKind::Zookeeper, instances, rules, policies })
+    Ok(FullRead { resync, unreadable })
 }
 
 #[cfg(test)]

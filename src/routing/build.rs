@@ -93,6 +93,9 @@ pub enum Change {
     },
     /// Everything the source holds, replacing the catalog.
     Resync(Resync),
+    /// Directories (roots, service directories) a full read could not list, each with the
+    /// reason; replaces the previous list. Listed as invalid, like nodes that do not parse.
+    Unreadable(Vec<InvalidNode>),
     /// Active checks or outlier detection changed some endpoints of these services.
     Health(Vec<ServiceName>),
 }
@@ -159,6 +162,8 @@ pub struct Builder {
     policies: BTreeMap<ServiceName, PolicySlot>,
     invalid: Invalids,
     invalid_view: Arc<[InvalidNode]>,
+    /// Keys in `invalid` of the directories the last full read could not list.
+    unreadable: BTreeSet<(NodeKind, String)>,
     // From the last build.
     services: ServiceMapBuilder,
     /// Each listener's routes, reused when rules did not change.
@@ -194,6 +199,7 @@ impl Builder {
             policies: BTreeMap::new(),
             invalid: Invalids::default(),
             invalid_view: Arc::from(Vec::new()),
+            unreadable: BTreeSet::new(),
             services: ServiceMapBuilder::default(),
             listener_routes: Vec::new(),
             invalid_changed: true,
@@ -233,6 +239,7 @@ impl Builder {
             Change::Rule { id, doc } => self.apply_rule(id, doc),
             Change::Policy { service, doc } => self.apply_policy(service, doc),
             Change::Resync(resync) => self.apply_resync(resync),
+            Change::Unreadable(nodes) => self.apply_unreadable(nodes),
             Change::Health(services) => self.dirty_services.extend(services),
         }
     }
@@ -332,6 +339,17 @@ impl Builder {
         self.delta.policies_changed += 1;
         self.delta.services.insert(service.clone());
         self.dirty_services.insert(service);
+    }
+
+    fn apply_unreadable(&mut self, nodes: Vec<InvalidNode>) {
+        let now: BTreeSet<(NodeKind, String)> = nodes.iter().map(|n| (n.kind, n.path.clone())).collect();
+        for gone in self.unreadable.difference(&now) {
+            self.invalid.nodes.remove(gone);
+        }
+        for node in nodes {
+            self.invalid.note_node(node);
+        }
+        self.unreadable = now;
     }
 
     fn apply_resync(&mut self, resync: Resync) {
@@ -792,17 +810,25 @@ impl Invalids {
             version: origin.version,
             mzxid: origin.mzxid,
         };
+        self.note_node(fresh);
+    }
+
+    /// Records an invalid node, logging it unless this version was recorded for this reason.
+    fn note_node(&mut self, fresh: InvalidNode) {
+        let key = (fresh.kind, fresh.path.clone());
+        let (kind, reason, previous_in_force) = (fresh.kind, &fresh.reason, fresh.previous_in_force);
         let seen = self
             .nodes
             .get(&key)
             .is_some_and(|old| old.version == fresh.version && old.mzxid == fresh.mzxid && old.reason == fresh.reason);
         if !seen {
             self.logged += 1;
+            let (path, version) = (&fresh.path, fresh.version);
             if previous_in_force {
-                warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason,
+                warn!(kind = kind.as_str(), %path, ?version, %reason,
                     "invalid node skipped; its previous version stays in force");
             } else {
-                warn!(kind = kind.as_str(), path = %origin.path, version = ?origin.version, %reason, "invalid node skipped");
+                warn!(kind = kind.as_str(), %path, ?version, %reason, "invalid node skipped");
             }
         }
         self.nodes.insert(key, fresh);

@@ -9,6 +9,7 @@ pub mod deps;
 pub mod routes;
 pub mod tcp;
 pub mod zk;
+pub mod zk_fault;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ pub use binary::Binary;
 pub use routes::{RouteSource, Routes};
 pub use tcp::{Checksum, TcpServer};
 pub use zk::{Chroot, Ensemble, Zk, ZkClient, free_port};
+pub use zk_fault::{Action, FaultProxy, When};
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` saying what was awaited.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T

@@ -186,6 +186,12 @@ pub struct Chroot {
 }
 
 impl Chroot {
+    /// The same chroot reached through `proxy` (which forwards to this chroot's server).
+    pub fn via(&self, proxy: &super::FaultProxy) -> Chroot {
+        let path = self.connect.find('/').map_or("", |i| &self.connect[i..]);
+        Chroot { connect: proxy.connect_string(path) }
+    }
+
     pub async fn client(&self) -> ZkClient {
         ZkClient(Client::connect(&self.connect).await.expect("connect to the chroot"))
     }
