@@ -18,22 +18,24 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
-use crate::discovery::zk::{Paths, ZkSettings, ZkSource, ZkStatus, ZkStatusHandle};
+use crate::discovery::zk::{ZkSource, ZkStatus, ZkStatusHandle};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
 use crate::health::checker::Checker;
 use crate::health::{BackendGauges, HealthReporter};
 use crate::metrics::Metrics;
+use crate::net::{DEFAULT_LOOPBACK_CONGESTION, LoopbackCongestion};
 use crate::proxy::http::HttpContext;
 use crate::proxy::tcp::{RelayMemory, TcpContext};
-use crate::proxy::upstream::{DEFAULT_LOOPBACK_CONGESTION, LoopbackCongestion, PoolSettings, Pools};
-use crate::proxy::{self, Limits, Tracker};
+use crate::proxy::upstream::{PoolSettings, Pools};
+use crate::proxy::{Limits, Tracker};
 use crate::register::Registrations;
 use crate::routing::SourceKind;
 use crate::routing::build::{Delta, Resync};
 use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
+use crate::zookeeper::ZkSettings;
 
 /// A started zkroute.
 pub struct App {
@@ -81,7 +83,7 @@ impl App {
         // Bind every listener before anything starts, so a bad one fails the start.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let socket = proxy::listen(l.bind, &congestion)
+            let socket = crate::net::listen(l.bind, &congestion)
                 .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, l.bind))?;
             bound.push((l, socket));
         }
@@ -180,7 +182,12 @@ impl App {
             None
         } else {
             let owner = crate::register::owner_token(config.zookeeper.snapshot.as_deref());
-            Some(Registrations::start(zk_settings(&config)?, config.registrations.clone(), metrics.clone(), owner))
+            Some(Registrations::start(
+                ZkSettings::from_config(&config.zookeeper)?,
+                config.registrations.clone(),
+                metrics.clone(),
+                owner,
+            ))
         };
         let reg_status = registrations.as_ref().map(Registrations::status_handle);
         let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();
@@ -316,31 +323,7 @@ fn spawn_source(
         return Ok(tokio::spawn(source.run(shutdown)));
     }
     let status = status.unwrap_or_else(|| ZkStatus::handle(&config.zookeeper.connect));
-    Ok(tokio::spawn(ZkSource { settings: zk_settings(config)?, updates, metrics, status }.run(shutdown)))
-}
-
-/// How to reach ZooKeeper, from the configuration.
-pub fn zk_settings(config: &Config) -> anyhow::Result<ZkSettings> {
-    let zk = &config.zookeeper;
-    let auth = match (&zk.auth, &zk.auth_file) {
-        (Some(a), _) => Some(a.clone().into_bytes()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("zookeeper.auth_file: cannot read {}", path.display()))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-        ),
-        (None, None) => None,
-    };
-    Ok(ZkSettings {
-        connect: zk.connect.clone(),
-        session_timeout: zk.session_timeout.0,
-        paths: Paths {
-            services: zk.services_path.clone(),
-            rules: zk.rules_path.clone(),
-            policies: zk.policies_path.clone(),
-        },
-        auth,
-    })
+    Ok(tokio::spawn(
+        ZkSource { settings: ZkSettings::from_config(&config.zookeeper)?, updates, metrics, status }.run(shutdown),
+    ))
 }

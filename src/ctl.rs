@@ -18,12 +18,13 @@ use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
 
 use crate::config::Config;
 use crate::discovery::formats::parse_instance;
-use crate::discovery::zk::{self, ZkSettings};
+use crate::discovery::zk;
 use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
 use crate::routing::build::{Builder, Change};
 use crate::routing::documents::{Backend, Policy, Rule};
 use crate::routing::{NodeKind, key_versions};
+use crate::zookeeper::ZkSettings;
 
 /// What a ctl command came to.
 #[derive(Debug)]

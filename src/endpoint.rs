@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::routing::EndpointKey;
+use crate::names::EndpointKey;
 
 /// What active health checks last concluded.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]

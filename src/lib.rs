@@ -1,16 +1,28 @@
 //! zkroute: a sidecar routing proxy driven by ZooKeeper.
 //!
-//! The architecture in a dozen lines:
-//! - [`config`] reads the local TOML file, flags and `ZKROUTE_*` variables.
-//! - [`discovery`] is the control plane: a source ([`discovery::zk`] or [`discovery::file`]) reads
-//!   naming, rule and policy nodes; [`discovery::formats`] parses every instance format; the
-//!   control loop feeds them to the [`routing::Builder`] and publishes each table whole.
-//! - [`routing`] holds the domain types and the immutable [`routing::RoutingTable`]; it does no I/O.
-//!   [`routing::store`] is the only place that touches arc-swap.
-//! - [`endpoint`] keeps per-endpoint state (health, ejection, in-flight) outside the table, keyed
-//!   by a stable endpoint id, so it survives swaps.
-//! - [`admin`] serves `/metrics`, `/healthz`, `/ready`, `/config`; [`metrics`] registers every family.
-//! - [`app`] wires it all together; `main` is flags, telemetry, config, run, signal, drain.
+//! The modules, from the bottom up; each imports only modules listed above it, so the import
+//! graph has no cycle and no arrow pointing up:
+//! - [`names`]: service names, addresses, endpoint keys: the vocabulary everything is keyed by.
+//! - [`shutdown`], [`config`] (the local TOML file, flags and `ZKROUTE_*` variables, validated),
+//!   [`access_log`], [`net`] (sockets: listen and connect as zkroute wants them): leaves.
+//! - [`endpoint`]: per-endpoint state (health, ejection, in-flight, pools) kept outside the table
+//!   by endpoint key, so it survives table swaps.
+//! - [`routing`]: the domain and the immutable [`routing::RoutingTable`], built from documents by
+//!   [`routing::Builder`]; no I/O. [`routing::store`] is the only place that touches arc-swap.
+//! - [`metrics`]: every metric family, registered once; it counts routes through the
+//!   [`routing::table::TargetStats`] interface, so routing knows no metric type.
+//! - [`zookeeper`]: session plumbing (settings, credentials, ACLs, backoff, batched multi-reads)
+//!   shared by discovery, registration and `ctl`.
+//! - [`health`]: active checks and passive outlier detection; they write endpoint state and tell
+//!   the control loop which services to rebuild.
+//! - [`discovery`]: the control plane. A source ([`discovery::zk`] or [`discovery::file`]) reads
+//!   naming, rule and policy nodes ([`discovery::formats`] parses every instance format); the
+//!   control loop builds and publishes each table whole. It never imports the data plane.
+//! - [`proxy`]: the data plane. Listeners, matching, balancing, forwarding; it reads the table and
+//!   endpoint state and never waits on the control plane.
+//! - [`register`]: registers the local app in ZooKeeper (naming). [`admin`]: `/`, `/metrics`,
+//!   `/healthz`, `/ready`, `/config`. [`ctl`]: the operator CLI.
+//! - [`app`] wires them all; `main` is flags, telemetry, config, run, signal, drain.
 
 pub mod access_log;
 pub mod admin;
@@ -21,10 +33,13 @@ pub mod discovery;
 pub mod endpoint;
 pub mod health;
 pub mod metrics;
+pub mod names;
+pub mod net;
 pub mod proxy;
 pub mod register;
 pub mod routing;
 pub mod shutdown;
+pub mod zookeeper;
 
 pub use app::App;
 pub use config::{Config, ConfigArgs, ConfigError};

@@ -75,10 +75,10 @@ fn ctl(args: ConfigArgs, command: zkroute::ctl::Command, json: bool) -> ExitCode
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let settings = match zkroute::app::zk_settings(&config) {
+    let settings = match zkroute::zookeeper::ZkSettings::from_config(&config.zookeeper) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("zkroute ctl: {e:#}");
+            eprintln!("zkroute ctl: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

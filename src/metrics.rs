@@ -1,12 +1,14 @@
 //! Every metric family of the README's "Observability", registered once at start in a registry owned by the
 //! process (not the global one, so several proxies can run in one test binary).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+
+use crate::routing::table::{StatsSource, TargetStats};
 
 /// Metric names, in one place.
 pub mod names {
@@ -255,42 +257,6 @@ impl RouteStats {
         }
     }
 
-    /// Counts a request answered with `code`, which took `elapsed` to its response head.
-    #[inline]
-    pub fn observe(&self, code: u16, elapsed: std::time::Duration) {
-        if !self.enabled {
-            return;
-        }
-        self.duration.observe(elapsed.as_secs_f64());
-        self.counter(code).inc();
-    }
-
-    #[inline]
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// Counts a failed connection attempt to an endpoint.
-    pub fn connect_failed(&self) {
-        if self.enabled {
-            self.connect_errors.inc();
-        }
-    }
-
-    /// Counts an extra attempt after a failed one.
-    pub fn retried(&self) {
-        if self.enabled {
-            self.retries.inc();
-        }
-    }
-
-    /// Counts a TCP connection taken by this route.
-    pub fn tcp_accepted(&self) {
-        if self.enabled {
-            self.tcp_connections.inc();
-        }
-    }
-
     fn counter(&self, code: u16) -> IntCounter {
         for slot in &self.codes {
             let (c, counter) = slot.get_or_init(|| (code, self.child(code)));
@@ -304,6 +270,41 @@ impl RouteStats {
     fn child(&self, code: u16) -> IntCounter {
         let mut buf = [0u8; 5];
         self.requests.with_label_values(&[&*self.listener, &*self.service, status_text(code, &mut buf)])
+    }
+}
+
+impl TargetStats for RouteStats {
+    #[inline]
+    fn observe(&self, code: u16, elapsed: std::time::Duration) {
+        if !self.enabled {
+            return;
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+        self.counter(code).inc();
+    }
+
+    fn connect_failed(&self) {
+        if self.enabled {
+            self.connect_errors.inc();
+        }
+    }
+
+    fn retried(&self) {
+        if self.enabled {
+            self.retries.inc();
+        }
+    }
+
+    fn tcp_accepted(&self) {
+        if self.enabled {
+            self.tcp_connections.inc();
+        }
+    }
+}
+
+impl StatsSource for Metrics {
+    fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats> {
+        Arc::new(RouteStats::new(self, listener, service))
     }
 }
 

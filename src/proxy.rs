@@ -16,30 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-
-/// Binds and listens on `addr` as `TcpListener::bind` does, with what every accepted connection
-/// should have set first, since Linux copies a listener's options into the sockets it accepts:
-/// Nagle off (responses and relayed bytes are written whole) and, if `addr` is a loopback one,
-/// the loopback congestion control. That saves a system call per connection.
-pub fn listen(addr: SocketAddr, congestion: &upstream::LoopbackCongestion) -> std::io::Result<TcpListener> {
-    let socket = tcp_socket(addr)?;
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    congestion.apply(&socket, addr.ip());
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
-/// A TCP socket of `addr`'s family, to set options on before it binds or connects.
-fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
-    if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-}
 
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
 /// and connections beyond `max` open ones are closed at once and counted.
@@ -92,7 +74,7 @@ pub struct Limits {
     /// Shared by every TCP listener: what their relay buffers may grow into.
     pub tcp_relay_memory: Arc<tcp::RelayMemory>,
     /// For upstream connections to this host.
-    pub congestion: upstream::LoopbackCongestion,
+    pub congestion: crate::net::LoopbackCongestion,
 }
 
 /// Counts a listener's open connections, for the connection limit and for draining.

@@ -24,10 +24,10 @@ use tracing::{info, warn};
 use zookeeper_client::{Acls, Client, CreateMode, SessionState, Stat};
 
 use crate::config::{HumanDuration, RegisterCheck, RegisterConfig};
-use crate::discovery::zk::{Backoff, ZkSettings};
 use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::routing::Addr;
+use crate::zookeeper::{Backoff, ZkSettings};
 
 /// What `/config` shows of one registration.
 #[derive(Clone, Debug, Serialize)]

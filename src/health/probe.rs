@@ -61,8 +61,7 @@ pub enum ProbeError {
 /// Probes `addr` within `timeout`.
 pub async fn probe(addr: &Addr, probe: Probe<'_>, timeout: Duration, user_agent: &str) -> Result<Passed, ProbeError> {
     let attempt = async {
-        let mut stream =
-            crate::proxy::upstream::connect(addr, timeout, &Default::default()).await.map_err(ProbeError::Connect)?;
+        let mut stream = crate::net::connect(addr, timeout, &Default::default()).await.map_err(ProbeError::Connect)?;
         let Probe::Http { host, path } = probe else { return Ok(Passed::Connected) };
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {user_agent}\r\nConnection: close\r\n\r\n");

@@ -15,7 +15,6 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::balance::{self, PickInput, Tried};
-use super::upstream;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
 use crate::health::HealthReporter;
@@ -148,7 +147,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
         };
         tried.push(i);
         let endpoint = &target.set.endpoints[i];
-        match upstream::connect(&endpoint.addr, target.set.policy.connect_timeout, &ctx.limits.congestion).await {
+        match crate::net::connect(&endpoint.addr, target.set.policy.connect_timeout, &ctx.limits.congestion).await {
             Ok(s) => {
                 endpoint.state.record_success();
                 break (s, endpoint.state.start_request());

@@ -11,11 +11,10 @@ use tracing::warn;
 use super::documents::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
-    RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, Target,
+    RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats,
 };
 use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::StateRegistry;
-use crate::metrics::{Metrics, RouteStats};
 
 /// Instances removed this shortly before their service became empty count as having vanished
 /// together, for `protect_from_empty`.
@@ -150,9 +149,9 @@ enum SetKey {
 /// Owns the catalog and builds tables from it.
 pub struct Builder {
     listeners: Arc<[ListenerSpec]>,
-    metrics: Arc<Metrics>,
+    stats_source: Arc<dyn StatsSource>,
     /// Metric children per (listener, service label), kept across builds.
-    stats: HashMap<(usize, Arc<str>), Arc<RouteStats>>,
+    stats: HashMap<(usize, Arc<str>), Arc<dyn TargetStats>>,
     defaults: Defaults,
     states: Arc<StateRegistry>,
     source: SourceKind,
@@ -184,11 +183,11 @@ impl Builder {
         listeners: Vec<ListenerSpec>,
         defaults: Defaults,
         states: Arc<StateRegistry>,
-        metrics: Arc<Metrics>,
+        stats_source: Arc<dyn StatsSource>,
     ) -> Self {
         Builder {
             listeners: listeners.into(),
-            metrics,
+            stats_source,
             stats: HashMap::new(),
             defaults,
             states,
@@ -648,12 +647,9 @@ impl Builder {
         (timeout.unwrap_or(self.defaults.timeout), retries.or(policy_retries).unwrap_or(self.defaults.retries))
     }
 
-    fn stats_for(&mut self, id: usize, listener: &str, label: &Arc<str>) -> Arc<RouteStats> {
-        let metrics = &self.metrics;
-        self.stats
-            .entry((id, label.clone()))
-            .or_insert_with(|| Arc::new(RouteStats::new(metrics, listener, label)))
-            .clone()
+    fn stats_for(&mut self, id: usize, listener: &str, label: &Arc<str>) -> Arc<dyn TargetStats> {
+        let source = &self.stats_source;
+        self.stats.entry((id, label.clone())).or_insert_with(|| source.target_stats(listener, label)).clone()
     }
 
     fn targets(&mut self, id: usize, listener: &str, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {

@@ -13,7 +13,6 @@ use super::documents::{Backend, HeaderLookup, HealthCheck, LbPolicy, Outlier, Ru
 use super::index::RouteIndex;
 use super::{Addr, Instance, NodeKind, Origin, ServiceName, SourceKind};
 use crate::endpoint::EndpointState;
-use crate::metrics::RouteStats;
 
 /// Index of a listener in the local configuration's listener list.
 pub type ListenerId = usize;
@@ -447,13 +446,33 @@ impl EndpointSet {
     }
 }
 
+/// How a route's traffic is counted: resolved once per listener and service when a table is
+/// built, so that recording a request costs a few atomic adds and no label lookup. The metrics
+/// registry provides them ([`StatsSource`]); the routing domain knows only this interface.
+pub trait TargetStats: Send + Sync {
+    /// A request answered with `code`, which took `elapsed` to its response head.
+    fn observe(&self, code: u16, elapsed: std::time::Duration);
+    /// A failed connection attempt to an endpoint.
+    fn connect_failed(&self);
+    /// An extra attempt after a failed one.
+    fn retried(&self);
+    /// A TCP connection taken by the route.
+    fn tcp_accepted(&self);
+}
+
+/// Makes the [`TargetStats`] of each listener and service, for the table builder.
+pub trait StatsSource: Send + Sync {
+    /// `service` is empty for the requests of `listener` that no rule matched.
+    fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats>;
+}
+
 /// One weighted target of a route.
 pub struct Target {
     pub backend: Backend,
     pub weight: u32,
     pub set: Arc<EndpointSet>,
-    /// Metrics of this listener and the target's service.
-    pub stats: Arc<RouteStats>,
+    /// How this listener's requests to the target's service are counted.
+    pub stats: Arc<dyn TargetStats>,
 }
 
 /// A rule compiled for one listener.
@@ -508,12 +527,12 @@ pub struct ListenerRoutes {
     pub routes: Box<[Arc<Route>]>,
     index: Arc<RouteIndex>,
     /// Metrics of requests no rule matched.
-    pub no_route: Arc<RouteStats>,
+    pub no_route: Arc<dyn TargetStats>,
 }
 
 impl ListenerRoutes {
     /// Indexes `routes`, which must already be in match order.
-    pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>, no_route: Arc<RouteStats>) -> Self {
+    pub fn new(name: Box<str>, protocol: Protocol, routes: Vec<Arc<Route>>, no_route: Arc<dyn TargetStats>) -> Self {
         let index = Arc::new(RouteIndex::new(routes.iter().map(|r| r.rule.as_ref().map(|r| &r.matcher))));
         ListenerRoutes { name, protocol, routes: routes.into_boxed_slice(), index, no_route }
     }

@@ -18,13 +18,12 @@ use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
-use crate::metrics::RouteStats;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::upstream::{self, Conn};
 use crate::routing::documents::{HashOn, LbPolicy};
-use crate::routing::table::{Route, Target, hash_bytes};
+use crate::routing::table::{Route, Target, TargetStats, hash_bytes};
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
 const CLIENT_BUF: usize = 16 * 1024;
@@ -296,7 +295,7 @@ impl Connection {
                 None => {
                     let now = tokio::time::Instant::now();
                     let connect_timeout = policy.connect_timeout.min(deadline.saturating_duration_since(now));
-                    match upstream::connect(&endpoint.addr, connect_timeout, &self.ctx.limits.congestion).await {
+                    match crate::net::connect(&endpoint.addr, connect_timeout, &self.ctx.limits.congestion).await {
                         Ok(s) => Conn::new(s),
                         Err(e) => {
                             target.stats.connect_failed();
@@ -376,7 +375,7 @@ impl Connection {
 
     /// Matches the request to a route and picks the target.
     #[allow(clippy::type_complexity)]
-    fn route(&self, head: &RequestHead) -> Result<(Arc<Route>, TargetRef), (ProxyError, Option<Arc<RouteStats>>)> {
+    fn route(&self, head: &RequestHead) -> Result<(Arc<Route>, TargetRef), (ProxyError, Option<Arc<dyn TargetStats>>)> {
         let guard = self.ctx.routes.load();
         let Some(table) = guard.as_ref() else { return Err((ProxyError::NotReady, None)) };
         let Some(listener) = table.listener(self.ctx.listener) else { return Err((ProxyError::NotReady, None)) };

@@ -27,7 +27,7 @@ use super::head::{self, Parse};
 use crate::endpoint::InFlight;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
-use crate::proxy::upstream::{self, Conn, Pool};
+use crate::proxy::upstream::{Conn, Pool};
 use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::hash_bytes;
 
@@ -296,7 +296,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                     .policy
                     .connect_timeout
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                match upstream::connect(&endpoint.addr, timeout, &ctx.limits.congestion).await {
+                match crate::net::connect(&endpoint.addr, timeout, &ctx.limits.congestion).await {
                     Ok(s) => Conn::new(s),
                     Err(_) => {
                         target.stats.connect_failed();

@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use super::*;
 use crate::discovery::{instance_change, policy_change, rule_change};
 use crate::endpoint::Health;
+use crate::metrics::Metrics;
 use crate::routing::table;
 use crate::routing::table::Protocol;
 
