@@ -1,5 +1,9 @@
-//! The admin port (README: "What it serves"): `/metrics`, `/healthz`, `/ready`, `/config`. Loopback by default
-//! and never a data-plane port.
+//! The admin port (README: "What it serves"): `/` (the dashboard), `/metrics`, `/healthz`,
+//! `/ready`, `/config`. Loopback by default and never a data-plane port.
+
+mod dashboard;
+mod html;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use crate::discovery::swaps::SwapLog;
 use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
 use crate::routing::documents::{Backend, CheckKind, HashOn, LbPolicy};
@@ -34,6 +39,10 @@ pub struct AdminState {
     pub binds: Arc<BTreeMap<String, String>>,
     /// Extra sections for `/config` (registration state), rendered on request.
     pub extra: Arc<dyn Fn() -> Vec<(&'static str, Value)> + Send + Sync>,
+    /// The last table swaps, for `/config` and the dashboard.
+    pub swaps: SwapLog,
+    /// Counter samples for the dashboard's rates.
+    pub traffic: Arc<traffic::Traffic>,
 }
 
 /// Serves the admin endpoints until the task is stopped; it keeps answering while the proxy
@@ -50,9 +59,17 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                    if matches!(path.as_str(), "/healthz" | "/ready") {
+                        return Ok::<_, Infallible>(handle(&state, &method, &path));
+                    }
+                    // Rendering a large table takes a while: not on a thread that serves requests.
+                    let rendered = tokio::task::spawn_blocking(move || handle(&state, &method, &path)).await;
+                    Ok(rendered.unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n")))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -69,11 +86,12 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    match req.uri().path() {
+    match path {
+        "/" if state.config_endpoint => dashboard_page(state),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
             if state.draining.load(Ordering::Relaxed) {
@@ -98,9 +116,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 None => json!({ "loaded": false }),
             };
             if let Value::Object(map) = &mut doc {
-                for (k, v) in (state.extra)() {
-                    map.insert(k.to_owned(), v);
-                }
+                map.extend(status_sections(state));
             }
             let mut body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
             body.push(b'\n');
@@ -108,9 +124,50 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             r
         }
-        "/config" => text(StatusCode::NOT_FOUND, "/config is switched off (admin.config_endpoint = false)\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics /healthz /ready /config\n"),
+        "/config" | "/" => {
+            text(StatusCode::NOT_FOUND, "/config and the dashboard are switched off (admin.config_endpoint = false)\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try / /metrics /healthz /ready /config\n"),
     }
+}
+
+/// The sections of `/config` that are not the routing table: the last swaps and the extra
+/// sections (registrations, ...). The dashboard shows them too.
+pub fn status_sections(state: &AdminState) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("recent_swaps".into(), serde_json::to_value(state.swaps.recent()).unwrap_or_default());
+    for (k, v) in (state.extra)() {
+        map.insert(k.to_owned(), v);
+    }
+    map
+}
+
+fn dashboard_page(state: &AdminState) -> Response<Full<Bytes>> {
+    let table = state.routes.current();
+    let status = status_sections(state);
+    let swaps = state.swaps.recent();
+    let traffic = state.traffic.observe(&state.metrics, std::time::Instant::now());
+    let page = dashboard::Page {
+        table: table.as_deref(),
+        binds: &state.binds,
+        status: &status,
+        swaps: &swaps,
+        traffic: &traffic,
+        metrics: &state.metrics,
+        draining: state.draining.load(Ordering::Relaxed),
+        now: std::time::SystemTime::now(),
+    };
+    let mut r = text(StatusCode::OK, dashboard::render(&page));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+    // Defence in depth behind the escaping: the page has no script and loads nothing.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
 }
 
 /// The whole table as JSON.

@@ -109,7 +109,15 @@ impl App {
                 updates.clone(),
             )));
         }
-        let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
+        let swaps = crate::discovery::swaps::SwapLog::default();
+        let control = Control {
+            builder,
+            writer,
+            metrics: metrics.clone(),
+            states: states.clone(),
+            on_publish,
+            swaps: swaps.clone(),
+        };
         tasks.push(tokio::spawn(control.run(update_rx)));
         tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), shutdown.clone())?);
         let p = &config.proxy;
@@ -192,6 +200,8 @@ impl App {
                 }
                 None => Vec::new(),
             }),
+            swaps,
+            traffic: Arc::default(),
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
         info!(admin = %admin_addr, "zkroute started");

@@ -113,7 +113,8 @@ impl Default for ZookeeperConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
-    /// Serve `/config` (the whole table, with addresses). Off on hosts where that is sensitive.
+    /// Serve `/config` and the dashboard (the whole table, with addresses). Off on hosts where
+    /// that is sensitive.
     pub config_endpoint: bool,
 }
 
@@ -335,8 +336,8 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.snapshot", ValueKind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
     ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
     ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
-    ("admin.bind", ValueKind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
-    ("admin.config_endpoint", ValueKind::Bool, "serve /config [default: true]"),
+    ("admin.bind", ValueKind::Str, "admin address for / /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
+    ("admin.config_endpoint", ValueKind::Bool, "serve /config and the dashboard at / [default: true]"),
     ("proxy.timeout", ValueKind::Str, "default whole-request timeout [default: 15s]"),
     ("proxy.retries", ValueKind::Int, "default extra attempts [default: 1]"),
     ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout [default: 1s]"),

@@ -9,7 +9,8 @@
 //!   [`routing::store`] is the only place that touches arc-swap.
 //! - [`endpoint`] keeps per-endpoint state (health, ejection, in-flight) outside the table, keyed
 //!   by a stable endpoint id, so it survives swaps.
-//! - [`admin`] serves `/metrics`, `/healthz`, `/ready`, `/config`; [`metrics`] registers every family.
+//! - [`admin`] serves the dashboard, `/metrics`, `/healthz`, `/ready`, `/config`; [`metrics`] registers
+//!   every family.
 //! - [`app`] wires it all together; `main` is flags, telemetry, config, run, signal, drain.
 
 pub mod access_log;

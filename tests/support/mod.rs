@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod binary;
+pub mod browser;
 pub mod deps;
 pub mod routes;
 pub mod tcp;
