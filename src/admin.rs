@@ -5,10 +5,10 @@ mod dashboard;
 mod html;
 pub mod traffic;
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -23,9 +23,35 @@ use tracing::debug;
 use crate::discovery::swaps::SwapLog;
 use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
+use crate::proxy::Tracker;
 use crate::routing::documents::{Backend, CheckKind, HashOn, LbPolicy};
 use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
 use crate::routing::{RouteReader, RoutingTable};
+
+/// A local listener as `/config` and the dashboard show it.
+#[derive(Clone, Debug)]
+pub struct ListenerInfo {
+    pub bind: SocketAddr,
+    /// Set once a configuration reload removed it: its connections, until they are gone.
+    pub draining: Option<Arc<Tracker>>,
+}
+
+impl ListenerInfo {
+    /// Removed and drained: nothing to show.
+    fn is_gone(&self) -> bool {
+        self.draining.as_ref().is_some_and(|t| t.active() == 0)
+    }
+}
+
+/// The local listeners by table slot ([`ListenerId`](crate::routing::table::ListenerId)); None
+/// for a free slot.
+pub type ListenerBook = Arc<Mutex<Vec<Option<ListenerInfo>>>>;
+
+/// The listeners to show: each table slot with its listener, if it has one still.
+pub fn shown_listeners<'a>(table: &'a RoutingTable, book: &ListenerBook) -> Vec<(&'a ListenerRoutes, ListenerInfo)> {
+    let book = book.lock().map(|b| b.clone()).unwrap_or_default();
+    table.listeners.iter().zip(book).filter_map(|(l, info)| info.filter(|i| !i.is_gone()).map(|i| (l, i))).collect()
+}
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -35,8 +61,8 @@ pub struct AdminState {
     pub config_endpoint: bool,
     /// Set when draining starts: `/ready` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
-    /// Local listener addresses, by listener name, for `/config`.
-    pub binds: Arc<BTreeMap<String, String>>,
+    /// The local listeners, by table slot.
+    pub listeners: ListenerBook,
     /// Extra sections for `/config` (registration state), rendered on request.
     pub extra: Arc<dyn Fn() -> Vec<(&'static str, Value)> + Send + Sync>,
     /// The last table swaps, for `/config` and the dashboard.
@@ -112,7 +138,7 @@ fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Byte
         }
         "/config" if state.config_endpoint => {
             let mut doc = match state.routes.current() {
-                Some(table) => config_json(&table, &state.binds),
+                Some(table) => config_json(&table, &shown_listeners(&table, &state.listeners)),
                 None => json!({ "loaded": false }),
             };
             if let Value::Object(map) = &mut doc {
@@ -149,7 +175,7 @@ fn dashboard_page(state: &AdminState) -> Response<Full<Bytes>> {
     let traffic = state.traffic.observe(&state.metrics, std::time::Instant::now());
     let page = dashboard::Page {
         table: table.as_deref(),
-        binds: &state.binds,
+        listeners: &table.as_deref().map(|t| shown_listeners(t, &state.listeners)).unwrap_or_default(),
         status: &status,
         swaps: &swaps,
         traffic: &traffic,
@@ -171,13 +197,13 @@ fn dashboard_page(state: &AdminState) -> Response<Full<Bytes>> {
 }
 
 /// The whole table as JSON.
-pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Value {
+pub fn config_json(table: &RoutingTable, listeners: &[(&ListenerRoutes, ListenerInfo)]) -> Value {
     json!({
         "loaded": true,
         "version": table.version,
         "built_at": humantime::format_rfc3339_millis(table.built_at).to_string(),
         "source": table.source,
-        "listeners": table.listeners.iter().map(|l| listener_json(l, binds)).collect::<Vec<_>>(),
+        "listeners": listeners.iter().map(|(l, info)| listener_json(l, info)).collect::<Vec<_>>(),
         "services": table.services.sorted().into_iter().map(|(n, s)| (n.to_string(), service_json(s))).collect::<serde_json::Map<_, _>>(),
         "rules": table.rules.iter().map(|(id, st)| {
             let mut v = serde_json::Map::new();
@@ -193,11 +219,11 @@ pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Va
     })
 }
 
-fn listener_json(l: &ListenerRoutes, binds: &BTreeMap<String, String>) -> Value {
-    json!({
+fn listener_json(l: &ListenerRoutes, info: &ListenerInfo) -> Value {
+    let mut v = json!({
         "name": &*l.name,
         "protocol": l.protocol,
-        "bind": binds.get(&*l.name),
+        "bind": info.bind.to_string(),
         "routes": l.routes.iter().map(|r| json!({
             "id": &*r.id,
             "priority": r.rule.as_ref().map(|r| r.priority),
@@ -216,7 +242,12 @@ fn listener_json(l: &ListenerRoutes, binds: &BTreeMap<String, String>) -> Value 
                 v
             }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(tracker) = &info.draining {
+        v["draining"] = json!(true);
+        v["open_connections"] = json!(tracker.active());
+    }
+    v
 }
 
 fn set_json(set: &EndpointSet) -> Value {

@@ -219,7 +219,7 @@ fn default_protocol() -> Protocol {
     Protocol::Http
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterConfig {
     pub service: String,
@@ -232,7 +232,7 @@ pub struct RegisterConfig {
     pub payload: RegisterPayload,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterCheck {
     /// `http` (GET `url`, 2xx passes) or `tcp` (connect to `address`:`port`).
@@ -263,7 +263,7 @@ fn default_fall() -> u32 {
     2
 }
 
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterPayload {
     pub weight: Option<u32>,

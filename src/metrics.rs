@@ -34,6 +34,7 @@ pub mod names {
     pub const ZK_NODES_READ: &str = "zkroute_zk_nodes_read_total";
     pub const ACCESS_LOG_DROPPED: &str = "zkroute_access_log_dropped_total";
     pub const UPSTREAM_REQUESTS: &str = "zkroute_upstream_requests_total";
+    pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -73,6 +74,8 @@ pub struct Metrics {
     /// Per endpoint; recorded only with `metrics.per_instance = true`.
     pub upstream_requests: IntCounterVec,
     pub per_instance: bool,
+    /// Configuration reloads (SIGHUP), by `result`: `ok`, or `error` when nothing changed.
+    pub config_reloads: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -187,6 +190,12 @@ impl Metrics {
                 CONNECTIONS_REFUSED,
                 "Client connections refused at a listener's connection limit.",
                 &["listener"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                CONFIG_RELOADS,
+                "Configuration reloads (SIGHUP), by result: ok, or error when nothing changed.",
+                &["result"],
             ),
             registry: r,
         }

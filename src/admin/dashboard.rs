@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Map, Value};
 
 use super::html::Html;
-use super::state_view;
 use super::traffic::{Counts, TrafficView};
+use super::{ListenerInfo, state_view};
 use crate::discovery::swaps::SwapRecord;
 use crate::endpoint::CheckReport;
 use crate::metrics::Metrics;
@@ -28,8 +28,8 @@ const ROWS_IN_ALL: usize = 1000;
 /// What the page is rendered from.
 pub struct Page<'a> {
     pub table: Option<&'a RoutingTable>,
-    /// Local listener addresses, by name.
-    pub binds: &'a BTreeMap<String, String>,
+    /// The listeners to show, with their addresses.
+    pub listeners: &'a [(&'a ListenerRoutes, ListenerInfo)],
     /// The sections of `/config` that are not the table (`zookeeper`, `registrations`, ...).
     pub status: &'a Map<String, Value>,
     pub swaps: &'a [SwapRecord],
@@ -339,26 +339,31 @@ fn last_check(h: &mut Html, now: SystemTime, check: Option<&CheckReport>) {
 
 fn listeners(h: &mut Html, p: &Page<'_>) {
     h.raw("<section id=\"listeners\"><h2>Listeners and rules</h2>");
-    let Some(t) = p.table else {
+    if p.table.is_none() {
         h.raw("</section>");
         return;
-    };
-    if t.listeners.is_empty() {
+    }
+    if p.listeners.is_empty() {
         h.raw("<p class=\"muted\">No listeners: this zkroute only registers.</p>");
     }
-    for l in t.listeners.iter() {
-        listener(h, l, p.binds.get(&*l.name).map(String::as_str));
+    for (l, info) in p.listeners {
+        listener(h, l, info);
     }
     h.raw("</section>");
 }
 
-fn listener(h: &mut Html, l: &ListenerRoutes, bind: Option<&str>) {
+fn listener(h: &mut Html, l: &ListenerRoutes, info: &ListenerInfo) {
     let protocol = match l.protocol {
         crate::routing::table::Protocol::Http => "http",
         crate::routing::table::Protocol::Tcp => "tcp",
     };
     h.raw("<div class=\"listener\"><h3>").text(&l.name).raw("</h3> <span class=\"tag\">").text(protocol);
-    h.raw("</span> <span class=\"small\">").text(bind.unwrap_or("")).raw("</span>");
+    h.raw("</span> <span class=\"small\">").text(&info.bind.to_string()).raw("</span>");
+    if let Some(tracker) = &info.draining {
+        h.raw(" <span class=\"badge warn\">removed: draining ")
+            .fmt(format_args!("{}", tracker.active()))
+            .raw(" connections</span>");
+    }
     if l.routes.is_empty() {
         h.raw("<p class=\"muted\">No rules: every request is answered 404 no_route.</p></div>");
         return;
@@ -510,6 +515,9 @@ fn changes(s: &SwapRecord) -> String {
         if !part.is_empty() {
             parts.push(format!("{part}{what}"));
         }
+    }
+    if s.local {
+        parts.insert(0, "local configuration reloaded".to_owned());
     }
     if parts.is_empty() { "full read, nothing new".to_owned() } else { parts.join(", ") }
 }

@@ -29,8 +29,10 @@ pub struct SwapRecord {
     /// Microseconds from the first ZooKeeper (or file) event behind it to the swap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub propagation_us: Option<u64>,
-    /// True when no document changed: only endpoint health did.
+    /// True when nothing but endpoint health changed.
     pub health_only: bool,
+    /// The local configuration was reloaded (listeners or `[proxy]` defaults).
+    pub local: bool,
     pub instances_added: usize,
     pub instances_removed: usize,
     pub instances_changed: usize,
@@ -60,6 +62,7 @@ impl SwapRecord {
             build_us: micros(build),
             propagation_us: propagation.map(micros),
             health_only,
+            local: delta.local,
             instances_added: delta.instances_added,
             instances_removed: delta.instances_removed,
             instances_changed: delta.instances_changed,

@@ -95,6 +95,12 @@ pub enum Change {
     Resync(Resync),
     /// Active checks or outlier detection changed some endpoints of these services.
     Health(Vec<ServiceName>),
+    /// The local configuration was reloaded: the listeners, by [`ListenerId`](super::table::ListenerId),
+    /// and the defaults.
+    Local {
+        listeners: Vec<ListenerSpec>,
+        defaults: Defaults,
+    },
 }
 
 /// A full read of a source.
@@ -122,10 +128,12 @@ pub struct Delta {
     pub rebuilt: BTreeSet<ServiceName>,
     /// Every listener's routes were rebuilt (rules changed, or a full read).
     pub routes_rebuilt: bool,
+    /// The local listeners or defaults changed (a configuration reload).
+    pub local: bool,
 }
 
 impl Delta {
-    /// Whether no document changed (health-only rebuilds are empty).
+    /// Whether nothing but endpoint health changed (health-only rebuilds are empty).
     pub fn is_empty(&self) -> bool {
         Delta { rebuilt: BTreeSet::new(), routes_rebuilt: false, ..self.clone() } == Delta::default()
     }
@@ -234,7 +242,20 @@ impl Builder {
             Change::Policy { service, doc } => self.apply_policy(service, doc),
             Change::Resync(resync) => self.apply_resync(resync),
             Change::Health(services) => self.dirty_services.extend(services),
+            Change::Local { listeners, defaults } => self.set_local(listeners, defaults),
         }
+    }
+
+    /// New listeners and defaults: every service and route is rebuilt with them. Metric children
+    /// and endpoint sets are made afresh, since both name or embed what changed (the counts
+    /// behind the metrics carry on).
+    fn set_local(&mut self, listeners: Vec<ListenerSpec>, defaults: Defaults) {
+        self.listeners = listeners.into();
+        self.defaults = defaults;
+        self.stats.clear();
+        self.sets.clear();
+        self.dirty_all = true;
+        self.delta.local = true;
     }
 
     fn apply_instance(&mut self, service: ServiceName, id: Arc<str>, doc: Option<Doc<Instance>>) {
