@@ -317,3 +317,90 @@ fn spawn(shared: &Shared, id: ListenerId, l: &Serving, limits: &Limits) -> JoinH
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::proxy::tcp::RelayMemory;
+    use crate::proxy::upstream::PoolSettings;
+
+    fn listeners() -> Listeners {
+        let metrics = Arc::new(Metrics::new(true));
+        Listeners::new(Shared {
+            routes: crate::routing::store::channel().1,
+            pools: Pools::new(PoolSettings { max_idle: 1, idle_timeout: Duration::from_secs(1) }),
+            metrics: metrics.clone(),
+            health: HealthReporter::none(),
+            access_log: None,
+        })
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 1024,
+            max_connections: 10,
+            tcp_idle_timeout: Duration::from_secs(60),
+            tcp_relay_memory: RelayMemory::new(0, Metrics::new(true).tcp_relay_buffer_bytes.clone()),
+            congestion: LoopbackCongestion::default(),
+        }
+    }
+
+    fn bound(name: &str) -> Bound {
+        let config = ListenerConfig {
+            name: name.into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            protocol: Protocol::Http,
+            service: None,
+            endpoint: None,
+        };
+        Bound::bind(&config, &LoopbackCongestion::default()).unwrap()
+    }
+
+    fn names(l: &Listeners) -> Vec<String> {
+        l.specs().iter().map(|s| s.name.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_removed_listener_keeps_its_slot_until_its_connections_are_gone() {
+        let mut l = listeners();
+        assert_eq!((l.add(bound("a")), l.add(bound("b"))), (0, 1));
+        l.serve(&limits());
+        let (_, a) = l.serving("a").unwrap();
+        // A connection in the middle of a request head: it stays open through the drain.
+        let mut open = tokio::net::TcpStream::connect(a).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut open, b"GET / HTTP/1.1\r\n").await.unwrap();
+        let tracker = match &l.slots[0] {
+            Slot::Serving(s) => s.tracker.clone(),
+            _ => unreachable!(),
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while tracker.active() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+
+        assert!(l.remove("a").is_some());
+        assert_eq!(names(&l), ["a", "b"], "draining, it still routes under its slot");
+        assert_eq!(l.add(bound("c")), 2, "not the slot of a listener still draining");
+        assert!(l.addresses().keys().eq(["b", "c"]));
+
+        drop(open);
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait_idle()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(&l.slots[0], Slot::Draining(d) if d.is_done()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(l.add(bound("d")), 0, "a drained slot is taken again");
+        assert_eq!(names(&l), ["d", "b", "c"]);
+        assert!(tokio::net::TcpStream::connect(a).await.is_err(), "a's socket is closed");
+    }
+}
