@@ -4,35 +4,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use serde_json::Value;
 use support::*;
-
-/// A static routes file in a directory of its own.
-struct Routes {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Routes {
-    fn write(text: &str) -> Routes {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("routes.toml");
-        std::fs::write(&path, text).unwrap();
-        Routes { _dir: dir, path }
-    }
-
-    /// A zkroute serving these routes, with `admin` keys and `extra` configuration.
-    async fn proxy(&self, admin: &str, extra: &str) -> Proxy {
-        Proxy::start(&format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n{admin}\n[static]\nfile = \"{}\"\n{extra}",
-            self.path.display()
-        ))
-        .await
-    }
-}
 
 /// The visible text of each table row of a serialized DOM.
 fn rows(dom: &str) -> Vec<String> {
@@ -52,31 +30,21 @@ async fn a_browser_shows_the_services_the_instance_states_and_the_invalid_nodes(
     let bad = Backend::http("bad").await;
     let pay = Backend::http("pay").await;
     bad.state.force_status.store(500, Ordering::SeqCst);
-    let routes = Routes::write(&format!(
-        r#"
-[services.users]
-good = "{}"
-bad = "{}"
-broken = "nowhere"
-[services.payments]
-p1 = {{ name = "payments", id = "p1", address = "127.0.0.1", port = {}, payload = {{ zone = "b" }} }}
-[policies.users]
-outlier = {{ consecutive_failures = 2, base_ejection = "60s", max_ejection_percent = 50 }}
-[rules.users-rule]
-listener = "http"
-priority = 10
-match = {{ host = "users.internal" }}
-backends = [{{ service = "users" }}]
-[rules.payments-rule]
-listener = "http"
-backends = [{{ service = "payments" }}]
-"#,
-        good.addr,
-        bad.addr,
-        pay.addr.port()
-    ));
-    let proxy = routes.proxy("", HTTP_LISTENER).await;
-    proxy.config_until("both services", |c| addresses(c, "users").len() == 2).await;
+    let routes = Routes::new();
+    routes.instance("users", "good", good.addr);
+    routes.instance("users", "bad", bad.addr);
+    routes.instance("users", "broken", "nowhere");
+    let curator = serde_json::json!({
+        "name": "payments", "id": "p1", "address": "127.0.0.1", "port": pay.addr.port(), "payload": {"zone": "b"},
+    });
+    routes.instance("payments", "p1", curator);
+    routes.policy("users", r#"{"outlier":{"consecutive_failures":2,"base_ejection":"60s","max_ejection_percent":50}}"#);
+    routes.rule(
+        "users-rule",
+        r#"{"listener":"http","priority":10,"match":{"host":"users.internal"},"backends":[{"service":"users"}]}"#,
+    );
+    routes.rule("payments-rule", r#"{"listener":"http","backends":[{"service":"payments"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     eventually("bad ejected", Duration::from_secs(10), || async {
         for _ in 0..5 {
             let _ = send(proxy.listener("http"), request("GET", "users.internal", "/", &[], "")).await;
@@ -167,8 +135,9 @@ async fn hostile_node_names_and_documents_are_shown_as_text_and_run_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_runs_no_script_loads_nothing_and_is_hidden_with_config() {
-    let routes = Routes::write("[services.users]\na = \"127.0.0.1:1\"\n");
-    let proxy = routes.proxy("", "").await;
+    let routes = Routes::new();
+    routes.instance("users", "a", "127.0.0.1:1");
+    let proxy = routes.proxy("").await;
     let r = get(proxy.admin(), "/").await.unwrap();
     assert_eq!(r.status(), 200);
     let h = |n: &str| r.headers()[n].to_str().unwrap().to_owned();
@@ -181,7 +150,7 @@ async fn the_page_runs_no_script_loads_nothing_and_is_hidden_with_config() {
     }
     proxy.stop().await;
 
-    let proxy = routes.proxy("config_endpoint = false", "").await;
+    let proxy = Proxy::following(&routes, "config_endpoint = false\n").await;
     for path in ["/", "/config"] {
         assert_eq!(get(proxy.admin(), path).await.unwrap().status(), 404, "{path}");
     }
@@ -190,22 +159,27 @@ async fn the_page_runs_no_script_loads_nothing_and_is_hidden_with_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_lists_the_recent_swaps_with_what_each_changed() {
-    let routes = Routes::write("[services.users]\na = \"127.0.0.1:1\"\n");
-    let proxy = routes.proxy("", "").await;
-    let c = proxy.config_until("the first table", |c| addresses(c, "users").len() == 1).await;
+    let routes = Routes::new();
+    routes.instance("users", "a", "127.0.0.1:1");
+    let proxy = routes.proxy("").await;
+    let c = proxy.config().await;
     assert_eq!(c["recent_swaps"][0]["version"], c["version"]);
-    std::fs::write(
-        &routes.path,
-        "[services.users]\na = \"127.0.0.1:1\"\nb = \"127.0.0.1:2\"\n[services.db]\nx = \"127.0.0.1:3\"\n",
-    )
-    .unwrap();
-    let c = proxy.config_until("the second table", |c| addresses(c, "users").len() == 2).await;
-    let last = &c["recent_swaps"][0];
-    assert_eq!(last["version"], c["version"]);
-    assert_eq!((last["instances_added"].as_u64(), last["instances_removed"].as_u64()), (Some(2), Some(0)));
-    assert_eq!(last["services"], serde_json::json!(["db", "users"]));
-    assert_eq!(last["health_only"], false);
-    assert!(last["build_us"].is_u64() && last["at"].as_str().unwrap().ends_with('Z'));
-    assert!(c["recent_swaps"][1]["version"].as_u64() < last["version"].as_u64());
+    let first = c["version"].as_u64().unwrap();
+    routes.instance("users", "b", "127.0.0.1:2");
+    routes.instance("db", "x", "127.0.0.1:3");
+    let c = proxy.config_until("both new instances", |c| routes.shown_in(c)).await;
+    // The file source may have read the two edits at once or one by one: one swap or two.
+    let swaps: Vec<&Value> =
+        c["recent_swaps"].as_array().unwrap().iter().take_while(|s| s["version"].as_u64() > Some(first)).collect();
+    assert_eq!(swaps[0]["version"], c["version"], "newest first");
+    let count = |key: &str| swaps.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((count("instances_added"), count("instances_removed")), (2, 0));
+    let services: BTreeSet<&str> =
+        swaps.iter().flat_map(|s| s["services"].as_array().unwrap()).map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(services, BTreeSet::from(["db", "users"]));
+    for s in &swaps {
+        assert_eq!(s["health_only"], false);
+        assert!(s["build_us"].is_u64() && s["at"].as_str().unwrap().ends_with('Z'));
+    }
     proxy.stop().await;
 }

@@ -2,6 +2,7 @@
 //! SIGHUP on the real binary: the configuration file is read again; listeners come and go (the
 //! removed drain, the others keep their connections), `[proxy]` settings apply, registrations
 //! follow the file unless a variable gives them, and a file that does not load changes nothing.
+//! Routes come from a static file; registrations need ZooKeeper.
 
 mod support;
 
@@ -48,23 +49,31 @@ fn without_listener(config: &str, name: &str) -> String {
     format!("{}{}", &config[..start], &config[end..])
 }
 
-/// A web backend as service `web`, an echo server as service `echo`, and the binary with an
-/// extra HTTP listener `api` (service `web`) beside its `http` and `tcp` ones.
-async fn sidecar(chroot: &Chroot, extra: &str) -> (Backend, TcpServer, Binary, SocketAddr) {
-    let zk = chroot.client().await;
+/// Routes with a web backend as service `web` and an echo server as service `echo`, and the
+/// binary following them with an extra HTTP listener `api` (service `web`) beside its `http` and
+/// `tcp` ones.
+struct Sidecar {
+    web: Backend,
+    routes: Routes,
+    bin: Binary,
+    api: SocketAddr,
+    _echo: TcpServer,
+}
+
+async fn sidecar() -> Sidecar {
     let web = Backend::http("web").await;
     let echo = TcpServer::echo().await;
-    zk.put("/zkroute/services/web/1", &web.addr.to_string()).await;
-    zk.put("/zkroute/services/echo/1", &echo.addr.to_string()).await;
+    let routes = Routes::new();
+    routes.instance("web", "1", web.addr);
+    routes.instance("echo", "1", echo.addr);
     let api = local(free_port());
-    let bin =
-        Binary::start_with(chroot, "10s", &format!("{}{extra}", listener_toml("api", api, "http", "web")), &[]).await;
+    let bin = Binary::start_with(&routes, "10s", &listener_toml("api", api, "http", "web"), &[]).await;
     eventually("both services in the table", Duration::from_secs(10), || async {
         let c = config(&bin).await;
         (addresses(&c, "web").len() == 1 && addresses(&c, "echo").len() == 1).then_some(())
     })
     .await;
-    (web, echo, bin, api)
+    Sidecar { web, routes, bin, api, _echo: echo }
 }
 
 async fn served(addr: SocketAddr) -> Option<String> {
@@ -74,13 +83,13 @@ async fn served(addr: SocketAddr) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_added_accepts_and_one_removed_drains_while_the_others_keep_their_connections() {
-    let chroot = Zk::shared().chroot();
-    let (web, _echo, bin, api) = sidecar(&chroot, "").await;
+    let Sidecar { web, bin, api, .. } = &sidecar().await;
+    let api = *api;
 
     // On `http`, which goes: an idle keep-alive connection, and a request in flight.
     let http = bin.http;
     let mut idle = idle_keep_alive(http).await;
-    let slow = in_flight(http, &web, 1500).await;
+    let slow = in_flight(http, web, 1500).await;
     // On `api` and `tcp`, which stay: keep-alive connections that have been used.
     let mut api_client = KeepAlive::connect(api).await;
     assert_eq!(who(&api_client.send(request("GET", "h", "/", &[], "")).await.unwrap()), "web");
@@ -92,7 +101,7 @@ async fn a_listener_added_accepts_and_one_removed_drains_while_the_others_keep_t
     let added = local(free_port());
     let config_text =
         format!("{}{}", without_listener(&bin.config(), "http"), listener_toml("added", added, "http", "web"));
-    reload(&bin, &config_text, "ok").await;
+    reload(bin, &config_text, "ok").await;
 
     assert_eq!(served(added).await.as_deref(), Some("web"), "the new listener accepts and routes");
     eventually("http refuses new connections", Duration::from_secs(5), || async {
@@ -116,7 +125,7 @@ async fn a_listener_added_accepts_and_one_removed_drains_while_the_others_keep_t
     assert_eq!(&one, b"b", "tcp's connection stays");
 
     let c = eventually("the drained listener gone from /config", Duration::from_secs(5), || async {
-        let c = config(&bin).await;
+        let c = config(bin).await;
         let names: Vec<String> =
             c["listeners"].as_array()?.iter().filter_map(|l| l["name"].as_str().map(str::to_owned)).collect();
         (names == ["tcp", "api", "added"]).then_some(c)
@@ -127,7 +136,7 @@ async fn a_listener_added_accepts_and_one_removed_drains_while_the_others_keep_t
 
     // Its slot, drained, goes to the next listener added, which routes its own rules.
     let third = local(free_port());
-    reload(&bin, &format!("{config_text}{}", listener_toml("third", third, "tcp", "echo")), "ok").await;
+    reload(bin, &format!("{config_text}{}", listener_toml("third", third, "tcp", "echo")), "ok").await;
     let mut s = TcpStream::connect(third).await.unwrap();
     s.write_all(b"z").await.unwrap();
     s.read_exact(&mut one).await.unwrap();
@@ -137,10 +146,14 @@ async fn a_listener_added_accepts_and_one_removed_drains_while_the_others_keep_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_moved_switched_to_tcp_or_sent_elsewhere_serves_the_new_way() {
-    let chroot = Zk::shared().chroot();
-    let (_web, _echo, bin, api) = sidecar(&chroot, "").await;
+    let Sidecar { routes, bin, api, .. } = &sidecar().await;
+    let api = *api;
     let other = Backend::http("other").await;
-    chroot.client().await.put("/zkroute/services/other/1", &other.addr.to_string()).await;
+    routes.instance("other", "1", other.addr);
+    eventually("other in the table", Duration::from_secs(10), || async {
+        routes.shown_in(&config(bin).await).then_some(())
+    })
+    .await;
     let mut kept = KeepAlive::connect(bin.http).await;
     assert_eq!(who(&kept.send(request("GET", "h", "/", &[], "")).await.unwrap()), "web");
     let moved = local(free_port());
@@ -152,7 +165,7 @@ async fn a_listener_moved_switched_to_tcp_or_sent_elsewhere_serves_the_new_way()
         .replace(&format!("bind = \"{old_tcp}\""), &format!("bind = \"{moved}\""))
         .replace(&listener_toml("api", api, "http", "web"), &listener_toml("api", api, "tcp", "echo"))
         .replace("service = \"web\"", "service = \"other\"");
-    reload(&bin, &text, "ok").await;
+    reload(bin, &text, "ok").await;
     let r = kept.send(request("GET", "h", "/", &[], "")).await.unwrap();
     assert_eq!(who(&r), "other", "the same connection, routed by the new listener configuration");
     for addr in [moved, api] {
@@ -170,21 +183,21 @@ async fn a_listener_moved_switched_to_tcp_or_sent_elsewhere_serves_the_new_way()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_timeout_applies_and_an_invalid_file_changes_nothing() {
-    let chroot = Zk::shared().chroot();
-    let (_web, _echo, bin, api) = sidecar(&chroot, "").await;
+    let Sidecar { bin, api, .. } = &sidecar().await;
+    let api = *api;
     let slow = || async move { send(api, request("GET", "h", "/?sleep_ms=1000", &[], "")).await.unwrap() };
     assert_eq!(slow().await.status(), 200, "within the default 15 s");
 
     let original = bin.config();
     let short = original.replace("drain_timeout = \"10s\"", "drain_timeout = \"10s\"\ntimeout = \"300ms\"");
     assert_ne!(short, original);
-    reload(&bin, &short, "ok").await;
+    reload(bin, &short, "ok").await;
     let r = slow().await;
     assert_eq!((r.status().as_u16(), who(&r)), (504, "error:upstream_timeout".to_owned()), "the new timeout");
 
     // A file that does not validate: its other changes (timeout back, api gone) do not happen.
     let broken = without_listener(&original, "api").replace("[admin]\n", "[admin]\ncolour = \"red\"\n");
-    reload(&bin, &broken, "error").await;
+    reload(bin, &broken, "error").await;
     let r = slow().await;
     assert_eq!(r.status(), 504, "the timeout in force stays");
     assert_eq!(served(api).await.as_deref(), Some("web"), "the listener stays");
@@ -195,20 +208,19 @@ async fn proxy_timeout_applies_and_an_invalid_file_changes_nothing() {
         line.contains(&file) && line.contains("key=admin") && line.contains("colour"),
         "file, key and reason: {line}"
     );
-    let c = config(&bin).await;
+    let c = config(bin).await;
     assert_eq!(c["config_reload"]["result"], "error");
     assert!(c["config_reload"]["error"].as_str().unwrap().contains("unknown field `colour`"), "{c:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_change_only_at_restart_are_reported_and_left() {
-    let chroot = Zk::shared().chroot();
-    let (_web, _echo, bin, _api) = sidecar(&chroot, "").await;
+    let Sidecar { bin, .. } = &sidecar().await;
     let other = local(free_port());
     let text = bin.config().replace(&format!("bind = \"{}\"", bin.admin), &format!("bind = \"{other}\""));
-    reload(&bin, &text, "ok").await;
+    reload(bin, &text, "ok").await;
     assert!(TcpStream::connect(other).await.is_err(), "no admin port on the new address");
-    let c = config(&bin).await;
+    let c = config(bin).await;
     assert_eq!(c["config_reload"]["restart_needed"], serde_json::json!(["admin.bind"]));
     let log = bin.log();
     assert!(log.lines().any(|l| l.contains("changes only at restart") && l.contains("admin.bind")), "{log}");
@@ -223,7 +235,7 @@ async fn registrations_follow_the_file_but_not_over_a_variable() {
         format!("[[register]]\nservice = \"app\"\naddress = \"127.0.0.1\"\nport = {}\nid = \"{id}\"\n", app.addr.port())
     };
     let node = |id: &str| format!("/zkroute/services/app/{id}");
-    let (_web, _echo, bin, _api) = sidecar(&chroot, "").await;
+    let bin = Binary::start(&chroot, "10s").await;
     let base = bin.config();
 
     reload(&bin, &format!("{base}{}{}", entry("one"), entry("two")), "ok").await;
