@@ -15,8 +15,8 @@ USER zkroute
 # The configuration file (see the README); every key can also be a ZKROUTE_* variable.
 # /var/lib/zkroute is writable for zookeeper.snapshot.
 ENV ZKROUTE_CONFIG=/etc/zkroute/zkroute.toml
-# Admin port: /metrics /healthz /ready /config. Bind it to 0.0.0.0 in the config to scrape it
-# from outside the pod.
+# Admin port: / (dashboard) /metrics /healthz /ready /config. Bind it to 0.0.0.0 in the config
+# to scrape it from outside the pod.
 EXPOSE 9901
 HEALTHCHECK --interval=10s --timeout=2s CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
 # Exec form: SIGTERM reaches zkroute, which drains and exits 0.

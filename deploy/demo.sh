@@ -131,6 +131,10 @@ curl -s -D - -o "$work/body" "http://127.0.0.1:$http/" -X CONNECT --request-targ
 printf '  body: %s\n' "$(cat "$work/body")"
 
 say "where to look"
+# Read whole first: grep -q stops reading at the match, and pipefail would count curl's SIGPIPE.
+dashboard=$(curl -s "http://127.0.0.1:$admin/")
+grep -q '<title>zkroute</title>' <<<"$dashboard" || fail "the dashboard at / did not render"
+echo "  http://127.0.0.1:$admin/                the dashboard, in a browser"
 echo "  curl http://127.0.0.1:$admin/config     the table: services, instances and their health, rules"
 echo "  curl http://127.0.0.1:$admin/metrics    Prometheus metrics, e.g.:"
 curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^zkroute_(http_requests_total|table_version|zk_connected)' | sed 's/^/    /'

@@ -1,10 +1,14 @@
-//! The admin port (README: "What it serves"): `/metrics`, `/healthz`, `/ready`, `/config`. Loopback by default
-//! and never a data-plane port.
+//! The admin port (README: "What it serves"): `/` (the dashboard), `/metrics`, `/healthz`,
+//! `/ready`, `/config`. Loopback by default and never a data-plane port.
 
-use std::collections::BTreeMap;
+mod dashboard;
+mod html;
+pub mod traffic;
+
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -16,11 +20,38 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use crate::discovery::swaps::SwapLog;
 use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
+use crate::proxy::Tracker;
 use crate::routing::documents::{Backend, CheckKind, HashOn, LbPolicy};
 use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
 use crate::routing::{RouteReader, RoutingTable};
+
+/// A local listener as `/config` and the dashboard show it.
+#[derive(Clone, Debug)]
+pub struct ListenerInfo {
+    pub bind: SocketAddr,
+    /// Set once a configuration reload removed it: its connections, until they are gone.
+    pub draining: Option<Arc<Tracker>>,
+}
+
+impl ListenerInfo {
+    /// Removed and drained: nothing to show.
+    fn is_gone(&self) -> bool {
+        self.draining.as_ref().is_some_and(|t| t.active() == 0)
+    }
+}
+
+/// The local listeners by table slot ([`ListenerId`](crate::routing::table::ListenerId)); None
+/// for a free slot.
+pub type ListenerBook = Arc<Mutex<Vec<Option<ListenerInfo>>>>;
+
+/// The listeners to show: each table slot with its listener, if it has one still.
+pub fn shown_listeners<'a>(table: &'a RoutingTable, book: &ListenerBook) -> Vec<(&'a ListenerRoutes, ListenerInfo)> {
+    let book = book.lock().map(|b| b.clone()).unwrap_or_default();
+    table.listeners.iter().zip(book).filter_map(|(l, info)| info.filter(|i| !i.is_gone()).map(|i| (l, i))).collect()
+}
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -30,10 +61,14 @@ pub struct AdminState {
     pub config_endpoint: bool,
     /// Set when draining starts: `/ready` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
-    /// Local listener addresses, by listener name, for `/config`.
-    pub binds: Arc<BTreeMap<String, String>>,
+    /// The local listeners, by table slot.
+    pub listeners: ListenerBook,
     /// Extra sections for `/config` (registration state), rendered on request.
     pub extra: Arc<dyn Fn() -> Vec<(&'static str, Value)> + Send + Sync>,
+    /// The last table swaps, for `/config` and the dashboard.
+    pub swaps: SwapLog,
+    /// Counter samples for the dashboard's rates.
+    pub traffic: Arc<traffic::Traffic>,
 }
 
 /// Serves the admin endpoints until the task is stopped; it keeps answering while the proxy
@@ -50,9 +85,17 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                    if matches!(path.as_str(), "/healthz" | "/ready") {
+                        return Ok::<_, Infallible>(handle(&state, &method, &path));
+                    }
+                    // Rendering a large table takes a while: not on a thread that serves requests.
+                    let rendered = tokio::task::spawn_blocking(move || handle(&state, &method, &path)).await;
+                    Ok(rendered.unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n")))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -69,11 +112,12 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    match req.uri().path() {
+    match path {
+        "/" if state.config_endpoint => dashboard_page(state),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
             if state.draining.load(Ordering::Relaxed) {
@@ -94,13 +138,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         "/config" if state.config_endpoint => {
             let mut doc = match state.routes.current() {
-                Some(table) => config_json(&table, &state.binds),
+                Some(table) => config_json(&table, &shown_listeners(&table, &state.listeners)),
                 None => json!({ "loaded": false }),
             };
             if let Value::Object(map) = &mut doc {
-                for (k, v) in (state.extra)() {
-                    map.insert(k.to_owned(), v);
-                }
+                map.extend(status_sections(state));
             }
             let mut body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
             body.push(b'\n');
@@ -108,19 +150,60 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             r
         }
-        "/config" => text(StatusCode::NOT_FOUND, "/config is switched off (admin.config_endpoint = false)\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics /healthz /ready /config\n"),
+        "/config" | "/" => {
+            text(StatusCode::NOT_FOUND, "/config and the dashboard are switched off (admin.config_endpoint = false)\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try / /metrics /healthz /ready /config\n"),
     }
 }
 
+/// The sections of `/config` that are not the routing table: the last swaps and the extra
+/// sections (registrations, ...). The dashboard shows them too.
+pub fn status_sections(state: &AdminState) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("recent_swaps".into(), serde_json::to_value(state.swaps.recent()).unwrap_or_default());
+    for (k, v) in (state.extra)() {
+        map.insert(k.to_owned(), v);
+    }
+    map
+}
+
+fn dashboard_page(state: &AdminState) -> Response<Full<Bytes>> {
+    let table = state.routes.current();
+    let status = status_sections(state);
+    let swaps = state.swaps.recent();
+    let traffic = state.traffic.observe(&state.metrics, std::time::Instant::now());
+    let page = dashboard::Page {
+        table: table.as_deref(),
+        listeners: &table.as_deref().map(|t| shown_listeners(t, &state.listeners)).unwrap_or_default(),
+        status: &status,
+        swaps: &swaps,
+        traffic: &traffic,
+        metrics: &state.metrics,
+        draining: state.draining.load(Ordering::Relaxed),
+        now: std::time::SystemTime::now(),
+    };
+    let mut r = text(StatusCode::OK, dashboard::render(&page));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+    // Defence in depth behind the escaping: the page has no script and loads nothing.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
 /// The whole table as JSON.
-pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Value {
+pub fn config_json(table: &RoutingTable, listeners: &[(&ListenerRoutes, ListenerInfo)]) -> Value {
     json!({
         "loaded": true,
         "version": table.version,
         "built_at": humantime::format_rfc3339_millis(table.built_at).to_string(),
         "source": table.source,
-        "listeners": table.listeners.iter().map(|l| listener_json(l, binds)).collect::<Vec<_>>(),
+        "listeners": listeners.iter().map(|(l, info)| listener_json(l, info)).collect::<Vec<_>>(),
         "services": table.services.sorted().into_iter().map(|(n, s)| (n.to_string(), service_json(s))).collect::<serde_json::Map<_, _>>(),
         "rules": table.rules.iter().map(|(id, st)| {
             let mut v = serde_json::Map::new();
@@ -136,11 +219,11 @@ pub fn config_json(table: &RoutingTable, binds: &BTreeMap<String, String>) -> Va
     })
 }
 
-fn listener_json(l: &ListenerRoutes, binds: &BTreeMap<String, String>) -> Value {
-    json!({
+fn listener_json(l: &ListenerRoutes, info: &ListenerInfo) -> Value {
+    let mut v = json!({
         "name": &*l.name,
         "protocol": l.protocol,
-        "bind": binds.get(&*l.name),
+        "bind": info.bind.to_string(),
         "routes": l.routes.iter().map(|r| json!({
             "id": &*r.id,
             "priority": r.rule.as_ref().map(|r| r.priority),
@@ -159,7 +242,12 @@ fn listener_json(l: &ListenerRoutes, binds: &BTreeMap<String, String>) -> Value 
                 v
             }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(tracker) = &info.draining {
+        v["draining"] = json!(true);
+        v["open_connections"] = json!(tracker.active());
+    }
+    v
 }
 
 fn set_json(set: &EndpointSet) -> Value {

@@ -1,11 +1,16 @@
 //! Wires everything: the one module that imports all others. [`App::start`] binds every port,
 //! starts the control plane and the data plane, and returns a handle that tests and `main` use
-//! to find the bound addresses and to shut down.
+//! to find the bound addresses, to reload the configuration ([`App::reload`], on SIGHUP) and to
+//! shut down.
+
+mod listeners;
+mod registrations;
+mod reload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +20,7 @@ use tracing::info;
 
 use crate::access_log::{AccessLog, Sink};
 use crate::admin::{self, AdminState};
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, ProxyConfig};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
 use crate::discovery::zk::{ZkSource, ZkStatus, ZkStatusHandle};
@@ -25,17 +30,16 @@ use crate::health::checker::Checker;
 use crate::health::{BackendGauges, HealthReporter};
 use crate::metrics::Metrics;
 use crate::net::{DEFAULT_LOOPBACK_CONGESTION, LoopbackCongestion};
-use crate::proxy::http::HttpContext;
-use crate::proxy::tcp::{RelayMemory, TcpContext};
+use crate::proxy::Limits;
+use crate::proxy::tcp::RelayMemory;
 use crate::proxy::upstream::{PoolSettings, Pools};
-use crate::proxy::{Limits, Tracker};
-use crate::register::Registrations;
 use crate::routing::SourceKind;
 use crate::routing::build::{Delta, Resync};
-use crate::routing::table::Protocol;
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::zookeeper::ZkSettings;
+use listeners::{Bound, Listeners, Shared};
+use registrations::LocalRegistrations;
 
 /// A started zkroute.
 pub struct App {
@@ -49,9 +53,15 @@ pub struct App {
     draining: Arc<AtomicBool>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
-    /// Open connections per listener, for draining.
-    trackers: Vec<Arc<Tracker>>,
-    registrations: Option<Registrations>,
+    /// The listeners, serving and draining, on their table slots.
+    local: Listeners,
+    registrations: LocalRegistrations,
+    /// The configuration in force (keys that change only at restart as they were at the start).
+    config: Arc<Config>,
+    relay_memory: Arc<RelayMemory>,
+    pools: Arc<Pools>,
+    /// The last reload, for `/config`.
+    last_reload: Arc<Mutex<Option<reload::Outcome>>>,
 }
 
 impl App {
@@ -59,10 +69,12 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::with_options(config.metrics.enabled, config.metrics.per_instance));
+        for result in reload::RESULTS {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         let states = Arc::new(StateRegistry::new(config.proxy.state_retention.0));
         let (writer, routes) = store::channel();
         let defaults = config.defaults().map_err(|(k, r)| anyhow::anyhow!("proxy.{k}: {r}"))?;
-        let builder = Builder::new(config.listener_specs(), defaults, states.clone(), metrics.clone());
         let (updates, update_rx) = discovery::updates();
         let (trigger, shutdown) = shutdown::channel();
         let draining = Arc::new(AtomicBool::new(false));
@@ -72,23 +84,14 @@ impl App {
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let wanted = config.proxy.loopback_congestion.as_deref();
-        let congestion = LoopbackCongestion::configured(wanted, DEFAULT_LOOPBACK_CONGESTION).with_context(|| {
-            format!(
-                "proxy.loopback_congestion: cannot use {:?} (net.ipv4.tcp_allowed_congestion_control lists what \
-                 may be; \"\" keeps the system's choice)",
-                wanted.unwrap_or_default()
-            )
-        })?;
+        let congestion = congestion(&config.proxy).map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
         // Bind every listener before anything starts, so a bad one fails the start.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let socket = crate::net::listen(l.bind, &congestion)
+            let socket = Bound::bind(l, &congestion)
                 .with_context(|| format!("listener {:?}: cannot listen on {}", l.name, l.bind))?;
-            bound.push((l, socket));
+            bound.push(socket);
         }
-        let listeners: BTreeMap<String, SocketAddr> =
-            bound.iter().map(|(l, s)| Ok((l.name.clone(), s.local_addr()?))).collect::<std::io::Result<_>>()?;
 
         let mut tasks = Vec::new();
         let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -115,21 +118,10 @@ impl App {
                 updates.clone(),
             )));
         }
-        let control = Control { builder, writer, metrics: metrics.clone(), states: states.clone(), on_publish };
-        tasks.push(tokio::spawn(control.run(update_rx)));
-        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), zk_status.clone(), shutdown.clone())?);
         let p = &config.proxy;
-        let pools = Pools::new(PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 });
+        let pools = Pools::new(pool_settings(p));
         tasks.push(pools.spawn_sweeper());
-        let limits = Limits {
-            header_read_timeout: p.header_read_timeout.0,
-            idle_timeout: p.idle_timeout.0,
-            max_header_bytes: p.max_header_bytes,
-            max_connections: p.max_connections,
-            tcp_idle_timeout: p.tcp_idle_timeout.0,
-            tcp_relay_memory: RelayMemory::new(p.tcp_relay_memory, metrics.tcp_relay_buffer_bytes.clone()),
-            congestion,
-        };
+        let relay_memory = RelayMemory::new(p.tcp_relay_memory, metrics.tcp_relay_buffer_bytes.clone());
         let access_log = match &config.log.access_log {
             Some(sink) => Some(Arc::new(
                 AccessLog::start(
@@ -141,79 +133,67 @@ impl App {
             )),
             None => None,
         };
-        let mut trackers = Vec::new();
-        for (id, (l, socket)) in bound.into_iter().enumerate() {
-            let tracker = Tracker::new();
-            trackers.push(tracker.clone());
-            match l.protocol {
-                Protocol::Http => {
-                    let ctx = Arc::new(HttpContext {
-                        listener: id,
-                        name: Arc::from(l.name.as_str()),
-                        routes: routes.clone(),
-                        pools: pools.clone(),
-                        metrics: metrics.clone(),
-                        limits: limits.clone(),
-                        shutdown: shutdown.clone(),
-                        tracker,
-                        health: health.clone(),
-                        access_log: access_log.clone(),
-                    });
-                    tasks.push(tokio::spawn(crate::proxy::http::serve(socket, ctx)));
-                }
-                Protocol::Tcp => {
-                    let ctx = Arc::new(TcpContext::new(
-                        id,
-                        Arc::from(l.name.as_str()),
-                        routes.clone(),
-                        metrics.clone(),
-                        limits.clone(),
-                        shutdown.clone(),
-                        tracker,
-                        health.clone(),
-                        access_log.clone(),
-                    ));
-                    tasks.push(tokio::spawn(crate::proxy::tcp::serve(socket, ctx)));
-                }
-            }
+        let mut local = Listeners::new(Shared {
+            routes: routes.clone(),
+            pools: pools.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            access_log,
+        });
+        for b in bound {
+            local.add(b);
         }
 
-        let registrations = if config.registrations.is_empty() {
-            None
-        } else {
-            let owner = crate::register::owner_token(config.zookeeper.snapshot.as_deref());
-            Some(Registrations::start(
-                ZkSettings::from_config(&config.zookeeper)?,
-                config.registrations.clone(),
-                metrics.clone(),
-                owner,
-            ))
+        let builder = Builder::new(local.specs(), defaults, states.clone(), metrics.clone());
+        let swaps = crate::discovery::swaps::SwapLog::default();
+        let control = Control {
+            builder,
+            writer,
+            metrics: metrics.clone(),
+            states: states.clone(),
+            on_publish,
+            swaps: swaps.clone(),
         };
-        let reg_status = registrations.as_ref().map(Registrations::status_handle);
-        let binds = listeners.iter().map(|(k, v): (&String, &SocketAddr)| (k.clone(), v.to_string())).collect();
+        tasks.push(tokio::spawn(control.run(update_rx)));
+        tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), zk_status.clone(), shutdown.clone())?);
+        local.serve(&limits(p, &relay_memory, congestion));
+
+        let owner = crate::register::owner_token(config.zookeeper.snapshot.as_deref());
+        let mut registrations = LocalRegistrations::new(metrics.clone(), owner);
+        if !config.registrations.is_empty() {
+            let settings = ZkSettings::from_config(&config.zookeeper)?;
+            registrations.update(&config.registrations, Some(&settings), Duration::ZERO).await;
+        }
+        let registrations_section = registrations.section();
+        let last_reload: Arc<Mutex<Option<reload::Outcome>>> = Arc::default();
+        let reload_section = last_reload.clone();
         let admin_state = AdminState {
             routes: routes.clone(),
             metrics: metrics.clone(),
             config_endpoint: config.admin.config_endpoint,
             draining: draining.clone(),
-            binds: Arc::new(binds),
+            listeners: local.book(),
             extra: Arc::new(move || {
-                let mut extra = Vec::new();
+                let mut sections = Vec::new();
                 if let Some(s) = zk_status.as_ref().and_then(|s| s.lock().ok()) {
-                    extra.push(("zookeeper", serde_json::to_value(&*s).unwrap_or_default()));
+                    sections.push(("zookeeper", serde_json::to_value(&*s).unwrap_or_default()));
                 }
-                if let Some(s) = &reg_status {
-                    let status = s.lock().map(|s| s.clone()).unwrap_or_default();
-                    extra.push(("registrations", serde_json::to_value(status).unwrap_or_default()));
+                if let Some(r) = registrations_section() {
+                    sections.push(("registrations", r));
                 }
-                extra
+                if let Some(r) = reload_section.lock().ok().and_then(|r| r.clone()) {
+                    sections.push(("config_reload", serde_json::to_value(r).unwrap_or_default()));
+                }
+                sections
             }),
+            swaps,
+            traffic: Arc::default(),
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
         info!(admin = %admin_addr, "zkroute started");
         Ok(App {
             admin_addr,
-            listeners,
+            listeners: local.addresses(),
             routes,
             metrics,
             states,
@@ -221,14 +201,31 @@ impl App {
             draining,
             trigger,
             tasks,
-            trackers,
+            local,
             registrations,
+            config,
+            relay_memory,
+            pools,
+            last_reload,
         })
     }
 
     /// A shutdown signal tied to this app.
     pub fn shutdown_signal(&self) -> Shutdown {
         self.trigger.subscribe()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Stops as [`App::stop_after`] with the `proxy.shutdown_delay` and `proxy.drain_timeout` in
+    /// force.
+    pub async fn stop_as_configured(self) {
+        let p = &self.config.proxy;
+        let (delay, drain) = (p.shutdown_delay.0, p.drain_timeout.0);
+        self.stop_after(delay, drain).await
     }
 
     /// Stops: `/ready` turns 503, listeners stop accepting, open connections finish their
@@ -238,11 +235,9 @@ impl App {
     }
 
     /// As [`App::stop`], keeping the listeners open `delay` after deregistering.
-    pub async fn stop_after(self, delay: Duration, drain_timeout: Duration) {
+    pub async fn stop_after(mut self, delay: Duration, drain_timeout: Duration) {
         // The local app leaves the registry first, so that other sidecars stop sending to it.
-        if let Some(r) = &self.registrations {
-            r.deregister(Duration::from_secs(5).min(drain_timeout)).await;
-        }
+        self.registrations.deregister_all(Duration::from_secs(5).min(drain_timeout)).await;
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         if !delay.is_zero() {
             tracing::info!(?delay, "deregistered; listeners keep accepting for proxy.shutdown_delay");
@@ -250,14 +245,47 @@ impl App {
         }
         self.trigger.trigger();
         let deadline = tokio::time::Instant::now() + drain_timeout;
-        for tracker in &self.trackers {
+        for tracker in self.local.drain_all() {
             if tokio::time::timeout_at(deadline, tracker.wait_idle()).await.is_err() {
                 tracing::warn!(open = tracker.active(), "drain timeout: closing the remaining connections");
             }
         }
+        self.local.abort();
         for task in self.tasks {
             task.abort();
         }
+    }
+}
+
+/// The congestion control for loopback connections, from `proxy.loopback_congestion`.
+fn congestion(p: &ProxyConfig) -> Result<LoopbackCongestion, (String, String)> {
+    let wanted = p.loopback_congestion.as_deref();
+    LoopbackCongestion::configured(wanted, DEFAULT_LOOPBACK_CONGESTION).map_err(|e| {
+        (
+            "proxy.loopback_congestion".to_owned(),
+            format!(
+                "cannot use {:?}: {e} (net.ipv4.tcp_allowed_congestion_control lists what may be; \"\" keeps the \
+                 system's choice)",
+                wanted.unwrap_or_default()
+            ),
+        )
+    })
+}
+
+fn pool_settings(p: &ProxyConfig) -> PoolSettings {
+    PoolSettings { max_idle: p.pool_max_idle, idle_timeout: p.pool_idle_timeout.0 }
+}
+
+/// The per-listener limits of `[proxy]`.
+fn limits(p: &ProxyConfig, relay_memory: &Arc<RelayMemory>, congestion: LoopbackCongestion) -> Limits {
+    Limits {
+        header_read_timeout: p.header_read_timeout.0,
+        idle_timeout: p.idle_timeout.0,
+        max_header_bytes: p.max_header_bytes,
+        max_connections: p.max_connections,
+        tcp_idle_timeout: p.tcp_idle_timeout.0,
+        tcp_relay_memory: relay_memory.clone(),
+        congestion,
     }
 }
 

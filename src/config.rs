@@ -116,7 +116,8 @@ impl Default for ZookeeperConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
-    /// Serve `/config` (the whole table, with addresses). Off on hosts where that is sensitive.
+    /// Serve `/config` and the dashboard (the whole table, with addresses). Off on hosts where
+    /// that is sensitive.
     pub config_endpoint: bool,
 }
 
@@ -221,7 +222,7 @@ fn default_protocol() -> Protocol {
     Protocol::Http
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterConfig {
     pub service: String,
@@ -242,7 +243,7 @@ fn default_drain_delay() -> HumanDuration {
     HumanDuration(Duration::from_secs(2))
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterCheck {
     /// `http` (GET `url`, 2xx passes) or `tcp` (connect to `address`:`port`).
@@ -273,7 +274,7 @@ fn default_fall() -> u32 {
     2
 }
 
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterPayload {
     pub weight: Option<u32>,
@@ -347,8 +348,8 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.snapshot_max_age", ValueKind::Str, "never serve a snapshot older than this [default: 24h]"),
     ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
     ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
-    ("admin.bind", ValueKind::Str, "admin address for /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
-    ("admin.config_endpoint", ValueKind::Bool, "serve /config [default: true]"),
+    ("admin.bind", ValueKind::Str, "admin address for / /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
+    ("admin.config_endpoint", ValueKind::Bool, "serve /config and the dashboard at / [default: true]"),
     ("proxy.timeout", ValueKind::Str, "default whole-request timeout [default: 15s]"),
     ("proxy.retries", ValueKind::Int, "default extra attempts [default: 1]"),
     ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout [default: 1s]"),

@@ -6,6 +6,7 @@
 pub mod file;
 pub mod formats;
 pub mod snapshot;
+pub mod swaps;
 pub mod zk;
 
 use std::sync::Arc;
@@ -83,6 +84,8 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     pub states: Arc<StateRegistry>,
     pub on_publish: Vec<OnPublish>,
+    /// The last swaps, for `/config` and the dashboard.
+    pub swaps: swaps::SwapLog,
 }
 
 impl Control {
@@ -164,6 +167,12 @@ impl Control {
                 "routing table swapped"
             );
         }
+        self.swaps.record(swaps::SwapRecord::new(
+            &table,
+            &delta,
+            started.elapsed(),
+            observed_at.map(|at| at.elapsed()),
+        ));
         for hook in &mut self.on_publish {
             hook(&table, &delta);
         }

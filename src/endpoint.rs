@@ -259,13 +259,25 @@ impl std::borrow::Borrow<EndpointKey> for ByKey {
 /// is built; the request path reaches states through the table.
 pub struct StateRegistry {
     clock: Arc<Clock>,
-    retention: Duration,
+    /// Milliseconds; a configuration reload may change it.
+    retention_ms: AtomicU64,
     entries: Mutex<HashSet<ByKey>>,
 }
 
 impl StateRegistry {
     pub fn new(retention: Duration) -> Self {
-        StateRegistry { clock: Arc::new(Clock::new()), retention, entries: Mutex::new(HashSet::new()) }
+        let registry = StateRegistry {
+            clock: Arc::new(Clock::new()),
+            retention_ms: AtomicU64::new(0),
+            entries: Mutex::new(HashSet::new()),
+        };
+        registry.set_retention(retention);
+        registry
+    }
+
+    /// How long a state outlives the last table that held it, from the next sweep on.
+    pub fn set_retention(&self, retention: Duration) {
+        self.retention_ms.store(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The state for `key`, created if new or expired.
@@ -288,7 +300,7 @@ impl StateRegistry {
 
     fn sweep_at(&self, now: Instant) {
         let now_ms = self.clock.ms_at(now);
-        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        let retention = self.retention_ms.load(Ordering::Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|ByKey(state)| {
             if Arc::strong_count(state) > 1 {

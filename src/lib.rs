@@ -20,9 +20,10 @@
 //!   control loop builds and publishes each table whole. It never imports the data plane.
 //! - [`proxy`]: the data plane. Listeners, matching, balancing, forwarding; it reads the table and
 //!   endpoint state and never waits on the control plane.
-//! - [`register`]: registers the local app in ZooKeeper (naming). [`admin`]: `/`, `/metrics`,
-//!   `/healthz`, `/ready`, `/config`. [`ctl`]: the operator CLI.
-//! - [`app`] wires them all; `main` is flags, telemetry, config, run, signal, drain.
+//! - [`register`]: registers the local app in ZooKeeper (naming). [`admin`]: the dashboard at
+//!   `/`, `/metrics`, `/healthz`, `/ready`, `/config`. [`ctl`]: the operator CLI.
+//! - [`app`] wires them all and reloads the configuration on SIGHUP; `main` is flags, telemetry,
+//!   config, run, signal, drain.
 
 pub mod access_log;
 pub mod admin;

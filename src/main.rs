@@ -123,18 +123,21 @@ fn run(args: ConfigArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let drain = config.proxy.drain_timeout.0;
-        let delay = config.proxy.shutdown_delay.0;
-        let app = match App::start(config).await {
+        // Before anything else: SIGHUP's default action ends the process.
+        let mut signals = Signals::new();
+        let mut app = match App::start(config).await {
             Ok(app) => app,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
-        tracing::info!(drain_timeout = ?drain, "shutting down: draining");
-        app.stop_after(delay, drain).await;
+        while signals.next().await == Signal::Reload {
+            tracing::info!("SIGHUP: reloading the configuration");
+            app.reload(&args).await;
+        }
+        tracing::info!(drain_timeout = ?app.config().proxy.drain_timeout.0, "shutting down: draining");
+        app.stop_as_configured().await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
@@ -150,19 +153,47 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    // Without a SIGTERM handler (it cannot fail on Linux in practice), SIGINT still works.
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match &mut term {
-            Some(t) => t.recv().await,
-            None => std::future::pending().await,
+#[derive(PartialEq, Eq)]
+enum Signal {
+    /// SIGHUP: read the configuration again.
+    Reload,
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+}
+
+/// The signals zkroute acts on, listened to from creation on: none is missed while a reload runs.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installing a handler cannot fail on Linux in practice; without one the signal keeps its
+        // default action, which for each of these ends the process.
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
         }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+
+    async fn next(&mut self) -> Signal {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => Signal::Stop,
+            _ = recv(&mut self.int) => Signal::Stop,
+            _ = recv(&mut self.hup) => Signal::Reload,
+        }
     }
 }
 

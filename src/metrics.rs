@@ -39,6 +39,7 @@ pub mod names {
     pub const SERVICES_EMPTY: &str = "zkroute_services_empty";
     pub const ZK_SERVER_UNSUPPORTED: &str = "zkroute_zk_server_unsupported";
     pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
+    pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -84,6 +85,8 @@ pub struct Metrics {
     /// Per endpoint; recorded only with `metrics.per_instance = true`.
     pub upstream_requests: IntCounterVec,
     pub per_instance: bool,
+    /// Configuration reloads (SIGHUP), by `result`: `ok`, or `error` when nothing changed.
+    pub config_reloads: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -212,6 +215,12 @@ impl Metrics {
                 CONNECTIONS_REFUSED,
                 "Client connections refused at a listener's connection limit.",
                 &["listener"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                CONFIG_RELOADS,
+                "Configuration reloads (SIGHUP), by result: ok, or error when nothing changed.",
+                &["result"],
             ),
             registry: r,
         }

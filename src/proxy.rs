@@ -26,7 +26,7 @@ use crate::shutdown::Shutdown;
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
 /// and connections beyond `max` open ones are closed at once and counted.
 pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
+    listener: &TcpListener,
     name: &str,
     max: usize,
     tracker: &Arc<Tracker>,

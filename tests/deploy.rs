@@ -544,6 +544,7 @@ fn unit_keys(text: &str) -> BTreeMap<String, String> {
 fn the_systemd_unit_outwaits_the_longest_drain_and_keeps_the_snapshot_directory() {
     let keys = unit_keys(&read("deploy/systemd/zkroute.service"));
     assert_eq!(keys["ExecStart"], "/usr/local/bin/zkroute --config /etc/zkroute/zkroute.toml");
+    assert_eq!(keys["ExecReload"], "/bin/kill -HUP $MAINPID");
     assert_eq!(keys["KillSignal"], "SIGTERM");
     assert_eq!(keys["Restart"], "on-failure");
     assert!(keys["User"] != "root");

@@ -15,6 +15,7 @@ DEBIAN=(
     "ss iproute2"
     "promtool prometheus"
     "curl curl"
+    "chromium chromium"
 )
 
 # PyPI packages: "module package==version" (the module is what `python3 -c 'import M'` loads).

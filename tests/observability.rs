@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
-//! Metrics, logs and the access log, read from a running zkroute after real traffic. Routes come
-//! from a static file, except where the ZooKeeper session is what the metric shows.
+//! Metrics, logs and the access log, read from a running zkroute after real traffic; the Grafana
+//! board's queries run in a real Prometheus scraping it. Routes come from a static file, except
+//! where the ZooKeeper session is what the metric shows.
 
 mod support;
 
@@ -204,4 +205,172 @@ fn the_alert_rules_and_scrape_config_load() {
     assert!(report.contains(&format!("SUCCESS: {written} rules found")), "every rule loads: {report}");
     let (ok, report) = promtool_check(&["check", "config", &format!("{root}/deploy/prometheus/prometheus.yml")], None);
     assert!(ok, "{report}");
+}
+
+/// A Prometheus server (Debian's `prometheus`, beside promtool) scraping one target every second.
+struct Prometheus {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn scraping(target: std::net::SocketAddr) -> Prometheus {
+        deps::ensure();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: zkroute\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Prometheus { child, addr, _dir: dir }
+    }
+
+    /// An instant query's result vector (empty when nothing matched, or on an error).
+    async fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+        let encoded: String = expr
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let r = get(self.addr, &format!("/api/v1/query?query={encoded}")).await?;
+        let body: serde_json::Value = serde_json::from_slice(r.body()).map_err(|e| e.to_string())?;
+        if body["status"] != "success" {
+            return Err(body.to_string());
+        }
+        Ok(body["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every query of the Grafana board, with its panel's title.
+fn grafana_queries() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/zkroute.json");
+    let board: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    for panel in board["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((panel["title"].as_str().unwrap().to_owned(), target["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    for var in board["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"]["query"].as_str() {
+            queries.push((format!("variable {}", var["name"]), q.to_owned()));
+        }
+    }
+    queries
+}
+
+/// The metric names a query uses: zkroute's own and the process collector's.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    expr.split(|c: char| !is_name(c)).filter(|w| w.starts_with("zkroute_") || w.starts_with("process_")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grafana_query_names_exported_metrics_and_returns_data_in_prometheus() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let web = Backend::http("web").await;
+    let echo = TcpServer::echo().await;
+    let proxy = Proxy::with_zk(
+        &chroot,
+        &format!(
+            "{HTTP_LISTENER}[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n\
+             [[listener]]\nname = \"nothing\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"none\"\n\
+             [[register]]\nservice = \"app\"\naddress = \"127.0.0.1\"\nport = {}\n",
+            web.addr.port()
+        ),
+    )
+    .await;
+    zk.put("/zkroute/policies/db", r#"{"health_check":{"kind":"tcp","interval":"200ms"}}"#).await;
+    zk.put("/zkroute/rules/r", r#"{"listener":"http","retries":1,"backends":[{"service":"web"}]}"#).await;
+    zk.put("/zkroute/services/web/live", &web.addr.to_string()).await;
+    zk.put("/zkroute/services/web/dead", &refused_addr().to_string()).await;
+    zk.put("/zkroute/services/db/1", &echo.addr.to_string()).await;
+    zk.put("/zkroute/services/web/bad", "garbage").await;
+    proxy
+        .config_until("the table, db checked", |c| {
+            addresses(c, "web").len() == 2
+                && instances(c, "db").first().is_some_and(|i| i["health"]["state"] == "healthy")
+        })
+        .await;
+    proxy.config_until("the app registered", |c| c["registrations"][0]["registered"] == true).await;
+
+    // Traffic of every kind the board shows: answers and errors, retries, TCP relayed and refused.
+    let mut client = KeepAlive::connect(proxy.listener("http")).await;
+    for path in ["/?status=404", "/?status=500"] {
+        client.send(request("GET", "h", path, &[], "")).await.unwrap();
+    }
+    let mut tcp = tokio::net::TcpStream::connect(proxy.listener("db")).await.unwrap();
+    tcp.write_all(b"12345").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    tcp.read_to_end(&mut Vec::new()).await.unwrap();
+    let mut refused = tokio::net::TcpStream::connect(proxy.listener("nothing")).await.unwrap();
+    let _ = refused.read_to_end(&mut Vec::new()).await;
+
+    let metrics = eventually("every counter moved", Duration::from_secs(10), || async {
+        // Until a request meets the dead instance first and is retried.
+        send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
+        let m = proxy.metrics().await;
+        let v = |s: &str| metric_value(&m, s).unwrap_or(0.0);
+        (v(r#"zkroute_retries_total{service="web"}"#) >= 1.0
+            && v(r#"zkroute_http_requests_total{code="500",listener="http",service="web"}"#) == 1.0
+            && v(r#"zkroute_tcp_bytes_total{direction="tx",listener="db"}"#) == 5.0
+            && m.contains("zkroute_tcp_connections_rejected_total{")
+            && m.contains("zkroute_health_checks_total{"))
+        .then_some(m)
+    })
+    .await;
+    let queries = grafana_queries();
+    assert!(queries.len() >= 30, "the board has its queries: {}", queries.len());
+    for (panel, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{panel}: no zkroute metric in {expr}");
+        for name in names {
+            let exported = metrics.lines().any(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with([' ', '{'])));
+            assert!(exported, "{panel}: {name} is not in /metrics (query {expr})");
+        }
+    }
+
+    // Each query, with the board's variables at "All", is valid PromQL and finds data.
+    let prometheus = Prometheus::scraping(proxy.admin()).await;
+    eventually("three scrapes", Duration::from_secs(30), || async {
+        let r = prometheus.query("count_over_time(zkroute_table_version[1m])").await.ok()?;
+        (r.first()?["value"][1].as_str()?.parse::<f64>().ok()? >= 3.0).then_some(())
+    })
+    .await;
+    for (panel, expr) in &queries {
+        let concrete = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$job", ".*")
+            .replace("$instance", ".*")
+            .replace("$service", ".*");
+        let promql = match concrete.strip_prefix("label_values(") {
+            // A variable's query: the series it takes the label from.
+            Some(rest) => rest.rsplit_once(',').unwrap().0.to_owned(),
+            None => concrete,
+        };
+        let result = prometheus.query(&promql).await.unwrap_or_else(|e| panic!("{panel}: {promql}: {e}"));
+        assert!(!result.is_empty(), "{panel}: no data for {promql}");
+    }
+    proxy.stop().await;
 }

@@ -40,18 +40,8 @@ async fn sigterm_finishes_in_flight_work_refuses_new_connections_and_exits_zero(
     let mut one = [0u8; 1];
     tcp.write_all(b"a").await.unwrap();
     tcp.read_exact(&mut one).await.unwrap();
-    // A keep-alive connection that has been served and now idles between requests.
-    let mut idle = TcpStream::connect(bin.http).await.unwrap();
-    idle.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
-    let mut first = [0u8; 12];
-    idle.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"HTTP/1.1 200");
-    let http = bin.http;
-    let slow = tokio::spawn(async move { send(http, request("GET", "h", "/?sleep_ms=1500", &[], "")).await });
-    eventually("the slow request reached the backend", Duration::from_secs(5), || async {
-        (web.requests() == 1).then_some(())
-    })
-    .await;
+    let mut idle = idle_keep_alive(bin.http).await;
+    let slow = in_flight(bin.http, &web, 1500).await;
 
     bin.sigterm();
     eventually("/ready turns 503", Duration::from_secs(5), || async {

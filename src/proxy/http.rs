@@ -44,11 +44,12 @@ impl HttpContext {
     }
 }
 
-/// Accepts connections until shutdown.
-pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>) {
+/// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
+/// serves it again with a new context.
+pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
     let c = ctx.clone();
     super::accept_loop(
-        listener,
+        &listener,
         &c.name,
         c.limits.max_connections,
         &c.tracker,

@@ -89,11 +89,12 @@ impl TcpContext {
     }
 }
 
-/// Accepts connections until shutdown.
-pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>) {
+/// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
+/// serves it again with a new context.
+pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<TcpContext>) {
     let c = ctx.clone();
     super::accept_loop(
-        listener,
+        &listener,
         &c.name,
         c.limits.max_connections,
         &c.tracker,
@@ -314,7 +315,8 @@ async fn pump(
 /// it shrinks or its connection ends; with nothing left, buffers stay the size they are.
 #[derive(Debug)]
 pub struct RelayMemory {
-    limit: usize,
+    /// A configuration reload may change it; buffers grown past a lowered limit keep their size.
+    limit: AtomicUsize,
     used: AtomicUsize,
     /// `zkroute_tcp_relay_buffer_bytes`.
     gauge: IntGauge,
@@ -322,7 +324,11 @@ pub struct RelayMemory {
 
 impl RelayMemory {
     pub fn new(limit: usize, gauge: IntGauge) -> Arc<Self> {
-        Arc::new(RelayMemory { limit, used: AtomicUsize::new(0), gauge })
+        Arc::new(RelayMemory { limit: AtomicUsize::new(limit), used: AtomicUsize::new(0), gauge })
+    }
+
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Bytes taken now (the gauge shows the same to operators).
@@ -333,10 +339,11 @@ impl RelayMemory {
 
     /// Takes `n` bytes if they fit under the limit.
     fn take(&self, n: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             match used.checked_add(n) {
-                Some(after) if after <= self.limit => {}
+                Some(after) if after <= limit => {}
                 _ => return false,
             }
             match self.used.compare_exchange_weak(used, used + n, Ordering::Relaxed, Ordering::Relaxed) {

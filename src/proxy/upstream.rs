@@ -3,6 +3,7 @@
 //! across table swaps for as long as the endpoint stays.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -51,10 +52,32 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
 }
 
+/// The limits every pool reads, which a configuration reload may change.
+#[derive(Debug)]
+struct SharedSettings {
+    max_idle: AtomicUsize,
+    idle_timeout_ms: AtomicU64,
+}
+
+impl SharedSettings {
+    fn set(&self, s: PoolSettings) {
+        self.max_idle.store(s.max_idle, Ordering::Relaxed);
+        self.idle_timeout_ms.store(u64::try_from(s.idle_timeout.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn max_idle(&self) -> usize {
+        self.max_idle.load(Ordering::Relaxed)
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+}
+
 /// Idle connections of one endpoint, most recently used first out.
 pub struct Pool {
     idle: Mutex<Vec<Conn>>,
-    settings: PoolSettings,
+    settings: Arc<SharedSettings>,
 }
 
 impl Pool {
@@ -63,7 +86,7 @@ impl Pool {
     pub fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(mut conn) = idle.pop() {
-            if now.duration_since(conn.idle_since) < self.settings.idle_timeout && conn.is_clean() {
+            if now.duration_since(conn.idle_since) < self.settings.idle_timeout() && conn.is_clean() {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -79,15 +102,16 @@ impl Pool {
         conn.buf.shrink(UPSTREAM_BUF);
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.settings.max_idle {
+        if idle.len() < self.settings.max_idle() {
             idle.push(conn);
         }
     }
 
     /// Closes connections idle for longer than the timeout.
     fn sweep(&self, now: Instant) -> usize {
+        let timeout = self.settings.idle_timeout();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|c| now.duration_since(c.idle_since) < self.settings.idle_timeout);
+        idle.retain(|c| now.duration_since(c.idle_since) < timeout);
         idle.len()
     }
 
@@ -96,22 +120,35 @@ impl Pool {
     }
 }
 
+/// How often idle connections are swept: a quarter of their timeout, within 100 ms to 5 s.
+fn sweep_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
 /// Every pool, for the sweeper. Only touched when an endpoint gets its first pool.
 pub struct Pools {
-    settings: PoolSettings,
+    settings: Arc<SharedSettings>,
     all: Mutex<Vec<Weak<Pool>>>,
 }
 
 impl Pools {
     pub fn new(settings: PoolSettings) -> Arc<Self> {
-        Arc::new(Pools { settings, all: Mutex::new(Vec::new()) })
+        let shared = Arc::new(SharedSettings { max_idle: AtomicUsize::new(0), idle_timeout_ms: AtomicU64::new(0) });
+        shared.set(settings);
+        Arc::new(Pools { settings: shared, all: Mutex::new(Vec::new()) })
+    }
+
+    /// New limits for every pool: a lower `max_idle` applies as connections are checked in, a
+    /// shorter `idle_timeout` at the next checkout or sweep.
+    pub fn set(&self, settings: PoolSettings) {
+        self.settings.set(settings);
     }
 
     /// The pool of an endpoint, created on first use.
     #[inline]
     pub fn of<'a>(&self, state: &'a EndpointState) -> Option<&'a Arc<Pool>> {
         state.data_plane(|| {
-            let pool = Arc::new(Pool { idle: Mutex::new(Vec::new()), settings: self.settings });
+            let pool = Arc::new(Pool { idle: Mutex::new(Vec::new()), settings: self.settings.clone() });
             self.all.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&pool));
             pool
         })
@@ -131,11 +168,10 @@ impl Pools {
     /// Sweeps every few seconds until the returned task is dropped or aborted.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let pools = Arc::downgrade(self);
-        let every = (self.settings.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
+                let Some(every) = pools.upgrade().map(|p| sweep_interval(p.settings.idle_timeout())) else { return };
+                tokio::time::sleep(every).await;
                 match pools.upgrade() {
                     Some(p) => {
                         p.sweep();

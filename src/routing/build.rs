@@ -97,6 +97,12 @@ pub enum Change {
     Unreadable(Vec<InvalidNode>),
     /// Active checks or outlier detection changed some endpoints of these services.
     Health(Vec<ServiceName>),
+    /// The local configuration was reloaded: the listeners, by [`ListenerId`](super::table::ListenerId),
+    /// and the defaults.
+    Local {
+        listeners: Vec<ListenerSpec>,
+        defaults: Defaults,
+    },
 }
 
 /// A full read of a source.
@@ -124,10 +130,12 @@ pub struct Delta {
     pub rebuilt: BTreeSet<ServiceName>,
     /// Every listener's routes were rebuilt (rules changed, or a full read).
     pub routes_rebuilt: bool,
+    /// The local listeners or defaults changed (a configuration reload).
+    pub local: bool,
 }
 
 impl Delta {
-    /// Whether no document changed (health-only rebuilds are empty).
+    /// Whether nothing but endpoint health changed (health-only rebuilds are empty).
     pub fn is_empty(&self) -> bool {
         Delta { rebuilt: BTreeSet::new(), routes_rebuilt: false, ..self.clone() } == Delta::default()
     }
@@ -240,7 +248,20 @@ impl Builder {
             Change::Resync(resync) => self.apply_resync(resync),
             Change::Unreadable(nodes) => self.apply_unreadable(nodes),
             Change::Health(services) => self.dirty_services.extend(services),
+            Change::Local { listeners, defaults } => self.set_local(listeners, defaults),
         }
+    }
+
+    /// New listeners and defaults: every service and route is rebuilt with them. Metric children
+    /// and endpoint sets are made afresh, since both name or embed what changed (the counts
+    /// behind the metrics carry on).
+    fn set_local(&mut self, listeners: Vec<ListenerSpec>, defaults: Defaults) {
+        self.listeners = listeners.into();
+        self.defaults = defaults;
+        self.stats.clear();
+        self.sets.clear();
+        self.dirty_all = true;
+        self.delta.local = true;
     }
 
     fn apply_instance(&mut self, service: ServiceName, id: Arc<str>, doc: Option<Doc<Instance>>) {

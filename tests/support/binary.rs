@@ -23,6 +23,17 @@ impl Binary {
 
     /// With extra TOML and extra command-line arguments.
     pub async fn start_with(routes: &impl RouteSource, drain: &str, extra: &str, args: &[&str]) -> Binary {
+        Binary::start_with_env(routes, drain, extra, args, &[]).await
+    }
+
+    /// With extra TOML, command-line arguments and environment variables.
+    pub async fn start_with_env(
+        routes: &impl RouteSource,
+        drain: &str,
+        extra: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let (admin, http, tcp) = (free_port(), free_port(), free_port());
         let config = format!(
@@ -38,6 +49,7 @@ impl Binary {
             .arg("--config")
             .arg(&path)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
@@ -76,6 +88,22 @@ impl Binary {
 }
 
 impl Binary {
+    /// The configuration file it runs with.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("zkroute.toml")
+    }
+
+    /// The configuration file's text.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(self.config_file()).unwrap()
+    }
+
+    /// Writes `config` over the configuration file and sends SIGHUP.
+    pub fn reload(&self, config: &str) {
+        std::fs::write(self.config_file(), config).unwrap();
+        self.signal("HUP");
+    }
+
     /// What the process logged to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("zkroute.log")).unwrap_or_default()

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod binary;
+pub mod browser;
 pub mod deps;
 pub mod routes;
 pub mod tcp;
@@ -210,6 +211,34 @@ impl KeepAlive {
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// A raw keep-alive connection to `addr` that has been answered one GET and now idles between
+/// requests.
+pub async fn idle_keep_alive(addr: SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await.expect("write");
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.expect("read");
+    assert_eq!(&first, b"HTTP/1.1 200");
+    idle
+}
+
+/// A GET to `addr` that `backend` holds `ms` milliseconds before answering, in flight once this
+/// returns (the backend has it).
+pub async fn in_flight(
+    addr: SocketAddr,
+    backend: &Backend,
+    ms: u64,
+) -> tokio::task::JoinHandle<Result<Response<Bytes>, String>> {
+    let before = backend.requests();
+    let slow = tokio::spawn(send(addr, request("GET", "h", &format!("/?sleep_ms={ms}"), &[], "")));
+    eventually("the slow request reached the backend", Duration::from_secs(5), || async {
+        (backend.requests() > before).then_some(())
+    })
+    .await;
+    slow
 }
 
 /// TOML for one HTTP listener named `http` on a free port.

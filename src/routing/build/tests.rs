@@ -441,3 +441,37 @@ fn an_instance_change_rebuilds_only_the_routes_that_send_to_its_service() {
     let (t4, _) = b.build();
     assert_eq!(&*t4.listener(0).unwrap().routes[0].id, "rc");
 }
+
+#[test]
+fn a_local_change_rebuilds_every_route_with_the_new_listeners_and_defaults() {
+    let mut b = builder();
+    instance(&mut b, "users", "a", "10.0.0.1:80");
+    rule(&mut b, "r1", 1, r#"{"listener":"admin","backends":[{"service":"users"}]}"#);
+    rule(&mut b, "r2", 1, r#"{"listener":"http","backends":[{"address":"10.0.9.9:80"}]}"#);
+    let (t, _) = b.build();
+    assert_eq!(t.listeners.len(), 2);
+    assert_eq!(t.listener(0).unwrap().routes[0].timeout, Duration::from_secs(15));
+
+    // A third listener takes the rule written for it; every route gets the new defaults.
+    let mut specs = listeners();
+    specs.push(ListenerSpec { name: "admin".into(), protocol: Protocol::Http, service: None, endpoint: None });
+    let defaults = Defaults {
+        timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(50),
+        ..Defaults::default()
+    };
+    b.apply(Change::Local { listeners: specs, defaults });
+    assert!(b.is_dirty());
+    let (t, delta) = b.build();
+    assert!(delta.local && !delta.is_empty());
+    assert_eq!(t.listeners.len(), 3);
+    let admin = t.listener(2).unwrap();
+    assert_eq!((&*admin.name, &*admin.routes[0].id), ("admin", "r1"));
+    assert_eq!(admin.routes[0].timeout, Duration::from_millis(500));
+    assert_eq!(t.service("users").unwrap().policy.connect_timeout, Duration::from_millis(50));
+    let http = t.listener(0).unwrap();
+    assert_eq!(http.routes[0].timeout, Duration::from_millis(500));
+    assert_eq!(http.routes[0].targets[0].set.policy.connect_timeout, Duration::from_millis(50), "static targets too");
+    let (_, delta) = b.build();
+    assert!(!delta.local, "reported once");
+}
