@@ -6,8 +6,12 @@
 pub mod backend;
 pub mod binary;
 pub mod deps;
+pub mod h2client;
+pub mod h2frames;
 pub mod routes;
+pub mod scripted;
 pub mod tcp;
+pub mod wire;
 pub mod zk;
 pub mod zk_fault;
 
@@ -100,6 +104,20 @@ impl Proxy {
     /// Starts zkroute reading its routes from `source`, admin on a free port, with extra TOML after.
     pub async fn following(source: &impl RouteSource, extra: &str) -> Proxy {
         Proxy::start(&format!("{}[admin]\nbind = \"127.0.0.1:0\"\n{extra}", source.source_config())).await
+    }
+
+    /// Starts zkroute on the static file source (no ZooKeeper), the file holding `routes`
+    /// (services, rules, policies), with extra TOML after it (listeners, `[proxy]` keys). Returns
+    /// once the file's table is loaded; the file lives as long as the returned directory.
+    pub async fn with_static(routes: &str, extra: &str) -> (Proxy, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("routes.toml");
+        std::fs::write(&file, routes).expect("write the routes file");
+        let proxy =
+            Proxy::start(&format!("[static]\nfile = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{extra}", file.display()))
+                .await;
+        proxy.config_until("the static file's table", |_| true).await;
+        (proxy, dir)
     }
 
     pub fn admin(&self) -> SocketAddr {
