@@ -207,6 +207,8 @@ impl Connection {
         self.out.clear();
         error::write_answer(&mut self.out, err, close, head_only);
         let _ = timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
+        // The next response head is written after whatever `out` holds.
+        self.out.clear();
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
