@@ -484,6 +484,11 @@ impl Connection {
             Err(ReadError::Closed | ReadError::Invalid) => return retry_or_fail(ProxyError::UpstreamReset),
             Err(ReadError::Client) => return Outcome::Abort,
         };
+        if resp.status == 101 && !head.upgrade {
+            // A switch the client never asked for (RFC 9110 section 7.8): the connection now
+            // speaks something else, so it is dropped, and the answer is an invalid response.
+            return retry_or_fail(ProxyError::UpstreamReset);
+        }
         if may_retry && replayable && idempotent && matches!(resp.status, 502..=504) {
             // Let another endpoint answer an idempotent request this one failed.
             return Outcome::Retry(ProxyError::UpstreamReset);
@@ -499,7 +504,7 @@ impl Connection {
         let mode = ResponseMode {
             close: client_close && !upgrade,
             keep_alive_10: client_minor == 0 && head.keep_alive && !client_close,
-            dechunk,
+            drop_te: client_minor == 0,
             upgrade,
         };
         head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
@@ -508,6 +513,10 @@ impl Connection {
         let mut bytes_out = 0u64;
         match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle, &mut bytes_out).await {
             Ok(()) => {}
+            Err(RelayError::Malformed) => {
+                out.clear();
+                return retry_or_fail(ProxyError::UpstreamReset);
+            }
             Err(RelayError::Source) => {
                 return Outcome::Relayed {
                     next: AfterExchange::Close,
@@ -655,9 +664,16 @@ async fn read_response(
                 Ok(Parse::Complete(h)) if h.is_interim() => {
                     if client_minor >= 1 {
                         out.clear();
-                        let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+                        let mode = ResponseMode { close: false, keep_alive_10: false, drop_te: false, upgrade: false };
                         head::write_response_head(out, buf.filled(), &h, fields, mode);
-                        ds.write_all(out).await.map_err(|_| ReadError::Client)?;
+                        // Within the route's timeout like the rest of the wait. A client that does
+                        // not take an interim answer in time may have part of it: the exchange
+                        // ends there, unanswered.
+                        tokio::select! {
+                            biased;
+                            w = ds.write_all(out) => w.map_err(|_| ReadError::Client)?,
+                            _ = deadline.as_mut() => return Err(ReadError::Client),
+                        }
                         out.clear();
                     }
                     buf.consume(h.len);
@@ -686,6 +702,8 @@ async fn read_response(
 }
 
 enum RelayError {
+    /// The body was malformed before anything went to the client: the response is invalid.
+    Malformed,
     Source,
     Destination,
 }
@@ -719,13 +737,13 @@ async fn relay_body(
             }
             BodyLen::Chunked => {
                 let filled = buf.filled();
+                let malformed = |_| if first { RelayError::Malformed } else { RelayError::Source };
                 if dechunk {
-                    let used =
-                        scanner.scan(filled, |r| head.extend_from_slice(&filled[r])).map_err(|_| RelayError::Source)?;
+                    let used = scanner.scan(filled, |r| head.extend_from_slice(&filled[r])).map_err(malformed)?;
                     buf.consume(used);
                     (0, scanner.is_done())
                 } else {
-                    let used = scanner.scan(filled, |_| {}).map_err(|_| RelayError::Source)?;
+                    let used = scanner.scan(filled, |_| {}).map_err(malformed)?;
                     (used, scanner.is_done())
                 }
             }
