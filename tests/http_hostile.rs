@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use support::h2client::{error_code, h2_client, h2_get, h2_send};
 use support::h2frames as h2;
-use support::scripted::{Act, Upstream, proxy_to, send};
+use support::scripted::{Act, Upstream, proxy_to, proxy_with_policy, send};
 use support::wire::Wire;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,6 +144,36 @@ async fn connection_cannot_strip_host_and_every_forwarded_request_has_one() {
         assert_eq!(head.to_ascii_lowercase().matches("\r\nhost:").count(), 1, "{head}");
         assert!(head.contains("\r\nhost: \r\n"), "an empty Host for a target without authority: {head}");
     }
+    proxy.stop().await;
+}
+
+// ---- 5. client faults are not upstream faults -----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_bodies_do_not_eject_a_healthy_upstream() {
+    let upstream = Upstream::answering(OK).await;
+    let policy = "outlier = { consecutive_failures = 3, max_ejection_percent = 100 }";
+    let (proxy, _routes) = proxy_with_policy(upstream.addr, policy, "").await;
+    let addr = proxy.listener("http");
+    for round in 0..6 {
+        // A chunked body that is fine when the request goes up, and turns malformed later.
+        let mut client = Wire::connect(addr).await;
+        client.send(b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
+        eventually("the first chunk upstream", WAIT, || async {
+            (upstream.conns() > round && upstream.received(round).contains("hello")).then_some(())
+        })
+        .await;
+        client.send(b"zz\r\nnot a chunk\r\n").await;
+        let resp = client.response(false).await.unwrap();
+        assert_eq!((resp.status, resp.header("x-zkroute-error")), (400, Some("bad_request")));
+        upstream.wait_closed(round, WAIT).await;
+    }
+    let c = proxy.config().await;
+    let instance = &instances(&c, "s")[0];
+    assert_eq!(instance["health"]["state"], "healthy", "{instance:#}");
+    let ejected = proxy.metric(r#"zkroute_backends{service="s",state="ejected"}"#).await;
+    assert_eq!(ejected, Some(0.0));
+    assert_eq!(Wire::exchange(addr, GET).await.unwrap().status, 200);
     proxy.stop().await;
 }
 

@@ -66,10 +66,11 @@ pub struct Connection {
 enum Outcome {
     /// The response was relayed (fully or partly); body bytes each way.
     Relayed { next: AfterExchange, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
-    /// Nothing reached the client: another endpoint may be tried.
+    /// Nothing reached the client: another endpoint may be tried. Always the upstream's fault.
     Retry(ProxyError),
-    /// Nothing reached the client, and the request cannot be sent again.
-    Fail(ProxyError),
+    /// Nothing reached the client, and the request cannot be sent again. `upstream_fault`: it
+    /// counts against the endpoint in outlier detection (a malformed request body does not).
+    Fail { error: ProxyError, upstream_fault: bool },
     /// The client went away or broke the exchange.
     Abort,
 }
@@ -349,11 +350,16 @@ impl Connection {
                     target.stats.retried();
                     last_error = e;
                 }
-                Outcome::Retry(e) | Outcome::Fail(e) => {
-                    if e != ProxyError::Timeout {
+                Outcome::Retry(e) => {
+                    self.ctx.outlier_failure(&target.set, i);
+                    last_error = e;
+                    break;
+                }
+                Outcome::Fail { error, upstream_fault } => {
+                    if upstream_fault {
                         self.ctx.outlier_failure(&target.set, i);
                     }
-                    last_error = e;
+                    last_error = error;
                     break;
                 }
                 Outcome::Abort => {
@@ -430,7 +436,7 @@ impl Connection {
             // The upstream did not take the request (a pooled connection it had closed, or a
             // reset): nothing was acted on, and the client's body is still unread.
             Ok(Err(_)) => return Outcome::Retry(ProxyError::UpstreamReset),
-            Err(_) => return Outcome::Fail(ProxyError::Timeout),
+            Err(_) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: true },
         }
         let idle = self.ctx.limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
@@ -470,17 +476,30 @@ impl Connection {
                             Err(PumpError::ClientGone) => return Outcome::Abort,
                             // The upstream stopped reading: its response may still come.
                             Err(PumpError::Upstream) => {}
-                            Err(PumpError::BadBody) => return Outcome::Fail(ProxyError::BadRequest("malformed chunked body")),
+                            // The client's fault: the upstream is not blamed for it.
+                            Err(PumpError::BadBody) => {
+                                return Outcome::Fail {
+                                    error: ProxyError::BadRequest("malformed chunked body"),
+                                    upstream_fault: false,
+                                };
+                            }
                         }
                     }
                 }
             }
         };
-        let retry_or_fail =
-            |e| if may_retry && replayable && idempotent { Outcome::Retry(e) } else { Outcome::Fail(e) };
+        let retry_or_fail = |error| {
+            if may_retry && replayable && idempotent {
+                Outcome::Retry(error)
+            } else {
+                Outcome::Fail { error, upstream_fault: true }
+            }
+        };
         let resp = match read {
             Ok(r) => r,
-            Err(ReadError::Timeout) => return Outcome::Fail(ProxyError::Timeout),
+            // The upstream's fault only if it had the whole request: a client still sending its
+            // body when the time ran out may have been the slow one.
+            Err(ReadError::Timeout) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_done },
             Err(ReadError::Closed | ReadError::Invalid) => return retry_or_fail(ProxyError::UpstreamReset),
             Err(ReadError::Client) => return Outcome::Abort,
         };

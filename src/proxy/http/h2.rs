@@ -400,7 +400,8 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
         let resp_head = match resp {
             Ok(h) => h,
             Err(e) => {
-                if e != ProxyError::Timeout {
+                // A timeout is the upstream's fault once it had the whole request.
+                if e != ProxyError::Timeout || (body_ok && !pumping) {
                     ctx.outlier_failure(&target.set, i);
                 }
                 target.stats.observe(e.rescue().status, started.elapsed());
