@@ -177,7 +177,28 @@ async fn malformed_request_bodies_do_not_eject_a_healthy_upstream() {
     proxy.stop().await;
 }
 
+// ---- 6. WebSocket tunnels time out ----------------------------------------------------------
+
 const SWITCH: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_closes_after_the_tcp_idle_timeout() {
+    let upstream = Upstream::start(|_| vec![send(SWITCH), Act::Hold]).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "tcp_idle_timeout = \"1s\"\nidle_timeout = \"60s\"\n").await;
+    let mut client = Wire::connect(proxy.listener("http")).await;
+    client.send(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await;
+    let resp = client.response(false).await.unwrap();
+    assert_eq!(resp.status, 101);
+    client.send(b"ping").await;
+    eventually("bytes through the tunnel", WAIT, || async { upstream.received(0).ends_with("ping").then_some(()) })
+        .await;
+    let quiet = Instant::now();
+    client.closes_within(WAIT).await.unwrap();
+    upstream.wait_closed(0, WAIT).await;
+    let idle = quiet.elapsed();
+    assert!(idle >= Duration::from_millis(900) && idle < Duration::from_secs(5), "closed after {idle:?} idle");
+    proxy.stop().await;
+}
 
 // ---- 7. CONNECT over h2c --------------------------------------------------------------------
 

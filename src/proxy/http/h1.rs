@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -19,9 +20,11 @@ use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
 use crate::metrics::RouteStats;
+use crate::proxy::Limits;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
+use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn};
 use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::{Route, Target, hash_bytes};
@@ -438,7 +441,8 @@ impl Connection {
             Ok(Err(_)) => return Outcome::Retry(ProxyError::UpstreamReset),
             Err(_) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: true },
         }
-        let idle = self.ctx.limits.idle_timeout;
+        let limits = &self.ctx.limits;
+        let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
         let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
@@ -557,13 +561,14 @@ impl Connection {
         }
         if upgrade {
             drop(in_flight);
-            tunnel(stream, buf, conn).await;
+            let moved = RelayedBytes::default();
+            tunnel(stream, buf, conn, limits, &moved).await;
             return Outcome::Relayed {
                 next: AfterExchange::Close,
                 status,
                 upstream_ok: true,
-                bytes_in: pumped,
-                bytes_out,
+                bytes_in: pumped + moved.rx.load(Ordering::Relaxed),
+                bytes_out: bytes_out + moved.tx.load(Ordering::Relaxed),
             };
         }
         drop(in_flight);
@@ -805,19 +810,24 @@ async fn relay_body(
     }
 }
 
-/// After a 101: bytes both ways until either side closes.
-async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn) {
+/// After a 101: a relayed connection, as on a TCP listener (half-close honoured), closed after
+/// `limits.tcp_idle_timeout` without a byte either way, as HAProxy's `timeout tunnel` does. What
+/// either side sent beyond the handshake goes first. Body bytes each way are added to `moved`.
+async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn, limits: &Limits, moved: &RelayedBytes) {
+    let idle = limits.tcp_idle_timeout;
     if !client_buf.is_empty() {
-        if conn.stream.write_all(client_buf.filled()).await.is_err() {
+        if !matches!(timeout(idle, conn.stream.write_all(client_buf.filled())).await, Ok(Ok(()))) {
             return;
         }
+        moved.rx.fetch_add(client_buf.len() as u64, Ordering::Relaxed);
         client_buf.consume(client_buf.len());
     }
     if !conn.buf.is_empty() {
-        if client.write_all(conn.buf.filled()).await.is_err() {
+        if !matches!(timeout(idle, client.write_all(conn.buf.filled())).await, Ok(Ok(()))) {
             return;
         }
+        moved.tx.fetch_add(conn.buf.len() as u64, Ordering::Relaxed);
         conn.buf.consume(conn.buf.len());
     }
-    let _ = tokio::io::copy_bidirectional(client, &mut conn.stream).await;
+    let _ = relay(client, &conn.stream, idle, &limits.tcp_relay_memory, None, moved).await;
 }
