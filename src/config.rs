@@ -163,6 +163,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Most open downstream connections per listener; more are refused.
     pub max_connections: usize,
+    /// Drops request header fields whose names hold an underscore, as nginx does.
+    pub drop_underscore_headers: bool,
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
@@ -195,6 +197,7 @@ impl Default for ProxyConfig {
             header_read_timeout: secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            drop_underscore_headers: false,
             pool_max_idle: 64,
             pool_idle_timeout: secs(30),
             health_check: None,
@@ -378,6 +381,11 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("proxy.header_read_timeout", ValueKind::Str, "time to receive request headers [default: 10s]"),
     ("proxy.max_header_bytes", ValueKind::Int, "largest request header section [default: 65536]"),
     ("proxy.max_connections", ValueKind::Int, "most client connections per listener [default: 10000]"),
+    (
+        "proxy.drop_underscore_headers",
+        ValueKind::Bool,
+        "drop request headers with an underscore in their name [default: false]",
+    ),
     ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint [default: 64]"),
     ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after [default: 30s]"),
     ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),

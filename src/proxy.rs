@@ -88,6 +88,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub drop_underscore_headers: bool,
     pub tcp_idle_timeout: Duration,
     /// Shared by every TCP listener: what their relay buffers may grow into.
     pub tcp_relay_memory: Arc<tcp::RelayMemory>,

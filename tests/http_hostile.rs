@@ -312,6 +312,26 @@ async fn an_invalid_host_is_refused_and_client_values_are_escaped_in_the_access_
 // ---- Also: underscores, interim answers, late bytes -----------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_with_underscores_are_dropped_when_configured() {
+    let upstream = Upstream::answering(OK).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "drop_underscore_headers = true\n").await;
+    let addr = proxy.listener("http");
+    let req = b"GET /h1 HTTP/1.1\r\nHost: h\r\nX_Forwarded_For: 6.6.6.6\r\nX-Kept: 1\r\n\r\n";
+    assert_eq!(Wire::exchange(addr, req).await.unwrap().status, 200);
+    let mut h2c = h2_client(addr).await;
+    let req = http::Request::get("http://h/h2")
+        .header("x_forwarded_for", "6.6.6.6")
+        .header("x-kept", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2_send(&mut h2c, req).await.unwrap().status(), 200);
+    let seen = upstream.all_received();
+    assert_eq!(seen.to_ascii_lowercase().matches("x-kept: 1").count(), 2, "{seen}");
+    assert!(!seen.contains("6.6.6.6"), "{seen}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interim_answers_to_a_client_that_does_not_read_end_at_the_route_timeout() {
     let flood = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(2000);
     let upstream = Upstream::start(move |_| vec![Act::Repeat(flood.clone(), Duration::from_secs(60))]).await;

@@ -257,7 +257,14 @@ impl Connection {
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
-        head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, self.client_ip.as_bytes());
+        head::write_request(
+            &mut self.req,
+            self.buf.filled(),
+            &head,
+            &self.fields,
+            self.client_ip.as_bytes(),
+            self.ctx.limits.drop_underscore_headers,
+        );
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {

@@ -301,7 +301,8 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut req_head = Vec::with_capacity(512);
-    write_head(&mut req_head, &parts, host, has_body, length, &peer);
+    let drop_underscore = ctx.limits.drop_underscore_headers;
+    write_head(&mut req_head, &parts, host, has_body, length, &peer, drop_underscore);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut tried = Tried::default();
@@ -455,6 +456,7 @@ fn write_head(
     has_body: bool,
     length: Option<u64>,
     peer: &SocketAddr,
+    drop_underscore: bool,
 ) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -479,6 +481,7 @@ fn write_head(
             || name == header::CONTENT_LENGTH
             || name == header::COOKIE
             || name.as_str() == "x-forwarded-proto"
+            || (drop_underscore && name.as_str().contains('_'))
         {
             continue;
         }

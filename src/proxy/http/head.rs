@@ -348,8 +348,16 @@ impl Fields<'_> {
 }
 
 /// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
-/// ones, framing, Host, and `x-forwarded-for` / `x-forwarded-proto`.
-pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: &[Field], client_ip: &[u8]) {
+/// ones (and, with `drop_underscore`, without those whose names hold an underscore), framing,
+/// Host, and `x-forwarded-for` / `x-forwarded-proto`.
+pub fn write_request(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    client_ip: &[u8],
+    drop_underscore: bool,
+) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = &buf[head.target.clone()];
@@ -385,7 +393,10 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
             // that frame and address the request, nor the Upgrade it asks for.
             Known::Host | Known::Upgrade => {}
             Known::Other | Known::Expect => {
-                if head.names_fields && listed_in_connection(buf, fields, &buf[f.name.clone()]) {
+                let name = &buf[f.name.clone()];
+                if (drop_underscore && name.contains(&b'_'))
+                    || (head.names_fields && listed_in_connection(buf, fields, name))
+                {
                     continue;
                 }
             }
@@ -648,7 +659,7 @@ mod tests {
     fn forwarded(text: &str) -> String {
         let (h, f) = req(text).unwrap();
         let mut out = Vec::new();
-        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1");
+        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", false);
         String::from_utf8(out).unwrap()
     }
 
@@ -834,7 +845,7 @@ mod tests {
             if let Ok(Parse::Complete(h)) = parse_request(&text, &mut fields) {
                 let _ = (h.route_host(&text), h.path(&text), Fields { buf: &text, fields: &fields }.get(b"host"));
                 out.clear();
-                write_request(&mut out, &text, &h, &fields, b"127.0.0.1");
+                write_request(&mut out, &text, &h, &fields, b"127.0.0.1", round % 5 == 0);
             }
             let text = edit(RESPONSES[round % RESPONSES.len()]);
             if let Ok(Parse::Complete(r)) = parse_response(&text, &mut fields, round % 2 == 0) {
@@ -963,6 +974,17 @@ mod tests {
         assert!(!out.to_ascii_lowercase().contains("upgrade"), "{out}");
         let out = forwarded("GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
         assert!(out.contains("\r\nHost: a.test\r\n") && !out.contains("host: \r\n"), "{out}");
+    }
+
+    #[test]
+    fn underscored_names_are_dropped_when_asked() {
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX-Real: 1\r\n\r\n";
+        let (h, f) = req(text).unwrap();
+        let mut out = Vec::new();
+        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", true);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("6.6.6.6") && out.contains("X-Real: 1"), "{out}");
+        assert!(forwarded(text).contains("X_Forwarded_For: 6.6.6.6\r\n"), "kept by default, as Envoy and HAProxy do");
     }
 
     #[test]
