@@ -124,6 +124,8 @@ impl App {
             idle_timeout: p.idle_timeout.0,
             max_header_bytes: p.max_header_bytes,
             max_connections: p.max_connections,
+            stream_idle_timeout: p.stream_idle_timeout.0,
+            h2_max_concurrent_streams: p.h2_max_concurrent_streams,
             drop_underscore_headers: p.drop_underscore_headers,
             tcp_idle_timeout: p.tcp_idle_timeout.0,
             tcp_relay_memory: RelayMemory::new(p.tcp_relay_memory, metrics.tcp_relay_buffer_bytes.clone()),

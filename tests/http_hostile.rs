@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use support::h2client::{error_code, h2_client, h2_get, h2_send};
 use support::h2frames as h2;
 use support::scripted::{Act, Upstream, proxy_to, proxy_with_policy, send};
@@ -144,6 +144,163 @@ async fn connection_cannot_strip_host_and_every_forwarded_request_has_one() {
         assert_eq!(head.to_ascii_lowercase().matches("\r\nhost:").count(), 1, "{head}");
         assert!(head.contains("\r\nhost: \r\n"), "an empty Host for a target without authority: {head}");
     }
+    proxy.stop().await;
+}
+
+// ---- 4. h2c client timeouts and limits ------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_h2c_clients_are_closed_at_the_idle_timeout() {
+    let upstream = Upstream::answering(OK).await;
+    // After the GOAWAY, a client that never answers it is dropped within the header timeout.
+    let limits = "idle_timeout = \"1s\"\nheader_read_timeout = \"1s\"\nmax_connections = 5\n";
+    let (proxy, _routes) = proxy_to(upstream.addr, limits).await;
+    let addr = proxy.listener("http");
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&h2::client_start()).await.unwrap();
+        silent.push(s);
+    }
+    let started = Instant::now();
+    for mut s in silent {
+        let (frames, closed) = h2::frames_until_close(&mut s, WAIT).await;
+        assert!(closed, "an idle h2c connection was closed");
+        assert!(frames.iter().any(|f| f.kind == h2::GOAWAY), "with a GOAWAY first: {frames:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "closed after {:?}", started.elapsed());
+    let resp = Wire::exchange(addr, GET).await.unwrap();
+    assert_eq!(resp.status, 200, "the listener has room again");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preface_sent_a_byte_at_a_time_is_cut_off_at_the_header_timeout() {
+    let upstream = Upstream::answering(OK).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "header_read_timeout = \"500ms\"\nidle_timeout = \"60s\"\n").await;
+    let s = TcpStream::connect(proxy.listener("http")).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for b in h2::PREFACE {
+            if w.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        std::future::pending::<()>().await;
+    });
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(3), r.read(&mut byte)).await;
+    trickle.abort();
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "cut off: {closed:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "at the header timeout: {:?}", started.elapsed());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_header_block_left_open_is_cut_off_at_the_header_timeout() {
+    let upstream = Upstream::answering(OK).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "header_read_timeout = \"500ms\"\nidle_timeout = \"60s\"\n").await;
+    let mut s = TcpStream::connect(proxy.listener("http")).await.unwrap();
+    let mut out = h2::client_start();
+    let block = h2::block(&[(":method", "GET"), (":scheme", "http"), (":authority", "h"), (":path", "/")]);
+    // HEADERS without END_HEADERS: the block goes on in CONTINUATION frames that never come.
+    out.extend(h2::frame(h2::HEADERS, h2::END_STREAM, 1, &block[..block.len() / 2]));
+    s.write_all(&out).await.unwrap();
+    let started = Instant::now();
+    let (_, closed) = h2::frames_until_close(&mut s, Duration::from_secs(5)).await;
+    assert!(closed && started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    assert_eq!(upstream.requests(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_body_resets_its_h2_stream_at_the_stream_idle_timeout() {
+    let upstream =
+        Upstream::start(|_| vec![send("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"), Act::Hold]).await;
+    let (proxy, _routes) =
+        proxy_to(upstream.addr, "stream_idle_timeout = \"1s\"\nidle_timeout = \"60s\"\ntimeout = \"60s\"\n").await;
+    let mut h2c = h2_client(proxy.listener("http")).await;
+    let started = Instant::now();
+    let resp = h2c.send_request(h2_get("http://h/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect()).await.expect("the stream ends");
+    assert!(body.is_err(), "reset, not completed");
+    assert!(started.elapsed() < Duration::from_secs(5), "reset after {:?}", started.elapsed());
+    upstream.wait_closed(0, WAIT).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_stops_reading_has_its_stream_reset_and_the_upstream_freed() {
+    let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 16777216\r\n\r\n".to_vec();
+    big.resize(big.len() + (16 << 20), b'x');
+    let big: &'static [u8] = Box::leak(big.into_boxed_slice());
+    let upstream = Upstream::start(move |_| vec![send(big), Act::Hold]).await;
+    let (proxy, _routes) =
+        proxy_to(upstream.addr, "stream_idle_timeout = \"1s\"\nidle_timeout = \"60s\"\ntimeout = \"60s\"\n").await;
+    let mut h2c = h2_client(proxy.listener("http")).await;
+    let resp = h2c.send_request(h2_get("http://h/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The body is never read: flow control stops the stream once the client's window is full.
+    upstream.wait_closed(0, WAIT).await;
+    drop(resp);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_streams_beyond_the_limit_are_refused() {
+    let upstream = Upstream::start(|_| vec![Act::Hold]).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "h2_max_concurrent_streams = 2\n").await;
+    let mut s = TcpStream::connect(proxy.listener("http")).await.unwrap();
+    s.write_all(&h2::client_start()).await.unwrap();
+    let settings = h2::read_frame(&mut s, WAIT).await.unwrap().unwrap();
+    assert_eq!(settings.kind, h2::SETTINGS);
+    assert!(settings.settings().contains(&(h2::SETTINGS_MAX_CONCURRENT_STREAMS, 2)), "{:?}", settings.settings());
+    // Acknowledged, the limit is in force: the third stream at once is refused.
+    s.write_all(&h2::frame(h2::SETTINGS, 0x1, 0, &[])).await.unwrap();
+    for id in [1, 3, 5] {
+        s.write_all(&h2::get(id, "h", "/")).await.unwrap();
+    }
+    let refused = loop {
+        let f = h2::read_frame(&mut s, WAIT).await.unwrap().expect("the connection stays");
+        if f.kind == h2::RST_STREAM {
+            break f;
+        }
+    };
+    assert_eq!((refused.stream, refused.error_code()), (5, Some(h2::REFUSED_STREAM)));
+    upstream.wait_requests(2, WAIT).await;
+    assert_eq!(upstream.requests(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_flood_is_stopped() {
+    // CVE-2023-44487: streams opened and reset at once, thousands in a row. hyper's h2 counts
+    // the resets of streams not yet accepted and answers a flood with GOAWAY.
+    let upstream = Upstream::answering(OK).await;
+    let (proxy, _routes) = proxy_to(upstream.addr, "").await;
+    let mut s = TcpStream::connect(proxy.listener("http")).await.unwrap();
+    let mut out = h2::client_start();
+    out.extend(h2::frame(h2::SETTINGS, 0x1, 0, &[]));
+    const STREAMS: u32 = 5000;
+    for i in 0..STREAMS {
+        let id = 2 * i + 1;
+        out.extend(h2::get(id, "h", "/"));
+        out.extend(h2::rst_stream(id, h2::CANCEL));
+    }
+    let (mut r, mut w) = s.split();
+    let write = async {
+        let _ = w.write_all(&out).await;
+    };
+    let read = h2::frames_until_close(&mut r, WAIT);
+    let ((), (frames, closed)) = tokio::join!(write, read);
+    let goaway = frames.iter().find(|f| f.kind == h2::GOAWAY);
+    assert!(closed, "the connection was closed");
+    assert_eq!(goaway.and_then(|f| f.error_code()), Some(h2::ENHANCE_YOUR_CALM), "{goaway:?}");
+    let reached = upstream.requests();
+    assert!(reached < 500, "{reached} of {STREAMS} reset streams reached the upstream");
     proxy.stop().await;
 }
 

@@ -1,7 +1,9 @@
-//! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection, and each
-//! request is forwarded as HTTP/1.1 through the same per-endpoint pools as the HTTP/1 engine.
-//! Upstreams speak HTTP/1.1, so trailers are not forwarded (gRPC needs HTTP/2 end to end and is
-//! not supported yet).
+//! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection (held to the
+//! client limits of `h2/connection.rs`), and each request is forwarded as HTTP/1.1 through the
+//! same per-endpoint pools as the HTTP/1 engine. Upstreams speak HTTP/1.1, so trailers are not
+//! forwarded (gRPC needs HTTP/2 end to end and is not supported yet).
+
+mod connection;
 
 use std::convert::Infallible;
 use std::io;
@@ -16,8 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 
@@ -33,63 +34,12 @@ use crate::routing::table::hash_bytes;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<HttpContext>) {
-    let io = Rewind { prefix, inner: stream };
-    let mut shutdown = ctx.shutdown.clone();
+    let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-/// A stream whose first bytes were already read.
-struct Rewind {
-    prefix: IoBuf,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.filled()[..n]);
-            self.prefix.consume(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
 
 /// The response body to an h2 client: the proxy's own answer, or the upstream's body.
