@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use support::h2client::{error_code, h2_client, h2_get, h2_send};
 use support::h2frames as h2;
+use support::routes::Routes;
 use support::scripted::{Act, Upstream, proxy_to, proxy_with_policy, send};
 use support::wire::Wire;
 use support::*;
@@ -309,7 +310,7 @@ async fn a_rapid_reset_flood_is_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_bodies_do_not_eject_a_healthy_upstream() {
     let upstream = Upstream::answering(OK).await;
-    let policy = "outlier = { consecutive_failures = 3, max_ejection_percent = 100 }";
+    let policy = r#"{"outlier":{"consecutive_failures":3,"max_ejection_percent":100}}"#;
     let (proxy, _routes) = proxy_with_policy(upstream.addr, policy, "").await;
     let addr = proxy.listener("http");
     for round in 0..6 {
@@ -540,13 +541,10 @@ async fn a_late_byte_after_a_response_keeps_its_connection_out_of_the_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_of_the_proxy_leaves_nothing_behind_on_a_kept_connection() {
     let upstream = Upstream::answering(OK).await;
-    let routes = format!(
-        "[services.s]\na = \"{}\"\n[rules.r]\nlistener = \"http\"\nmatch = {{ path_prefix = \"/api\" }}\n\
-         backends = [{{ service = \"s\" }}]\n",
-        upstream.addr
-    );
-    let (proxy, _routes) = Proxy::with_static(&routes, HTTP_LISTENER).await;
-    proxy.config_until("the route", |c| c["listeners"][0]["routes"].as_array().is_some_and(|r| !r.is_empty())).await;
+    let routes = Routes::new();
+    routes.instance("s", "a", upstream.addr);
+    routes.rule("r", r#"{"listener":"http","match":{"path_prefix":"/api"},"backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let mut client = Wire::connect(proxy.listener("http")).await;
     client.send(b"GET /nothing HTTP/1.1\r\nHost: h\r\n\r\n").await;
     let resp = client.response(false).await.unwrap();

@@ -106,20 +106,6 @@ impl Proxy {
         Proxy::start(&format!("{}[admin]\nbind = \"127.0.0.1:0\"\n{extra}", source.source_config())).await
     }
 
-    /// Starts zkroute on the static file source (no ZooKeeper), the file holding `routes`
-    /// (services, rules, policies), with extra TOML after it (listeners, `[proxy]` keys). Returns
-    /// once the file's table is loaded; the file lives as long as the returned directory.
-    pub async fn with_static(routes: &str, extra: &str) -> (Proxy, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let file = dir.path().join("routes.toml");
-        std::fs::write(&file, routes).expect("write the routes file");
-        let proxy =
-            Proxy::start(&format!("[static]\nfile = \"{}\"\n[admin]\nbind = \"127.0.0.1:0\"\n{extra}", file.display()))
-                .await;
-        proxy.config_until("the static file's table", |_| true).await;
-        (proxy, dir)
-    }
-
     pub fn admin(&self) -> SocketAddr {
         self.app.admin_addr
     }

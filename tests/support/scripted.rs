@@ -11,26 +11,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::routes::Routes;
 use super::{HTTP_LISTENER, Proxy, eventually};
 
-/// zkroute on the static file source, with listener `http` routing everything to `upstream`,
-/// and `[proxy]` keys; returns once the route is in force. The routes file lives as long as the
-/// returned directory.
-pub async fn proxy_to(upstream: SocketAddr, proxy: &str) -> (Proxy, tempfile::TempDir) {
+/// zkroute with listener `http` routing everything to `upstream` (service `s`, rule `r`, on the
+/// static file source), with `[proxy]` keys; returns once the route is in force.
+pub async fn proxy_to(upstream: SocketAddr, proxy: &str) -> (Proxy, Routes) {
     proxy_with_policy(upstream, "", proxy).await
 }
 
-/// The same, with a policy document for the service (TOML keys), if not empty.
-pub async fn proxy_with_policy(upstream: SocketAddr, policy: &str, proxy: &str) -> (Proxy, tempfile::TempDir) {
-    let mut routes = format!(
-        "[services.s]\na = \"{upstream}\"\n[rules.r]\nlistener = \"http\"\nbackends = [{{ service = \"s\" }}]\n"
-    );
+/// The same, with a policy document for service `s` (JSON), if not empty.
+pub async fn proxy_with_policy(upstream: SocketAddr, policy: &str, proxy: &str) -> (Proxy, Routes) {
+    let routes = Routes::new();
+    routes.instance("s", "a", upstream);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
     if !policy.is_empty() {
-        routes += &format!("[policies.s]\n{policy}\n");
+        routes.policy("s", policy);
     }
-    let (p, dir) = Proxy::with_static(&routes, &format!("{HTTP_LISTENER}[proxy]\n{proxy}\n")).await;
-    p.config_until("the route", |c| c["listeners"][0]["routes"].as_array().is_some_and(|r| !r.is_empty())).await;
-    (p, dir)
+    let p = routes.proxy(&format!("{HTTP_LISTENER}[proxy]\n{proxy}\n")).await;
+    (p, routes)
 }
 
 /// One request as the upstream read it.
