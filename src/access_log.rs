@@ -2,6 +2,7 @@
 //! JSON, written by a task of its own so that the request path only formats a line and hands it
 //! over. When the writer falls behind, lines are dropped and counted rather than slowing traffic.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,23 +91,76 @@ impl AccessLog {
     }
 
     fn format(&self, e: &Entry<'_>) -> String {
-        let time = humantime::format_rfc3339_millis(e.time);
-        let ms = e.duration.as_secs_f64() * 1e3;
-        if self.json {
-            let mut v = serde_json::to_value(e).unwrap_or_default();
-            v["time"] = serde_json::Value::String(time.to_string());
-            v["duration_ms"] = serde_json::json!((ms * 1000.0).round() / 1000.0);
-            let mut line = v.to_string();
-            line.push('\n');
-            line
-        } else {
-            let client = e.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-            let upstream = e.upstream.as_deref().unwrap_or("-");
-            let status = if e.status == 0 { "-".to_owned() } else { e.status.to_string() };
-            format!(
-                "{time} {} {client} {} {} {} {status} {upstream} {ms:.3}ms in={} out={}\n",
-                e.listener, e.method, e.host, e.path, e.bytes_in, e.bytes_out
-            )
+        format_line(e, self.json)
+    }
+}
+
+/// One access log line, JSON or text.
+fn format_line(e: &Entry<'_>, json: bool) -> String {
+    let time = humantime::format_rfc3339_millis(e.time);
+    let ms = e.duration.as_secs_f64() * 1e3;
+    if json {
+        let mut v = serde_json::to_value(e).unwrap_or_default();
+        v["time"] = serde_json::Value::String(time.to_string());
+        v["duration_ms"] = serde_json::json!((ms * 1000.0).round() / 1000.0);
+        let mut line = v.to_string();
+        line.push('\n');
+        line
+    } else {
+        let client = e.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        let upstream = e.upstream.as_deref().unwrap_or("-");
+        let status = if e.status == 0 { "-".to_owned() } else { e.status.to_string() };
+        let mut line = format!("{time} {} {client} ", e.listener);
+        for value in [e.method, e.host, e.path] {
+            push_escaped(&mut line, value);
+            line.push(' ');
         }
+        let _ = writeln!(line, "{status} {upstream} {ms:.3}ms in={} out={}", e.bytes_in, e.bytes_out);
+        line
+    }
+}
+
+/// Appends a value the client chose (method, host, path) as one field of a text line: bytes
+/// outside visible ASCII, and `"` and `\`, as `\xHH` (as nginx's `escape=default`), so that no
+/// value can split a field or a line; `-` for an empty one.
+fn push_escaped(line: &mut String, value: &str) {
+    if value.is_empty() {
+        line.push('-');
+    }
+    for &b in value.as_bytes() {
+        if b.is_ascii_graphic() && b != b'"' && b != b'\\' {
+            line.push(char::from(b));
+        } else {
+            let _ = write!(line, "\\x{b:02x}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_values_cannot_split_fields_or_lines() {
+        let entry = Entry {
+            time: SystemTime::UNIX_EPOCH,
+            listener: "http",
+            client: None,
+            method: "GET",
+            host: "",
+            path: "/a b\"c\\d\n\u{e9}\t",
+            status: 200,
+            upstream: None,
+            duration: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        let line = format_line(&entry, false);
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z http - GET - /a\\x20b\\x22c\\x5cd\\x0a\\xc3\\xa9\\x09 200 - 0.000ms in=0 out=0\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&format_line(&entry, true)).expect("JSON");
+        assert_eq!(json["path"], entry.path, "JSON escapes by itself and keeps the value");
     }
 }

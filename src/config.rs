@@ -164,6 +164,12 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Most open downstream connections per listener; more are refused.
     pub max_connections: usize,
+    /// Resets an HTTP/2 stream with no bytes either way for this long.
+    pub stream_idle_timeout: HumanDuration,
+    /// Most concurrent streams a client may open on one HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Drops request header fields whose names hold an underscore, as nginx does.
+    pub drop_underscore_headers: bool,
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
@@ -196,6 +202,9 @@ impl Default for ProxyConfig {
             header_read_timeout: secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            stream_idle_timeout: secs(300),
+            h2_max_concurrent_streams: 100,
+            drop_underscore_headers: false,
             pool_max_idle: 64,
             pool_idle_timeout: secs(30),
             health_check: None,
@@ -379,6 +388,13 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("proxy.header_read_timeout", ValueKind::Str, "time to receive request headers [default: 10s]"),
     ("proxy.max_header_bytes", ValueKind::Int, "largest request header section [default: 65536]"),
     ("proxy.max_connections", ValueKind::Int, "most client connections per listener [default: 10000]"),
+    ("proxy.stream_idle_timeout", ValueKind::Str, "reset HTTP/2 streams with no bytes either way for [default: 5m]"),
+    ("proxy.h2_max_concurrent_streams", ValueKind::Int, "most streams per HTTP/2 client connection [default: 100]"),
+    (
+        "proxy.drop_underscore_headers",
+        ValueKind::Bool,
+        "drop request headers with an underscore in their name [default: false]",
+    ),
     ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint [default: 64]"),
     ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after [default: 30s]"),
     ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),
@@ -566,6 +582,7 @@ impl Config {
             ("proxy.tcp_idle_timeout", p.tcp_idle_timeout),
             ("proxy.header_read_timeout", p.header_read_timeout),
             ("proxy.pool_idle_timeout", p.pool_idle_timeout),
+            ("proxy.stream_idle_timeout", p.stream_idle_timeout),
         ] {
             if d.0.is_zero() {
                 return Err((key.into(), "must be greater than zero".into()));
@@ -576,6 +593,9 @@ impl Config {
         }
         if p.max_connections == 0 {
             return Err(("proxy.max_connections".into(), "must be at least 1".into()));
+        }
+        if p.h2_max_concurrent_streams == 0 {
+            return Err(("proxy.h2_max_concurrent_streams".into(), "must be at least 1".into()));
         }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();

@@ -70,6 +70,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// An HTTP/2 stream with nothing happening on it for this long is reset.
+    pub stream_idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub drop_underscore_headers: bool,
     pub tcp_idle_timeout: Duration,
     /// Shared by every TCP listener: what their relay buffers may grow into.
     pub tcp_relay_memory: Arc<tcp::RelayMemory>,

@@ -62,7 +62,9 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
     let mut buf = IoBuf::new(16 * 1024);
-    // Read until the bytes either are the HTTP/2 preface or cannot be.
+    // Read until the bytes either are the HTTP/2 preface or cannot be: the first within the idle
+    // timeout, the rest of the preface within the header timeout, as for a request head.
+    let mut header_deadline = None;
     loop {
         let filled = buf.filled();
         let n = filled.len().min(H2_PREFACE.len());
@@ -73,7 +75,17 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             h2::serve(stream, peer, buf, ctx).await;
             return;
         }
-        let read = super::lazy_timeout::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await;
+        let read = match header_deadline {
+            None if buf.is_empty() => {
+                super::lazy_timeout::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await
+            }
+            None => {
+                let deadline = tokio::time::Instant::now() + ctx.limits.header_read_timeout;
+                header_deadline = Some(deadline);
+                super::lazy_timeout::timeout_at(deadline, buf.read_from(&mut stream)).await
+            }
+            Some(deadline) => super::lazy_timeout::timeout_at(deadline, buf.read_from(&mut stream)).await,
+        };
         match read {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(_)) => {}

@@ -170,7 +170,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     drop(route);
     ctx.active.inc();
     let moved = RelayedBytes::default();
-    let result = relay(&client, &upstream, ctx, &moved).await;
+    let limits = &ctx.limits;
+    let result =
+        relay(&client, &upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, Some((&ctx.rx, &ctx.tx)), &moved)
+            .await;
     ctx.active.dec();
     if let Err(e) = result {
         debug!(listener = %ctx.name, error = %e, "TCP relay ended");
@@ -192,20 +195,27 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     }
 }
 
-/// Bytes a connection moved each way.
+/// Bytes a connection moved each way: `rx` from the client, `tx` to it.
 #[derive(Default)]
-struct RelayedBytes {
-    rx: AtomicU64,
-    tx: AtomicU64,
+pub(crate) struct RelayedBytes {
+    pub rx: AtomicU64,
+    pub tx: AtomicU64,
 }
 
-/// Copies both ways until both directions have ended, or the connection idles out.
-async fn relay(client: &TcpStream, upstream: &TcpStream, ctx: &TcpContext, moved: &RelayedBytes) -> io::Result<()> {
+/// Copies both ways until both directions have ended, or no byte has moved either way for
+/// `idle`. TCP listeners relay this way, and so do HTTP connections after a protocol switch
+/// (WebSocket); `listener` counts the bytes of a TCP listener, received and sent.
+pub(crate) async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    memory: &RelayMemory,
+    listener: Option<(&IntCounter, &IntCounter)>,
+    moved: &RelayedBytes,
+) -> io::Result<()> {
     let last = Activity::new();
-    let idle = ctx.limits.tcp_idle_timeout;
-    let memory = &ctx.limits.tcp_relay_memory;
-    let up = pump(client, upstream, (&ctx.rx, &moved.rx), &last, memory);
-    let down = pump(upstream, client, (&ctx.tx, &moved.tx), &last, memory);
+    let up = pump(client, upstream, (listener.map(|l| l.0), &moved.rx), &last, memory);
+    let down = pump(upstream, client, (listener.map(|l| l.1), &moved.tx), &last, memory);
     let watchdog = async {
         loop {
             tokio::time::sleep_until(last.get() + idle).await;
@@ -258,7 +268,7 @@ const BUF_KEEP: Duration = Duration::from_secs(1);
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    bytes: (&IntCounter, &AtomicU64),
+    bytes: (Option<&IntCounter>, &AtomicU64),
     last: &Activity,
     memory: &RelayMemory,
 ) -> io::Result<()> {
@@ -293,7 +303,9 @@ async fn pump(
                     Err(e) => return Err(e),
                 }
             }
-            bytes.0.inc_by(n as u64);
+            if let Some(counter) = bytes.0 {
+                counter.inc_by(n as u64);
+            }
             bytes.1.fetch_add(n as u64, Ordering::Relaxed);
             // A full read means more was waiting: a bulk stream, which moves cheaper in larger steps.
             if n == buf.capacity() {

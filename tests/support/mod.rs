@@ -7,8 +7,12 @@ pub mod backend;
 pub mod binary;
 pub mod browser;
 pub mod deps;
+pub mod h2client;
+pub mod h2frames;
 pub mod routes;
+pub mod scripted;
 pub mod tcp;
+pub mod wire;
 pub mod zk;
 pub mod zk_fault;
 

@@ -128,7 +128,7 @@ pub enum Known {
     TransferEncoding,
     Connection,
     /// Hop-by-hop headers removed when forwarding (RFC 9110 section 7.6.1, and the old
-    /// `Keep-Alive` and `Proxy-Connection`).
+    /// `Keep-Alive` and `Proxy-Connection`); also a repeated Content-Length, forwarded once.
     HopByHop,
     Upgrade,
     Expect,

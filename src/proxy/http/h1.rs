@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -18,9 +19,11 @@ use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
+use crate::proxy::Limits;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
+use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn};
 use crate::routing::documents::{HashOn, LbPolicy};
 use crate::routing::table::{Route, Target, TargetStats, hash_bytes};
@@ -65,10 +68,11 @@ pub struct Connection {
 enum Outcome {
     /// The response was relayed (fully or partly); body bytes each way.
     Relayed { next: AfterExchange, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
-    /// Nothing reached the client: another endpoint may be tried.
+    /// Nothing reached the client: another endpoint may be tried. Always the upstream's fault.
     Retry(ProxyError),
-    /// Nothing reached the client, and the request cannot be sent again.
-    Fail(ProxyError),
+    /// Nothing reached the client, and the request cannot be sent again. `upstream_fault`: it
+    /// counts against the endpoint in outlier detection (a malformed request body does not).
+    Fail { error: ProxyError, upstream_fault: bool },
     /// The client went away or broke the exchange.
     Abort,
 }
@@ -206,6 +210,8 @@ impl Connection {
         self.out.clear();
         error::write_answer(&mut self.out, err, close, head_only);
         let _ = timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
+        // The next response head is written after whatever `out` holds.
+        self.out.clear();
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
@@ -250,7 +256,14 @@ impl Connection {
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
-        head::write_request(&mut self.req, self.buf.filled(), &head, &self.fields, self.client_ip.as_bytes());
+        head::write_request(
+            &mut self.req,
+            self.buf.filled(),
+            &head,
+            &self.fields,
+            self.client_ip.as_bytes(),
+            self.ctx.limits.drop_underscore_headers,
+        );
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {
@@ -346,11 +359,16 @@ impl Connection {
                     target.stats.retried();
                     last_error = e;
                 }
-                Outcome::Retry(e) | Outcome::Fail(e) => {
-                    if e != ProxyError::Timeout {
+                Outcome::Retry(e) => {
+                    self.ctx.outlier_failure(&target.set, i);
+                    last_error = e;
+                    break;
+                }
+                Outcome::Fail { error, upstream_fault } => {
+                    if upstream_fault {
                         self.ctx.outlier_failure(&target.set, i);
                     }
-                    last_error = e;
+                    last_error = error;
                     break;
                 }
                 Outcome::Abort => {
@@ -427,9 +445,10 @@ impl Connection {
             // The upstream did not take the request (a pooled connection it had closed, or a
             // reset): nothing was acted on, and the client's body is still unread.
             Ok(Err(_)) => return Outcome::Retry(ProxyError::UpstreamReset),
-            Err(_) => return Outcome::Fail(ProxyError::Timeout),
+            Err(_) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: true },
         }
-        let idle = self.ctx.limits.idle_timeout;
+        let limits = &self.ctx.limits;
+        let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
         let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
@@ -467,20 +486,38 @@ impl Connection {
                             Err(PumpError::ClientGone) => return Outcome::Abort,
                             // The upstream stopped reading: its response may still come.
                             Err(PumpError::Upstream) => {}
-                            Err(PumpError::BadBody) => return Outcome::Fail(ProxyError::BadRequest("malformed chunked body")),
+                            // The client's fault: the upstream is not blamed for it.
+                            Err(PumpError::BadBody) => {
+                                return Outcome::Fail {
+                                    error: ProxyError::BadRequest("malformed chunked body"),
+                                    upstream_fault: false,
+                                };
+                            }
                         }
                     }
                 }
             }
         };
-        let retry_or_fail =
-            |e| if may_retry && replayable && idempotent { Outcome::Retry(e) } else { Outcome::Fail(e) };
+        let retry_or_fail = |error| {
+            if may_retry && replayable && idempotent {
+                Outcome::Retry(error)
+            } else {
+                Outcome::Fail { error, upstream_fault: true }
+            }
+        };
         let resp = match read {
             Ok(r) => r,
-            Err(ReadError::Timeout) => return Outcome::Fail(ProxyError::Timeout),
+            // The upstream's fault only if it had the whole request: a client still sending its
+            // body when the time ran out may have been the slow one.
+            Err(ReadError::Timeout) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_done },
             Err(ReadError::Closed | ReadError::Invalid) => return retry_or_fail(ProxyError::UpstreamReset),
             Err(ReadError::Client) => return Outcome::Abort,
         };
+        if resp.status == 101 && !head.upgrade {
+            // A switch the client never asked for (RFC 9110 section 7.8): the connection now
+            // speaks something else, so it is dropped, and the answer is an invalid response.
+            return retry_or_fail(ProxyError::UpstreamReset);
+        }
         if may_retry && replayable && idempotent && matches!(resp.status, 502..=504) {
             // Let another endpoint answer an idempotent request this one failed.
             return Outcome::Retry(ProxyError::UpstreamReset);
@@ -496,7 +533,7 @@ impl Connection {
         let mode = ResponseMode {
             close: client_close && !upgrade,
             keep_alive_10: client_minor == 0 && head.keep_alive && !client_close,
-            dechunk,
+            drop_te: client_minor == 0,
             upgrade,
         };
         head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
@@ -505,6 +542,10 @@ impl Connection {
         let mut bytes_out = 0u64;
         match relay_body(&mut us_r, &mut conn.buf, &mut ds_w, out, resp.body, dechunk, idle, &mut bytes_out).await {
             Ok(()) => {}
+            Err(RelayError::Malformed) => {
+                out.clear();
+                return retry_or_fail(ProxyError::UpstreamReset);
+            }
             Err(RelayError::Source) => {
                 return Outcome::Relayed {
                     next: AfterExchange::Close,
@@ -526,13 +567,14 @@ impl Connection {
         }
         if upgrade {
             drop(in_flight);
-            tunnel(stream, buf, conn).await;
+            let moved = RelayedBytes::default();
+            tunnel(stream, buf, conn, limits, &moved).await;
             return Outcome::Relayed {
                 next: AfterExchange::Close,
                 status,
                 upstream_ok: true,
-                bytes_in: pumped,
-                bytes_out,
+                bytes_in: pumped + moved.rx.load(Ordering::Relaxed),
+                bytes_out: bytes_out + moved.tx.load(Ordering::Relaxed),
             };
         }
         drop(in_flight);
@@ -652,9 +694,16 @@ async fn read_response(
                 Ok(Parse::Complete(h)) if h.is_interim() => {
                     if client_minor >= 1 {
                         out.clear();
-                        let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+                        let mode = ResponseMode { close: false, keep_alive_10: false, drop_te: false, upgrade: false };
                         head::write_response_head(out, buf.filled(), &h, fields, mode);
-                        ds.write_all(out).await.map_err(|_| ReadError::Client)?;
+                        // Within the route's timeout like the rest of the wait. A client that does
+                        // not take an interim answer in time may have part of it: the exchange
+                        // ends there, unanswered.
+                        tokio::select! {
+                            biased;
+                            w = ds.write_all(out) => w.map_err(|_| ReadError::Client)?,
+                            _ = deadline.as_mut() => return Err(ReadError::Client),
+                        }
                         out.clear();
                     }
                     buf.consume(h.len);
@@ -683,6 +732,8 @@ async fn read_response(
 }
 
 enum RelayError {
+    /// The body was malformed before anything went to the client: the response is invalid.
+    Malformed,
     Source,
     Destination,
 }
@@ -716,13 +767,13 @@ async fn relay_body(
             }
             BodyLen::Chunked => {
                 let filled = buf.filled();
+                let malformed = |_| if first { RelayError::Malformed } else { RelayError::Source };
                 if dechunk {
-                    let used =
-                        scanner.scan(filled, |r| head.extend_from_slice(&filled[r])).map_err(|_| RelayError::Source)?;
+                    let used = scanner.scan(filled, |r| head.extend_from_slice(&filled[r])).map_err(malformed)?;
                     buf.consume(used);
                     (0, scanner.is_done())
                 } else {
-                    let used = scanner.scan(filled, |_| {}).map_err(|_| RelayError::Source)?;
+                    let used = scanner.scan(filled, |_| {}).map_err(malformed)?;
                     (used, scanner.is_done())
                 }
             }
@@ -765,19 +816,24 @@ async fn relay_body(
     }
 }
 
-/// After a 101: bytes both ways until either side closes.
-async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn) {
+/// After a 101: a relayed connection, as on a TCP listener (half-close honoured), closed after
+/// `limits.tcp_idle_timeout` without a byte either way, as HAProxy's `timeout tunnel` does. What
+/// either side sent beyond the handshake goes first. Body bytes each way are added to `moved`.
+async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn, limits: &Limits, moved: &RelayedBytes) {
+    let idle = limits.tcp_idle_timeout;
     if !client_buf.is_empty() {
-        if conn.stream.write_all(client_buf.filled()).await.is_err() {
+        if !matches!(timeout(idle, conn.stream.write_all(client_buf.filled())).await, Ok(Ok(()))) {
             return;
         }
+        moved.rx.fetch_add(client_buf.len() as u64, Ordering::Relaxed);
         client_buf.consume(client_buf.len());
     }
     if !conn.buf.is_empty() {
-        if client.write_all(conn.buf.filled()).await.is_err() {
+        if !matches!(timeout(idle, client.write_all(conn.buf.filled())).await, Ok(Ok(()))) {
             return;
         }
+        moved.tx.fetch_add(conn.buf.len() as u64, Ordering::Relaxed);
         conn.buf.consume(conn.buf.len());
     }
-    let _ = tokio::io::copy_bidirectional(client, &mut conn.stream).await;
+    let _ = relay(client, &conn.stream, idle, &limits.tcp_relay_memory, None, moved).await;
 }

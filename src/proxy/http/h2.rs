@@ -1,7 +1,9 @@
-//! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection, and each
-//! request is forwarded as HTTP/1.1 through the same per-endpoint pools as the HTTP/1 engine.
-//! Upstreams speak HTTP/1.1, so trailers are not forwarded (gRPC needs HTTP/2 end to end and is
-//! not supported yet).
+//! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection (held to the
+//! client limits of `h2/connection.rs`), and each request is forwarded as HTTP/1.1 through the
+//! same per-endpoint pools as the HTTP/1 engine. Upstreams speak HTTP/1.1, so trailers are not
+//! forwarded (gRPC needs HTTP/2 end to end and is not supported yet).
+
+mod connection;
 
 use std::convert::Infallible;
 use std::io;
@@ -12,18 +14,17 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
-use super::head::{self, Parse};
+use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::endpoint::InFlight;
 use crate::proxy::balance::{self, PickInput, Tried};
 use crate::proxy::error::{self, ProxyError};
@@ -33,63 +34,12 @@ use crate::routing::table::hash_bytes;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<HttpContext>) {
-    let io = Rewind { prefix, inner: stream };
-    let mut shutdown = ctx.shutdown.clone();
+    let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-/// A stream whose first bytes were already read.
-struct Rewind {
-    prefix: IoBuf,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.filled()[..n]);
-            self.prefix.consume(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
 
 /// The response body to an h2 client: the proxy's own answer, or the upstream's body.
@@ -242,14 +192,38 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The host to route by and forward: `:authority`, else Host (RFC 9113 section 8.3.1). Either
+/// is held to the rules of HTTP/1 (no userinfo, RFC 9110 section 7.2).
+fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError> {
+    let host = match parts.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => {
+            let mut hosts = parts.headers.get_all(header::HOST).iter();
+            match (hosts.next(), hosts.next()) {
+                (None, _) => return Ok(None),
+                (Some(h), None) => h.to_str().map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+                (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+            }
+        }
+    };
+    if !head::is_valid_host(host.as_bytes()) {
+        return Err(ProxyError::BadRequest("invalid :authority or Host"));
+    }
+    Ok(Some(host))
+}
+
 async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> Response<H2Body> {
     let started = Instant::now();
     let (parts, mut body) = req.into_parts();
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+    if parts.method == Method::CONNECT {
+        // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
+        // only, as it answers CONNECT on HTTP/1.
+        return answer(ProxyError::MethodNotAllowed);
+    }
+    let host = match request_host(&parts) {
+        Ok(h) => h,
+        Err(e) => return answer(e),
+    };
     let route = {
         let guard = ctx.routes.load();
         let Some(table) = guard.as_ref() else { return answer(ProxyError::NotReady) };
@@ -277,7 +251,8 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut req_head = Vec::with_capacity(512);
-    write_head(&mut req_head, &parts, host, has_body, length, &peer);
+    let drop_underscore = ctx.limits.drop_underscore_headers;
+    write_head(&mut req_head, &parts, host, has_body, length, &peer, drop_underscore);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut tried = Tried::default();
@@ -331,7 +306,12 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                 loop {
                     if !conn_buf.is_empty() {
                         match head::parse_response(conn_buf.filled(), fields, head_request) {
-                            Ok(Parse::Complete(h)) if h.is_interim() => conn_buf.consume(h.len),
+                            // Interim answers are not relayed over HTTP/2; the final one may
+                            // be in the buffer already.
+                            Ok(Parse::Complete(h)) if h.is_interim() => {
+                                conn_buf.consume(h.len);
+                                continue;
+                            }
                             Ok(Parse::Complete(h)) => return Ok(h),
                             Ok(Parse::Partial) if conn_buf.len() >= head::MAX_RESPONSE_HEAD => {
                                 return Err(ProxyError::UpstreamReset);
@@ -365,10 +345,14 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             };
             (resp, pumping, body_ok)
         };
+        // HTTP/2 has no 101 (RFC 9113 section 8.6), and no h2 request asks for an upgrade: a
+        // switch is an invalid response, and its connection is dropped.
+        let resp = resp.and_then(|h| if h.status == 101 { Err(ProxyError::UpstreamReset) } else { Ok(h) });
         let resp_head = match resp {
             Ok(h) => h,
             Err(e) => {
-                if e != ProxyError::Timeout {
+                // A timeout is the upstream's fault once it had the whole request.
+                if e != ProxyError::Timeout || (body_ok && !pumping) {
                     ctx.outlier_failure(&target.set, i);
                 }
                 target.stats.observe(e.rescue().status, started.elapsed());
@@ -378,7 +362,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
         let mut response = Response::new(H2Body::Full(None));
         *response.status_mut() = StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
         let headers = response.headers_mut();
-        copy_fields(headers, conn.buf.filled(), &fields);
+        copy_fields(headers, conn.buf.filled(), &resp_head, &fields);
         conn.buf.consume(resp_head.len);
         if resp_head.status < 500 {
             endpoint.state.record_success();
@@ -390,7 +374,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             BodyLen::Length(n) => n,
             _ => 0,
         };
-        let upstream_body = UpstreamBody {
+        let mut upstream_body = UpstreamBody {
             conn: Some(conn),
             pool,
             len: resp_head.body,
@@ -400,6 +384,11 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             done: false,
             _in_flight: Some(in_flight),
         };
+        if resp_head.body == BodyLen::None {
+            // The stream ends with its HEADERS frame: a DATA frame after them would contradict a
+            // Content-Length kept for a HEAD or 304 (RFC 9110 section 8.6).
+            upstream_body.finish();
+        }
         *response.body_mut() = H2Body::Upstream(Box::new(upstream_body));
         return response;
     }
@@ -407,7 +396,9 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     answer(last_error)
 }
 
-/// Writes the HTTP/1.1 request head for an h2 request.
+/// Writes the HTTP/1.1 request head for an h2 request: always with a Host (empty when the request
+/// has no authority, RFC 9112 section 3.2), and its `cookie` fields joined into one with "; "
+/// (RFC 9113 section 8.2.3).
 fn write_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
@@ -415,22 +406,32 @@ fn write_head(
     has_body: bool,
     length: Option<u64>,
     peer: &SocketAddr,
+    drop_underscore: bool,
 ) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some(h) = host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut xff = Vec::new();
+    let mut cookies = parts.headers.get_all(header::COOKIE).iter();
+    if let Some(first) = cookies.next() {
+        out.extend_from_slice(b"cookie: ");
+        out.extend_from_slice(first.as_bytes());
+        for more in cookies {
+            out.extend_from_slice(b"; ");
+            out.extend_from_slice(more.as_bytes());
+        }
         out.extend_from_slice(b"\r\n");
     }
-    let mut xff = Vec::new();
     for (name, value) in &parts.headers {
         if is_hop_by_hop(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
+            || name == header::COOKIE
             || name.as_str() == "x-forwarded-proto"
+            || (drop_underscore && name.as_str().contains('_'))
         {
             continue;
         }
@@ -493,9 +494,20 @@ async fn pump_body<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Response fields for the h2 client: no hop-by-hop ones (HTTP/2 forbids them).
-fn copy_fields(headers: &mut HeaderMap, buf: &[u8], fields: &[Field]) {
+/// Response fields for the h2 client: those an HTTP/1 client would get, without the ones
+/// HTTP/2 forbids (RFC 9113 section 8.2.2) and without Transfer-Encoding, whose framing h2
+/// replaces.
+fn copy_fields(headers: &mut HeaderMap, buf: &[u8], head: &ResponseHead, fields: &[Field]) {
+    const MODE: ResponseMode = ResponseMode { close: false, keep_alive_10: false, drop_te: true, upgrade: false };
     for f in fields {
+        if !head::keep_response_field(buf, head, fields, f, MODE) {
+            continue;
+        }
+        // A 204 has no content to give a length of (RFC 9110 section 8.6); an h2 client would
+        // hold the stream to it.
+        if head.status == 204 && f.kind == super::codec::Known::ContentLength {
+            continue;
+        }
         let (Ok(name), Ok(value)) =
             (HeaderName::from_bytes(&buf[f.name.clone()]), HeaderValue::from_bytes(&buf[f.value.clone()]))
         else {

@@ -129,7 +129,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
         let rest = strip_scheme(target_bytes).ok_or(ProxyError::BadRequest("invalid request target"))?;
         let auth_len = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
         let auth = &rest[..auth_len];
-        if auth.is_empty() || auth.contains(&b'@') {
+        if auth.is_empty() || !is_valid_host(auth) {
             return Err(ProxyError::BadRequest("invalid authority in request target"));
         }
         // "http://h" and "http://h?q" have the path "/": the slash is added when forwarding.
@@ -150,11 +150,14 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
     let mut names_fields = false;
     for h in req.headers.iter() {
         let (name, value) = field_ranges(buf, h);
-        let kind = classify(h.name.as_bytes());
+        let mut kind = classify(h.name.as_bytes());
         match kind {
             Known::Host => {
                 if host.is_some() {
                     return Err(ProxyError::BadRequest("more than one Host header"));
+                }
+                if !is_valid_host(h.value) {
+                    return Err(ProxyError::BadRequest("invalid Host header"));
                 }
                 host = Some(value.clone());
             }
@@ -162,6 +165,10 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
                 let n = parse_content_length(h.value).ok_or(ProxyError::BadRequest("invalid Content-Length"))?;
                 if content_length.is_some_and(|c| c != n) {
                     return Err(ProxyError::BadRequest("conflicting Content-Length headers"));
+                }
+                if content_length.is_some() {
+                    // The same length again ("7" and "07"): it goes on once.
+                    kind = Known::HopByHop;
                 }
                 content_length = Some(n);
             }
@@ -226,9 +233,82 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
         body,
         close,
         keep_alive,
-        upgrade: conn_upgrade && upgrade_header,
+        // RFC 9110 section 7.8: an Upgrade in an HTTP/1.0 request is ignored.
+        upgrade: conn_upgrade && upgrade_header && minor >= 1,
         names_fields,
     }))
+}
+
+/// Bytes of a `reg-name` besides percent-encodings: unreserved and sub-delims (RFC 3986
+/// section 3.2.2).
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// Whether `v` is `uri-host [":" port]`, the value of Host and of an authority without userinfo
+/// (RFC 9110 section 7.2, RFC 3986 section 3.2). Empty is valid: it is what a client sends for a
+/// target without an authority (RFC 9112 section 3.2). Slashes, spaces, `@` and every control or
+/// non-ASCII byte are not, so that a Host can neither reach past the authority nor forge fields
+/// in a log line.
+pub fn is_valid_host(v: &[u8]) -> bool {
+    // The common case in one pass, for the request path: a reg-name without escapes, then
+    // nothing or a port. The rest (escapes, IP-literals, anything invalid) takes the long way.
+    let host_len = v.iter().take_while(|&&b| REG_NAME[usize::from(b)]).count();
+    match v.get(host_len) {
+        None => true,
+        Some(b':') => v[host_len + 1..].iter().all(u8::is_ascii_digit),
+        Some(_) => is_valid_authority(v),
+    }
+}
+
+/// [`is_valid_host`] in full.
+fn is_valid_authority(v: &[u8]) -> bool {
+    let (host, port) = match v {
+        // IP-literal: an IPv6 address or IPvFuture, which add ':' to the reg-name bytes.
+        [b'[', rest @ ..] => {
+            let Some(end) = rest.iter().position(|&b| b == b']') else { return false };
+            if end == 0 || !rest[..end].iter().all(|&b| b == b':' || REG_NAME[usize::from(b)]) {
+                return false;
+            }
+            match &rest[end + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (&[][..], port),
+                _ => return false,
+            }
+        }
+        _ => match v.iter().position(|&b| b == b':') {
+            Some(colon) => (&v[..colon], &v[colon + 1..]),
+            None => (v, &[][..]),
+        },
+    };
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                if !(host.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && host.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b if REG_NAME[usize::from(b)] => i += 1,
+            _ => return false,
+        }
+    }
+    port.iter().all(u8::is_ascii_digit)
 }
 
 fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
@@ -268,8 +348,16 @@ impl Fields<'_> {
 }
 
 /// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
-/// ones, framing, and `x-forwarded-for` / `x-forwarded-proto`.
-pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: &[Field], client_ip: &[u8]) {
+/// ones (and, with `drop_underscore`, without those whose names hold an underscore), framing,
+/// Host, and `x-forwarded-for` / `x-forwarded-proto`.
+pub fn write_request(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    client_ip: &[u8],
+    drop_underscore: bool,
+) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = &buf[head.target.clone()];
@@ -282,7 +370,6 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
     let mut n_xff = 0;
     let mut kept = KeptFields::new(buf);
     for f in fields {
-        let name = &buf[f.name.clone()];
         match f.kind {
             Known::Host if head.authority.is_some() => continue,
             Known::Connection | Known::HopByHop | Known::XForwardedProto | Known::TransferEncoding => continue,
@@ -302,8 +389,14 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
                 }
                 continue;
             }
-            _ => {
-                if head.names_fields && listed_in_connection(buf, fields, name) {
+            // Connection may name fields to drop (RFC 9110 section 7.6.1), but never the ones
+            // that frame and address the request, nor the Upgrade it asks for.
+            Known::Host | Known::Upgrade => {}
+            Known::Other | Known::Expect => {
+                let name = &buf[f.name.clone()];
+                if (drop_underscore && name.contains(&b'_'))
+                    || (head.names_fields && listed_in_connection(buf, fields, name))
+                {
                     continue;
                 }
             }
@@ -315,6 +408,10 @@ pub fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fields: 
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(&buf[auth.clone()]);
         out.extend_from_slice(b"\r\n");
+    } else if head.host.is_none() {
+        // An HTTP/1.0 request without Host: an HTTP/1.1 request carries one all the same, empty
+        // when the target has no authority (RFC 9112 section 3.2).
+        out.extend_from_slice(b"host: \r\n");
     }
     if head.body == BodyLen::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -339,8 +436,12 @@ pub struct ResponseHead {
     pub minor: u8,
     pub reason: Range<usize>,
     pub body: BodyLen,
-    /// The upstream will close (or the body is delimited by the close).
+    /// The upstream connection cannot serve another request: the upstream will close, the body
+    /// is delimited by the close, or the framing was suspect (RFC 9112 sections 6.1 and 6.3).
     pub close: bool,
+    /// A Transfer-Encoding field is present: it frames the body, and Content-Length is not
+    /// forwarded (RFC 9112 section 6.3).
+    pub has_te: bool,
     /// Connection names fields to remove besides the hop-by-hop ones.
     names_fields: bool,
 }
@@ -374,22 +475,35 @@ pub fn parse_response(
     let reason = resp.reason.and_then(|r| range_in(buf, r.as_bytes())).unwrap_or(0..0);
     fields.clear();
     let mut content_length: Option<u64> = None;
+    let mut has_te = false;
+    let mut chunked_seen = false;
     let mut chunked_last = None;
     let mut close = minor == 0;
     let mut names_fields = false;
     for h in resp.headers.iter() {
-        let kind = classify(h.name.as_bytes());
+        let mut kind = classify(h.name.as_bytes());
         match kind {
             Known::ContentLength => {
                 let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
                 if content_length.is_some_and(|c| c != n) {
                     return Err("conflicting Content-Length headers");
                 }
+                if content_length.is_some() {
+                    // The same length again ("7" and "07"): it goes on once.
+                    kind = Known::HopByHop;
+                }
                 content_length = Some(n);
             }
             Known::TransferEncoding => {
+                has_te = true;
                 for t in tokens(h.value) {
-                    chunked_last = Some(t.eq_ignore_ascii_case(b"chunked"));
+                    let chunked = t.eq_ignore_ascii_case(b"chunked");
+                    if chunked && chunked_seen {
+                        // RFC 9112 section 6.1: never applied twice, so no reading is right.
+                        return Err("chunked applied more than once");
+                    }
+                    chunked_seen |= chunked;
+                    chunked_last = Some(chunked);
                 }
             }
             Known::Connection => {
@@ -412,9 +526,21 @@ pub fn parse_response(
         let (name, value) = field_ranges(buf, h);
         fields.push(Field { name, value, kind });
     }
+    if has_te {
+        if chunked_last.is_none() {
+            return Err("empty Transfer-Encoding");
+        }
+        // RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, and the pair may be a
+        // response splitting attempt; section 6.1: Transfer-Encoding in an HTTP/1.0 message means
+        // the framing is faulty. Either way the connection serves nothing after this response.
+        if content_length.is_some() || minor == 0 {
+            close = true;
+        }
+    }
     let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         BodyLen::None
     } else if let Some(chunked) = chunked_last {
+        // Chunked not last: the body ends with the connection (RFC 9112 section 6.3).
         if chunked { BodyLen::Chunked } else { BodyLen::UntilClose }
     } else {
         match content_length {
@@ -426,7 +552,7 @@ pub fn parse_response(
     if body == BodyLen::UntilClose {
         close = true;
     }
-    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, names_fields }))
+    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, has_te, names_fields }))
 }
 
 /// Copies the fields a head keeps. Fields that lie next to each other in the received head,
@@ -471,10 +597,25 @@ pub struct ResponseMode {
     pub close: bool,
     /// The client speaks HTTP/1.0 and asked for keep-alive.
     pub keep_alive_10: bool,
-    /// Remove chunked framing (for an HTTP/1.0 client).
-    pub dechunk: bool,
+    /// Transfer-Encoding does not go out: the client speaks HTTP/1.0 (RFC 9112 section 6.1; a
+    /// chunked body goes out de-chunked) or HTTP/2.
+    pub drop_te: bool,
     /// A 101 to an upgrade request: keep Upgrade and say so.
     pub upgrade: bool,
+}
+
+/// Whether a field of an upstream's response goes on to the client: not the hop-by-hop ones,
+/// nor those Connection names (RFC 9110 section 7.6.1) unless they frame the message, nor a
+/// Content-Length that Transfer-Encoding overrides (RFC 9112 section 6.3).
+#[inline]
+pub fn keep_response_field(buf: &[u8], head: &ResponseHead, fields: &[Field], f: &Field, mode: ResponseMode) -> bool {
+    match f.kind {
+        Known::Connection | Known::HopByHop => false,
+        Known::Upgrade => mode.upgrade,
+        Known::TransferEncoding => !mode.drop_te,
+        Known::ContentLength => !head.has_te,
+        _ => !(head.names_fields && listed_in_connection(buf, fields, &buf[f.name.clone()])),
+    }
 }
 
 /// Writes the response head for the client.
@@ -488,18 +629,9 @@ pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, f
     out.extend_from_slice(b"\r\n");
     let mut kept = KeptFields::new(buf);
     for f in fields {
-        let name = &buf[f.name.clone()];
-        match f.kind {
-            Known::Connection | Known::HopByHop => continue,
-            Known::Upgrade if !mode.upgrade => continue,
-            Known::TransferEncoding if mode.dechunk => continue,
-            _ => {
-                if head.names_fields && listed_in_connection(buf, fields, name) {
-                    continue;
-                }
-            }
+        if keep_response_field(buf, head, fields, f, mode) {
+            kept.push(out, f);
         }
-        kept.push(out, f);
     }
     kept.finish(out);
     if mode.upgrade {
@@ -527,7 +659,7 @@ mod tests {
     fn forwarded(text: &str) -> String {
         let (h, f) = req(text).unwrap();
         let mut out = Vec::new();
-        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1");
+        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", false);
         String::from_utf8(out).unwrap()
     }
 
@@ -567,7 +699,7 @@ mod tests {
         let mut f = Vec::new();
         let Parse::Complete(r) = parse_response(text.as_bytes(), &mut f, false).unwrap() else { panic!() };
         let mut out = Vec::new();
-        let mode = ResponseMode { close: true, keep_alive_10: false, dechunk: false, upgrade: false };
+        let mode = ResponseMode { close: true, keep_alive_10: false, drop_te: false, upgrade: false };
         write_response_head(&mut out, text.as_bytes(), &r, &f, mode);
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
@@ -677,7 +809,7 @@ mod tests {
             let mut f = Vec::new();
             let Parse::Complete(r) = parse_response(text, &mut f, false).unwrap() else { panic!() };
             let mut out = Vec::new();
-            let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+            let mode = ResponseMode { close: false, keep_alive_10: false, drop_te: false, upgrade: false };
             write_response_head(&mut out, text, &r, &f, mode);
             assert!(out.starts_with(line), "{:?}", String::from_utf8_lossy(&out));
             // What goes out parses again, with the empty field in it.
@@ -713,11 +845,11 @@ mod tests {
             if let Ok(Parse::Complete(h)) = parse_request(&text, &mut fields) {
                 let _ = (h.route_host(&text), h.path(&text), Fields { buf: &text, fields: &fields }.get(b"host"));
                 out.clear();
-                write_request(&mut out, &text, &h, &fields, b"127.0.0.1");
+                write_request(&mut out, &text, &h, &fields, b"127.0.0.1", round % 5 == 0);
             }
             let text = edit(RESPONSES[round % RESPONSES.len()]);
             if let Ok(Parse::Complete(r)) = parse_response(&text, &mut fields, round % 2 == 0) {
-                let mode = ResponseMode { close: round % 3 == 0, keep_alive_10: false, dechunk: true, upgrade: true };
+                let mode = ResponseMode { close: round % 3 == 0, keep_alive_10: false, drop_te: true, upgrade: true };
                 out.clear();
                 write_response_head(&mut out, &text, &r, &fields, mode);
             }
@@ -730,8 +862,246 @@ mod tests {
         let mut f = Vec::new();
         let Parse::Complete(r) = parse_response(text.as_bytes(), &mut f, false).unwrap() else { panic!() };
         let mut out = Vec::new();
-        let mode = ResponseMode { close: false, keep_alive_10: false, dechunk: false, upgrade: false };
+        let mode = ResponseMode { close: false, keep_alive_10: false, drop_te: false, upgrade: false };
         write_response_head(&mut out, text.as_bytes(), &r, &f, mode);
         assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer: b\r\n\r\n");
+    }
+
+    fn response(text: &[u8], head_request: bool) -> Result<(ResponseHead, Vec<Field>), &'static str> {
+        let mut f = Vec::new();
+        match parse_response(text, &mut f, head_request)? {
+            Parse::Complete(r) => Ok((r, f)),
+            Parse::Partial => panic!("partial: {:?}", String::from_utf8_lossy(text)),
+        }
+    }
+
+    fn written(text: &[u8], mode: ResponseMode) -> String {
+        let (r, f) = response(text, false).unwrap();
+        let mut out = Vec::new();
+        write_response_head(&mut out, text, &r, &f, mode);
+        String::from_utf8(out).unwrap()
+    }
+
+    const KEEP_ALIVE: ResponseMode =
+        ResponseMode { close: false, keep_alive_10: false, drop_te: false, upgrade: false };
+
+    #[test]
+    fn a_host_is_an_authority_and_nothing_more() {
+        // The fast path and the full check agree on everything.
+        let mut rng = fastrand::Rng::with_seed(3986);
+        let alphabet = b"aZ09-._~%[]:@/ !\"\x7f\xe9";
+        for _ in 0..100_000 {
+            let text: Vec<u8> = (0..rng.usize(0..12)).map(|_| alphabet[rng.usize(..alphabet.len())]).collect();
+            assert_eq!(is_valid_host(&text), is_valid_authority(&text), "{:?}", String::from_utf8_lossy(&text));
+        }
+        for good in [
+            "a",
+            "a.test",
+            "A.Test:8080",
+            "a:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "",
+            "a%2Db",
+            "a_b~c",
+            "x!$&'()*+,;=",
+        ] {
+            assert!(is_valid_host(good.as_bytes()), "{good:?}");
+            let text = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(req(&text).is_ok(), "{text:?}");
+        }
+        for bad in [
+            &b"a.test/../x y"[..],
+            b"a b",
+            b"user@a",
+            b"a/b",
+            b"a?b",
+            b"a#b",
+            b"a\\b",
+            b"a:80x",
+            b"a:8:0",
+            b"[::1",
+            b"[]",
+            b"[::1]x",
+            b"a%2",
+            b"a%zz",
+            b"a\"b",
+            b"caf\xc3\xa9",
+            b"a\x7f",
+        ] {
+            assert!(!is_valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
+            let mut text = b"GET / HTTP/1.1\r\nHost: ".to_vec();
+            text.extend_from_slice(bad);
+            text.extend_from_slice(b"\r\n\r\n");
+            let mut fields = Vec::new();
+            assert!(
+                matches!(parse_request(&text, &mut fields), Err(ProxyError::BadRequest(_))),
+                "{:?}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        assert!(req("GET http://a%zz/ HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+        assert!(req("GET http://a:1:2/ HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn connection_never_takes_away_host_framing_or_the_upgrade_asked_for() {
+        let out = forwarded(
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, host, content-length, transfer-encoding, foo\r\n\
+             Upgrade: websocket\r\nFoo: 1\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(out.contains("\r\nHost: a\r\n"), "{out}");
+        assert!(out.contains("\r\nUpgrade: websocket\r\n") && out.contains("\r\nconnection: upgrade\r\n"), "{out}");
+        assert!(out.contains("\r\nContent-Length: 0\r\n"), "{out}");
+        assert!(!out.contains("Foo"), "{out}");
+        let out = written(
+            b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding, x-a\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n",
+            KEEP_ALIVE,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        let out = written(
+            b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            KEEP_ALIVE,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+    }
+
+    #[test]
+    fn a_request_forwarded_as_http_1_1_always_has_a_host_and_an_http_1_0_one_no_upgrade() {
+        let out = forwarded("GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(out.starts_with("GET /ws HTTP/1.1\r\nhost: \r\n"), "{out}");
+        assert!(!out.to_ascii_lowercase().contains("upgrade"), "{out}");
+        let out = forwarded("GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
+        assert!(out.contains("\r\nHost: a.test\r\n") && !out.contains("host: \r\n"), "{out}");
+    }
+
+    #[test]
+    fn underscored_names_are_dropped_when_asked() {
+        let text = "GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX-Real: 1\r\n\r\n";
+        let (h, f) = req(text).unwrap();
+        let mut out = Vec::new();
+        write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", true);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("6.6.6.6") && out.contains("X-Real: 1"), "{out}");
+        assert!(forwarded(text).contains("X_Forwarded_For: 6.6.6.6\r\n"), "kept by default, as Envoy and HAProxy do");
+    }
+
+    #[test]
+    fn transfer_encoding_overrides_content_length_and_the_connection_is_not_reused() {
+        let text = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (r, _) = response(text, false).unwrap();
+        assert_eq!((r.body, r.close, r.has_te), (BodyLen::Chunked, true, true));
+        assert_eq!(written(text, KEEP_ALIVE), "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let to_http_1_0 = ResponseMode { close: true, keep_alive_10: false, drop_te: true, upgrade: false };
+        assert_eq!(written(text, to_http_1_0), "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
+        let (r, _) =
+            response(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", false)
+                .unwrap();
+        assert!(r.close, "Transfer-Encoding in HTTP/1.0 is faulty framing");
+        let (r, _) = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false).unwrap();
+        assert_eq!((r.body, r.close), (BodyLen::UntilClose, true));
+        let (r, _) = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap();
+        assert_eq!((r.body, r.close), (BodyLen::Chunked, false));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert!(response(bad, false).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// How a strict HTTP/1.1 client frames a response it receives (RFC 9112 section 6.3),
+    /// written apart from the parser under test: None if it must refuse the response.
+    fn client_framing(head: &[u8], head_request: bool) -> Option<(BodyLen, bool)> {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = resp.parse(head) else { return None };
+        let status = resp.code?;
+        let named = |n: &'static str| resp.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(n));
+        let lengths: Vec<&[u8]> = named("content-length").map(|h| h.value).collect();
+        let codings: Vec<&[u8]> =
+            named("transfer-encoding").flat_map(|h| h.value.split(|&b| b == b',')).map(trim).collect();
+        let close = named("connection").any(|h| h.value.eq_ignore_ascii_case(b"close"));
+        if !lengths.is_empty() && !codings.is_empty() {
+            return None; // ambiguous: a smuggling shape
+        }
+        if lengths.windows(2).any(|w| w[0] != w[1]) {
+            return None;
+        }
+        let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+            BodyLen::None
+        } else if let Some(last) = codings.last() {
+            if last.eq_ignore_ascii_case(b"chunked") { BodyLen::Chunked } else { BodyLen::UntilClose }
+        } else if let Some(n) = lengths.first() {
+            match parse_content_length(n)? {
+                0 => BodyLen::None,
+                n => BodyLen::Length(n),
+            }
+        } else {
+            BodyLen::UntilClose
+        };
+        Some((body, close))
+    }
+
+    /// Response heads edited at random, relayed to HTTP/1.1 and HTTP/1.0 clients as the engine
+    /// relays them: whatever a strict client makes of the head that goes out is what the engine
+    /// then sends (the same length, chunked only if still chunked, a close-delimited body only
+    /// with `connection: close`), never a head with two readings; and a connection whose framing
+    /// was suspect is never kept.
+    #[test]
+    fn heads_edited_at_random_go_out_framed_as_they_are_relayed() {
+        const RESPONSES: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: x-a\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 12\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\nContent-Length: 7\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ];
+        let alphabet = b"\t\r\n :,0159aAcCdeEgGhiklnprsTtuz-";
+        let mut rng = fastrand::Rng::with_seed(9110);
+        let (mut fields, mut out) = (Vec::new(), Vec::new());
+        let mut relayed = 0;
+        for round in 0..50_000 {
+            let text = super::super::codec::edited_at_random(&mut rng, RESPONSES[round % RESPONSES.len()], alphabet);
+            let head_request = round % 7 == 0;
+            let Ok(Parse::Complete(r)) = parse_response(&text, &mut fields, head_request) else { continue };
+            let suspect = r.has_te && (fields.iter().any(|f| f.kind == Known::ContentLength) || r.minor == 0);
+            assert!(!suspect || r.close, "kept a connection after {:?}", String::from_utf8_lossy(&text));
+            if r.status == 101 {
+                continue; // a switch: no HTTP framing follows
+            }
+            for client_minor in [0u8, 1] {
+                // As the HTTP/1 engine decides it.
+                let dechunk = client_minor == 0 && r.body == BodyLen::Chunked;
+                let close = dechunk || r.body == BodyLen::UntilClose || round % 3 == 0;
+                let mode = ResponseMode {
+                    close,
+                    keep_alive_10: client_minor == 0 && !close,
+                    drop_te: client_minor == 0,
+                    upgrade: false,
+                };
+                out.clear();
+                write_response_head(&mut out, &text, &r, &fields, mode);
+                let sent = if dechunk { BodyLen::UntilClose } else { r.body };
+                let seen = client_framing(&out, head_request);
+                let shown = || format!("{:?}\n->\n{:?}", String::from_utf8_lossy(&text), String::from_utf8_lossy(&out));
+                let Some((framing, says_close)) = seen else { panic!("a head with two readings:\n{}", shown()) };
+                assert_eq!(framing, sent, "framed one way, relayed another:\n{}", shown());
+                assert_eq!(says_close, close, "{}", shown());
+                if client_minor == 0 {
+                    let mut again = Vec::new();
+                    let Ok(Parse::Complete(_)) = parse_response(&out, &mut again, head_request) else {
+                        panic!("{}", shown())
+                    };
+                    let te = again.iter().any(|f| f.kind == Known::TransferEncoding);
+                    assert!(!te, "Transfer-Encoding to HTTP/1.0:\n{}", shown());
+                }
+                relayed += 1;
+            }
+        }
+        assert!(relayed > 10_000, "enough heads were accepted to mean something: {relayed}");
     }
 }
