@@ -568,7 +568,9 @@ impl Connection {
         if upgrade {
             drop(in_flight);
             let moved = RelayedBytes::default();
-            tunnel(stream, buf, conn, limits, &moved).await;
+            // Boxed: a tunnel's state is large and rare, and inline it would be part of, and copied
+            // with, every connection's future.
+            Box::pin(tunnel(stream, buf, conn, limits, &moved)).await;
             return Outcome::Relayed {
                 next: AfterExchange::Close,
                 status,
