@@ -170,6 +170,11 @@ impl EndpointState {
         self.ejections.load(Ordering::Relaxed)
     }
 
+    /// The run of failed exchanges since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
     /// Counts a failed exchange; returns the run of consecutive failures so far.
     pub fn record_failure(&self) -> u32 {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1

@@ -8,6 +8,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::names::Addr;
 use crate::routing::table::{StatsSource, TargetStats};
 
 /// Metric names, in one place.
@@ -249,6 +250,8 @@ pub struct RouteStats {
     pub connect_errors: IntCounter,
     pub retries: IntCounter,
     pub tcp_connections: IntCounter,
+    /// `zkroute_upstream_requests_total`, with `metrics.per_instance` only.
+    per_instance: Option<IntCounterVec>,
 }
 
 impl RouteStats {
@@ -263,6 +266,7 @@ impl RouteStats {
             connect_errors: m.upstream_connect_errors.with_label_values(&[service]),
             retries: m.retries.with_label_values(&[service]),
             tcp_connections: m.tcp_connections.with_label_values(&[listener, service]),
+            per_instance: m.per_instance.then(|| m.upstream_requests.clone()),
         }
     }
 
@@ -290,6 +294,14 @@ impl TargetStats for RouteStats {
         }
         self.duration.observe(elapsed.as_secs_f64());
         self.counter(code).inc();
+    }
+
+    #[inline]
+    fn observe_endpoint(&self, endpoint: &Addr, code: u16) {
+        if let Some(family) = &self.per_instance {
+            let (addr, code) = (endpoint.to_string(), code.to_string());
+            family.with_label_values(&[&*self.service, addr.as_str(), code.as_str()]).inc();
+        }
     }
 
     fn connect_failed(&self) {

@@ -3,6 +3,7 @@
 //! [`RouteReader`](crate::routing::RouteReader) and endpoint state through the table; it never
 //! waits on the control plane and never imports it.
 
+pub mod attempt;
 pub mod balance;
 pub mod error;
 pub mod http;

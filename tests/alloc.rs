@@ -70,7 +70,7 @@ fn matching_and_picking_allocate_nothing() {
 }
 
 fn a_client_address_is_written_and_hashed_without_allocating() {
-    use zkroute::proxy::http::codec::IpText;
+    use zkroute::net::IpText;
     use zkroute::routing::table::hash_bytes;
     let ips: Vec<std::net::IpAddr> = ["10.1.2.3", "255.255.255.255", "fe80::1:2", "2001:db8:85a3::8a2e:370:7334"]
         .iter()

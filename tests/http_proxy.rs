@@ -239,6 +239,32 @@ async fn a_post_that_reached_a_backend_is_not_retried() {
     proxy.stop().await;
 }
 
+/// HTTP/1 and h2c requests go through one attempt loop: the same retries, the same accounting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_request_is_retried_and_counted_as_an_http1_one_is() {
+    use support::h2client::{h2_client, h2_get, h2_send};
+    let a = RawBackend::start(Misbehave::Drop).await;
+    let b = RawBackend::start(Misbehave::Drop).await;
+    let routes = Routes::new();
+    routes.instance("s", "a", a.addr);
+    routes.instance("s", "b", b.addr);
+    routes.rule("r", r#"{"listener":"http","retries":3,"backends":[{"service":"s"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let requests =
+        || a.requests.load(std::sync::atomic::Ordering::SeqCst) + b.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let mut h2c = h2_client(proxy.listener("http")).await;
+    let r = h2_send(&mut h2c, h2_get("http://h/")).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-zkroute-error"], "upstream_reset");
+    assert_eq!(requests(), 2, "the idempotent GET was tried on both instances, as over HTTP/1");
+    assert_eq!(proxy.metric(r#"zkroute_retries_total{service="s"}"#).await, Some(1.0));
+    let r = send(proxy.listener("http"), request("GET", "h", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(requests(), 4);
+    assert_eq!(proxy.metric(r#"zkroute_retries_total{service="s"}"#).await, Some(2.0), "one retry each");
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_line_without_a_reason_is_relayed() {
     // "HTTP/1.1 200" with no reason phrase (and no space) is common enough; it once made the

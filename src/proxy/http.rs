@@ -16,7 +16,7 @@ use super::upstream::Pools;
 use super::{Limits, Tracker};
 use crate::metrics::Metrics;
 use crate::routing::RouteReader;
-use crate::routing::table::{EndpointSet, ListenerId};
+use crate::routing::table::ListenerId;
 use crate::shutdown::Shutdown;
 
 /// The HTTP/2 connection preface.
@@ -35,13 +35,6 @@ pub struct HttpContext {
     /// Told when passive outlier detection ejects an endpoint.
     pub health: crate::health::HealthReporter,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
-}
-
-impl HttpContext {
-    /// Counts a failed exchange against an endpoint (connect failure, reset, 5xx).
-    pub fn outlier_failure(&self, set: &EndpointSet, index: usize) {
-        self.health.failure(set, index);
-    }
 }
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload

@@ -14,15 +14,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::balance::{self, PickInput, Tried};
+use super::attempt::{Attempts, Connect, ConnectTimeout, Connected, choose_target, hash_key};
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
 use crate::health::HealthReporter;
 use crate::metrics::Metrics;
-use crate::proxy::http::codec::IpText;
+use crate::net::IpText;
 use crate::routing::RouteReader;
-use crate::routing::documents::{HashOn, LbPolicy};
-use crate::routing::table::{ListenerId, hash_bytes};
+use crate::routing::table::{Endpoint, ListenerId};
 use crate::shutdown::Shutdown;
 
 /// Everything a TCP listener's connections share.
@@ -120,53 +119,29 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             }
         }
     };
-    let Some((_, first)) = route.target_at(fastrand::u32(..)) else {
-        ctx.rejected.no_route.inc();
+    let Some(target) = choose_target(&route) else {
+        ctx.rejected.no_healthy_upstream.inc();
         return;
     };
-    let target = if first.set.active().is_empty() {
-        route.targets.iter().find(|t| t.weight > 0 && !t.set.active().is_empty()).unwrap_or(first)
-    } else {
-        first
-    };
     target.stats.tcp_accepted();
-    let hash = match &target.set.policy.lb {
-        LbPolicy::RingHash(HashOn::SourceIp | HashOn::Header(_)) => Some(hash_bytes(IpText::new(peer.ip()).as_bytes())),
-        _ => None,
-    };
-    let mut tried = Tried::default();
-    let mut attempts_left = route.retries;
-    let upstream = loop {
-        let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) else {
-            debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
-            if tried.is_empty() {
-                ctx.rejected.no_healthy_upstream.inc();
-            } else {
-                ctx.rejected.upstream_connect_failed.inc();
-            }
-            return;
-        };
-        tried.push(i);
-        let endpoint = &target.set.endpoints[i];
-        match crate::net::connect(&endpoint.addr, target.set.policy.connect_timeout, &ctx.limits.congestion).await {
-            Ok(s) => {
-                endpoint.state.record_success();
-                break (s, endpoint.state.start_request());
-            }
-            Err(e) => {
-                debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
-                target.stats.connect_failed();
-                ctx.health.failure(&target.set, i);
-                if attempts_left == 0 {
-                    ctx.rejected.upstream_connect_failed.inc();
-                    return;
-                }
-                attempts_left -= 1;
-                target.stats.retried();
-            }
+    let client_ip = IpText::new(peer.ip());
+    let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
+    let mut attempts = Attempts::new(&target, hash, route.retries, std::time::Instant::now(), None);
+    let Some(Connected { attempt, in_flight, conn: upstream }) =
+        attempts.connection(&NewConnection(ctx), &ctx.health).await
+    else {
+        debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
+        if attempts.tried_any() {
+            ctx.rejected.upstream_connect_failed.inc();
+        } else {
+            ctx.rejected.no_healthy_upstream.inc();
         }
+        return;
     };
-    let ((upstream, in_flight), started) = (upstream, Instant::now());
+    attempts.established(attempt);
+    let started = Instant::now();
+    // The relay may last hours: it keeps no part of the table alive.
+    drop(target);
     drop(route);
     ctx.active.inc();
     let moved = RelayedBytes::default();
@@ -192,6 +167,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             bytes_in: moved.rx.load(Ordering::Relaxed),
             bytes_out: moved.tx.load(Ordering::Relaxed),
         });
+    }
+}
+
+/// A TCP listener's upstream connections: always new ones.
+struct NewConnection<'a>(&'a TcpContext);
+
+impl Connect for NewConnection<'_> {
+    type Conn = TcpStream;
+    fn reuse(&self, _: &Endpoint) -> Option<TcpStream> {
+        None
+    }
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<TcpStream> {
+        crate::net::connect(&endpoint.addr, timeout.get(), &self.0.limits.congestion).await
     }
 }
 

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use super::attempt::{Connect, ConnectTimeout};
 use super::http::codec::IoBuf;
 use crate::endpoint::EndpointState;
+use crate::net::LoopbackCongestion;
+use crate::routing::table::Endpoint;
 
 /// Read buffer of an upstream connection.
 pub const UPSTREAM_BUF: usize = 16 * 1024;
@@ -42,6 +45,33 @@ impl Conn {
                 matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
+    }
+}
+
+/// How HTTP/1.1 requests reach an endpoint: an idle connection from its pool when one is clean,
+/// else a new one.
+pub struct PooledHttp1<'a> {
+    pools: &'a Pools,
+    congestion: &'a LoopbackCongestion,
+    /// The request's arrival: a connection idle since before it counts as idle for that long.
+    now: Instant,
+}
+
+impl<'a> PooledHttp1<'a> {
+    pub fn new(pools: &'a Pools, congestion: &'a LoopbackCongestion, now: Instant) -> Self {
+        PooledHttp1 { pools, congestion, now }
+    }
+}
+
+impl Connect for PooledHttp1<'_> {
+    type Conn = Conn;
+    #[inline]
+    fn reuse(&self, endpoint: &Endpoint) -> Option<Conn> {
+        self.pools.of(&endpoint.state).and_then(|p| p.checkout(self.now))
+    }
+
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Conn> {
+        crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new)
     }
 }
 

@@ -452,6 +452,8 @@ impl EndpointSet {
 pub trait TargetStats: Send + Sync {
     /// A request answered with `code`, which took `elapsed` to its response head.
     fn observe(&self, code: u16, elapsed: std::time::Duration);
+    /// The same answer, by endpoint (only where per-endpoint metrics are kept).
+    fn observe_endpoint(&self, endpoint: &Addr, code: u16);
     /// A failed connection attempt to an endpoint.
     fn connect_failed(&self);
     /// An extra attempt after a failed one.

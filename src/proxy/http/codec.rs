@@ -369,57 +369,6 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// An IP address as text, held inline: written once per client connection (or per request on
-/// HTTP/2) for `X-Forwarded-For` and the `source_ip` ring hash, without allocating.
-#[derive(Clone, Copy)]
-pub struct IpText {
-    len: u8,
-    text: [u8; IpText::MAX],
-}
-
-impl IpText {
-    /// The longest text of an address: a full IPv6 address with an embedded IPv4 one.
-    const MAX: usize = 45;
-
-    pub fn new(ip: std::net::IpAddr) -> Self {
-        let mut out = IpText { len: 0, text: [0; Self::MAX] };
-        match ip {
-            // IPv4 without the formatting machinery: the common case.
-            std::net::IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    if octet >= 100 {
-                        out.push(b'0' + octet / 100);
-                    }
-                    if octet >= 10 {
-                        out.push(b'0' + octet / 10 % 10);
-                    }
-                    out.push(b'0' + octet % 10);
-                }
-            }
-            std::net::IpAddr::V6(v6) => {
-                use std::io::Write;
-                let mut rest = &mut out.text[..];
-                // Cannot fail: no IPv6 text is longer than MAX.
-                let _ = write!(rest, "{v6}");
-                out.len = (Self::MAX - rest.len()) as u8;
-            }
-        }
-        out
-    }
-
-    fn push(&mut self, b: u8) {
-        self.text[usize::from(self.len)] = b;
-        self.len += 1;
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.text[..usize::from(self.len)]
-    }
-}
-
 /// Writes `n` in lower-case hex into `out` (chunk sizes).
 pub fn push_hex(out: &mut Vec<u8>, n: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -551,32 +500,6 @@ mod tests {
         assert_eq!(classify(b"\xe5xpect"), Known::Other);
         assert_eq!(classify(b"HoSt"), Known::Host);
         assert_eq!(tokens(b" close , Upgrade,,").collect::<Vec<_>>(), [&b"close"[..], b"Upgrade"]);
-    }
-
-    #[test]
-    fn addresses_are_written_as_the_standard_library_does() {
-        let longest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255";
-        for ip in [
-            "127.0.0.1",
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.20.0.9",
-            "100.9.10.99",
-            "::1",
-            "fe80::1:2",
-            "::ffff:10.0.0.1",
-            longest,
-        ] {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
-        }
-        for _ in 0..10_000 {
-            let v4 = std::net::IpAddr::from(fastrand::u32(..).to_be_bytes());
-            let v6 = std::net::IpAddr::from(fastrand::u128(..).to_be_bytes());
-            for ip in [v4, v6] {
-                assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
-            }
-        }
     }
 
     #[test]

@@ -19,14 +19,14 @@ use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
+use crate::net::IpText;
 use crate::proxy::Limits;
-use crate::proxy::balance::{self, PickInput, Tried};
+use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::tcp::{RelayedBytes, relay};
-use crate::proxy::upstream::{self, Conn};
-use crate::routing::documents::{HashOn, LbPolicy};
-use crate::routing::table::{Route, Target, TargetStats, hash_bytes};
+use crate::proxy::upstream::{self, Conn, PooledHttp1};
+use crate::routing::table::{Route, TargetStats};
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
 const CLIENT_BUF: usize = 16 * 1024;
@@ -52,7 +52,7 @@ pub struct Connection {
     fields: Vec<Field>,
     resp_fields: Vec<Field>,
     /// The client's address as text, for `x-forwarded-for` and hashing.
-    client_ip: super::codec::IpText,
+    client_ip: IpText,
     peer: SocketAddr,
     /// The keep-alive wait between requests, and the deadline of the response being awaited.
     /// One timer each for the connection's life: moving a deadline later only marks the timer,
@@ -64,18 +64,16 @@ pub struct Connection {
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
-/// How the exchange with one upstream connection ended.
-enum Outcome {
-    /// The response was relayed (fully or partly); body bytes each way.
-    Relayed { next: AfterExchange, status: u16, upstream_ok: bool, bytes_in: u64, bytes_out: u64 },
-    /// Nothing reached the client: another endpoint may be tried. Always the upstream's fault.
-    Retry(ProxyError),
-    /// Nothing reached the client, and the request cannot be sent again. `upstream_fault`: it
-    /// counts against the endpoint in outlier detection (a malformed request body does not).
-    Fail { error: ProxyError, upstream_fault: bool },
-    /// The client went away or broke the exchange.
-    Abort,
+/// What a relayed exchange did to the client connection: what comes next on it, and the body
+/// bytes each way.
+struct Relayed {
+    next: AfterExchange,
+    bytes_in: u64,
+    bytes_out: u64,
 }
+
+/// A client that went away: the connection closes.
+const GONE: Relayed = Relayed { next: AfterExchange::Close, bytes_in: 0, bytes_out: 0 };
 
 /// What an exchange came to, for the access log.
 #[derive(Default)]
@@ -119,7 +117,7 @@ impl Connection {
             req: Vec::with_capacity(1024),
             fields: Vec::with_capacity(32),
             resp_fields: Vec::with_capacity(32),
-            client_ip: super::codec::IpText::new(peer.ip()),
+            client_ip: IpText::new(peer.ip()),
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -252,7 +250,10 @@ impl Connection {
                 return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
             }
         };
-        let hash = self.request_hash(&target.set.policy.lb);
+        let hash = {
+            let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+            hash_key(&target.set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip)
+        };
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
@@ -294,94 +295,32 @@ impl Connection {
 
         done.bytes_in = (self.req.len() - head_out) as u64;
         let deadline = tokio::time::Instant::from_std(started + route.timeout);
-        let policy = &target.set.policy;
-        let mut tried = Tried::default();
-        let mut attempts_left = route.retries;
-        let mut last_error = ProxyError::NoHealthyUpstream;
-        while let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) {
-            tried.push(i);
-            let endpoint = &target.set.endpoints[i];
-            let in_flight = endpoint.state.start_request();
-            let pool = self.ctx.pools.of(&endpoint.state);
-            let conn = match pool.and_then(|p| p.checkout(started)) {
-                Some(c) => c,
-                None => {
-                    let now = tokio::time::Instant::now();
-                    let connect_timeout = policy.connect_timeout.min(deadline.saturating_duration_since(now));
-                    match crate::net::connect(&endpoint.addr, connect_timeout, &self.ctx.limits.congestion).await {
-                        Ok(s) => Conn::new(s),
-                        Err(e) => {
-                            target.stats.connect_failed();
-                            self.ctx.outlier_failure(&target.set, i);
-                            tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
-                            last_error = if tokio::time::Instant::now() >= deadline {
-                                ProxyError::Timeout
-                            } else {
-                                ProxyError::ConnectFailed
-                            };
-                            if attempts_left > 0 && last_error != ProxyError::Timeout {
-                                attempts_left -= 1;
-                                target.stats.retried();
-                                continue;
-                            }
-                            break;
-                        }
-                    }
-                }
+        let mut attempts = Attempts::new(&target, hash, route.retries, started, Some(deadline));
+        loop {
+            let ctx = &*self.ctx;
+            let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
+            let connected = match attempts.reuse(&connector) {
+                Some(c) => Some(c),
+                None => attempts.connection(&connector, &ctx.health).await,
             };
-            let may_retry = attempts_left > 0 && target.set.active().len() > tried.len();
+            let Some(Connected { attempt, in_flight, conn }) = connected else { break };
+            let pool = ctx.pools.of(&attempt.endpoint.state);
+            if ctx.access_log.is_some() {
+                done.upstream = Some(attempt.endpoint.addr.clone());
+            }
+            let may_retry = attempts.may_retry();
             let outcome = self.forward(conn, &head, &mut pending, deadline, may_retry, in_flight, pool).await;
-            done.upstream = Some(endpoint.addr.clone());
-            match outcome {
-                Outcome::Relayed { next, status, upstream_ok, bytes_in, bytes_out } => {
-                    if upstream_ok {
-                        endpoint.state.record_success();
-                    } else {
-                        self.ctx.outlier_failure(&target.set, i);
-                    }
-                    target.stats.observe(status, started.elapsed());
-                    if self.ctx.metrics.per_instance {
-                        let (addr, code) = (endpoint.addr.to_string(), status.to_string());
-                        self.ctx
-                            .metrics
-                            .upstream_requests
-                            .with_label_values(&[&*target.set.label, addr.as_str(), code.as_str()])
-                            .inc();
-                    }
-                    done.status = status;
-                    done.bytes_in += bytes_in;
-                    done.bytes_out = bytes_out;
-                    return (if head.close { AfterExchange::Close } else { next }, done);
-                }
-                Outcome::Retry(e) if attempts_left > 0 && tokio::time::Instant::now() < deadline => {
-                    self.ctx.outlier_failure(&target.set, i);
-                    attempts_left -= 1;
-                    target.stats.retried();
-                    last_error = e;
-                }
-                Outcome::Retry(e) => {
-                    self.ctx.outlier_failure(&target.set, i);
-                    last_error = e;
-                    break;
-                }
-                Outcome::Fail { error, upstream_fault } => {
-                    if upstream_fault {
-                        self.ctx.outlier_failure(&target.set, i);
-                    }
-                    last_error = error;
-                    break;
-                }
-                Outcome::Abort => {
-                    target.stats.observe(499, started.elapsed());
-                    done.status = 499;
-                    return (AfterExchange::Close, done);
-                }
+            if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
+                done.status = status;
+                done.bytes_in += relayed.bytes_in;
+                done.bytes_out = relayed.bytes_out;
+                return (if head.close { AfterExchange::Close } else { relayed.next }, done);
             }
         }
-        done.status = last_error.rescue().status;
-        target.stats.observe(done.status, started.elapsed());
+        let error = attempts.failure();
+        done.status = error.rescue().status;
         let close = head.close || !matches!(pending, Pending::None);
-        self.answer(&last_error, close, head_only).await;
+        self.answer(&error, close, head_only).await;
         (if close { AfterExchange::Close } else { AfterExchange::KeepAlive }, done)
     }
 
@@ -411,18 +350,6 @@ impl Connection {
         Ok((route, target))
     }
 
-    /// The ring-hash key of the request, when its service hashes.
-    fn request_hash(&self, lb: &LbPolicy) -> Option<u64> {
-        match lb {
-            LbPolicy::RingHash(HashOn::Header(name)) => {
-                let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
-                fields.get(name.as_str().as_bytes()).map(hash_bytes)
-            }
-            LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(self.client_ip.as_bytes())),
-            _ => None,
-        }
-    }
-
     /// Sends the request on `conn` and relays the response. `may_retry`: the caller can try
     /// another endpoint, so a failure that left the client untouched comes back as `Retry`.
     #[allow(clippy::too_many_arguments)]
@@ -435,7 +362,7 @@ impl Connection {
         may_retry: bool,
         in_flight: InFlight,
         pool: Option<&Arc<upstream::Pool>>,
-    ) -> Outcome {
+    ) -> Outcome<(u16, Relayed)> {
         // Nothing has been read of the client's body beyond what `req` holds: sending `req`
         // again is the same request.
         let replayable = matches!(pending, Pending::None);
@@ -483,7 +410,7 @@ impl Connection {
                         pumping = false;
                         match p {
                             Ok(()) => body_done = true,
-                            Err(PumpError::ClientGone) => return Outcome::Abort,
+                            Err(PumpError::ClientGone) => return Outcome::ClientGone((499, GONE)),
                             // The upstream stopped reading: its response may still come.
                             Err(PumpError::Upstream) => {}
                             // The client's fault: the upstream is not blamed for it.
@@ -511,7 +438,7 @@ impl Connection {
             // body when the time ran out may have been the slow one.
             Err(ReadError::Timeout) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_done },
             Err(ReadError::Closed | ReadError::Invalid) => return retry_or_fail(ProxyError::UpstreamReset),
-            Err(ReadError::Client) => return Outcome::Abort,
+            Err(ReadError::Client) => return Outcome::ClientGone((499, GONE)),
         };
         if resp.status == 101 && !head.upgrade {
             // A switch the client never asked for (RFC 9110 section 7.8): the connection now
@@ -547,22 +474,13 @@ impl Connection {
                 return retry_or_fail(ProxyError::UpstreamReset);
             }
             Err(RelayError::Source) => {
-                return Outcome::Relayed {
-                    next: AfterExchange::Close,
-                    status,
-                    upstream_ok: false,
-                    bytes_in: pumped,
-                    bytes_out,
-                };
+                let relayed = Relayed { next: AfterExchange::Close, bytes_in: pumped, bytes_out };
+                return Outcome::Answered { status, upstream_fault: true, value: (status, relayed) };
             }
             Err(RelayError::Destination) => {
-                return Outcome::Relayed {
-                    next: AfterExchange::Close,
-                    status: 499,
-                    upstream_ok: true,
-                    bytes_in: pumped,
-                    bytes_out,
-                };
+                // The client stopped reading: the upstream did its part.
+                let relayed = Relayed { next: AfterExchange::Close, bytes_in: pumped, bytes_out };
+                return Outcome::Answered { status: 499, upstream_fault: false, value: (499, relayed) };
             }
         }
         if upgrade {
@@ -571,13 +489,12 @@ impl Connection {
             // Boxed: a tunnel's state is large and rare, and inline it would be part of, and copied
             // with, every connection's future.
             Box::pin(tunnel(stream, buf, conn, limits, &moved)).await;
-            return Outcome::Relayed {
+            let relayed = Relayed {
                 next: AfterExchange::Close,
-                status,
-                upstream_ok: true,
                 bytes_in: pumped + moved.rx.load(Ordering::Relaxed),
                 bytes_out: bytes_out + moved.tx.load(Ordering::Relaxed),
             };
+            return Outcome::Answered { status, upstream_fault: false, value: (status, relayed) };
         }
         drop(in_flight);
         if body_done && !resp.close && conn.buf.is_empty() {
@@ -586,28 +503,9 @@ impl Connection {
             }
         }
         let next = if client_close { AfterExchange::Close } else { AfterExchange::KeepAlive };
-        Outcome::Relayed { next, status, upstream_ok: status < 500, bytes_in: pumped, bytes_out }
+        let relayed = Relayed { next, bytes_in: pumped, bytes_out };
+        Outcome::Answered { status, upstream_fault: status >= 500, value: (status, relayed) }
     }
-}
-
-/// A target chosen by weight; when it has no endpoint available, another with weight that has.
-#[derive(Clone)]
-struct TargetRef(Arc<Route>, usize);
-
-impl std::ops::Deref for TargetRef {
-    type Target = Target;
-    fn deref(&self) -> &Target {
-        &self.0.targets[self.1]
-    }
-}
-
-fn choose_target(route: &Arc<Route>) -> Option<TargetRef> {
-    let (i, t) = route.target_at(fastrand::u32(..))?;
-    if !t.set.active().is_empty() || route.targets.len() == 1 {
-        return Some(TargetRef(route.clone(), i));
-    }
-    let fallback = route.targets.iter().position(|t| t.weight > 0 && !t.set.active().is_empty())?;
-    Some(TargetRef(route.clone(), fallback))
 }
 
 enum PumpError {

@@ -26,11 +26,10 @@ use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
 use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::endpoint::InFlight;
-use crate::proxy::balance::{self, PickInput, Tried};
+use crate::net::IpText;
+use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
-use crate::proxy::upstream::{Conn, Pool};
-use crate::routing::documents::{HashOn, LbPolicy};
-use crate::routing::table::hash_bytes;
+use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<HttpContext>) {
@@ -236,164 +235,154 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             }
         }
     };
-    let Some((_, target)) = route.target_at(fastrand::u32(..)) else { return answer(ProxyError::NoHealthyUpstream) };
-    let target = if target.set.active().is_empty() {
-        route.targets.iter().find(|t| t.weight > 0 && !t.set.active().is_empty()).unwrap_or(target)
-    } else {
-        target
-    };
-    let hash = match &target.set.policy.lb {
-        LbPolicy::RingHash(HashOn::Header(name)) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
-        LbPolicy::RingHash(HashOn::SourceIp) => Some(hash_bytes(super::codec::IpText::new(peer.ip()).as_bytes())),
-        _ => None,
-    };
+    let Some(target) = choose_target(&route) else { return answer(ProxyError::NoHealthyUpstream) };
+    let client_ip = IpText::new(peer.ip());
+    let hash = hash_key(&target.set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut req_head = Vec::with_capacity(512);
     let drop_underscore = ctx.limits.drop_underscore_headers;
-    write_head(&mut req_head, &parts, host, has_body, length, &peer, drop_underscore);
+    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
-    let mut tried = Tried::default();
-    let mut attempts_left = route.retries;
-    let mut last_error = ProxyError::NoHealthyUpstream;
-    while let Some(i) = balance::pick(&target.set, PickInput { hash }, &tried) {
-        tried.push(i);
-        let endpoint = &target.set.endpoints[i];
-        let in_flight = endpoint.state.start_request();
-        let pool = ctx.pools.of(&endpoint.state).cloned();
-        let mut conn = match pool.as_ref().and_then(|p| p.checkout(Instant::now())) {
-            Some(c) => c,
-            None => {
-                let timeout = target
-                    .set
-                    .policy
-                    .connect_timeout
-                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                match crate::net::connect(&endpoint.addr, timeout, &ctx.limits.congestion).await {
-                    Ok(s) => Conn::new(s),
-                    Err(_) => {
-                        target.stats.connect_failed();
-                        ctx.outlier_failure(&target.set, i);
-                        last_error = ProxyError::ConnectFailed;
-                        if attempts_left > 0 {
-                            attempts_left -= 1;
-                            target.stats.retried();
+    let mut attempts = Attempts::new(&target, hash, route.retries, started, Some(deadline));
+    let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
+    let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
+    while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
+        let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
+        let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
+        let outcome = exchange(conn, pool, in_flight, &mut request, &parts.method, deadline, may_retry).await;
+        if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
+            return response;
+        }
+    }
+    answer(attempts.failure())
+}
+
+/// An h2 request as it goes to an HTTP/1.1 upstream.
+struct Http1Request<'a> {
+    head: &'a [u8],
+    body: &'a mut Incoming,
+    has_body: bool,
+    /// Its length is unknown: the body goes chunked.
+    chunked: bool,
+}
+
+/// Sends an h2 request on an HTTP/1.1 upstream connection and turns the response head into the
+/// h2 response, whose body then streams from the connection. `may_retry`: another endpoint may
+/// take the request if this one fails it before answering (it has no body, which would be gone).
+async fn exchange(
+    mut conn: Conn,
+    pool: Option<Arc<Pool>>,
+    in_flight: InFlight,
+    request: &mut Http1Request<'_>,
+    method: &Method,
+    deadline: tokio::time::Instant,
+    may_retry: bool,
+) -> Outcome<Response<H2Body>> {
+    let retry_or_fail =
+        |error| if may_retry { Outcome::Retry(error) } else { Outcome::Fail { error, upstream_fault: true } };
+    if conn.stream.write_all(request.head).await.is_err() {
+        // Nothing was acted on: a pooled connection the upstream had closed, or a reset.
+        return if request.has_body {
+            Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true }
+        } else {
+            Outcome::Retry(ProxyError::UpstreamReset)
+        };
+    }
+    // The body goes up while the response head is awaited.
+    let mut fields: Vec<Field> = Vec::with_capacity(16);
+    let head_request = method == Method::HEAD;
+    let (resp, pumping, body_ok) = {
+        let (mut us_r, mut us_w) = conn.stream.split();
+        let conn_buf = &mut conn.buf;
+        let fields = &mut fields;
+        let read = async {
+            loop {
+                if !conn_buf.is_empty() {
+                    match head::parse_response(conn_buf.filled(), fields, head_request) {
+                        // Interim answers are not relayed over HTTP/2; the final one may
+                        // be in the buffer already.
+                        Ok(Parse::Complete(h)) if h.is_interim() => {
+                            conn_buf.consume(h.len);
                             continue;
                         }
-                        break;
-                    }
-                }
-            }
-        };
-        if conn.stream.write_all(&req_head).await.is_err() {
-            last_error = ProxyError::UpstreamReset;
-            if attempts_left > 0 && !has_body {
-                attempts_left -= 1;
-                continue;
-            }
-            break;
-        }
-        // The body goes up while the response head is awaited.
-        let mut fields: Vec<Field> = Vec::with_capacity(16);
-        let head_request = parts.method == http::Method::HEAD;
-        let (resp, pumping, body_ok) = {
-            let (mut us_r, mut us_w) = conn.stream.split();
-            let conn_buf = &mut conn.buf;
-            let fields = &mut fields;
-            let read = async {
-                loop {
-                    if !conn_buf.is_empty() {
-                        match head::parse_response(conn_buf.filled(), fields, head_request) {
-                            // Interim answers are not relayed over HTTP/2; the final one may
-                            // be in the buffer already.
-                            Ok(Parse::Complete(h)) if h.is_interim() => {
-                                conn_buf.consume(h.len);
-                                continue;
-                            }
-                            Ok(Parse::Complete(h)) => return Ok(h),
-                            Ok(Parse::Partial) if conn_buf.len() >= head::MAX_RESPONSE_HEAD => {
-                                return Err(ProxyError::UpstreamReset);
-                            }
-                            Ok(Parse::Partial) => {
-                                if conn_buf.is_full() {
-                                    conn_buf.grow(head::MAX_RESPONSE_HEAD);
-                                }
-                            }
-                            Err(_) => return Err(ProxyError::UpstreamReset),
+                        Ok(Parse::Complete(h)) => return Ok(h),
+                        Ok(Parse::Partial) if conn_buf.len() >= head::MAX_RESPONSE_HEAD => {
+                            return Err(ProxyError::UpstreamReset);
                         }
+                        Ok(Parse::Partial) => {
+                            if conn_buf.is_full() {
+                                conn_buf.grow(head::MAX_RESPONSE_HEAD);
+                            }
+                        }
+                        Err(_) => return Err(ProxyError::UpstreamReset),
                     }
-                    match timeout_at(deadline, conn_buf.read_from(&mut us_r)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::UpstreamReset),
-                        Ok(Ok(_)) => {}
-                        Err(_) => return Err(ProxyError::Timeout),
-                    }
                 }
-            };
-            let pump = pump_body(&mut body, &mut us_w, has_body, length.is_none());
-            tokio::pin!(read);
-            tokio::pin!(pump);
-            let mut pumping = has_body;
-            let mut body_ok = !has_body;
-            let resp = loop {
-                tokio::select! {
-                    biased;
-                    r = &mut read => break r,
-                    p = &mut pump, if pumping => { pumping = false; body_ok = p.is_ok(); }
+                match timeout_at(deadline, conn_buf.read_from(&mut us_r)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::UpstreamReset),
+                    Ok(Ok(_)) => {}
+                    Err(_) => return Err(ProxyError::Timeout),
                 }
-            };
-            (resp, pumping, body_ok)
-        };
-        // HTTP/2 has no 101 (RFC 9113 section 8.6), and no h2 request asks for an upgrade: a
-        // switch is an invalid response, and its connection is dropped.
-        let resp = resp.and_then(|h| if h.status == 101 { Err(ProxyError::UpstreamReset) } else { Ok(h) });
-        let resp_head = match resp {
-            Ok(h) => h,
-            Err(e) => {
-                // A timeout is the upstream's fault once it had the whole request.
-                if e != ProxyError::Timeout || (body_ok && !pumping) {
-                    ctx.outlier_failure(&target.set, i);
-                }
-                target.stats.observe(e.rescue().status, started.elapsed());
-                return answer(e);
             }
         };
-        let mut response = Response::new(H2Body::Full(None));
-        *response.status_mut() = StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = response.headers_mut();
-        copy_fields(headers, conn.buf.filled(), &resp_head, &fields);
-        conn.buf.consume(resp_head.len);
-        if resp_head.status < 500 {
-            endpoint.state.record_success();
-        } else {
-            ctx.outlier_failure(&target.set, i);
-        }
-        target.stats.observe(resp_head.status, started.elapsed());
-        let remaining = match resp_head.body {
-            BodyLen::Length(n) => n,
-            _ => 0,
+        let pump = pump_body(request.body, &mut us_w, request.has_body, request.chunked);
+        tokio::pin!(read);
+        tokio::pin!(pump);
+        let mut pumping = request.has_body;
+        let mut body_ok = !request.has_body;
+        let resp = loop {
+            tokio::select! {
+                biased;
+                r = &mut read => break r,
+                p = &mut pump, if pumping => { pumping = false; body_ok = p.is_ok(); }
+            }
         };
-        let mut upstream_body = UpstreamBody {
-            conn: Some(conn),
-            pool,
-            len: resp_head.body,
-            remaining,
-            scanner: ChunkedScanner::default(),
-            reusable: !resp_head.close && body_ok && !pumping,
-            done: false,
-            _in_flight: Some(in_flight),
-        };
-        if resp_head.body == BodyLen::None {
-            // The stream ends with its HEADERS frame: a DATA frame after them would contradict a
-            // Content-Length kept for a HEAD or 304 (RFC 9110 section 8.6).
-            upstream_body.finish();
+        (resp, pumping, body_ok)
+    };
+    // HTTP/2 has no 101 (RFC 9113 section 8.6), and no h2 request asks for an upgrade: a
+    // switch is an invalid response, and its connection is dropped.
+    let resp = resp.and_then(|h| if h.status == 101 { Err(ProxyError::UpstreamReset) } else { Ok(h) });
+    let resp_head = match resp {
+        Ok(h) => h,
+        // A timeout is the upstream's fault once it had the whole request.
+        Err(ProxyError::Timeout) => {
+            return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_ok && !pumping };
         }
-        *response.body_mut() = H2Body::Upstream(Box::new(upstream_body));
-        return response;
+        Err(e) => return retry_or_fail(e),
+    };
+    if may_retry && matches!(resp_head.status, 502..=504) {
+        // Let another endpoint answer an idempotent request this one failed.
+        return Outcome::Retry(ProxyError::UpstreamReset);
     }
-    target.stats.observe(last_error.rescue().status, started.elapsed());
-    answer(last_error)
+    let mut response = Response::new(H2Body::Full(None));
+    *response.status_mut() = StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = response.headers_mut();
+    copy_fields(headers, conn.buf.filled(), &resp_head, &fields);
+    conn.buf.consume(resp_head.len);
+    let remaining = match resp_head.body {
+        BodyLen::Length(n) => n,
+        _ => 0,
+    };
+    let status = resp_head.status;
+    let mut upstream_body = UpstreamBody {
+        conn: Some(conn),
+        pool,
+        len: resp_head.body,
+        remaining,
+        scanner: ChunkedScanner::default(),
+        reusable: !resp_head.close && body_ok && !pumping,
+        done: false,
+        _in_flight: Some(in_flight),
+    };
+    if resp_head.body == BodyLen::None {
+        // The stream ends with its HEADERS frame: a DATA frame after them would contradict a
+        // Content-Length kept for a HEAD or 304 (RFC 9110 section 8.6).
+        upstream_body.finish();
+    }
+    *response.body_mut() = H2Body::Upstream(Box::new(upstream_body));
+    Outcome::Answered { status, upstream_fault: status >= 500, value: response }
 }
 
 /// Writes the HTTP/1.1 request head for an h2 request: always with a Host (empty when the request
@@ -405,7 +394,7 @@ fn write_head(
     host: Option<&str>,
     has_body: bool,
     length: Option<u64>,
-    peer: &SocketAddr,
+    client_ip: &IpText,
     drop_underscore: bool,
 ) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -456,7 +445,7 @@ fn write_head(
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     out.extend_from_slice(&xff);
-    out.extend_from_slice(super::codec::IpText::new(peer.ip()).as_bytes());
+    out.extend_from_slice(client_ip.as_bytes());
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
 }
 
