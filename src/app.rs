@@ -18,7 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, LogFormat};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
-use crate::discovery::zk::{Paths, ZkSettings, ZkSource, ZkStatus, ZkStatusHandle};
+use crate::discovery::zk::{Paths, ZkSettings, ZkSource, ZkStatus, ZkStatusHandle, default_resync_jitter};
 use crate::discovery::{self, Control, OnPublish, UpdateSender};
 use crate::endpoint::StateRegistry;
 use crate::health::checker::Checker;
@@ -336,6 +336,7 @@ pub fn zk_settings(config: &Config) -> anyhow::Result<ZkSettings> {
     Ok(ZkSettings {
         connect: zk.connect.clone(),
         session_timeout: zk.session_timeout.0,
+        resync_jitter: zk.resync_jitter.map_or_else(|| default_resync_jitter(zk.session_timeout.0), |j| j.0),
         paths: Paths {
             services: zk.services_path.clone(),
             rules: zk.rules_path.clone(),

@@ -18,7 +18,7 @@
 //! wrong credentials) is skipped on its own and listed as invalid, like a node that does not parse.
 //! Session expiry is terminal for a client: a new one is built, with backoff.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -40,8 +40,11 @@ use crate::shutdown::Shutdown;
 /// for documents of a few hundred bytes.
 const MULTI_READ_BATCH: usize = 250;
 
-/// Longest random delay before the full read that follows a reconnect.
-const MAX_RESYNC_SPREAD: Duration = Duration::from_secs(2);
+/// Longest random delay before the full read that follows a reconnect, unless configured: a
+/// quarter of the session timeout, at most 2s.
+pub fn default_resync_jitter(session_timeout: Duration) -> Duration {
+    (session_timeout / 4).min(Duration::from_secs(2))
+}
 
 /// How long to wait before trying a server again that lacks what zkroute needs.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
@@ -63,6 +66,8 @@ pub struct Paths {
 pub struct ZkSettings {
     pub connect: String,
     pub session_timeout: Duration,
+    /// Longest random delay before the full read that follows a reconnect.
+    pub resync_jitter: Duration,
     pub paths: Paths,
     /// Digest credentials, "user:password".
     pub auth: Option<Vec<u8>>,
@@ -73,6 +78,7 @@ impl std::fmt::Debug for ZkSettings {
         f.debug_struct("ZkSettings")
             .field("connect", &self.connect)
             .field("session_timeout", &self.session_timeout)
+            .field("resync_jitter", &self.resync_jitter)
             .field("paths", &self.paths)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -181,8 +187,8 @@ pub fn rfc3339_now() -> String {
 
 /// What the watchers report.
 enum Watched {
-    /// A node under one of the trees changed.
-    Node { path: String, at: Instant },
+    /// A node under one of the trees changed; `deleted`: it was deleted, there is nothing to read.
+    Node { path: String, deleted: bool, at: Instant },
     /// The session went through a transition (each is reported once).
     Session(SessionState),
 }
@@ -325,13 +331,14 @@ impl ZkSource {
                 }
                 Some(first) = rx.recv() => {
                     let mut at = None;
-                    let mut paths = BTreeSet::new();
+                    // Per path, whether its latest event was a deletion.
+                    let mut paths = BTreeMap::new();
                     let mut next = Some(first);
                     while let Some(w) = next.take().or_else(|| rx.try_recv().ok()) {
                         match w {
-                            Watched::Node { path, at: t } => {
+                            Watched::Node { path, deleted, at: t } => {
                                 at = Some(at.map_or(t, |a: Instant| a.min(t)));
-                                paths.insert(path);
+                                paths.insert(path, deleted);
                             }
                             Watched::Session(s) => {
                                 if let Some(end) = self.on_session(s, &mut f) {
@@ -405,8 +412,7 @@ impl ZkSource {
                 f.need_sync = true;
                 // After an ensemble member goes away every sidecar reconnects at once: spread
                 // their full reads out rather than hitting the servers together.
-                let spread = (self.settings.session_timeout / 4).min(MAX_RESYNC_SPREAD);
-                f.not_before = Instant::now() + spread.mul_f64(fastrand::f64());
+                f.not_before = Instant::now() + self.settings.resync_jitter.mul_f64(fastrand::f64());
                 if !f.connected {
                     f.connected = true;
                     self.metrics.zk_connected.set(1);
@@ -451,7 +457,8 @@ impl ZkSource {
                         }
                         Watched::Session(event.session_state)
                     } else {
-                        Watched::Node { path: event.path, at: Instant::now() }
+                        let deleted = event.event_type == EventType::NodeDeleted;
+                        Watched::Node { path: event.path, deleted, at: Instant::now() }
                     };
                     let terminal = matches!(&watched, Watched::Session(s) if s.is_terminated());
                     if tx.send(watched).is_err() || terminal {
@@ -487,19 +494,30 @@ impl ZkSource {
         Ok(())
     }
 
-    /// Re-reads changed nodes in one multi-read.
+    /// Re-reads changed nodes in one multi-read. A node whose latest event was its deletion is
+    /// not read: events arrive in order, so a re-creation after it brings an event of its own.
     async fn read_changes(
         &self,
         client: &Client,
-        paths: BTreeSet<String>,
+        paths: BTreeMap<String, bool>,
     ) -> Result<Vec<Change>, zookeeper_client::Error> {
-        let wanted: Vec<(String, NodeRef)> =
-            paths.into_iter().filter_map(|p| classify(&self.settings.paths, &p).map(|r| (p, r))).collect();
-        let paths: Vec<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
-        let data = read_data(client, &paths).await?;
-        self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
-        debug!(nodes = wanted.len(), "re-read changed nodes");
-        Ok(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)).collect())
+        let mut changes = Vec::new();
+        let mut wanted = Vec::new();
+        for (path, deleted) in paths {
+            match classify(&self.settings.paths, &path) {
+                Some(node) if deleted => changes.push(node.into_change(&path, NodeRead::Gone)),
+                Some(node) => wanted.push((path, node)),
+                None => {}
+            }
+        }
+        if !wanted.is_empty() {
+            let paths: Vec<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
+            let data = read_data(client, &paths).await?;
+            self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
+            debug!(nodes = wanted.len(), "re-read changed nodes");
+            changes.extend(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)));
+        }
+        Ok(changes)
     }
 }
 
