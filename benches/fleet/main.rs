@@ -478,8 +478,6 @@ fn resync(
 ) {
     eprintln!("{name}");
     let rate = servers::PacketRate::start(servers);
-    // Restarted servers are new processes: their CPU counts from their start.
-    let cpu_before = if fault == Fault::Restart { 0.0 } else { servers.cpu_seconds() };
     let t0 = SystemTime::now();
     let killed = match fault {
         Fault::Restart => {
@@ -498,6 +496,9 @@ fn resync(
         }
     };
     let serving = SystemTime::now();
+    // Restarted servers are new processes, whose CPU counts from their start; after a leader
+    // loss, the survivors' from now.
+    let cpu_before = if fault == Fault::Restart { 0.0 } else { servers.cpu_seconds() };
     let deadline = Instant::now() + SESSION_TIMEOUT * 4;
     let mut missing = fleet.len();
     while Instant::now() < deadline {

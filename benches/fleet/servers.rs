@@ -150,17 +150,17 @@ impl PacketRate {
         let addrs: Vec<SocketAddr> = servers.members.iter().map(Zk::addr).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let mut last: Vec<u64> = addrs.iter().map(|a| mntr(*a, "zk_packets_received").unwrap_or(0)).collect();
         let thread = std::thread::spawn(move || {
-            let mut last: Vec<Option<u64>> = vec![None; addrs.len()];
             let (mut peak, mut at) = (0f64, Instant::now());
             while !stopped.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 let mut packets = 0;
                 for (addr, last) in addrs.iter().zip(&mut last) {
-                    let Some(now) = mntr(*addr, "zk_packets_received") else { continue };
-                    // A restarted server counts from zero again.
-                    packets += last.map_or(0, |l| if now >= l { now - l } else { now });
-                    *last = Some(now);
+                    // A server that is down, or was restarted, counts from zero again.
+                    let now = mntr(*addr, "zk_packets_received").unwrap_or(0);
+                    packets += if now >= *last { now - *last } else { now };
+                    *last = now;
                 }
                 peak = peak.max(packets as f64 / at.elapsed().as_secs_f64());
                 at = Instant::now();
