@@ -32,8 +32,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use zookeeper_client::{Acls, Client, CreateMode, Stat};
 
-use servers::{Servers, Setup, client_sockets, cpu_seconds, rss_kib};
+use servers::{Servers, Setup, client_sockets, cpu_seconds};
 use sidecars::{Fleet, Sidecar};
+use support::rss_kib;
 
 /// Every session's timeout: sidecars and peers alike.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
