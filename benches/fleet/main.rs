@@ -393,7 +393,10 @@ fn deploy_wave(
     let (t0, i0) = (SystemTime::now(), Instant::now());
     let (zk_cpu0, packets0, fleet_cpu0) = (servers.cpu_seconds(), servers.packets_received(), fleet_cpu(fleet));
     // Paced, not waiting for one replacement before the next: a registry's writes come from
-    // many instances at once. The client keeps them in order.
+    // many instances at once. The client keeps them in order. The registry runs elsewhere in
+    // production: here it is given a higher priority than the sidecars, or a thousand of them
+    // on two cores starve it and the wave runs slower than asked.
+    let boost = Boost::raise();
     let creates: Vec<(SystemTime, i64)> = writer.rt.block_on(async {
         let mut tick = tokio::time::interval(step.max(Duration::from_millis(1)));
         let mut replaced = Vec::with_capacity(nodes.len());
@@ -416,6 +419,7 @@ fn deploy_wave(
         }
         out
     });
+    drop(boost);
     let writes = i0.elapsed();
     let last = creates.last().map_or(0, |c| c.1);
     let stale = fleet.wait_all(Duration::from_secs(60), |s| s.applied(last).is_some());
@@ -442,6 +446,30 @@ fn deploy_wave(
     put("wave: ensemble CPU (cores)", format!("{:.2}", (zk_cpu1 - zk_cpu0) / d));
     put("wave: ensemble packets received per s", format!("{:.0}", packets1.saturating_sub(packets0) as f64 / d));
     put("wave: fleet CPU (cores)", format!("{:.2}", (fleet_cpu1 - fleet_cpu0) / d));
+}
+
+/// This process's threads at a higher scheduling priority (nice -10) until dropped; a no-op
+/// where the priority cannot be raised.
+struct Boost;
+
+impl Boost {
+    fn raise() -> Boost {
+        Boost::renice("-10");
+        Boost
+    }
+
+    fn renice(nice: &str) {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+        let tids: Vec<String> = tasks.filter_map(|t| Some(t.ok()?.file_name().to_str()?.to_owned())).collect();
+        let _ =
+            Command::new("renice").args(["-n", nice, "-p"]).args(&tids).stdout(std::process::Stdio::null()).status();
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        Boost::renice("0");
+    }
 }
 
 /// For each create (ack time, zxid) in order, the time from its ack to the sidecar's first swap
