@@ -25,10 +25,19 @@ import org.apache.curator.x.discovery.ServiceDiscovery;
 import org.apache.curator.x.discovery.ServiceDiscoveryBuilder;
 import org.apache.curator.x.discovery.details.JsonInstanceSerializer;
 import org.apache.curator.x.discovery.details.ServiceCacheListener;
+import org.apache.zookeeper.KeeperException;
 import org.apache.zookeeper.Watcher;
 import org.apache.zookeeper.ZooKeeper;
 
 public final class Peers {
+    static void sleep(long ms) {
+        try {
+            Thread.sleep(ms);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+    }
+
     static synchronized void say(String line) {
         System.out.println(line);
         System.out.flush();
@@ -127,16 +136,26 @@ public final class Peers {
                     discover(path);
                 }
             };
-            try {
-                zk.exists(path, again);
-                List<String> children = zk.getChildren(path, again);
-                for (String child : children) {
-                    zk.getData(path + "/" + child, false, null);
+            for (int attempt = 1; ; attempt++) {
+                try {
+                    zk.exists(path, again);
+                    List<String> children = zk.getChildren(path, again);
+                    for (String child : children) {
+                        zk.getData(path + "/" + child, false, null);
+                    }
+                    sizes.put(path, children.size());
+                    break;
+                } catch (KeeperException.ConnectionLossException e) {
+                    // The client reconnects by itself: read again, as the zk gem's retries do.
+                    if (attempt == 100) {
+                        say("error " + index + " " + e);
+                        return;
+                    }
+                    sleep(100);
+                } catch (Exception e) {
+                    say("error " + index + " " + e);
+                    return;
                 }
-                sizes.put(path, children.size());
-            } catch (Exception e) {
-                say("error " + index + " " + e);
-                return;
             }
             int total = 0;
             for (int n : sizes.values()) {

@@ -150,22 +150,32 @@ fn print_table(columns: &[(&str, Column)]) {
 /// The bench's own ZooKeeper client: writes what a registry and an operator write.
 struct Writer {
     rt: tokio::runtime::Runtime,
-    client: Client,
+    /// Replaced by a new session when the old one expires (a thousand sidecars on two cores can
+    /// starve this process through a leader election).
+    client: std::cell::RefCell<Client>,
+    connect: String,
 }
 
 impl Writer {
     fn connect(servers: &Servers) -> Writer {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let all = servers.all_connect();
-        let client = rt.block_on(async {
+        rt.block_on(async {
             let root = Client::connect(&all).await.expect("connect");
             match root.create(CHROOT, b"", &persistent()).await {
                 Ok(_) | Err(zookeeper_client::Error::NodeExists) => {}
                 Err(e) => panic!("create {CHROOT}: {e}"),
             }
-            Client::connector().with_session_timeout(SESSION_TIMEOUT).connect(&format!("{all}{CHROOT}")).await.unwrap()
+            root
         });
-        Writer { rt, client }
+        let connect = format!("{all}{CHROOT}");
+        let client = rt.block_on(Writer::session(&connect));
+        Writer { rt, client: std::cell::RefCell::new(client), connect }
+    }
+
+    /// A session with the longest timeout the servers allow.
+    async fn session(connect: &str) -> Client {
+        Client::connector().with_session_timeout(Duration::from_secs(20)).connect(connect).await.expect("connect")
     }
 
     /// Retries through connection loss (the servers restart under it), for up to 30 s.
@@ -175,8 +185,13 @@ impl Writer {
     {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.rt.block_on(op(self.client.clone())) {
+            let client = self.client.borrow().clone();
+            match self.rt.block_on(op(client)) {
                 Ok(v) => return v,
+                Err(zookeeper_client::Error::SessionExpired) if Instant::now() < deadline => {
+                    eprintln!("the bench's own ZooKeeper session expired: starting another");
+                    *self.client.borrow_mut() = self.rt.block_on(Writer::session(&self.connect));
+                }
                 Err(e) if Instant::now() < deadline && retriable(&e) => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => panic!("{what}: {e}"),
             }
@@ -209,8 +224,8 @@ impl Writer {
 
     /// Creates the services and their instances, in multi-write batches.
     fn populate(&self, services: usize, per_service: usize) {
+        let c = self.client.borrow().clone();
         self.rt.block_on(async {
-            let c = &self.client;
             c.mkdir("/zkroute/services", &persistent()).await.unwrap();
             let mut batch = c.new_multi_writer();
             let mut in_batch = 0;
@@ -279,7 +294,11 @@ fn fleet_cpu(fleet: &Fleet) -> f64 {
 
 fn run_setup(p: &Params, setup: Setup, peers_dir: Option<&std::path::Path>) -> Column {
     let mut col = Column::new();
-    let mut put = |row: &str, v: String| col.push((row.to_owned(), v));
+    let mut put = |row: &str, v: String| {
+        // As they come, so that a run that fails later keeps what it measured.
+        eprintln!("  {row}: {v}");
+        col.push((row.to_owned(), v));
+    };
     let mut servers = Servers::start(setup);
     let writer = Writer::connect(&servers);
     let per_service = (p.instances / p.services).max(1);
@@ -402,7 +421,7 @@ fn deploy_wave(
         let mut replaced = Vec::with_capacity(nodes.len());
         for (n, (s, i)) in nodes.iter().enumerate() {
             tick.tick().await;
-            let c = writer.client.clone();
+            let c = writer.client.borrow().clone();
             let (old, id) = (format!("/zkroute/services/svc-{s}/i{i}"), format!("i{i}-b"));
             let (new, doc) = (format!("/zkroute/services/svc-{s}/{id}"), instance_doc(*s, &id, n));
             replaced.push(tokio::spawn(async move {
