@@ -82,6 +82,9 @@ pub struct ZookeeperConfig {
     pub session_timeout: HumanDuration,
     /// How long a start waits for ZooKeeper before serving from the snapshot.
     pub startup_timeout: HumanDuration,
+    /// Longest random delay before the full read that follows a reconnect; by default a quarter
+    /// of the session timeout, at most 2s.
+    pub resync_jitter: Option<HumanDuration>,
     pub services_path: String,
     pub rules_path: String,
     pub policies_path: String,
@@ -101,6 +104,7 @@ impl Default for ZookeeperConfig {
             connect: "127.0.0.1:2181".into(),
             session_timeout: secs(10),
             startup_timeout: secs(3),
+            resync_jitter: None,
             services_path: "/zkroute/services".into(),
             rules_path: "/zkroute/rules".into(),
             policies_path: "/zkroute/policies".into(),
@@ -349,6 +353,11 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
         "zookeeper.startup_timeout",
         ValueKind::Str,
         "wait this long for ZooKeeper at start before using the snapshot [default: 3s]",
+    ),
+    (
+        "zookeeper.resync_jitter",
+        ValueKind::Str,
+        "longest random delay before the full read after a reconnect [default: session_timeout/4, at most 2s]",
     ),
     ("zookeeper.services_path", ValueKind::Str, "naming nodes [default: /zkroute/services]"),
     ("zookeeper.rules_path", ValueKind::Str, "rule nodes [default: /zkroute/rules]"),
@@ -875,6 +884,18 @@ mod tests {
         let args = ConfigArgs::default().set("zookeeper.session_timeout", "soon");
         let e = Config::parse_with("", "f.toml", &args.overrides).unwrap_err();
         assert_eq!((e.source_name.as_str(), e.key.as_str()), (FROM_FLAGS, "zookeeper.session_timeout"));
+    }
+
+    #[test]
+    fn resync_jitter_is_a_quarter_of_the_session_timeout_at_most_2s_unless_set() {
+        let jitter = |toml: &str| {
+            let c = Config::parse_with(toml, "f.toml", &ConfigArgs::default().overrides).unwrap();
+            crate::zookeeper::ZkSettings::from_config(&c.zookeeper).unwrap().resync_jitter
+        };
+        assert_eq!(jitter("[zookeeper]\nsession_timeout = \"4s\"\n"), Duration::from_secs(1));
+        assert_eq!(jitter("[zookeeper]\nsession_timeout = \"30s\"\n"), Duration::from_secs(2));
+        assert_eq!(jitter("[zookeeper]\nresync_jitter = \"0s\"\n"), Duration::ZERO);
+        assert_eq!(jitter("[zookeeper]\nresync_jitter = \"20s\"\n"), Duration::from_secs(20));
     }
 
     #[test]

@@ -101,6 +101,7 @@ impl Control {
                 _ = sweep.tick() => { self.states.sweep(); continue; }
             };
             let mut observed_at = first.observed_at;
+            let mut zxid = None;
             let mut pending = vec![first];
             while let Ok(more) = rx.try_recv() {
                 observed_at = match (observed_at, more.observed_at) {
@@ -123,16 +124,19 @@ impl Control {
                         }
                         synced = true;
                     }
+                    zxid = zxid.max(highest_mzxid(&change));
                     self.builder.apply(change);
                 }
             }
             if synced && self.builder.is_dirty() {
-                self.publish(observed_at);
+                self.publish(observed_at, zxid);
             }
         }
     }
 
-    fn publish(&mut self, observed_at: Option<Instant>) {
+    /// `zxid`: the highest mzxid of the nodes this swap's changes came from (none when they were
+    /// only deletions or health), so that a writer can tell when a sidecar applied its write.
+    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>) {
         let started = Instant::now();
         let (table, delta) = self.builder.build();
         let table = Arc::new(table);
@@ -144,6 +148,9 @@ impl Control {
         }
         m.table_version.set(i64::try_from(table.version).unwrap_or(i64::MAX));
         m.table_updates.inc();
+        if let Some(z) = zxid {
+            m.table_zxid.set(m.table_zxid.get().max(z));
+        }
         for kind in NodeKind::ALL {
             m.invalid_nodes.with_label_values(&[kind.as_str()]).set(table.invalid_count(kind) as i64);
         }
@@ -164,6 +171,7 @@ impl Control {
                 policies_changed = delta.policies_changed,
                 changed_services = ?delta.services.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>(),
                 build_us = started.elapsed().as_micros() as u64,
+                zxid,
                 "routing table swapped"
             );
         }
@@ -210,6 +218,22 @@ pub fn empty_registry_alarm(metrics: Arc<Metrics>, status: Option<zk::ZkStatusHa
         }
         had_instances |= count > 0;
     })
+}
+
+/// The highest mzxid among the nodes a change was read from; none for a deletion, health, or
+/// nodes that could not be read.
+fn highest_mzxid(change: &Change) -> Option<i64> {
+    match change {
+        Change::Instance { doc, .. } => doc.as_ref()?.origin.mzxid,
+        Change::Rule { doc, .. } => doc.as_ref()?.origin.mzxid,
+        Change::Policy { doc, .. } => doc.as_ref()?.origin.mzxid,
+        Change::Resync(r) => {
+            let instances = r.instances.iter().map(|(_, _, d)| d.origin.mzxid);
+            let rules = r.rules.iter().map(|(_, d)| d.origin.mzxid);
+            instances.chain(rules).chain(r.policies.iter().map(|(_, d)| d.origin.mzxid)).max().flatten()
+        }
+        Change::Health(_) | Change::Unreadable(_) | Change::Local { .. } => None,
+    }
 }
 
 /// Creates the update channel.

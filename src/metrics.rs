@@ -25,6 +25,7 @@ pub mod names {
     pub const BACKENDS: &str = "zkroute_backends";
     pub const HEALTH_CHECKS: &str = "zkroute_health_checks_total";
     pub const TABLE_VERSION: &str = "zkroute_table_version";
+    pub const TABLE_ZXID: &str = "zkroute_table_zxid";
     pub const TABLE_UPDATES: &str = "zkroute_table_updates_total";
     pub const TABLE_BUILD_DURATION: &str = "zkroute_table_build_duration_seconds";
     pub const DISCOVERY_PROPAGATION: &str = "zkroute_discovery_propagation_seconds";
@@ -66,6 +67,8 @@ pub struct Metrics {
     pub backends: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub table_version: IntGauge,
+    /// The highest mzxid among the ZooKeeper nodes the tables swapped in so far were read from.
+    pub table_zxid: IntGauge,
     pub table_updates: IntCounter,
     pub table_build_duration: Histogram,
     pub discovery_propagation: Histogram,
@@ -132,6 +135,7 @@ impl Metrics {
             m
         };
         let table_version = simple(TABLE_VERSION, "Version of the routing table in force.");
+        let table_zxid = simple(TABLE_ZXID, "Highest ZooKeeper mzxid among the nodes the routing table was read from.");
         let zk_connected = simple(ZK_CONNECTED, "1 while connected to ZooKeeper.");
         let services_empty =
             simple(SERVICES_EMPTY, "1 while the registry shows no instance at all although it showed some before.");
@@ -176,6 +180,7 @@ impl Metrics {
             backends: gauge_vec(&r, BACKENDS, "Backend endpoints by state.", &["service", "state"]),
             health_checks: counter_vec(&r, HEALTH_CHECKS, "Active health checks run.", &["service", "result"]),
             table_version,
+            table_zxid,
             table_updates,
             table_build_duration: histogram(
                 &r,

@@ -35,6 +35,8 @@ pub struct Paths {
 pub struct ZkSettings {
     pub connect: String,
     pub session_timeout: Duration,
+    /// Longest random delay before the full read that follows a reconnect.
+    pub resync_jitter: Duration,
     pub paths: Paths,
     /// Digest credentials, "user:password".
     pub auth: Option<Vec<u8>>,
@@ -45,6 +47,7 @@ impl std::fmt::Debug for ZkSettings {
         f.debug_struct("ZkSettings")
             .field("connect", &self.connect)
             .field("session_timeout", &self.session_timeout)
+            .field("resync_jitter", &self.resync_jitter)
             .field("paths", &self.paths)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -71,6 +74,12 @@ impl ZkSettings {
     pub fn leaf_acls(&self) -> Acls<'static> {
         if self.auth.is_some() { Acls::new(&CREATOR_ALL_WORLD_READ) } else { Acls::anyone_all() }
     }
+}
+
+/// Longest random delay before the full read that follows a reconnect, unless configured: a
+/// quarter of the session timeout, at most 2s.
+pub fn default_resync_jitter(session_timeout: Duration) -> Duration {
+    (session_timeout / 4).min(Duration::from_secs(2))
 }
 
 /// Exponential backoff with full jitter, so that a fleet of sidecars does not reconnect in step.
@@ -124,6 +133,7 @@ impl ZkSettings {
         Ok(ZkSettings {
             connect: zk.connect.clone(),
             session_timeout: zk.session_timeout.0,
+            resync_jitter: zk.resync_jitter.map_or_else(|| default_resync_jitter(zk.session_timeout.0), |j| j.0),
             paths: Paths {
                 services: zk.services_path.clone(),
                 rules: zk.rules_path.clone(),

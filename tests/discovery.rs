@@ -289,3 +289,22 @@ async fn a_change_to_one_node_rereads_that_node_only() {
     assert_eq!(proxy.metric("zkroute_zk_nodes_read_total").await.unwrap() - read, 1.0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_is_dropped_without_a_read_and_a_recreated_one_is_read() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    zk.put("/zkroute/services/s/a", "10.0.0.1:80").await;
+    zk.put("/zkroute/services/s/b", "10.0.0.2:80").await;
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
+    proxy.config_until("both instances", |c| addresses(c, "s").len() == 2).await;
+    let read = proxy.metric("zkroute_zk_nodes_read_total").await.unwrap();
+    zk.delete("/zkroute/services/s/a").await;
+    proxy.config_until("the deletion", |c| addresses(c, "s") == ["10.0.0.2:80"]).await;
+    assert_eq!(proxy.metric("zkroute_zk_nodes_read_total").await.unwrap(), read, "a deletion needs no read");
+    // Deleted and created again at once: the re-creation's event has the node read.
+    zk.delete("/zkroute/services/s/b").await;
+    zk.put("/zkroute/services/s/b", "10.0.0.3:80").await;
+    proxy.config_until("the re-created node", |c| addresses(c, "s") == ["10.0.0.3:80"]).await;
+    proxy.stop().await;
+}

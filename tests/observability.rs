@@ -374,3 +374,35 @@ async fn every_grafana_query_names_exported_metrics_and_returns_data_in_promethe
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_names_the_zxid_of_the_write_it_applied() {
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let bin = Binary::start_with(&chroot, "5s", "[log]\nformat = \"json\"\n", &[]).await;
+    zk.put("/zkroute/services/web/1", "10.0.0.1:80").await;
+    let stat = zk.0.set_data("/zkroute/services/web/1", b"10.0.0.9:80", None).await.unwrap();
+    let swaps = || -> Vec<serde_json::Value> {
+        let lines = bin.log();
+        let values = lines.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        values.filter(|v| v["message"] == "routing table swapped").collect()
+    };
+    eventually("a swap with the write's zxid", Duration::from_secs(10), || async {
+        swaps().iter().any(|v| v["zxid"].as_i64() == Some(stat.mzxid)).then_some(())
+    })
+    .await;
+    assert!(swaps().iter().all(|v| v["zxid"].as_i64().is_some_and(|z| z <= stat.mzxid)), "{:?}", swaps());
+    let metrics = String::from_utf8_lossy(get(bin.admin, "/metrics").await.unwrap().body()).into_owned();
+    assert_eq!(metric_value(&metrics, "zkroute_table_zxid"), Some(stat.mzxid as f64), "{metrics}");
+
+    // A deletion has no mzxid to report: its swap carries none, and the gauge stays.
+    zk.delete("/zkroute/services/web/1").await;
+    eventually("the deletion's swap", Duration::from_secs(10), || async {
+        swaps().iter().any(|v| v["instances_removed"] == 1).then_some(())
+    })
+    .await;
+    let deletion = swaps().into_iter().find(|v| v["instances_removed"] == 1).unwrap();
+    assert!(deletion["zxid"].is_null(), "{deletion}");
+    let metrics = String::from_utf8_lossy(get(bin.admin, "/metrics").await.unwrap().body()).into_owned();
+    assert_eq!(metric_value(&metrics, "zkroute_table_zxid"), Some(stat.mzxid as f64));
+}

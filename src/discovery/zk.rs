@@ -18,7 +18,7 @@
 //! wrong credentials) is skipped on its own and listed as invalid, like a node that does not parse.
 //! Session expiry is terminal for a client: a new one is built, with backoff.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,9 +39,6 @@ use crate::zookeeper::{
     Backoff, MULTI_READ_BATCH, NodeRead, Paths, REQUIRES_3_6, ZkSettings, children, join, read_children, read_data,
     rfc3339_now,
 };
-
-/// Longest random delay before the full read that follows a reconnect.
-const MAX_RESYNC_SPREAD: Duration = Duration::from_secs(2);
 
 /// How long to wait before trying a server again that lacks what zkroute needs.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
@@ -95,8 +92,8 @@ impl ZkStatus {
 
 /// What the watchers report.
 enum Watched {
-    /// A node under one of the trees changed.
-    Node { path: String, at: Instant },
+    /// A node under one of the trees changed; `deleted`: it was deleted, there is nothing to read.
+    Node { path: String, deleted: bool, at: Instant },
     /// The session went through a transition (each is reported once).
     Session(SessionState),
 }
@@ -239,13 +236,14 @@ impl ZkSource {
                 }
                 Some(first) = rx.recv() => {
                     let mut at = None;
-                    let mut paths = BTreeSet::new();
+                    // Per path, whether its latest event was a deletion.
+                    let mut paths = BTreeMap::new();
                     let mut next = Some(first);
                     while let Some(w) = next.take().or_else(|| rx.try_recv().ok()) {
                         match w {
-                            Watched::Node { path, at: t } => {
+                            Watched::Node { path, deleted, at: t } => {
                                 at = Some(at.map_or(t, |a: Instant| a.min(t)));
-                                paths.insert(path);
+                                paths.insert(path, deleted);
                             }
                             Watched::Session(s) => {
                                 if let Some(end) = self.on_session(s, &mut f) {
@@ -319,8 +317,7 @@ impl ZkSource {
                 f.need_sync = true;
                 // After an ensemble member goes away every sidecar reconnects at once: spread
                 // their full reads out rather than hitting the servers together.
-                let spread = (self.settings.session_timeout / 4).min(MAX_RESYNC_SPREAD);
-                f.not_before = Instant::now() + spread.mul_f64(fastrand::f64());
+                f.not_before = Instant::now() + self.settings.resync_jitter.mul_f64(fastrand::f64());
                 if !f.connected {
                     f.connected = true;
                     self.metrics.zk_connected.set(1);
@@ -365,7 +362,8 @@ impl ZkSource {
                         }
                         Watched::Session(event.session_state)
                     } else {
-                        Watched::Node { path: event.path, at: Instant::now() }
+                        let deleted = event.event_type == EventType::NodeDeleted;
+                        Watched::Node { path: event.path, deleted, at: Instant::now() }
                     };
                     let terminal = matches!(&watched, Watched::Session(s) if s.is_terminated());
                     if tx.send(watched).is_err() || terminal {
@@ -401,19 +399,30 @@ impl ZkSource {
         Ok(())
     }
 
-    /// Re-reads changed nodes in one multi-read.
+    /// Re-reads changed nodes in one multi-read. A node whose latest event was its deletion is
+    /// not read: events arrive in order, so a re-creation after it brings an event of its own.
     async fn read_changes(
         &self,
         client: &Client,
-        paths: BTreeSet<String>,
+        paths: BTreeMap<String, bool>,
     ) -> Result<Vec<Change>, zookeeper_client::Error> {
-        let wanted: Vec<(String, NodeRef)> =
-            paths.into_iter().filter_map(|p| classify(&self.settings.paths, &p).map(|r| (p, r))).collect();
-        let paths: Vec<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
-        let data = read_data(client, &paths).await?;
-        self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
-        debug!(nodes = wanted.len(), "re-read changed nodes");
-        Ok(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)).collect())
+        let mut changes = Vec::new();
+        let mut wanted = Vec::new();
+        for (path, deleted) in paths {
+            match classify(&self.settings.paths, &path) {
+                Some(node) if deleted => changes.push(node.into_change(&path, NodeRead::Gone)),
+                Some(node) => wanted.push((path, node)),
+                None => {}
+            }
+        }
+        if !wanted.is_empty() {
+            let paths: Vec<&str> = wanted.iter().map(|(p, _)| p.as_str()).collect();
+            let data = read_data(client, &paths).await?;
+            self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
+            debug!(nodes = wanted.len(), "re-read changed nodes");
+            changes.extend(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)));
+        }
+        Ok(changes)
     }
 }
 

@@ -152,6 +152,16 @@ impl Proxy {
     }
 }
 
+/// Resident memory of a process, in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Finds `sample` (name and labels exactly as exposed) in a Prometheus text exposition.
 pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| {

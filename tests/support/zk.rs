@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 use zookeeper_client::{Acls, Client, CreateMode, Error};
 
 const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
+
+/// JVM options for the servers: quick to start and small, for tests.
+const TEST_JVM: &[&str] = &["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"];
+static JVM: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Replaces the JVM options of every server this process starts from now on (a bench runs the
+/// servers with the full JIT and a larger heap, as in production).
+pub fn set_jvm_options(options: &[&str]) {
+    let _ = JVM.set(options.iter().map(|o| (*o).to_owned()).collect());
+}
 const SLF4J_JAR: &str = "/usr/share/java/slf4j-simple.jar";
 
 /// A free loopback port (bound, then released).
@@ -58,7 +68,7 @@ impl Zk {
         let port = free_port();
         let cfg = format!(
             "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
-             4lw.commands.whitelist=*\nmaxSessionTimeout=20000\n",
+             4lw.commands.whitelist=*\nmaxSessionTimeout=20000\nmaxClientCnxns=0\n",
             dir.path().join("data").display()
         );
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
@@ -75,6 +85,11 @@ impl Zk {
         SHARED.get_or_init(Zk::start)
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.java.id())
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
@@ -87,7 +102,8 @@ impl Zk {
     fn launch(&mut self, main_class: &str) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("zk log");
         let java = Command::new("java")
-            .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Dzookeeper.admin.enableServer=false"])
+            .args(JVM.get().map_or_else(|| TEST_JVM.iter().map(|o| (*o).to_owned()).collect(), Vec::clone))
+            .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
             .arg(format!("{ZK_JAR}:{SLF4J_JAR}"))
             .arg(main_class)
@@ -269,19 +285,30 @@ where
 
 /// Installs what the tests need from Debian if it is missing (the README's commands do this too):
 /// the zookeeper package, and iproute2 for `ss`, which shows sockets' TCP state.
-/// A three-node ensemble on loopback.
+/// An ensemble on loopback: voting members first, then observers.
 pub struct Ensemble {
     pub members: Vec<Zk>,
+    /// How many of `members` (the last ones) are observers.
+    pub observers: usize,
 }
 
 impl Ensemble {
     pub fn start(n: usize) -> Ensemble {
+        Ensemble::with_observers(n, 0)
+    }
+
+    /// `voters` voting members and `observers` observers, which serve clients but do not vote.
+    pub fn with_observers(voters: usize, observers: usize) -> Ensemble {
         super::deps::ensure();
+        let n = voters + observers;
         let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
         let servers: String = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer, election))| format!("server.{}=127.0.0.1:{peer}:{election}\n", i + 1))
+            .map(|(i, (_, peer, election))| {
+                let role = if i >= voters { ":observer" } else { "" };
+                format!("server.{}=127.0.0.1:{peer}:{election}{role}\n", i + 1)
+            })
             .collect();
         let mut members = Vec::new();
         for (i, (client, _, _)) in ports.iter().enumerate() {
@@ -291,8 +318,9 @@ impl Ensemble {
             std::fs::write(data.join("myid"), format!("{}\n", i + 1)).expect("myid");
             let cfg = format!(
                 "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={client}\nclientPortAddress=127.0.0.1\n\
-                 admin.enableServer=false\n4lw.commands.whitelist=*\nmaxSessionTimeout=20000\n{servers}",
-                data.display()
+                 admin.enableServer=false\n4lw.commands.whitelist=*\nmaxSessionTimeout=20000\nmaxClientCnxns=0\n{}{servers}",
+                data.display(),
+                if i >= voters { "peerType=observer\n" } else { "" },
             );
             std::fs::write(dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
             let log = dir.path().join("zk.log");
@@ -300,7 +328,7 @@ impl Ensemble {
             zk.launch(QUORUM_MAIN);
             members.push(zk);
         }
-        let e = Ensemble { members };
+        let e = Ensemble { members, observers };
         let deadline = Instant::now() + Duration::from_secs(60);
         while e.leader().is_none() {
             assert!(Instant::now() < deadline, "the ensemble elected no leader");
