@@ -251,12 +251,20 @@ fn listener_json(l: &ListenerRoutes, info: &ListenerInfo) -> Value {
 }
 
 fn set_json(set: &EndpointSet) -> Value {
-    json!({
+    let mut v = json!({
         "total": set.endpoints.len(),
         "available": set.available.len(),
         "panic": set.panic,
         "addresses": set.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
-    })
+        "weights": set.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+    });
+    if let Some(split) = &set.tags {
+        // Requests with a tag (Dubbo tag routing); the addresses above take those without one.
+        let tags: serde_json::Map<String, Value> = split.tags().map(|(tag, s)| (tag.to_owned(), set_json(s))).collect();
+        v["tags"] = Value::Object(tags);
+        v["tag_failover"] = json!(split.failover().endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>());
+    }
+    v
 }
 
 fn policy_json(p: &ServicePolicy) -> Value {
@@ -349,6 +357,11 @@ fn service_json(s: &ServiceEntry) -> Value {
             v["address"] = json!(i.instance.addr);
             v["origin"] = json!(i.origin);
             v["health"] = json!(state_view(&i.state, i.instance.enabled, unknown_ok));
+            if i.instance.warmup.is_some() {
+                // The weight as ramped when the table was built.
+                let built = s.all.endpoints.iter().find(|e| e.addr == i.instance.addr).map(|e| e.weight);
+                v["effective_weight"] = json!(built);
+            }
             v
         }).collect::<Vec<_>>(),
     })

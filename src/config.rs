@@ -88,6 +88,8 @@ pub struct ZookeeperConfig {
     pub services_path: String,
     pub rules_path: String,
     pub policies_path: String,
+    /// Dubbo's registry root (usually `/dubbo`): its providers are followed too. Unset: not.
+    pub dubbo_root: Option<String>,
     /// Last-known-good table, for a cold start without ZooKeeper.
     pub snapshot: Option<PathBuf>,
     /// A snapshot written longer ago than this is not served.
@@ -108,6 +110,7 @@ impl Default for ZookeeperConfig {
             services_path: "/zkroute/services".into(),
             rules_path: "/zkroute/rules".into(),
             policies_path: "/zkroute/policies".into(),
+            dubbo_root: None,
             snapshot: None,
             snapshot_max_age: secs(24 * 3600),
             auth: None,
@@ -246,10 +249,22 @@ pub struct RegisterConfig {
     pub health_check: Option<RegisterCheck>,
     #[serde(default)]
     pub payload: RegisterPayload,
+    /// The payload's `@class` (Jackson's type id, which Curator readers resolve); `""` writes
+    /// none, for a plain Curator `ServiceDiscovery` that lacks the class. Default: Spring Cloud
+    /// Zookeeper's `ZookeeperInstance`.
+    #[serde(default = "default_payload_class")]
+    pub payload_class: String,
     /// On deregistration, how long the node stays marked `"enabled": false` (draining) before it
     /// is deleted, so that other sidecars stop sending to it first.
     #[serde(default = "default_drain_delay")]
     pub drain_delay: HumanDuration,
+}
+
+/// Spring Cloud Zookeeper's payload class: what its consumers need to read a registration.
+pub const SPRING_PAYLOAD_CLASS: &str = "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance";
+
+fn default_payload_class() -> String {
+    SPRING_PAYLOAD_CLASS.to_owned()
 }
 
 fn default_drain_delay() -> HumanDuration {
@@ -362,6 +377,11 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.services_path", ValueKind::Str, "naming nodes [default: /zkroute/services]"),
     ("zookeeper.rules_path", ValueKind::Str, "rule nodes [default: /zkroute/rules]"),
     ("zookeeper.policies_path", ValueKind::Str, "policy nodes [default: /zkroute/policies]"),
+    (
+        "zookeeper.dubbo_root",
+        ValueKind::Str,
+        "also route to the Dubbo providers registered under this root, e.g. /dubbo",
+    ),
     ("zookeeper.snapshot", ValueKind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
     ("zookeeper.snapshot_max_age", ValueKind::Str, "never serve a snapshot older than this [default: 24h]"),
     ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
@@ -563,7 +583,10 @@ impl Config {
             ("zookeeper.services_path", &zk.services_path),
             ("zookeeper.rules_path", &zk.rules_path),
             ("zookeeper.policies_path", &zk.policies_path),
-        ] {
+        ]
+        .into_iter()
+        .chain(zk.dubbo_root.as_ref().map(|d| ("zookeeper.dubbo_root", d)))
+        {
             if !path.starts_with('/') || (path.len() > 1 && path.ends_with('/')) {
                 return Err((
                     key.into(),
@@ -856,6 +879,9 @@ mod tests {
 
         let e = bad("[zookeeper]\nrules_path = \"rules\"\n");
         assert_eq!(e.key, "zookeeper.rules_path");
+
+        let e = bad("[zookeeper]\ndubbo_root = \"/dubbo/\"\n");
+        assert_eq!(e.key, "zookeeper.dubbo_root");
 
         let e = bad("[[register]]\nservice = \"a\"\naddress = \"10.0.0.1\"\nport = 70000\n");
         assert_eq!(e.key, "register[0].port");

@@ -17,11 +17,12 @@ use serde_json::{Value, json};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
 
 use crate::config::Config;
+use crate::discovery::dubbo::Catalog;
 use crate::discovery::formats::parse_instance;
 use crate::discovery::zk;
 use crate::endpoint::StateRegistry;
 use crate::metrics::Metrics;
-use crate::routing::build::{Builder, Change};
+use crate::routing::build::Builder;
 use crate::routing::documents::{Backend, Policy, Rule};
 use crate::routing::{NodeKind, key_versions};
 use crate::zookeeper::ZkSettings;
@@ -60,9 +61,11 @@ pub enum DocKind {
 /// The ctl subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Services under services_path, with their valid and invalid instance counts.
+    /// Services under services_path (and Dubbo's, with zookeeper.dubbo_root), with their valid
+    /// and invalid instance counts.
     Services,
-    /// Instances of a service, in every format, with parse errors shown.
+    /// Instances of a service, in every format (Dubbo providers as the proxy sees them, with
+    /// configurators applied), with parse errors shown.
     Instances { service: String },
     /// Rule nodes, valid or not.
     Rules,
@@ -115,8 +118,8 @@ pub async fn run(config: &Config, settings: &ZkSettings, cmd: Command, json_out:
         .map_err(|e| Failure::Usage(format!("cannot reach ZooKeeper at {}: {e}", settings.connect)))?;
     let paths = &settings.paths;
     let out = match cmd {
-        Command::Services => services(&client, &paths.services).await?,
-        Command::Instances { service } => instances(&client, &paths.services, &service).await?,
+        Command::Services => services(&client, settings).await?,
+        Command::Instances { service } => instances(&client, settings, &service).await?,
         Command::Rules => documents(&client, &paths.rules, DocKind::Rule).await?,
         Command::Policies => documents(&client, &paths.policies, DocKind::Policy).await?,
         Command::Get { kind, name } => get(&client, &node_path(settings, kind, &name)?, kind, &name).await?,
@@ -187,7 +190,20 @@ async fn children(client: &Client, path: &str) -> Result<Vec<String>, Failure> {
     }
 }
 
-async fn services(client: &Client, root: &str) -> Result<Output, Failure> {
+/// The Dubbo providers as the proxy sees them (configurators applied, name clashes decided), when
+/// zkroute follows Dubbo.
+async fn dubbo_catalog(client: &Client, settings: &ZkSettings) -> Result<Option<Catalog>, Failure> {
+    if settings.paths.dubbo.is_none() {
+        return Ok(None);
+    }
+    let read = zk::read_all(client, &settings.paths).await.map_err(zk_failure)?;
+    let mut catalog = Catalog::new(&settings.paths);
+    read.into_changes(&mut catalog);
+    Ok(Some(catalog))
+}
+
+async fn services(client: &Client, settings: &ZkSettings) -> Result<Output, Failure> {
+    let root = &settings.paths.services;
     let mut text = format!("{:<32} {:>9} {:>8}\n", "SERVICE", "INSTANCES", "INVALID");
     let mut list = Vec::new();
     for service in children(client, root).await? {
@@ -207,12 +223,24 @@ async fn services(client: &Client, root: &str) -> Result<Output, Failure> {
         let _ = writeln!(text, "{service:<32} {ok:>9} {bad:>8}");
         list.push(json!({"service": service, "instances": ok, "invalid": bad}));
     }
+    if let Some(catalog) = dubbo_catalog(client, settings).await? {
+        for service in catalog.services() {
+            let docs = catalog.sent(service).into_iter().flatten();
+            let (ok, bad) =
+                docs.fold((0, 0), |(ok, bad), (_, d)| if d.parsed.is_ok() { (ok + 1, bad) } else { (ok, bad + 1) });
+            let _ = writeln!(text, "{service:<32} {ok:>9} {bad:>8}  (dubbo)");
+            list.push(json!({"service": service, "instances": ok, "invalid": bad, "source": "dubbo"}));
+        }
+    }
     Ok(Output { text, json: Value::Array(list) })
 }
 
-async fn instances(client: &Client, root: &str, service: &str) -> Result<Output, Failure> {
+async fn instances(client: &Client, settings: &ZkSettings, service: &str) -> Result<Output, Failure> {
+    let root = &settings.paths.services;
     let ids = children(client, &format!("{root}/{service}")).await?;
-    if ids.is_empty() && matches!(client.check_stat(&format!("{root}/{service}")).await, Ok(None)) {
+    let catalog = dubbo_catalog(client, settings).await?;
+    let dubbo = catalog.as_ref().and_then(|c| c.sent(&crate::routing::ServiceName::new(service)));
+    if ids.is_empty() && dubbo.is_none() && matches!(client.check_stat(&format!("{root}/{service}")).await, Ok(None)) {
         return Err(Failure::Refused(format!("no service {service:?} under {root}")));
     }
     let mut text = format!("{:<24} {:<10} {:<22} {:>6} {:<8} DETAIL\n", "ID", "FORMAT", "ADDRESS", "WEIGHT", "ENABLED");
@@ -248,6 +276,33 @@ async fn instances(client: &Client, root: &str, service: &str) -> Result<Output,
             Err(e) => {
                 let _ = writeln!(text, "{id:<24} {:<10} {:<22} {:>6} {:<8} {e}", "invalid", "-", "-", "-");
                 list.push(json!({"id": id, "error": e.to_string(), "version": stat.version}));
+            }
+        }
+    }
+    for (id, doc) in dubbo.into_iter().flatten() {
+        // The node name is the URL-encoded provider URL: shown decoded, up to its parameters.
+        let url = crate::discovery::dubbo::url::decode(id).unwrap_or_else(|_| id.to_string());
+        let short = url.split('?').next().unwrap_or(&url);
+        match &doc.parsed {
+            Ok(i) => {
+                let protocol = i.protocol.map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default();
+                let detail = i.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+                let _ = writeln!(
+                    text,
+                    "{short:<24} {:<10} {:<22} {:>6} {:<8} protocol={protocol} {detail}",
+                    "dubbo",
+                    i.addr.to_string(),
+                    i.weight,
+                    i.enabled
+                );
+                let mut v = serde_json::to_value(&**i).unwrap_or_default();
+                v["id"] = json!(&**id);
+                v["source"] = json!("dubbo");
+                list.push(v);
+            }
+            Err(e) => {
+                let _ = writeln!(text, "{short:<24} {:<10} {:<22} {:>6} {:<8} {e}", "invalid", "-", "-", "-");
+                list.push(json!({"id": &**id, "error": e, "source": "dubbo"}));
             }
         }
     }
@@ -437,7 +492,7 @@ async fn route(
             HeaderValue::from_str(v.trim()).map_err(|_| Failure::Usage(format!("{v:?} is not a header value")))?;
         map.append(name, value);
     }
-    let resync = zk::read_all(client, &settings.paths).await.map_err(zk_failure)?;
+    let read = zk::read_all(client, &settings.paths).await.map_err(zk_failure)?;
     let defaults = config.defaults().map_err(|(k, r)| Failure::Usage(format!("proxy.{k}: {r}")))?;
     let mut builder = Builder::new(
         config.listener_specs(),
@@ -445,7 +500,9 @@ async fn route(
         Arc::new(StateRegistry::new(Duration::from_secs(1))),
         Arc::new(Metrics::new(false)),
     );
-    builder.apply(Change::Resync(resync.resync));
+    for change in read.into_changes(&mut Catalog::new(&settings.paths)) {
+        builder.apply(change);
+    }
     let (table, _) = builder.build();
     let routes = table
         .listener_by_name(listener)

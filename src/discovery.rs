@@ -3,6 +3,7 @@
 //! meanwhile into one build, and publishes the table. Health changes arrive the same way.
 //! Nothing here runs on the request path, and nothing here imports the proxy.
 
+pub mod dubbo;
 pub mod file;
 pub mod formats;
 pub mod snapshot;
@@ -95,10 +96,20 @@ impl Control {
         let mut live = false;
         let mut sweep = tokio::time::interval(Duration::from_secs(3));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the weights of instances warming up are next recomputed.
+        let mut warm_due: Option<tokio::time::Instant> = None;
         loop {
             let first = tokio::select! {
                 u = rx.recv() => match u { Some(u) => u, None => return },
                 _ = sweep.tick() => { self.states.sweep(); continue; }
+                _ = tokio::time::sleep_until(warm_due.unwrap_or_else(tokio::time::Instant::now)), if warm_due.is_some() => {
+                    self.builder.warm_up();
+                    if synced && self.builder.is_dirty() {
+                        self.publish(None, None, false);
+                    }
+                    warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
+                    continue;
+                }
             };
             let mut observed_at = first.observed_at;
             let mut zxid = None;
@@ -129,14 +140,19 @@ impl Control {
                 }
             }
             if synced && self.builder.is_dirty() {
-                self.publish(observed_at, zxid);
+                self.publish(observed_at, zxid, true);
+            }
+            if warm_due.is_none() {
+                warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
             }
         }
     }
 
-    /// `zxid`: the highest mzxid of the nodes this swap's changes came from (none when they were
-    /// only deletions or health), so that a writer can tell when a sidecar applied its write.
-    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>) {
+    /// Builds and swaps a table. `zxid`: the highest mzxid of the nodes this swap's changes came
+    /// from (none when they were only deletions or health), so that a writer can tell when a
+    /// sidecar applied its write. `record`: list the swap in `recent_swaps` (not done for the
+    /// scheduled rebuilds of a warm-up ramp, which would crowd out every other swap).
+    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>, record: bool) {
         let started = Instant::now();
         let (table, delta) = self.builder.build();
         let table = Arc::new(table);
@@ -175,12 +191,14 @@ impl Control {
                 "routing table swapped"
             );
         }
-        self.swaps.record(swaps::SwapRecord::new(
-            &table,
-            &delta,
-            started.elapsed(),
-            observed_at.map(|at| at.elapsed()),
-        ));
+        if record {
+            self.swaps.record(swaps::SwapRecord::new(
+                &table,
+                &delta,
+                started.elapsed(),
+                observed_at.map(|at| at.elapsed()),
+            ));
+        }
         for hook in &mut self.on_publish {
             hook(&table, &delta);
         }
@@ -232,7 +250,7 @@ fn highest_mzxid(change: &Change) -> Option<i64> {
             let rules = r.rules.iter().map(|(_, d)| d.origin.mzxid);
             instances.chain(rules).chain(r.policies.iter().map(|(_, d)| d.origin.mzxid)).max().flatten()
         }
-        Change::Health(_) | Change::Unreadable(_) | Change::Local { .. } => None,
+        Change::Health(_) | Change::Unreadable(_) | Change::Local { .. } | Change::ConfigInvalid(_) => None,
     }
 }
 

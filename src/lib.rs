@@ -16,8 +16,9 @@
 //! - [`health`]: active checks and passive outlier detection; they write endpoint state and tell
 //!   the control loop which services to rebuild.
 //! - [`discovery`]: the control plane. A source ([`discovery::zk`] or [`discovery::file`]) reads
-//!   naming, rule and policy nodes ([`discovery::formats`] parses every instance format); the
-//!   control loop builds and publishes each table whole. It never imports the data plane.
+//!   naming, rule and policy nodes ([`discovery::formats`] parses every instance format,
+//!   [`discovery::dubbo`] turns Dubbo's providers and governance into instances); the control
+//!   loop builds and publishes each table whole. It never imports the data plane.
 //! - [`proxy`]: the data plane. Listeners, matching, balancing, forwarding; it reads the table and
 //!   endpoint state and never waits on the control plane.
 //! - [`register`]: registers the local app in ZooKeeper (naming). [`admin`]: the dashboard at

@@ -96,15 +96,18 @@ pub fn instance_id(r: &RegisterConfig) -> String {
 }
 
 /// The Curator x-discovery document of an entry. `payload` is Spring Cloud's ZookeeperInstance
-/// with `metadata`, plus `weight` and `zone` where zkroute reads them; `owner` is the token.
+/// with `metadata`, plus `weight` and `zone` where zkroute reads them, typed by the entry's
+/// `payload_class` (none when empty); `owner` is the token.
 pub fn document(r: &RegisterConfig, enabled: bool, registered_at: SystemTime, owner: &str) -> Vec<u8> {
     let id = instance_id(r);
     let mut payload = json!({
-        "@class": "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance",
         "id": r.service,
         "name": r.service,
         "metadata": r.payload.metadata,
     });
+    if !r.payload_class.is_empty() {
+        payload["@class"] = json!(r.payload_class);
+    }
     if let Some(w) = r.payload.weight {
         payload["weight"] = json!(w);
     }

@@ -22,12 +22,14 @@ pub(crate) const MULTI_READ_BATCH: usize = 250;
 pub const REQUIRES_3_6: &str = "ZooKeeper 3.6 or later is required: persistent recursive watches \
                                 (AddWatch) and multi-read (the server answered UNIMPLEMENTED)";
 
-/// Where the three trees live, relative to the chroot.
+/// Where the trees live, relative to the chroot.
 #[derive(Clone, Debug)]
 pub struct Paths {
     pub services: String,
     pub rules: String,
     pub policies: String,
+    /// Dubbo's registry root, when zkroute follows Dubbo providers too.
+    pub dubbo: Option<String>,
 }
 
 /// How to reach ZooKeeper.
@@ -138,6 +140,7 @@ impl ZkSettings {
                 services: zk.services_path.clone(),
                 rules: zk.rules_path.clone(),
                 policies: zk.policies_path.clone(),
+                dubbo: zk.dubbo_root.clone(),
             },
             auth,
         })

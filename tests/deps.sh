@@ -16,10 +16,13 @@ DEBIAN=(
     "promtool prometheus"
     "curl curl"
     "chromium chromium"
+    "javac default-jdk-headless"
+    "/usr/share/java/curator-x-discovery.jar libcurator-discovery-java"
 )
 
 # PyPI packages: "module package==version" (the module is what `python3 -c 'import M'` loads).
 PYPI=(
+    "dubbo.registry.zookeeper.kazoo_transport apache-dubbo[zookeeper]==3.0.0b1"
 )
 
 present() {

@@ -461,3 +461,71 @@ async fn ctl_put_over_an_existing_node_needs_the_version_read_or_force() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(zk.get("/zkroute/rules/r1").await.as_deref(), Some(RULE_A));
 }
+
+// ---- read by Curator itself ---------------------------------------------------------------
+
+/// Curator's own `ServiceDiscovery` (Debian's libcurator-discovery-java), reading `service`
+/// under `/zkroute/services` of `chroot` with an `Object` payload, as a plain Curator consumer
+/// does (`tests/peers/CuratorRead.java`): its output and whether it succeeded.
+fn curator_read(chroot: &Chroot, service: &str) -> (bool, String) {
+    let jars = [
+        "curator-client",
+        "curator-framework",
+        "curator-recipes",
+        "curator-x-discovery",
+        "zookeeper",
+        "zookeeper-jute",
+        "jackson-core",
+        "jackson-databind",
+        "jackson-annotations",
+        "guava",
+        "slf4j-api",
+        "slf4j-nop",
+    ];
+    let classpath: Vec<String> = jars.iter().map(|j| format!("/usr/share/java/{j}.jar")).collect();
+    let out = Command::new("java")
+        .args(["-cp", &classpath.join(":")])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/CuratorRead.java"))
+        .args([&chroot.connect, "/zkroute/services", service])
+        .output()
+        .expect("java from default-jdk-headless (tests/deps.sh installs it)");
+    (out.status.success(), text(&out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curators_own_service_discovery_reads_a_registration_without_payload_class() {
+    support::deps::ensure();
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let app = Backend::http("app").await;
+    let entry = |service: &str, class: Option<&str>| {
+        let class = class.map(|c| format!("payload_class = \"{c}\"\n")).unwrap_or_default();
+        format!(
+            "[[register]]\nservice = \"{service}\"\naddress = \"127.0.0.1\"\nport = {}\n{class}\
+             payload = {{ weight = 40, metadata = {{ version = \"v2\" }} }}\n",
+            app.addr.port()
+        )
+    };
+    let registrations = format!("{}{}", entry("plain", Some("")), entry("spring", None));
+    let proxy = Proxy::with_zk(&chroot, &format!("{HTTP_LISTENER}{registrations}")).await;
+    for service in ["plain", "spring"] {
+        let path = format!("/zkroute/services/{service}/127.0.0.1:{}", app.addr.port());
+        eventually("registered", Duration::from_secs(10), || async { zk.get(&path).await }).await;
+    }
+    // Without @class, Curator reads the registration, payload and all.
+    let (ok, out) = curator_read(&chroot, "plain");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("127.0.0.1:{} enabled=true", app.addr.port())) && out.contains("version=v2"),
+        "{out}"
+    );
+    // With Spring Cloud's class (the default, which Spring consumers need), a plain Curator reader
+    // cannot resolve the type: the reason `payload_class = ""` exists.
+    let (ok, out) = curator_read(&chroot, "spring");
+    assert!(!ok && out.contains("ZookeeperInstance"), "{out}");
+    // zkroute reads both alike.
+    proxy
+        .config_until("both registrations", |c| addresses(c, "plain").len() == 1 && addresses(c, "spring").len() == 1)
+        .await;
+    proxy.stop().await;
+}

@@ -593,6 +593,7 @@ fn format_name(f: Format) -> &'static str {
         Format::Serverset => "serverset",
         Format::Nerve => "nerve",
         Format::Plain => "plain",
+        Format::Dubbo => "dubbo",
     }
 }
 

@@ -228,6 +228,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
             services_path,
             rules_path,
             policies_path,
+            dubbo_root,
             snapshot,
             auth,
             auth_file

@@ -49,15 +49,7 @@ pub fn validate(i: &Instance) -> Result<(), DocError> {
 fn plain(text: &str) -> Result<Instance, DocError> {
     let addr_text = text.strip_prefix("ip=").unwrap_or(text);
     let addr = addr_text.parse::<Addr>().map_err(|e| DocError::new("", format!("plain instance: {e}")))?;
-    Ok(Instance {
-        format: Format::Plain,
-        addr,
-        named: BTreeMap::new(),
-        weight: DEFAULT_WEIGHT,
-        zone: None,
-        metadata: Labels::default(),
-        enabled: true,
-    })
+    Ok(Instance::at(Format::Plain, addr))
 }
 
 fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
@@ -88,7 +80,7 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
         // Curator's default serializer allows any payload; only an object carries attributes.
         Some(_) => (DEFAULT_WEIGHT, None, Labels::default()),
     };
-    Ok(Instance { format: Format::Curator, addr, named: BTreeMap::new(), weight, zone, metadata, enabled })
+    Ok(Instance { weight, zone, metadata, enabled, ..Instance::at(Format::Curator, addr) })
 }
 
 fn serverset(doc: &Map<String, Value>) -> Result<Instance, DocError> {
@@ -109,13 +101,12 @@ fn serverset(doc: &Map<String, Value>) -> Result<Instance, DocError> {
         Some(_) => return Err(DocError::new("status", "must be a string")),
     };
     Ok(Instance {
-        format: Format::Serverset,
-        addr,
         named,
         weight: weight(doc.get("weight"), "weight")?,
         zone: opt_str(doc.get("zone"), "zone")?,
         metadata: string_map(doc.get("metadata"), "metadata")?,
         enabled,
+        ..Instance::at(Format::Serverset, addr)
     })
 }
 
@@ -128,15 +119,7 @@ fn nerve(doc: &Map<String, Value>) -> Result<Instance, DocError> {
         Some(z) => Some(z),
         None => metadata.get("zone").or_else(|| metadata.get("az")).map(str::to_owned),
     };
-    Ok(Instance {
-        format: Format::Nerve,
-        addr,
-        named: BTreeMap::new(),
-        weight: weight(doc.get("weight"), "weight")?,
-        zone,
-        metadata,
-        enabled: true,
-    })
+    Ok(Instance { weight: weight(doc.get("weight"), "weight")?, zone, metadata, ..Instance::at(Format::Nerve, addr) })
 }
 
 fn str_field<'a>(doc: &'a Map<String, Value>, field: &str) -> Result<&'a str, DocError> {

@@ -18,7 +18,7 @@
 //! wrong credentials) is skipped on its own and listed as invalid, like a node that does not parse.
 //! Session expiry is terminal for a client: a new one is built, with backoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use zookeeper_client::{AddWatchMode, Client, EventType, SessionState};
 
+use super::dubbo::{self, Catalog, DubboRef};
 use super::{Update, UpdateSender, instance_change, policy_change, rule_change};
 use crate::metrics::Metrics;
 use crate::routing::build::{Change, Doc, Resync};
@@ -143,6 +144,8 @@ impl ZkSource {
     /// Runs until shutdown: connect, follow, and on expiry start over with a new session.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        // What was read under the Dubbo root, kept across sessions like the table builder's catalog.
+        let mut dubbo = Catalog::new(&self.settings.paths);
         loop {
             self.set_status(|s| {
                 s.state = if s.state == "expired" || s.state == "failed" { s.state } else { "connecting" };
@@ -172,7 +175,7 @@ impl ZkSource {
                 s.session_id = Some(session);
                 s.error = None;
             });
-            let end = self.follow(&client, &mut shutdown).await;
+            let end = self.follow(&client, &mut shutdown, &mut dubbo).await;
             self.metrics.zk_connected.set(0);
             self.set_status(|s| {
                 s.connected = false;
@@ -218,7 +221,7 @@ impl ZkSource {
     }
 
     /// Follows one session until it ends.
-    async fn follow(&self, client: &Client, shutdown: &mut Shutdown) -> SessionEnd {
+    async fn follow(&self, client: &Client, shutdown: &mut Shutdown, dubbo: &mut Catalog) -> SessionEnd {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut state = client.state_watcher();
         let mut forwarders = Forwarders::default();
@@ -256,7 +259,7 @@ impl ZkSource {
                     if paths.is_empty() || f.need_sync {
                         continue;
                     }
-                    match self.read_changes(client, paths).await {
+                    match self.read_changes(client, paths, dubbo).await {
                         Ok(changes) if changes.is_empty() => {}
                         Ok(changes) => {
                             self.updates.send(Update::new(changes, at.map(Instant::into_std)));
@@ -272,7 +275,7 @@ impl ZkSource {
                 }
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     let read = tokio::select! {
-                        r = self.watch_and_read(client, &tx, &mut forwarders) => r,
+                        r = self.watch_and_read(client, &tx, &mut forwarders, dubbo) => r,
                         _ = shutdown.wait() => return SessionEnd::Shutdown,
                     };
                     match read {
@@ -338,17 +341,19 @@ impl ZkSource {
         None
     }
 
-    /// Adds the three watches (again), syncs, and reads everything.
+    /// Adds the watches (again), syncs, and reads everything.
     async fn watch_and_read(
         &self,
         client: &Client,
         events: &mpsc::UnboundedSender<Watched>,
         forwarders: &mut Forwarders,
+        dubbo: &mut Catalog,
     ) -> Result<(), zookeeper_client::Error> {
         let started = std::time::Instant::now();
         let paths = &self.settings.paths;
         let mut fresh = Forwarders::default();
-        for (i, root) in [&paths.services, &paths.rules, &paths.policies].into_iter().enumerate() {
+        let roots = [&paths.services, &paths.rules, &paths.policies].into_iter().chain(paths.dubbo.as_ref());
+        for (i, root) in roots.enumerate() {
             let mut watcher = client.watch(root, AddWatchMode::PersistentRecursive).await?;
             let tx = events.clone();
             // Every watcher sees every session transition: one of them reports them.
@@ -381,12 +386,13 @@ impl ZkSource {
         client.sync("/").await?;
         let read = read_all(client, paths).await?;
         let resync = &read.resync;
-        let nodes = resync.instances.len() + resync.rules.len() + resync.policies.len();
+        let nodes = resync.instances.len() + resync.rules.len() + resync.policies.len() + read.dubbo.len();
         self.metrics.zk_nodes_read.inc_by(nodes as u64);
         info!(
             instances = resync.instances.len(),
             rules = resync.rules.len(),
             policies = resync.policies.len(),
+            dubbo_nodes = read.dubbo.len(),
             unreadable_directories = read.unreadable.len(),
             took_ms = started.elapsed().as_millis() as u64,
             "read everything from ZooKeeper"
@@ -395,7 +401,7 @@ impl ZkSource {
             s.full_reads += 1;
             s.last_full_read = Some(rfc3339_now());
         });
-        self.updates.send(Update::new(read.into_changes(), Some(started)));
+        self.updates.send(Update::new(read.into_changes(dubbo), Some(started)));
         Ok(())
     }
 
@@ -405,12 +411,14 @@ impl ZkSource {
         &self,
         client: &Client,
         paths: BTreeMap<String, bool>,
+        dubbo: &mut Catalog,
     ) -> Result<Vec<Change>, zookeeper_client::Error> {
-        let mut changes = Vec::new();
+        // A node whose latest event is its deletion is gone: it needs no read.
+        let mut reads = Vec::new();
         let mut wanted = Vec::new();
         for (path, deleted) in paths {
             match classify(&self.settings.paths, &path) {
-                Some(node) if deleted => changes.push(node.into_change(&path, NodeRead::Gone)),
+                Some(node) if deleted => reads.push((path, node, NodeRead::Gone)),
                 Some(node) => wanted.push((path, node)),
                 None => {}
             }
@@ -420,7 +428,24 @@ impl ZkSource {
             let data = read_data(client, &paths).await?;
             self.metrics.zk_nodes_read.inc_by(wanted.len() as u64);
             debug!(nodes = wanted.len(), "re-read changed nodes");
-            changes.extend(wanted.into_iter().zip(data).map(|((path, node), read)| node.into_change(&path, read)));
+            reads.extend(wanted.into_iter().zip(data).map(|((path, node), read)| (path, node, read)));
+        }
+        let mut changes = Vec::new();
+        let mut dubbo_nodes = Vec::new();
+        for (path, node, read) in reads {
+            match node {
+                NodeRef::Dubbo(d) => dubbo_nodes.push((d, dubbo_read(&path, read))),
+                NodeRef::Instance(service, id) => {
+                    // A services_path service wins a name clash with a Dubbo one.
+                    let present = !matches!(read, NodeRead::Gone);
+                    changes.extend(dubbo.native_changed(&service, &id, present));
+                    changes.push(NodeRef::Instance(service, id).into_change(&path, read));
+                }
+                node => changes.push(node.into_change(&path, read)),
+            }
+        }
+        if !dubbo_nodes.is_empty() {
+            changes.extend(dubbo.update(dubbo_nodes));
         }
         Ok(changes)
     }
@@ -444,6 +469,19 @@ enum NodeRef {
     Instance(ServiceName, String),
     Rule(String),
     Policy(ServiceName),
+    Dubbo(DubboRef),
+}
+
+/// A node under the Dubbo root as read.
+fn dubbo_read(path: &str, read: NodeRead) -> dubbo::Read {
+    match read {
+        NodeRead::Data(raw) => dubbo::Read::Data(raw),
+        NodeRead::Gone => dubbo::Read::Gone,
+        NodeRead::Unreadable(reason) => dubbo::Read::Unreadable(
+            Origin { source: SourceKind::Zookeeper, path: Arc::from(path), mzxid: None, version: None },
+            reason,
+        ),
+    }
 }
 
 impl NodeRef {
@@ -467,6 +505,7 @@ impl NodeRef {
                     NodeRef::Policy(service) => {
                         Change::Policy { service, doc: Some(Doc { origin, parsed: Err(reason) }) }
                     }
+                    NodeRef::Dubbo(_) => unreachable!("Dubbo nodes go through the Dubbo catalog"),
                 };
             }
         };
@@ -474,6 +513,7 @@ impl NodeRef {
             NodeRef::Instance(service, id) => instance_change(service, &id, raw),
             NodeRef::Rule(id) => rule_change(&id, raw),
             NodeRef::Policy(service) => policy_change(service, raw),
+            NodeRef::Dubbo(_) => unreachable!("Dubbo nodes go through the Dubbo catalog"),
         }
     }
 }
@@ -485,9 +525,16 @@ fn classify(paths: &Paths, path: &str) -> Option<NodeRef> {
         Some(rest.split('/').collect())
     };
     // The most specific root first, in case one tree is configured inside another.
-    let mut roots = [(&paths.services, 0u8), (&paths.rules, 1), (&paths.policies, 2)];
+    let mut roots = vec![(&paths.services, 0u8), (&paths.rules, 1), (&paths.policies, 2)];
+    roots.extend(paths.dubbo.as_ref().map(|d| (d, 3)));
     roots.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
     for (root, kind) in roots {
+        if kind == 3 {
+            if under(root).is_some() {
+                return DubboRef::classify(root, path).map(NodeRef::Dubbo);
+            }
+            continue;
+        }
         if let Some(parts) = under(root) {
             return match (kind, parts.as_slice()) {
                 (0, [service, id]) if !service.is_empty() && !id.is_empty() => {
@@ -502,16 +549,27 @@ fn classify(paths: &Paths, path: &str) -> Option<NodeRef> {
     None
 }
 
-/// A full read: the documents, and the directories that could not be listed.
+/// A full read: the documents, the nodes under the Dubbo root, and the directories that could
+/// not be listed.
 pub struct FullRead {
     pub resync: Resync,
+    pub dubbo: Vec<(DubboRef, dubbo::Read)>,
     pub unreadable: Vec<InvalidNode>,
 }
 
 impl FullRead {
-    /// The changes that replace the catalog with this read.
-    pub fn into_changes(self) -> Vec<Change> {
-        vec![Change::Resync(self.resync), Change::Unreadable(self.unreadable)]
+    /// The changes that replace the catalog with this read; the Dubbo nodes go through `dubbo`,
+    /// which becomes this read's.
+    pub fn into_changes(mut self, dubbo: &mut Catalog) -> Vec<Change> {
+        let mut native: std::collections::BTreeMap<ServiceName, BTreeSet<Arc<str>>> = Default::default();
+        if dubbo.is_enabled() {
+            for (service, id, _) in &self.resync.instances {
+                native.entry(service.clone()).or_default().insert(id.clone());
+            }
+        }
+        let (instances, invalid) = dubbo.replace(self.dubbo, native);
+        self.resync.instances.extend(instances);
+        vec![Change::Resync(self.resync), Change::Unreadable(self.unreadable), Change::ConfigInvalid(invalid)]
     }
 }
 
@@ -524,6 +582,7 @@ fn unreadable_dir(kind: NodeKind, path: &str, reason: String) -> InvalidNode {
 pub async fn read_all(client: &Client, paths: &Paths) -> Result<FullRead, zookeeper_client::Error> {
     let mut resync =
         Resync { source: SourceKind::Zookeeper, instances: Vec::new(), rules: Vec::new(), policies: Vec::new() };
+    let mut dubbo_nodes = Vec::new();
     let mut unreadable = Vec::new();
     let mut listed = |kind: NodeKind, path: &str, children: Result<Vec<String>, String>| match children {
         Ok(c) => c,
@@ -547,6 +606,25 @@ pub async fn read_all(client: &Client, paths: &Paths) -> Result<FullRead, zookee
     refs.extend(rule_ids.into_iter().map(|id| (join(&paths.rules, &id), NodeRef::Rule(id))));
     let policy_names = listed(NodeKind::Policy, &paths.policies, children(client, &paths.policies).await?);
     refs.extend(policy_names.into_iter().map(|s| (join(&paths.policies, &s), NodeRef::Policy(ServiceName::new(&s)))));
+    // Dubbo: each interface's providers and configurators, and dubbo-admin's documents.
+    if let Some(root) = &paths.dubbo {
+        let interfaces = listed(NodeKind::Instance, root, children(client, root).await?);
+        let dirs = dubbo::service_dirs(root, &interfaces);
+        for (dir, nodes) in dirs.iter().zip(read_children(client, &dirs).await?) {
+            for node in listed(NodeKind::Instance, dir, nodes) {
+                let path = join(dir, &node);
+                if let Some(r) = DubboRef::classify(root, &path) {
+                    refs.push((path, NodeRef::Dubbo(r)));
+                }
+            }
+        }
+        let config = dubbo::config_dir(root);
+        for node in listed(NodeKind::DubboConfig, &config, children(client, &config).await?) {
+            if dubbo::is_config_node(&node) {
+                refs.push((join(&config, &node), NodeRef::Dubbo(DubboRef::Config(node))));
+            }
+        }
+    }
 
     // Read and parse batch by batch, so that the raw bytes of only one batch are alive at a time.
     let mut refs = refs.into_iter().peekable();
@@ -555,6 +633,10 @@ pub async fn read_all(client: &Client, paths: &Paths) -> Result<FullRead, zookee
         let batch_paths: Vec<&str> = batch.iter().map(|(p, _)| p.as_str()).collect();
         let data = read_data(client, &batch_paths).await?;
         for ((path, node), read) in batch.into_iter().zip(data) {
+            if let NodeRef::Dubbo(d) = node {
+                dubbo_nodes.push((d, dubbo_read(&path, read)));
+                continue;
+            }
             match node.into_change(&path, read) {
                 Change::Instance { service, id, doc: Some(doc) } => resync.instances.push((service, id, doc)),
                 Change::Rule { id, doc: Some(doc) } => resync.rules.push((id, doc)),
@@ -563,7 +645,7 @@ pub async fn read_all(client: &Client, paths: &Paths) -> Result<FullRead, zookee
             }
         }
     }
-    Ok(FullRead { resync, unreadable })
+    Ok(FullRead { resync, dubbo: dubbo_nodes, unreadable })
 }
 
 #[cfg(test)]
@@ -575,6 +657,7 @@ mod tests {
             services: "/zkroute/services".into(),
             rules: "/zkroute/rules".into(),
             policies: "/zkroute/policies".into(),
+            dubbo: Some("/dubbo".into()),
         }
     }
 
@@ -592,11 +675,36 @@ mod tests {
         assert_eq!(classify(&p, "/zkroute/policies/users"), Some(NodeRef::Policy(ServiceName::new("users"))));
         assert_eq!(classify(&p, "/zkroute/rulesX/r1"), None);
         assert_eq!(classify(&p, "/elsewhere"), None);
+        let provider = "/dubbo/com.foo.Api/providers/dubbo%3A%2F%2F10.0.0.5%3A20880";
+        assert_eq!(
+            classify(&p, provider),
+            Some(NodeRef::Dubbo(DubboRef::Provider(
+                ServiceName::new("com.foo.Api"),
+                "dubbo%3A%2F%2F10.0.0.5%3A20880".into()
+            )))
+        );
+        assert!(matches!(
+            classify(&p, "/dubbo/com.foo.Api/configurators/x"),
+            Some(NodeRef::Dubbo(DubboRef::Override(..)))
+        ));
+        assert_eq!(
+            classify(&p, "/dubbo/config/dubbo/app.tag-router"),
+            Some(NodeRef::Dubbo(DubboRef::Config("app.tag-router".into())))
+        );
+        for ignored in [
+            "/dubbo/com.foo.Api/consumers/x",
+            "/dubbo/com.foo.Api/routers/x",
+            "/dubbo/config/dubbo/a.condition-router",
+            "/dubbo/com.foo.Api/providers",
+            "/dubbo/metadata/com.foo.Api/provider/app",
+        ] {
+            assert_eq!(classify(&p, ignored), None, "{ignored}");
+        }
     }
 
     #[test]
     fn a_root_chroot_tree_works() {
-        let p = Paths { services: "/".into(), rules: "/r".into(), policies: "/p".into() };
+        let p = Paths { services: "/".into(), rules: "/r".into(), policies: "/p".into(), dubbo: None };
         assert_eq!(classify(&p, "/r/x"), Some(NodeRef::Rule("x".into())));
         assert_eq!(classify(&p, "/svc/i"), Some(NodeRef::Instance(ServiceName::new("svc"), "i".into())));
     }

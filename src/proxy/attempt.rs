@@ -24,8 +24,8 @@ use super::error::ProxyError;
 use crate::endpoint::InFlight;
 use crate::health::HealthReporter;
 use crate::net::IpText;
-use crate::routing::documents::{HashOn, LbPolicy};
-use crate::routing::table::{Endpoint, Route, Target, hash_bytes};
+use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
+use crate::routing::table::{Endpoint, EndpointSet, Route, Target, hash_bytes};
 
 /// A target of a route, chosen for one request, holding the route it belongs to.
 #[derive(Clone)]
@@ -44,17 +44,18 @@ impl TargetRef {
     }
 }
 
-/// The target a request goes to: drawn by weight; when the one drawn has no endpoint to take it,
-/// another target with weight that has. None when no target has one (the caller answers
-/// `no_healthy_upstream`), except for a route of one target, which is kept so that its own
-/// counters see the failure.
+/// The target a request goes to: drawn by weight; when the one drawn has no endpoint to take it
+/// (among those of the request's tag, for a tag-routed service), another target with weight that
+/// has. None when no target has one (the caller answers `no_healthy_upstream`), except for a
+/// route of one target, which is kept so that its own counters see the failure.
 #[inline(always)]
-pub fn choose_target(route: &Arc<Route>) -> Option<TargetRef> {
+pub fn choose_target(route: &Arc<Route>, headers: &impl HeaderLookup) -> Option<TargetRef> {
     let (i, t) = route.target_at(fastrand::u32(..))?;
-    if !t.set.active().is_empty() || route.targets.len() == 1 {
+    let available = |t: &Target| !t.set.for_request(headers).active().is_empty();
+    if available(t) || route.targets.len() == 1 {
         return Some(TargetRef(route.clone(), i));
     }
-    let fallback = route.targets.iter().position(|t| t.weight > 0 && !t.set.active().is_empty())?;
+    let fallback = route.targets.iter().position(|t| t.weight > 0 && available(t))?;
     Some(TargetRef(route.clone(), fallback))
 }
 
@@ -140,6 +141,8 @@ pub struct Connected<'t, C> {
 /// left, the deadline, the last error.
 pub struct Attempts<'t> {
     target: &'t Target,
+    /// The target's endpoints this request may go to (of its tag, for a tag-routed service).
+    set: &'t EndpointSet,
     hash: Option<u64>,
     tried: Tried,
     retries_left: u32,
@@ -155,10 +158,12 @@ pub struct Attempts<'t> {
 }
 
 impl<'t> Attempts<'t> {
-    /// The tries of a request that arrived at `started`, with `retries` extra tries allowed.
+    /// The tries of a request that arrived at `started` at `set`, endpoints of `target`, with
+    /// `retries` extra tries allowed.
     #[inline]
     pub fn new(
         target: &'t Target,
+        set: &'t EndpointSet,
         hash: Option<u64>,
         retries: u32,
         started: Instant,
@@ -166,6 +171,7 @@ impl<'t> Attempts<'t> {
     ) -> Self {
         Attempts {
             target,
+            set,
             hash,
             tried: Tried::default(),
             retries_left: retries,
@@ -186,7 +192,7 @@ impl<'t> Attempts<'t> {
         connector: &C,
         health: &HealthReporter,
     ) -> Option<Connected<'t, C::Conn>> {
-        let set = &self.target.set;
+        let set = self.set;
         while !self.stopped {
             let (index, in_flight) = match self.pending.take() {
                 Some(p) => p,
@@ -230,7 +236,7 @@ impl<'t> Attempts<'t> {
         if self.stopped || self.pending.is_some() {
             return None;
         }
-        let set = &self.target.set;
+        let set = self.set;
         let index = balance::pick(set, PickInput { hash: self.hash }, &self.tried)?;
         self.tried.push(index);
         let endpoint = &set.endpoints[index];
@@ -248,7 +254,7 @@ impl<'t> Attempts<'t> {
     /// as [`Outcome::Retry`] rather than failing the request.
     #[inline]
     pub fn may_retry(&self) -> bool {
-        self.retries_left > 0 && self.target.set.active().len() > self.tried.len()
+        self.retries_left > 0 && self.set.active().len() > self.tried.len()
     }
 
     /// Whether any endpoint was tried (a TCP connection closed without one counts as
@@ -265,7 +271,7 @@ impl<'t> Attempts<'t> {
         match outcome {
             Outcome::Answered { status, upstream_fault, value } => {
                 if upstream_fault {
-                    health.failure(&self.target.set, index);
+                    health.failure(self.set, index);
                 } else {
                     endpoint.state.record_success();
                 }
@@ -278,7 +284,7 @@ impl<'t> Attempts<'t> {
                 Some(value)
             }
             Outcome::Retry(error) => {
-                health.failure(&self.target.set, index);
+                health.failure(self.set, index);
                 self.last_error = error;
                 if self.expired() || !self.spend_retry() {
                     self.stopped = true;
@@ -287,7 +293,7 @@ impl<'t> Attempts<'t> {
             }
             Outcome::Fail { error, upstream_fault } => {
                 if upstream_fault {
-                    health.failure(&self.target.set, index);
+                    health.failure(self.set, index);
                 }
                 self.last_error = error;
                 self.stopped = true;
@@ -333,6 +339,7 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::names::{Addr, ServiceName};
     use crate::routing::build::{Builder, Change, Defaults, ListenerSpec, RawNode, Resync};
+    use crate::routing::documents::NoHeaders;
     use crate::routing::table::{Protocol, RoutingTable};
     use crate::routing::{Origin, SourceKind};
 
@@ -357,7 +364,7 @@ mod tests {
 
     fn target(t: &RoutingTable) -> TargetRef {
         let route = t.listener(0).and_then(|l| l.first()).expect("the route");
-        choose_target(route).expect("a target")
+        choose_target(route, &NoHeaders).expect("a target")
     }
 
     /// Connects to every endpoint but those listed, counting what it was asked.
@@ -393,7 +400,7 @@ mod tests {
         let refused = ["10.0.0.1:80", "10.0.0.2:80"].iter().map(|a| a.parse().unwrap()).collect();
         let connector = Connector { refused, ..Default::default() };
         let health = HealthReporter::none();
-        let mut a = Attempts::new(&target, None, 1, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 1, Instant::now(), None);
         assert!(a.connection(&connector, &health).await.is_none());
         let asked = connector.asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 2, "a try and one retry, each at another endpoint: {asked:?}");
@@ -401,7 +408,7 @@ mod tests {
         assert_eq!(a.failure(), ProxyError::ConnectFailed);
         assert_eq!(failures(&target), [1, 1]);
 
-        let mut a = Attempts::new(&target, None, 0, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 0, Instant::now(), None);
         assert!(a.connection(&connector, &health).await.is_none());
         assert_eq!(connector.asked.lock().unwrap().len(), 3, "no retry: one more try only");
     }
@@ -412,12 +419,12 @@ mod tests {
         let target = target(&t);
         let health = HealthReporter::none();
         let connector = Connector::default();
-        let mut a = Attempts::new(&target, None, 0, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 0, Instant::now(), None);
         let c = a.connection(&connector, &health).await.expect("connected");
         let done = a.settle(c.attempt, Outcome::Answered { status: 503, upstream_fault: true, value: "v" }, &health);
         assert_eq!(done, Some("v"));
         assert_eq!(failures(&target), [1]);
-        let mut a = Attempts::new(&target, None, 0, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 0, Instant::now(), None);
         let c = a.connection(&connector, &health).await.expect("connected");
         assert_eq!(
             a.settle(c.attempt, Outcome::Answered { status: 200, upstream_fault: false, value: 1 }, &health),
@@ -432,7 +439,7 @@ mod tests {
         let target = target(&t);
         let health = HealthReporter::none();
         let connector = Connector::default();
-        let mut a = Attempts::new(&target, None, 1, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 1, Instant::now(), None);
         let first = a.connection(&connector, &health).await.expect("connected");
         assert!(a.may_retry());
         let first_addr = first.conn.clone();
@@ -452,7 +459,7 @@ mod tests {
         let target = target(&t);
         let health = HealthReporter::none();
         let connector = Connector::default();
-        let mut a = Attempts::new(&target, None, 3, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 3, Instant::now(), None);
         let c = a.connection(&connector, &health).await.expect("connected");
         let bad =
             Outcome::<()>::Fail { error: ProxyError::BadRequest("malformed chunked body"), upstream_fault: false };
@@ -476,9 +483,9 @@ mod tests {
         }
         let t = table(1, 0);
         let target = target(&t);
-        let mut a = Attempts::new(&target, None, 0, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 0, Instant::now(), None);
         assert_eq!(a.reuse(&Idle).map(|c| c.conn), Some("pooled"));
-        let mut a = Attempts::new(&target, None, 0, Instant::now(), None);
+        let mut a = Attempts::new(&target, &target.set, None, 0, Instant::now(), None);
         assert_eq!(a.connection(&Idle, &HealthReporter::none()).await.map(|c| c.conn), Some("pooled"));
     }
 }

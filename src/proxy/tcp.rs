@@ -21,6 +21,7 @@ use crate::health::HealthReporter;
 use crate::metrics::Metrics;
 use crate::net::IpText;
 use crate::routing::RouteReader;
+use crate::routing::documents::NoHeaders;
 use crate::routing::table::{Endpoint, ListenerId};
 use crate::shutdown::Shutdown;
 
@@ -119,14 +120,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             }
         }
     };
-    let Some(target) = choose_target(&route) else {
+    let Some(target) = choose_target(&route, &NoHeaders) else {
         ctx.rejected.no_healthy_upstream.inc();
         return;
     };
     target.stats.tcp_accepted();
     let client_ip = IpText::new(peer.ip());
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
-    let mut attempts = Attempts::new(&target, hash, route.retries, std::time::Instant::now(), None);
+    let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
     let Some(Connected { attempt, in_flight, conn: upstream }) =
         attempts.connection(&NewConnection(ctx), &ctx.health).await
     else {

@@ -13,7 +13,8 @@ use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
     RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats,
 };
-use super::{Addr, EndpointKey, Instance, NodeKind, Origin, ServiceName, SourceKind};
+use super::tags::{self, InstanceTags};
+use super::{Addr, EndpointKey, Instance, InstanceProtocol, NodeKind, Origin, ServiceName, SourceKind, epoch_ms};
 use crate::endpoint::StateRegistry;
 
 /// Instances removed this shortly before their service became empty count as having vanished
@@ -95,6 +96,9 @@ pub enum Change {
     /// Directories (roots, service directories) a full read could not list, each with the
     /// reason; replaces the previous list. Listed as invalid, like nodes that do not parse.
     Unreadable(Vec<InvalidNode>),
+    /// Dubbo configuration nodes (configurators, tag rules) that do not parse now, each with the
+    /// reason; replaces the previous list.
+    ConfigInvalid(Vec<InvalidNode>),
     /// Active checks or outlier detection changed some endpoints of these services.
     Health(Vec<ServiceName>),
     /// The local configuration was reloaded: the listeners, by [`ListenerId`](super::table::ListenerId),
@@ -149,7 +153,13 @@ struct PolicySlot {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum SetKey {
-    Subset { service: ServiceName, subset: BTreeMap<String, String>, endpoint: Option<String> },
+    /// `listener` is set only for a service whose instances state protocols or tags.
+    Subset {
+        service: ServiceName,
+        subset: BTreeMap<String, String>,
+        endpoint: Option<String>,
+        listener: Option<Protocol>,
+    },
     Address(Addr),
     Empty(ServiceName),
 }
@@ -171,6 +181,12 @@ pub struct Builder {
     invalid_view: Arc<[InvalidNode]>,
     /// Keys in `invalid` of the directories the last full read could not list.
     unreadable: BTreeSet<(NodeKind, String)>,
+    /// Keys in `invalid` of the Dubbo configuration nodes that do not parse.
+    config_invalid: BTreeSet<(NodeKind, String)>,
+    /// Services with instances warming up, and how often their weights are recomputed.
+    warming: BTreeMap<ServiceName, Duration>,
+    /// The time of the build in progress, for warm-up weights.
+    now_ms: i64,
     // From the last build.
     services: ServiceMapBuilder,
     /// Each listener's routes, reused when rules did not change.
@@ -207,6 +223,9 @@ impl Builder {
             invalid: Invalids::default(),
             invalid_view: Arc::from(Vec::new()),
             unreadable: BTreeSet::new(),
+            config_invalid: BTreeSet::new(),
+            warming: BTreeMap::new(),
+            now_ms: 0,
             services: ServiceMapBuilder::default(),
             listener_routes: Vec::new(),
             invalid_changed: true,
@@ -221,7 +240,9 @@ impl Builder {
 
     /// Whether changes were applied since the last build.
     pub fn is_dirty(&self) -> bool {
-        self.dirty_all || self.dirty_routes || !self.dirty_services.is_empty()
+        // Invalid nodes alone (a Dubbo configuration node that does not parse) are worth a table:
+        // `/config` and the gauge show them.
+        self.dirty_all || self.dirty_routes || !self.dirty_services.is_empty() || self.invalid_changed
     }
 
     /// How many invalid-node log lines were written (each invalid node version is logged once).
@@ -246,7 +267,8 @@ impl Builder {
             Change::Rule { id, doc } => self.apply_rule(id, doc),
             Change::Policy { service, doc } => self.apply_policy(service, doc),
             Change::Resync(resync) => self.apply_resync(resync),
-            Change::Unreadable(nodes) => self.apply_unreadable(nodes),
+            Change::Unreadable(nodes) => replace_listed(&mut self.invalid, &mut self.unreadable, nodes),
+            Change::ConfigInvalid(nodes) => replace_listed(&mut self.invalid, &mut self.config_invalid, nodes),
             Change::Health(services) => self.dirty_services.extend(services),
             Change::Local { listeners, defaults } => self.set_local(listeners, defaults),
         }
@@ -361,15 +383,14 @@ impl Builder {
         self.dirty_services.insert(service);
     }
 
-    fn apply_unreadable(&mut self, nodes: Vec<InvalidNode>) {
-        let now: BTreeSet<(NodeKind, String)> = nodes.iter().map(|n| (n.kind, n.path.clone())).collect();
-        for gone in self.unreadable.difference(&now) {
-            self.invalid.nodes.remove(gone);
-        }
-        for node in nodes {
-            self.invalid.note_node(node);
-        }
-        self.unreadable = now;
+    /// How soon the weights of instances warming up should be recomputed, if any are.
+    pub fn warmup_step(&self) -> Option<Duration> {
+        self.warming.values().min().copied()
+    }
+
+    /// Marks the services with instances warming up for a rebuild at their new weights.
+    pub fn warm_up(&mut self) {
+        self.dirty_services.extend(self.warming.keys().cloned());
     }
 
     fn apply_resync(&mut self, resync: Resync) {
@@ -432,6 +453,7 @@ impl Builder {
 
     /// Builds a table from the catalog, reusing what did not change since the last build.
     pub fn build(&mut self) -> (RoutingTable, Delta) {
+        self.now_ms = epoch_ms(SystemTime::now());
         let rebuild: BTreeSet<ServiceName> = if self.dirty_all {
             self.services.keys().chain(self.instances.keys()).chain(self.policies.keys()).cloned().collect()
         } else {
@@ -444,6 +466,10 @@ impl Builder {
             });
             let old = self.services.remove(name.as_str());
             let new = self.build_service(name, old.as_deref());
+            match new.as_ref().and_then(|s| warmup_step(&s.instances, self.now_ms)) {
+                Some(step) => self.warming.insert(name.clone(), step),
+                None => self.warming.remove(name),
+            };
             if let Some(old) = old.as_ref().filter(|o| !o.protected) {
                 self.note_removed(name, old, new.as_ref());
             }
@@ -562,13 +588,10 @@ impl Builder {
         if instances.is_empty() && !has_policy {
             return None;
         }
-        let endpoints = dedupe(instances.iter().map(|i| Endpoint {
-            addr: i.instance.addr.clone(),
-            weight: i.instance.weight,
-            draining: !i.instance.enabled,
-            state: i.state.clone(),
-        }));
-        let all = Arc::new(EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints));
+        let none = BTreeMap::new();
+        let set = |listener| Arc::new(self.instance_set(name, &policy, &instances, listener, &none, None));
+        let all = set(None);
+        let routed = is_split(&instances).then(|| Box::new([set(Some(Protocol::Http)), set(Some(Protocol::Tcp))]));
         Some(ServiceEntry {
             name: name.clone(),
             policy,
@@ -577,7 +600,55 @@ impl Builder {
             instances: instances.into_boxed_slice(),
             protected,
             all,
+            routed,
         })
+    }
+
+    /// The endpoints of a service's instances whose metadata has `subset`, mapped to the named
+    /// `endpoint` if one is given, weighed now. With a `listener`, for a service whose instances
+    /// state protocols or tags: only the instances that serve what it speaks, tag-routed.
+    fn instance_set(
+        &self,
+        name: &ServiceName,
+        policy: &Arc<ServicePolicy>,
+        instances: &[InstanceEntry],
+        listener: Option<Protocol>,
+        subset: &BTreeMap<String, String>,
+        endpoint: Option<&str>,
+    ) -> EndpointSet {
+        let no_tags = InstanceTags::default();
+        let mut seen = HashSet::new();
+        let members: Vec<(Endpoint, &InstanceTags)> = instances
+            .iter()
+            .filter_map(|i| {
+                let inst = &i.instance;
+                if listener.is_some_and(|l| !InstanceProtocol::serves(inst.protocol, l)) {
+                    return None;
+                }
+                if !subset.iter().all(|(k, v)| inst.metadata.get(k) == Some(v.as_str())) {
+                    return None;
+                }
+                let (addr, state) = match endpoint {
+                    None => (inst.addr.clone(), i.state.clone()),
+                    Some(named) => {
+                        let addr = inst.named.get(named)?.clone();
+                        let state = self.states.get(&EndpointKey { service: Some(name.clone()), addr: addr.clone() });
+                        (addr, state)
+                    }
+                };
+                // Two instance nodes with one address are one endpoint: the first, by node id.
+                if !seen.insert(addr.clone()) {
+                    return None;
+                }
+                let weight = inst.weight_at(self.now_ms);
+                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol: inst.protocol, state };
+                Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
+            })
+            .collect();
+        let make =
+            |endpoints| EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
+        let tagged = listener.is_some() && members.iter().any(|(_, t)| t.matters());
+        if tagged { tags::split(members, make) } else { make(members.into_iter().map(|(e, _)| e).collect()) }
     }
 
     fn build_listeners(&mut self) -> Vec<ListenerRoutes> {
@@ -645,7 +716,7 @@ impl Builder {
     ) -> Arc<Route> {
         match rule {
             Some(rule) => {
-                let targets = self.targets(id, &spec.name, &rule.backends, used);
+                let targets = self.targets(id, spec, &rule.backends, used);
                 let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
                 Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries))
             }
@@ -656,7 +727,7 @@ impl Builder {
                     endpoint: spec.endpoint.clone(),
                     weight: 1,
                 };
-                let targets = self.targets(id, &spec.name, &[backend], used);
+                let targets = self.targets(id, spec, &[backend], used);
                 let (timeout, retries) = self.route_limits(None, None, &targets);
                 Arc::new(Route::new(Arc::from(format!("listener:{}", spec.name)), None, targets, timeout, retries))
             }
@@ -673,26 +744,45 @@ impl Builder {
         self.stats.entry((id, label.clone())).or_insert_with(|| source.target_stats(listener, label)).clone()
     }
 
-    fn targets(&mut self, id: usize, listener: &str, backends: &[Backend], used: &mut HashSet<SetKey>) -> Vec<Target> {
+    fn targets(
+        &mut self,
+        id: usize,
+        spec: &ListenerSpec,
+        backends: &[Backend],
+        used: &mut HashSet<SetKey>,
+    ) -> Vec<Target> {
+        let listener = &*spec.name;
         backends
             .iter()
             .map(|b| {
                 let set = match b {
                     Backend::Service { service, subset, endpoint, .. } => match self.services.get(service.as_str()) {
-                        Some(entry) if subset.is_empty() && endpoint.is_none() => entry.all.clone(),
+                        Some(entry) if subset.is_empty() && endpoint.is_none() => entry.routed(spec.protocol).clone(),
                         Some(entry) => {
+                            let entry = entry.clone();
+                            let protocol = entry.is_split().then_some(spec.protocol);
                             let key = SetKey::Subset {
                                 service: service.clone(),
                                 subset: subset.clone(),
                                 endpoint: endpoint.clone(),
+                                listener: protocol,
                             };
-                            let entry = entry.clone();
-                            let states = &self.states;
                             used.insert(key.clone());
-                            self.sets
-                                .entry(key)
-                                .or_insert_with(|| Arc::new(subset_set(&entry, subset, endpoint.as_deref(), states)))
-                                .clone()
+                            match self.sets.get(&key) {
+                                Some(set) => set.clone(),
+                                None => {
+                                    let set = Arc::new(self.instance_set(
+                                        &entry.name,
+                                        &entry.policy,
+                                        &entry.instances,
+                                        protocol,
+                                        subset,
+                                        endpoint.as_deref(),
+                                    ));
+                                    self.sets.insert(key, set.clone());
+                                    set
+                                }
+                            }
                         }
                         None => {
                             let key = SetKey::Empty(service.clone());
@@ -733,6 +823,7 @@ impl Builder {
                                     addr: addr.clone(),
                                     weight: 1,
                                     draining: false,
+                                    protocol: None,
                                     state: states.get(&ekey),
                                 };
                                 Arc::new(EndpointSet::build(
@@ -752,40 +843,36 @@ impl Builder {
     }
 }
 
-/// A service's endpoints narrowed by instance metadata and mapped to a named endpoint.
-fn subset_set(
-    entry: &ServiceEntry,
-    subset: &BTreeMap<String, String>,
-    endpoint: Option<&str>,
-    states: &StateRegistry,
-) -> EndpointSet {
-    let endpoints = dedupe(entry.instances.iter().filter_map(|i| {
-        let inst = &i.instance;
-        if !subset.iter().all(|(k, v)| inst.metadata.get(k) == Some(v.as_str())) {
-            return None;
-        }
-        let (addr, state) = match endpoint {
-            None => (inst.addr.clone(), i.state.clone()),
-            Some(name) => {
-                let addr = inst.named.get(name)?.clone();
-                let key = EndpointKey { service: Some(entry.name.clone()), addr: addr.clone() };
-                let state = states.get(&key);
-                (addr, state)
-            }
-        };
-        Some(Endpoint { addr, weight: inst.weight, draining: !inst.enabled, state })
-    }));
-    EndpointSet::build(Some(entry.name.clone()), Arc::from(entry.name.as_str()), entry.policy.clone(), endpoints)
+/// Whether a service's instances state protocols or tags, so that its routes differ by listener.
+fn is_split(instances: &[InstanceEntry]) -> bool {
+    instances.iter().any(|i| i.instance.protocol.is_some() || i.instance.tags.as_ref().is_some_and(|t| t.matters()))
 }
 
-/// Two instance nodes with one address are one endpoint: keep the first, by node id.
-fn dedupe(endpoints: impl Iterator<Item = Endpoint>) -> Vec<Endpoint> {
-    let mut seen = HashSet::new();
-    endpoints.filter(|e| seen.insert(e.addr.clone())).collect()
+/// How often to recompute the weights of instances warming up at `now_ms` (a twentieth of the
+/// shortest ramp, between 100 ms and 1 s), if any are.
+fn warmup_step(instances: &[InstanceEntry], now_ms: i64) -> Option<Duration> {
+    instances
+        .iter()
+        .filter_map(|i| i.instance.warmup.filter(|w| i.instance.weight > 0 && w.ramping(now_ms)))
+        .map(|w| Duration::from_millis(u64::try_from(w.period_ms / 20).unwrap_or(0)))
+        .min()
+        .map(|d| d.clamp(Duration::from_millis(100), Duration::from_secs(1)))
+}
+
+/// Replaces one list of invalid nodes (`listed` holds their keys in `invalid`) with `nodes`.
+fn replace_listed(invalid: &mut Invalids, listed: &mut BTreeSet<(NodeKind, String)>, nodes: Vec<InvalidNode>) {
+    let now: BTreeSet<(NodeKind, String)> = nodes.iter().map(|n| (n.kind, n.path.clone())).collect();
+    for gone in listed.difference(&now) {
+        invalid.nodes.remove(gone);
+    }
+    for node in nodes {
+        invalid.note_node(node);
+    }
+    *listed = now;
 }
 
 /// Whether a re-read instance document is the one already in the catalog.
-fn same_doc(old: &Doc<Instance>, new: &Doc<Instance>) -> bool {
+pub(crate) fn same_doc(old: &Doc<Instance>, new: &Doc<Instance>) -> bool {
     old.origin == new.origin
         && match (&old.parsed, &new.parsed) {
             (Ok(a), Ok(b)) => a == b,

@@ -158,6 +158,13 @@ pub trait HeaderLookup {
     }
 }
 
+/// The headers of a request that has none (a TCP connection).
+pub struct NoHeaders;
+
+impl HeaderLookup for NoHeaders {
+    fn for_each_value(&self, _: &HeaderName, _: impl FnMut(&[u8]) -> bool) {}
+}
+
 impl HeaderLookup for HeaderMap {
     fn for_each_value(&self, name: &HeaderName, mut f: impl FnMut(&[u8]) -> bool) {
         for v in self.get_all(name) {

@@ -18,7 +18,7 @@ use crate::endpoint::EndpointState;
 pub type ListenerId = usize;
 
 /// What a listener speaks.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     Http,
@@ -224,6 +224,26 @@ pub struct ServiceEntry {
     pub protected: bool,
     /// Every instance's main endpoint.
     pub all: Arc<EndpointSet>,
+    /// What HTTP and TCP routes to the whole service send to, when they differ from `all`:
+    /// instances state protocols (HTTP listeners take the HTTP ones, TCP listeners the TCP-only
+    /// ones), or Dubbo tags split the service.
+    pub routed: Option<Box<[Arc<EndpointSet>; 2]>>,
+}
+
+impl ServiceEntry {
+    /// Whether instances state protocols or tags, so that routes see more than `all`.
+    pub fn is_split(&self) -> bool {
+        self.routed.is_some()
+    }
+
+    /// The set a route of a `listener` listener to the whole service sends to.
+    pub fn routed(&self, listener: Protocol) -> &Arc<EndpointSet> {
+        match (&self.routed, listener) {
+            (None, _) => &self.all,
+            (Some(sets), Protocol::Http) => &sets[0],
+            (Some(sets), Protocol::Tcp) => &sets[1],
+        }
+    }
 }
 
 /// An instance node in the table.
@@ -242,6 +262,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// The registry marks it as not taking new traffic.
     pub draining: bool,
+    /// What its registry says it serves (None: whatever the listener speaks). HTTP listeners
+    /// forward to every endpoint as HTTP/1.1 for now, `H2` ones included.
+    pub protocol: Option<super::InstanceProtocol>,
     pub state: Arc<EndpointState>,
 }
 
@@ -410,6 +433,9 @@ pub struct EndpointSet {
     pub ring: Option<Ring>,
     /// Round-robin position.
     pub rr: std::sync::atomic::AtomicU64,
+    /// For a tag-routed set (Dubbo's tag router): the sets requests with a tag go to; this set
+    /// takes those without one.
+    pub tags: Option<Box<super::tags::TagSplit>>,
 }
 
 impl EndpointSet {
@@ -436,6 +462,7 @@ impl EndpointSet {
             panic,
             ring,
             rr: std::sync::atomic::AtomicU64::new(0),
+            tags: None,
         }
     }
 

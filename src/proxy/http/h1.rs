@@ -250,10 +250,10 @@ impl Connection {
                 return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
             }
         };
-        let hash = {
-            let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
-            hash_key(&target.set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip)
-        };
+        let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+        // A tag-routed service: the endpoints of the request's tag.
+        let set = target.set.for_request(&fields);
+        let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
@@ -295,7 +295,7 @@ impl Connection {
 
         done.bytes_in = (self.req.len() - head_out) as u64;
         let deadline = tokio::time::Instant::from_std(started + route.timeout);
-        let mut attempts = Attempts::new(&target, hash, route.retries, started, Some(deadline));
+        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
         loop {
             let ctx = &*self.ctx;
             let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
@@ -343,7 +343,7 @@ impl Connection {
         };
         let route = route.clone();
         drop(guard);
-        let target = choose_target(&route).ok_or_else(|| {
+        let target = choose_target(&route, &headers).ok_or_else(|| {
             let stats = route.targets.first().map(|t| t.stats.clone());
             (ProxyError::NoHealthyUpstream, stats)
         })?;

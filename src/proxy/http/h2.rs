@@ -235,9 +235,11 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             }
         }
     };
-    let Some(target) = choose_target(&route) else { return answer(ProxyError::NoHealthyUpstream) };
+    let Some(target) = choose_target(&route, &parts.headers) else { return answer(ProxyError::NoHealthyUpstream) };
+    // A tag-routed service: the endpoints of the request's tag.
+    let set = target.set.for_request(&parts.headers);
     let client_ip = IpText::new(peer.ip());
-    let hash = hash_key(&target.set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
+    let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -246,7 +248,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
-    let mut attempts = Attempts::new(&target, hash, route.retries, started, Some(deadline));
+    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
     let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
     let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {

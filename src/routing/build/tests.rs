@@ -475,3 +475,42 @@ fn a_local_change_rebuilds_every_route_with_the_new_listeners_and_defaults() {
     let (_, delta) = b.build();
     assert!(!delta.local, "reported once");
 }
+
+/// An instance stating `protocol`, as the Dubbo source makes them.
+fn stated(b: &mut Builder, service: &str, id: &str, addr: &str, protocol: crate::routing::InstanceProtocol) {
+    let instance =
+        Instance { protocol: Some(protocol), ..Instance::at(crate::routing::Format::Dubbo, addr.parse().unwrap()) };
+    let origin = raw(&format!("/d/{service}/{id}"), 1, "").origin;
+    b.apply(Change::Instance {
+        service: ServiceName::new(service),
+        id: Arc::from(id),
+        doc: Some(Doc { origin, parsed: Ok(Arc::new(instance)) }),
+    });
+}
+
+#[test]
+fn http_listeners_take_the_http_instances_and_tcp_listeners_the_tcp_only_ones() {
+    use crate::routing::InstanceProtocol::{H2, Http1, Tcp};
+    let mut b = builder();
+    // One provider exporting one interface over Dubbo's binary protocol, Triple and REST.
+    stated(&mut b, "db", "dubbo", "10.0.0.1:20880", Tcp);
+    stated(&mut b, "db", "tri", "10.0.0.1:50051", H2);
+    stated(&mut b, "db", "rest", "10.0.0.1:8080", Http1);
+    rule(&mut b, "r1", 1, r#"{"listener":"http","backends":[{"service":"db"}]}"#);
+    let (t, _) = b.build();
+    let endpoints = |listener: usize| -> Vec<(String, Option<crate::routing::InstanceProtocol>)> {
+        let set = &t.listener(listener).unwrap().first().unwrap().targets[0].set;
+        set.endpoints.iter().map(|e| (e.addr.to_string(), e.protocol)).collect()
+    };
+    // By node id: rest, then tri.
+    assert_eq!(endpoints(0), [("10.0.0.1:8080".to_owned(), Some(Http1)), ("10.0.0.1:50051".to_owned(), Some(H2))]);
+    assert_eq!(endpoints(1), [("10.0.0.1:20880".to_owned(), Some(Tcp))]);
+    // Every instance is still the service's, for health checks and /config.
+    assert_eq!(t.service("db").unwrap().all.endpoints.len(), 3);
+    // A service whose instances state nothing serves both kinds of listener from one set.
+    instance(&mut b, "users", "a", "10.0.0.9:80");
+    let (t, _) = b.build();
+    let users = t.service("users").unwrap();
+    assert!(!users.is_split());
+    assert!(Arc::ptr_eq(users.routed(Protocol::Http), users.routed(Protocol::Tcp)));
+}
