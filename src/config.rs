@@ -232,6 +232,9 @@ pub struct ListenerConfig {
     pub service: Option<String>,
     /// ServerSet named endpoint of `service` to send to.
     pub endpoint: Option<String>,
+    /// Terminates TLS with these files (README: "TLS").
+    #[serde(default)]
+    pub tls: Option<crate::tls::ServerFiles>,
 }
 
 fn default_protocol() -> Protocol {
@@ -646,6 +649,9 @@ impl Config {
                 }
             } else if l.endpoint.is_some() {
                 return Err((key("endpoint"), "applies only with service".into()));
+            }
+            if let Some(tls) = &l.tls {
+                crate::tls::check_server(tls).map_err(|e| (key("tls"), e.to_string()))?;
             }
         }
         for (i, r) in self.registrations.iter().enumerate() {

@@ -41,6 +41,7 @@ pub mod proxy;
 pub mod register;
 pub mod routing;
 pub mod shutdown;
+pub mod tls;
 pub mod zookeeper;
 
 pub use app::App;

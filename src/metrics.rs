@@ -42,6 +42,10 @@ pub mod names {
     pub const ZK_SERVER_UNSUPPORTED: &str = "zkroute_zk_server_unsupported";
     pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
     pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
+    pub const TLS_HANDSHAKE_ERRORS: &str = "zkroute_tls_handshake_errors_total";
+    pub const TLS_FILE_ERRORS: &str = "zkroute_tls_file_errors_total";
+    pub const TLS_CERTIFICATE_EXPIRY: &str = "zkroute_tls_certificate_expiry_timestamp_seconds";
+    pub const UPSTREAM_TLS_ERRORS: &str = "zkroute_upstream_tls_errors_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -84,6 +88,13 @@ pub struct Metrics {
     pub registered: IntGaugeVec,
     pub snapshot_in_use: IntGauge,
     pub connections_refused: IntCounterVec,
+    /// Client TLS handshakes that failed on a TLS listener.
+    pub tls_handshake_errors: IntCounterVec,
+    /// Reloads of changed TLS files that failed (the previous files stay in force).
+    pub tls_file_errors: IntCounterVec,
+    pub tls_certificate_expiry: IntGaugeVec,
+    /// Upstream TLS handshakes that failed, by service and reason.
+    pub upstream_tls_errors: IntCounterVec,
     pub zk_nodes_read: IntCounter,
     pub access_log_dropped: IntCounter,
     /// Per endpoint; recorded only with `metrics.per_instance = true`.
@@ -221,6 +232,30 @@ impl Metrics {
                 CONNECTIONS_REFUSED,
                 "Client connections refused at a listener's connection limit.",
                 &["listener"],
+            ),
+            tls_handshake_errors: counter_vec(
+                &r,
+                TLS_HANDSHAKE_ERRORS,
+                "Client TLS handshakes that failed on a TLS listener.",
+                &["listener"],
+            ),
+            tls_file_errors: counter_vec(
+                &r,
+                TLS_FILE_ERRORS,
+                "Changed TLS certificate, key or CA files that failed to load; the previous ones stay in force.",
+                &["file"],
+            ),
+            tls_certificate_expiry: gauge_vec(
+                &r,
+                TLS_CERTIFICATE_EXPIRY,
+                "When the certificate in force from this file expires (notAfter), Unix seconds.",
+                &["file"],
+            ),
+            upstream_tls_errors: counter_vec(
+                &r,
+                UPSTREAM_TLS_ERRORS,
+                "Upstream TLS handshakes that failed, by service and reason.",
+                &["service", "reason"],
             ),
             config_reloads: counter_vec(
                 &r,

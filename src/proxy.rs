@@ -8,6 +8,7 @@ pub mod balance;
 pub mod error;
 pub mod http;
 mod lazy_timeout;
+pub mod stream;
 pub mod tcp;
 pub mod upstream;
 

@@ -15,6 +15,7 @@ DEBIAN=(
     "ss iproute2"
     "promtool prometheus"
     "curl curl"
+    "openssl openssl"
     "chromium chromium"
     "javac default-jdk-headless"
     "/usr/share/java/curator-x-discovery.jar libcurator-discovery-java"

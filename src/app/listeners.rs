@@ -25,6 +25,7 @@ use crate::routing::RouteReader;
 use crate::routing::build::ListenerSpec;
 use crate::routing::table::{ListenerId, Protocol};
 use crate::shutdown::{self, Trigger};
+use crate::tls::ServerTls;
 
 /// What every listener's connections share, whatever the configuration.
 #[derive(Clone)]
@@ -71,6 +72,8 @@ struct Serving {
     socket: Arc<TcpListener>,
     addr: SocketAddr,
     tracker: Arc<Tracker>,
+    /// A TLS listener's server side, loaded from `config.tls`.
+    tls: Option<Arc<ServerTls>>,
     /// Stops accepting and drains the connections (the `shutdown` of their contexts).
     drain: Trigger,
     /// None until it serves.
@@ -178,6 +181,7 @@ impl Listeners {
             socket: bound.socket,
             addr: bound.addr,
             tracker: Tracker::new(),
+            tls: None,
             drain: shutdown::channel().0,
             accept: None,
         };
@@ -204,6 +208,9 @@ impl Listeners {
             if let Slot::Serving(l) = slot {
                 // A name the new configuration gives may apply to a socket already listening.
                 limits.congestion.apply(&*l.socket, l.addr.ip());
+                if !load_tls(l) {
+                    continue;
+                }
                 if let Some(old) = l.accept.take() {
                     old.abort();
                 }
@@ -272,6 +279,32 @@ impl Listeners {
     }
 }
 
+/// Loads `l`'s TLS files if it has none loaded or their names changed. False if they do not
+/// load and nothing loaded before stands in for them: the listener must not serve in clear.
+fn load_tls(l: &mut Serving) -> bool {
+    let Some(files) = &l.config.tls else {
+        l.tls = None;
+        return true;
+    };
+    if l.tls.as_ref().is_some_and(|t| t.files() == files) {
+        return true;
+    }
+    let alpn: &[&[u8]] = match l.config.protocol {
+        Protocol::Http => &[b"h2", b"http/1.1"],
+        Protocol::Tcp => &[],
+    };
+    match ServerTls::load(files, alpn) {
+        Ok(t) => {
+            l.tls = Some(Arc::new(t));
+            true
+        }
+        Err(e) => {
+            tracing::error!(listener = %l.config.name, error = %e, "TLS files do not load: the listener keeps what it had");
+            l.tls.is_some()
+        }
+    }
+}
+
 /// The listener as the table builder sees it.
 pub fn spec(l: &ListenerConfig) -> ListenerSpec {
     ListenerSpec {
@@ -299,21 +332,25 @@ fn spawn(shared: &Shared, id: ListenerId, l: &Serving, limits: &Limits) -> JoinH
                 tracker: l.tracker.clone(),
                 health: shared.health.clone(),
                 access_log: shared.access_log.clone(),
+                tls: l.tls.clone(),
             });
             tokio::spawn(proxy::http::serve(l.socket.clone(), ctx))
         }
         Protocol::Tcp => {
-            let ctx = Arc::new(TcpContext::new(
-                id,
-                name,
-                shared.routes.clone(),
-                shared.metrics.clone(),
-                limits.clone(),
-                drain,
-                l.tracker.clone(),
-                shared.health.clone(),
-                shared.access_log.clone(),
-            ));
+            let ctx = Arc::new(
+                TcpContext::new(
+                    id,
+                    name,
+                    shared.routes.clone(),
+                    shared.metrics.clone(),
+                    limits.clone(),
+                    drain,
+                    l.tracker.clone(),
+                    shared.health.clone(),
+                    shared.access_log.clone(),
+                )
+                .with_tls(l.tls.clone()),
+            );
             tokio::spawn(proxy::tcp::serve(l.socket.clone(), ctx))
         }
     }
@@ -360,6 +397,7 @@ mod tests {
             protocol: Protocol::Http,
             service: None,
             endpoint: None,
+            tls: None,
         };
         Bound::bind(&config, &LoopbackCongestion::default()).unwrap()
     }

@@ -53,7 +53,7 @@ enum Plan {
     /// Same address and protocol: it keeps its socket, slot and connections.
     Keep,
     /// A new address, or a new listener: bound here, before anything changes.
-    Bind(Bound),
+    Bind(Box<Bound>),
     /// A new protocol on the same address: the socket serves on, under a new slot.
     Rebind,
 }
@@ -111,19 +111,18 @@ impl App {
         let congestion = congestion(&next.proxy).map_err(|(k, r)| refuse(k, r))?;
         let mut plans = Vec::new();
         for (i, l) in next.listeners.iter().enumerate() {
-            let plan =
-                match self.local.serving(&l.name) {
-                    Some((old, _)) if old.bind == l.bind && old.protocol == l.protocol => {
-                        if old.service != l.service || old.endpoint != l.endpoint {
-                            report.listeners_changed.push(l.name.clone());
-                        }
-                        Plan::Keep
+            let plan = match self.local.serving(&l.name) {
+                Some((old, _)) if old.bind == l.bind && old.protocol == l.protocol => {
+                    if old.service != l.service || old.endpoint != l.endpoint || old.tls != l.tls {
+                        report.listeners_changed.push(l.name.clone());
                     }
-                    Some((old, _)) if old.bind == l.bind => Plan::Rebind,
-                    _ => Plan::Bind(Bound::bind(l, &congestion).map_err(|e| {
-                        refuse(format!("listener[{i}].bind"), format!("cannot listen on {}: {e}", l.bind))
-                    })?),
-                };
+                    Plan::Keep
+                }
+                Some((old, _)) if old.bind == l.bind => Plan::Rebind,
+                _ => Plan::Bind(Box::new(Bound::bind(l, &congestion).map_err(|e| {
+                    refuse(format!("listener[{i}].bind"), format!("cannot listen on {}: {e}", l.bind))
+                })?)),
+            };
             plans.push((l, plan));
         }
         let registrations_change = next.registrations != self.config.registrations;
@@ -153,7 +152,7 @@ impl App {
             let list = if released.is_some() { &mut report.listeners_changed } else { &mut report.listeners_added };
             list.push(l.name.clone());
             let bound = match (plan, released) {
-                (Plan::Bind(bound), _) => bound,
+                (Plan::Bind(bound), _) => *bound,
                 (Plan::Rebind, Some(released)) => released.rebind(l),
                 // Rebind is planned only for a listener that serves.
                 (Plan::Rebind | Plan::Keep, _) => continue,

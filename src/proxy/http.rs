@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use self::codec::IoBuf;
+use super::stream::{ClientStream, ClientTls};
 use super::upstream::Pools;
 use super::{Limits, Tracker};
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct HttpContext {
     /// Told when passive outlier detection ejects an endpoint.
     pub health: crate::health::HealthReporter,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// A TLS listener's server side; None serves in clear.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
@@ -53,7 +56,20 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
     .await;
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
+    let Some(tls) = &ctx.tls else {
+        return serve_stream(ClientStream::Plain(tcp), peer, ctx, None).await;
+    };
+    match super::stream::accept_tls(tls, tcp, ctx.limits.header_read_timeout).await {
+        Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info)).await,
+        Err(e) => {
+            ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
+            tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
+        }
+    }
+}
+
+async fn serve_stream(mut stream: ClientStream, peer: SocketAddr, ctx: Arc<HttpContext>, tls: Option<ClientTls>) {
     let mut buf = IoBuf::new(16 * 1024);
     // Read until the bytes either are the HTTP/2 preface or cannot be: the first within the idle
     // timeout, the rest of the preface within the header timeout, as for a request head.
@@ -65,7 +81,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             break;
         }
         if n == H2_PREFACE.len() {
-            h2::serve(stream, peer, buf, ctx).await;
+            h2::serve(stream, peer, buf, ctx, tls.map(Arc::new)).await;
             return;
         }
         let read = match header_deadline {
@@ -84,5 +100,9 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             Ok(Ok(_)) => {}
         }
     }
-    h1::Connection::new(ctx, stream, peer, buf).run().await;
+    let conn = h1::Connection::new(ctx, stream, peer, buf);
+    match tls {
+        Some(tls) => conn.with_tls(tls).run().await,
+        None => conn.run().await,
+    }
 }

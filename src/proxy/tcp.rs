@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::attempt::{Attempts, Connect, ConnectTimeout, Connected, choose_target, hash_key};
+use super::stream::ClientStream;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
 use crate::health::HealthReporter;
@@ -36,6 +38,8 @@ pub struct TcpContext {
     pub tracker: Arc<Tracker>,
     pub health: HealthReporter,
     pub access_log: Option<Arc<AccessLog>>,
+    /// A TLS listener's server side: connections are decrypted, and plain bytes relayed.
+    tls: Option<Arc<crate::tls::ServerTls>>,
     rx: IntCounter,
     tx: IntCounter,
     active: IntGauge,
@@ -81,11 +85,20 @@ impl TcpContext {
             tracker,
             health,
             access_log,
+            tls: None,
             rx,
             tx,
             active,
             rejected,
         }
+    }
+}
+
+impl TcpContext {
+    /// Terminates TLS on the listener's connections when `tls` is set.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::ServerTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -109,6 +122,17 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<TcpContext>) {
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
+    let mut client = match &ctx.tls {
+        None => ClientStream::Plain(client),
+        Some(tls) => match super::stream::accept_tls(tls, client, ctx.limits.header_read_timeout).await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
+                debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        },
+    };
     let route = {
         let guard = ctx.routes.load();
         match guard.as_ref().and_then(|t| t.listener(ctx.listener)).and_then(|l| l.first()) {
@@ -128,7 +152,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let client_ip = IpText::new(peer.ip());
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
     let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
-    let Some(Connected { attempt, in_flight, conn: upstream }) =
+    let Some(Connected { attempt, in_flight, conn: mut upstream }) =
         attempts.connection(&NewConnection(ctx), &ctx.health).await
     else {
         debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
@@ -147,9 +171,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     ctx.active.inc();
     let moved = RelayedBytes::default();
     let limits = &ctx.limits;
-    let result =
-        relay(&client, &upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, Some((&ctx.rx, &ctx.tx)), &moved)
-            .await;
+    let counters = Some((&ctx.rx, &ctx.tx));
+    let result = match &mut client {
+        ClientStream::Plain(client) => {
+            relay(client, &upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, counters, &moved).await
+        }
+        ClientStream::Tls(client) => {
+            relay_io(&mut **client, &mut upstream, limits.tcp_idle_timeout, counters, &moved).await
+        }
+    };
     ctx.active.dec();
     if let Err(e) = result {
         debug!(listener = %ctx.name, error = %e, "TCP relay ended");
@@ -221,6 +251,71 @@ pub(crate) async fn relay(
         r = both => r,
         _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
     }
+}
+
+/// [`relay`] for streams that are not bare sockets (TLS): the same idle timeout, counters and
+/// half-close, through plain reads and writes of a fixed 64 KiB buffer each way.
+pub(crate) async fn relay_io<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    listener: Option<(&IntCounter, &IntCounter)>,
+    moved: &RelayedBytes,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = Activity::new();
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = pump_io(&mut cr, &mut uw, (listener.map(|l| l.0), &moved.rx), &last);
+    let down = pump_io(&mut ur, &mut cw, (listener.map(|l| l.1), &moved.tx), &last);
+    let watchdog = async {
+        loop {
+            tokio::time::sleep_until(last.get() + idle).await;
+            if last.get() + idle <= Instant::now() {
+                return;
+            }
+        }
+    };
+    let both = async {
+        let (a, b) = tokio::join!(up, down);
+        a.and(b)
+    };
+    tokio::select! {
+        r = both => r,
+        _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    }
+}
+
+/// One direction of [`relay_io`].
+async fn pump_io<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    src: &mut R,
+    dst: &mut W,
+    bytes: (Option<&IntCounter>, &AtomicU64),
+    last: &Activity,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let copied = async {
+        loop {
+            let n = src.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            last.touch();
+            dst.write_all(&buf[..n]).await?;
+            dst.flush().await?;
+            if let Some(counter) = bytes.0 {
+                counter.inc_by(n as u64);
+            }
+            bytes.1.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    let result = copied.await;
+    // Half-close (for TLS, after a close_notify): the other side sees EOF and may still answer.
+    let _ = dst.shutdown().await;
+    result
 }
 
 /// When bytes last moved either way.

@@ -9,6 +9,7 @@ pub mod browser;
 pub mod deps;
 pub mod h2client;
 pub mod h2frames;
+pub mod pki;
 pub mod routes;
 pub mod scripted;
 pub mod tcp;

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Sleep;
 
 use super::HttpContext;
@@ -24,6 +22,7 @@ use crate::proxy::Limits;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
+use crate::proxy::stream::{ClientStream, ClientTls};
 use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1};
 use crate::routing::table::{Route, TargetStats};
@@ -43,7 +42,9 @@ enum AfterExchange {
 /// One client connection speaking HTTP/1.x.
 pub struct Connection {
     ctx: Arc<HttpContext>,
-    stream: TcpStream,
+    stream: ClientStream,
+    /// Set on a TLS listener: what the upstream request says of the client's TLS.
+    tls: Option<Box<ClientTls>>,
     buf: IoBuf,
     /// Response bytes to the client.
     out: Vec<u8>,
@@ -109,9 +110,10 @@ enum Pending {
 }
 
 impl Connection {
-    pub fn new(ctx: Arc<HttpContext>, stream: TcpStream, peer: SocketAddr, buf: IoBuf) -> Self {
+    pub fn new(ctx: Arc<HttpContext>, stream: impl Into<ClientStream>, peer: SocketAddr, buf: IoBuf) -> Self {
         Connection {
-            stream,
+            stream: stream.into(),
+            tls: None,
             buf,
             out: Vec::with_capacity(1024),
             req: Vec::with_capacity(1024),
@@ -127,6 +129,13 @@ impl Connection {
             },
             ctx,
         }
+    }
+
+    /// A connection that came over TLS: requests go upstream with `x-forwarded-proto: https`,
+    /// and with the client certificate's `x-forwarded-client-cert` if `tls` holds one.
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(Box::new(tls));
+        self
     }
 
     /// Serves requests until the client or the proxy closes the connection.
@@ -172,9 +181,24 @@ impl Connection {
                 None if self.buf.is_empty() => {
                     // Between requests: idle, or draining.
                     self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                    let plain = match &self.stream {
+                        ClientStream::Plain(s) => s,
+                        // TLS may hold decrypted bytes the socket no longer shows: read.
+                        ClientStream::Tls(_) => {
+                            tokio::select! {
+                                biased;
+                                r = self.buf.read_from(&mut self.stream) => match r {
+                                    Ok(0) | Err(_) => return Ok(None),
+                                    Ok(_) => continue,
+                                },
+                                _ = self.idle_timer.as_mut() => return Ok(None),
+                                _ = self.shutdown.as_mut() => return Ok(None),
+                            }
+                        }
+                    };
                     tokio::select! {
                         biased;
-                        r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
+                        r = plain.readable() => { if r.is_err() { return Ok(None) } }
                         _ = self.idle_timer.as_mut() => return Ok(None),
                         // Completes once: the connection ends with it.
                         _ = self.shutdown.as_mut() => return Ok(None),
@@ -207,7 +231,7 @@ impl Connection {
     async fn answer(&mut self, err: &ProxyError, close: bool, head_only: bool) {
         self.out.clear();
         error::write_answer(&mut self.out, err, close, head_only);
-        let _ = timeout(self.ctx.limits.idle_timeout, self.stream.write_all(&self.out)).await;
+        let _ = timeout(self.ctx.limits.idle_timeout, write_flush(&mut self.stream, &self.out)).await;
         // The next response head is written after whatever `out` holds.
         self.out.clear();
     }
@@ -257,13 +281,14 @@ impl Connection {
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
-        head::write_request(
+        head::write_request_as(
             &mut self.req,
             self.buf.filled(),
             &head,
             &self.fields,
             self.client_ip.as_bytes(),
             self.ctx.limits.drop_underscore_headers,
+            self.tls.as_deref().map(|t| head::Secure { client_cert: t.forwarded_client_cert.as_deref() }),
         );
         let head_out = self.req.len();
         self.buf.consume(head.len);
@@ -516,10 +541,10 @@ enum PumpError {
 
 /// Streams the rest of the request body to the upstream; with no body, watches the client so
 /// that a client that goes away cancels the upstream request.
-async fn pump_request(
-    ds: &mut ReadHalf<'_>,
+async fn pump_request<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    ds: &mut R,
     buf: &mut IoBuf,
-    us: &mut WriteHalf<'_>,
+    us: &mut W,
     pending: &mut Pending,
     idle: Duration,
     pumped: &mut u64,
@@ -578,13 +603,13 @@ enum ReadError {
 
 /// Reads the final response head; interim (1xx) responses are passed to the client.
 #[allow(clippy::too_many_arguments)]
-async fn read_response(
-    us: &mut ReadHalf<'_>,
+async fn read_response<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    us: &mut R,
     buf: &mut IoBuf,
     fields: &mut Vec<Field>,
     head_request: bool,
     mut deadline: Pin<&mut Sleep>,
-    ds: &mut WriteHalf<'_>,
+    ds: &mut W,
     client_minor: u8,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, ReadError> {
@@ -601,7 +626,7 @@ async fn read_response(
                         // ends there, unanswered.
                         tokio::select! {
                             biased;
-                            w = ds.write_all(out) => w.map_err(|_| ReadError::Client)?,
+                            w = write_flush(ds, out) => w.map_err(|_| ReadError::Client)?,
                             _ = deadline.as_mut() => return Err(ReadError::Client),
                         }
                         out.clear();
@@ -640,10 +665,10 @@ enum RelayError {
 
 /// Streams a body from `src` to `dst`; the first write carries `head` too.
 #[allow(clippy::too_many_arguments)]
-async fn relay_body(
-    src: &mut ReadHalf<'_>,
+async fn relay_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    src: &mut R,
     buf: &mut IoBuf,
-    dst: &mut WriteHalf<'_>,
+    dst: &mut W,
     head: &mut Vec<u8>,
     len: BodyLen,
     dechunk: bool,
@@ -682,18 +707,18 @@ async fn relay_body(
         if first || take > 0 || !head.is_empty() {
             let write = if (first || !head.is_empty()) && take <= COALESCE_BODY {
                 head.extend_from_slice(&buf.filled()[..take]);
-                let r = timeout(idle, dst.write_all(head)).await;
+                let r = timeout(idle, write_flush(dst, head)).await;
                 head.clear();
                 r
             } else {
                 if !head.is_empty() {
-                    match timeout(idle, dst.write_all(head)).await {
+                    match timeout(idle, write_flush(dst, head)).await {
                         Ok(Ok(())) => {}
                         _ => return Err(RelayError::Destination),
                     }
                     head.clear();
                 }
-                timeout(idle, dst.write_all(&buf.filled()[..take])).await
+                timeout(idle, write_flush(dst, &buf.filled()[..take])).await
             };
             match write {
                 Ok(Ok(())) => {}
@@ -719,7 +744,13 @@ async fn relay_body(
 /// After a 101: a relayed connection, as on a TCP listener (half-close honoured), closed after
 /// `limits.tcp_idle_timeout` without a byte either way, as HAProxy's `timeout tunnel` does. What
 /// either side sent beyond the handshake goes first. Body bytes each way are added to `moved`.
-async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn, limits: &Limits, moved: &RelayedBytes) {
+async fn tunnel(
+    client: &mut ClientStream,
+    client_buf: &mut IoBuf,
+    mut conn: Conn,
+    limits: &Limits,
+    moved: &RelayedBytes,
+) {
     let idle = limits.tcp_idle_timeout;
     if !client_buf.is_empty() {
         if !matches!(timeout(idle, conn.stream.write_all(client_buf.filled())).await, Ok(Ok(()))) {
@@ -729,11 +760,25 @@ async fn tunnel(client: &mut TcpStream, client_buf: &mut IoBuf, mut conn: Conn, 
         client_buf.consume(client_buf.len());
     }
     if !conn.buf.is_empty() {
-        if !matches!(timeout(idle, client.write_all(conn.buf.filled())).await, Ok(Ok(()))) {
+        if !matches!(timeout(idle, write_flush(client, conn.buf.filled())).await, Ok(Ok(()))) {
             return;
         }
         moved.tx.fetch_add(conn.buf.len() as u64, Ordering::Relaxed);
         conn.buf.consume(conn.buf.len());
     }
-    let _ = relay(client, &conn.stream, idle, &limits.tcp_relay_memory, None, moved).await;
+    match client {
+        ClientStream::Plain(client) => {
+            let _ = relay(client, &conn.stream, idle, &limits.tcp_relay_memory, None, moved).await;
+        }
+        ClientStream::Tls(client) => {
+            let _ = crate::proxy::tcp::relay_io(&mut **client, &mut conn.stream, idle, None, moved).await;
+        }
+    }
+}
+
+/// Writes `bytes` whole and flushes: TLS keeps what the socket would not take until flushed,
+/// where a socket's flush is a no-op.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }

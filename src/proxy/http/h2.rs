@@ -19,7 +19,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 
 use super::HttpContext;
@@ -29,14 +28,24 @@ use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
+use crate::proxy::stream::{ClientStream, ClientTls};
 use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
 
-/// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<HttpContext>) {
+/// Serves an HTTP/2 connection whose first bytes (the preface, at least) are in `prefix`: h2c,
+/// or h2 over TLS when `tls` is set (what the upstream requests say of the client's TLS).
+pub async fn serve(
+    stream: impl Into<ClientStream>,
+    peer: SocketAddr,
+    prefix: IoBuf,
+    ctx: Arc<HttpContext>,
+    tls: Option<Arc<ClientTls>>,
+) {
+    let stream = stream.into();
     let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+        let tls = tls.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, peer, req, tls.as_deref()).await) }
     });
     connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
@@ -211,7 +220,12 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError
     Ok(Some(host))
 }
 
-async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> Response<H2Body> {
+async fn handle(
+    ctx: Arc<HttpContext>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    tls: Option<&ClientTls>,
+) -> Response<H2Body> {
     let started = Instant::now();
     let (parts, mut body) = req.into_parts();
     if parts.method == Method::CONNECT {
@@ -245,7 +259,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut req_head = Vec::with_capacity(512);
     let drop_underscore = ctx.limits.drop_underscore_headers;
-    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
+    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore, tls);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
@@ -390,6 +404,7 @@ async fn exchange(
 /// Writes the HTTP/1.1 request head for an h2 request: always with a Host (empty when the request
 /// has no authority, RFC 9112 section 3.2), and its `cookie` fields joined into one with "; "
 /// (RFC 9113 section 8.2.3).
+#[allow(clippy::too_many_arguments)]
 fn write_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
@@ -398,6 +413,7 @@ fn write_head(
     length: Option<u64>,
     client_ip: &IpText,
     drop_underscore: bool,
+    tls: Option<&ClientTls>,
 ) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -422,6 +438,7 @@ fn write_head(
             || name == header::CONTENT_LENGTH
             || name == header::COOKIE
             || name.as_str() == "x-forwarded-proto"
+            || (tls.is_some() && name.as_str() == head::FORWARDED_CLIENT_CERT)
             || (drop_underscore && name.as_str().contains('_'))
         {
             continue;
@@ -448,7 +465,19 @@ fn write_head(
     out.extend_from_slice(b"x-forwarded-for: ");
     out.extend_from_slice(&xff);
     out.extend_from_slice(client_ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+    match tls {
+        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n"),
+        Some(tls) => {
+            out.extend_from_slice(b"\r\nx-forwarded-proto: https\r\n");
+            if let Some(cert) = &tls.forwarded_client_cert {
+                out.extend_from_slice(head::FORWARDED_CLIENT_CERT.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(cert.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// Sends the h2 request body upstream, chunk-encoding it when its length is unknown.

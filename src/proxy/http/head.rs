@@ -358,6 +358,31 @@ pub fn write_request(
     client_ip: &[u8],
     drop_underscore: bool,
 ) {
+    write_request_as(out, buf, head, fields, client_ip, drop_underscore, None)
+}
+
+/// A request that came over TLS.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Secure<'a> {
+    /// `x-forwarded-client-cert` to send; None sends none.
+    pub client_cert: Option<&'a str>,
+}
+
+/// The name of the header that carries the client certificate's identity (Envoy's).
+pub const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
+/// [`write_request`], for a request that came over TLS when `secure` is set: it goes with
+/// `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client sent is replaced by
+/// the one `secure` gives (or dropped).
+pub fn write_request_as(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    client_ip: &[u8],
+    drop_underscore: bool,
+    secure: Option<Secure<'_>>,
+) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = &buf[head.target.clone()];
@@ -396,6 +421,7 @@ pub fn write_request(
                 let name = &buf[f.name.clone()];
                 if (drop_underscore && name.contains(&b'_'))
                     || (head.names_fields && listed_in_connection(buf, fields, name))
+                    || (secure.is_some() && name.eq_ignore_ascii_case(FORWARDED_CLIENT_CERT.as_bytes()))
                 {
                     continue;
                 }
@@ -425,7 +451,19 @@ pub fn write_request(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(client_ip);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+    match secure {
+        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n"),
+        Some(s) => {
+            out.extend_from_slice(b"\r\nx-forwarded-proto: https\r\n");
+            if let Some(cert) = s.client_cert {
+                out.extend_from_slice(FORWARDED_CLIENT_CERT.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(cert.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// A parsed response head.

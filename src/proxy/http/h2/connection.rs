@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::proxy::stream::ClientStream;
 use hyper::body::Incoming;
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
@@ -28,7 +28,7 @@ use crate::shutdown::Shutdown;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`, with
 /// `service` answering each stream, until the client closes it, it idles out, or shutdown.
-pub async fn serve<S, B>(stream: TcpStream, prefix: IoBuf, limits: &Limits, mut shutdown: Shutdown, service: S)
+pub async fn serve<S, B>(stream: ClientStream, prefix: IoBuf, limits: &Limits, mut shutdown: Shutdown, service: S)
 where
     S: HttpService<Incoming, ResBody = B> + 'static,
     S::Future: Send + 'static,
@@ -157,7 +157,7 @@ where
 /// or frame has waited longer than the header timeout.
 struct ClientIo {
     prefix: IoBuf,
-    inner: TcpStream,
+    inner: ClientStream,
     frames: FrameWatch,
     header_timeout: Duration,
     deadline: Pin<Box<Sleep>>,
@@ -165,7 +165,7 @@ struct ClientIo {
 }
 
 impl ClientIo {
-    fn new(prefix: IoBuf, inner: TcpStream, header_timeout: Duration) -> Self {
+    fn new(prefix: IoBuf, inner: ClientStream, header_timeout: Duration) -> Self {
         ClientIo {
             prefix,
             inner,

@@ -1,0 +1,214 @@
+#![allow(clippy::unwrap_used)]
+//! TLS (README: "TLS") with real clients: curl (OpenSSL) through HTTPS listeners, HTTP/2 by ALPN,
+//! mutual TLS, and a rustls client through a TCP listener that terminates TLS. Certificates are
+//! made by `openssl` in each test.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::pki::{Ca, Issued};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn toml_path(p: &std::path::Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
+}
+
+/// A listener section named `name` with `tls` over `server`, requiring client certificates of
+/// `client_ca` if given.
+fn tls_listener(name: &str, protocol: &str, server: &Issued, client_ca: Option<&Ca>, service: Option<&str>) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n{}[listener.tls]\ncert_file = {}\nkey_file = {}\n",
+        service.map(|s| format!("service = \"{s}\"\n")).unwrap_or_default(),
+        toml_path(&server.cert),
+        toml_path(&server.key),
+    );
+    if let Some(ca) = client_ca {
+        s.push_str(&format!("client_ca_file = {}\n", toml_path(&ca.cert)));
+    }
+    s
+}
+
+/// What curl did: its exit code and what it printed (response head and body with `-i`).
+struct Curl {
+    code: i32,
+    out: String,
+}
+
+impl Curl {
+    fn ok(&self) -> bool {
+        self.code == 0
+    }
+    /// A response header's value (the first), lower-case name.
+    fn header(&self, name: &str) -> Option<String> {
+        self.out.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+async fn curl(args: Vec<String>) -> Curl {
+    deps::ensure();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl").args(["-sS", "-i", "--max-time", "10"]).args(&args).output().unwrap();
+        Curl { code: out.status.code().unwrap_or(-1), out: String::from_utf8_lossy(&out.stdout).into_owned() }
+    })
+    .await
+    .unwrap()
+}
+
+fn https(addr: SocketAddr, path: &str) -> String {
+    format!("https://127.0.0.1:{}{path}", addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_gets_through_an_https_listener_on_http_1_1_and_on_h2_by_alpn() {
+    let ca = Ca::new("server");
+    let server = ca.issue("proxy", &["DNS:localhost", "IP:127.0.0.1"]);
+    let backend = Backend::http("a").await;
+    let routes = Routes::new();
+    routes.backends("users", &[&backend]);
+    routes.rule("r", r#"{"listener":"https","backends":[{"service":"users"}]}"#);
+    let proxy = routes.proxy(&tls_listener("https", "http", &server, None, None)).await;
+    let addr = proxy.listener("https");
+    let cacert = ca.cert.display().to_string();
+
+    for (flag, status_line) in [("--http1.1", "HTTP/1.1 200"), ("--http2", "HTTP/2 200")] {
+        let got = curl(vec![flag.into(), "--cacert".into(), cacert.clone(), https(addr, "/x")]).await;
+        assert!(got.ok(), "curl {flag}: exit {} {}", got.code, got.out);
+        assert!(got.out.starts_with(status_line), "{flag}: {}", got.out);
+        assert_eq!(got.header("x-backend").as_deref(), Some("a"));
+        assert_eq!(got.header("x-echo-x-forwarded-proto").as_deref(), Some("https"), "{flag}");
+    }
+    // Keep-alive: several requests on one TLS connection.
+    let got =
+        curl(vec!["--http1.1".into(), "--cacert".into(), cacert.clone(), https(addr, "/1"), https(addr, "/2")]).await;
+    assert!(got.ok() && got.out.matches("HTTP/1.1 200").count() == 2, "{}", got.out);
+
+    // A client that does not trust the CA gives up, and plain HTTP is not served.
+    let untrusting = curl(vec![https(addr, "/")]).await;
+    assert!(!untrusting.ok(), "{}", untrusting.out);
+    assert!(get(addr, "/").await.is_err(), "a TLS listener does not answer in clear");
+    eventually("the failed handshakes counted", Duration::from_secs(5), || async {
+        let n = proxy.metric(r#"zkroute_tls_handshake_errors_total{listener="https"}"#).await.unwrap_or(0.0);
+        (n >= 2.0).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_certificate_of_its_ca_and_tells_the_app_who_called() {
+    let server_ca = Ca::new("server");
+    let client_ca = Ca::new("clients");
+    let other_ca = Ca::new("other");
+    let server = server_ca.issue("proxy", &["IP:127.0.0.1"]);
+    let client = client_ca.issue("orders", &["URI:spiffe://example.org/orders", "DNS:orders.internal"]);
+    let stranger = other_ca.issue("orders", &["URI:spiffe://example.org/orders"]);
+    let backend = Backend::http("a").await;
+    let routes = Routes::new();
+    routes.backends("users", &[&backend]);
+    routes.rule("r", r#"{"listener":"mtls","backends":[{"service":"users"}]}"#);
+    let proxy = routes.proxy(&tls_listener("mtls", "http", &server, Some(&client_ca), None)).await;
+    let addr = proxy.listener("mtls");
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["--http1.1".into(), "--cacert".into(), server_ca.cert.display().to_string()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.push(https(addr, "/"));
+        v
+    };
+
+    let without = curl(base(&[])).await;
+    assert!(!without.ok() || !without.out.contains("200"), "no client certificate: refused, got {}", without.out);
+    let (c, k) = (stranger.cert.display().to_string(), stranger.key.display().to_string());
+    let other = curl(base(&["--cert", &c, "--key", &k])).await;
+    assert!(!other.ok() || !other.out.contains("200"), "another CA's client: refused, got {}", other.out);
+    assert_eq!(backend.requests(), 0);
+
+    let (c, k) = (client.cert.display().to_string(), client.key.display().to_string());
+    let good = curl(base(&["--cert", &c, "--key", &k, "-H", "x-forwarded-client-cert: By=forged;Hash=00"])).await;
+    assert!(good.ok() && good.out.starts_with("HTTP/1.1 200"), "{}", good.out);
+    let xfcc = good.header("x-echo-x-forwarded-client-cert").expect("x-forwarded-client-cert reaches the app");
+    assert!(!xfcc.contains("forged"), "the client's own header is removed: {xfcc}");
+    let der = pem_der(&client.cert);
+    let hash = openssl_sha256(&der);
+    assert_eq!(
+        xfcc,
+        format!(
+            "Hash={hash};Subject=\"CN=orders,O=zkroute tests\";URI=spiffe://example.org/orders;DNS=orders.internal"
+        )
+    );
+    proxy.stop().await;
+}
+
+/// The DER bytes of a PEM certificate file, by `openssl x509`.
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    let out =
+        Command::new("openssl").args(["x509", "-outform", "DER", "-in", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn openssl_sha256(der: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(der).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+/// A rustls client trusting `ca`, presenting `identity` if given.
+fn client_config(ca: &Ca, identity: Option<&Issued>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca.cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&id.cert).unwrap().map(|c| c.unwrap()).collect(),
+                PrivateKeyDer::from_pem_file(&id.key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_terminates_tls_and_relays_plain_bytes_with_half_close() {
+    let ca = Ca::new("server");
+    let server = ca.issue("db", &["DNS:db.internal"]);
+    let echo = TcpServer::echo().await;
+    let routes = Routes::new();
+    routes.instance("db", "1", echo.addr);
+    let proxy = routes.proxy(&tls_listener("db", "tcp", &server, None, Some("db"))).await;
+    proxy.config_until("the db instance", |c| addresses(c, "db").len() == 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(&ca, None));
+    let name = rustls::pki_types::ServerName::try_from("db.internal").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"hello in confidence").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, b"hello in confidence");
+    proxy.stop().await;
+}
