@@ -133,12 +133,23 @@ impl App {
             )),
             None => None,
         };
+        // Upstream TLS: the `[tls]` files, or the system's roots alone (whose absence matters
+        // only to a service whose policy turns TLS on, and is reported on each handshake then).
+        let upstream_tls = match crate::tls::UpstreamTls::load(&config.tls.clone().unwrap_or_default()) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) if config.tls.is_some() => return Err(anyhow::anyhow!("tls: {e}")),
+            Err(e) => {
+                tracing::debug!(error = %e, "no system CA bundle: upstream TLS needs [tls] ca_file");
+                None
+            }
+        };
         let mut local = Listeners::new(Shared {
             routes: routes.clone(),
             pools: pools.clone(),
             metrics: metrics.clone(),
             health: health.clone(),
             access_log,
+            upstream_tls: upstream_tls.clone(),
         });
         for b in bound {
             local.add(b);

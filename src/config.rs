@@ -69,6 +69,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// This sidecar's identity and trust towards upstreams (README: "TLS").
+    #[serde(default)]
+    pub tls: Option<crate::tls::UpstreamFiles>,
     /// The file this was loaded from, for messages.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -653,6 +656,13 @@ impl Config {
             if let Some(tls) = &l.tls {
                 crate::tls::check_server(tls).map_err(|e| (key("tls"), e.to_string()))?;
             }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                let missing = if tls.cert_file.is_none() { "tls.cert_file" } else { "tls.key_file" };
+                return Err((missing.into(), "cert_file and key_file go together".into()));
+            }
+            crate::tls::UpstreamTls::load(tls).map_err(|e| ("tls".to_owned(), e.to_string()))?;
         }
         for (i, r) in self.registrations.iter().enumerate() {
             let key = |k: &str| format!("register[{i}].{k}");

@@ -127,6 +127,9 @@ pub struct Instance {
     /// Dubbo tag routing: the instance's tags and its application's tag rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Box<tags::InstanceTags>>,
+    /// The port for TLS (Curator's `sslPort`), when the registry gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_port: Option<u16>,
 }
 
 impl Instance {
@@ -143,6 +146,7 @@ impl Instance {
             protocol: None,
             warmup: None,
             tags: None,
+            ssl_port: None,
         }
     }
 

@@ -222,3 +222,168 @@ pub fn forwarded_client_cert(by: Option<&str>, der: &[u8]) -> String {
     }
     out
 }
+
+/// This sidecar's identity and trust towards upstreams (the `[tls]` section).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFiles {
+    /// Roots upstream certificates must chain to; unset: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate presented when an upstream asks (mutual TLS), with its key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl UpstreamFiles {
+    /// The files read: the CA bundle (given or the system's), then certificate and key if set.
+    fn paths(&self) -> Vec<PathBuf> {
+        let ca = self.ca_file.clone().or_else(system_roots_file);
+        [ca, self.cert_file.clone(), self.key_file.clone()].into_iter().flatten().collect()
+    }
+}
+
+/// Where this system keeps its CA bundle: `SSL_CERT_FILE` if set, else the first of the usual
+/// places (Debian and Ubuntu, Fedora and RHEL, Alpine and others) that exists.
+pub fn system_roots_file() -> Option<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE") {
+        return Some(PathBuf::from(f));
+    }
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The ALPN an upstream connection asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// None (TCP listeners relay whatever the app speaks).
+    None,
+    Http1,
+    /// For HTTP/2 upstreams (services whose instances state h2): offers `h2` only.
+    H2,
+}
+
+/// Client configurations built from the `[tls]` files, one per ALPN.
+pub struct UpstreamConfigs {
+    none: Arc<rustls::ClientConfig>,
+    http1: Arc<rustls::ClientConfig>,
+    h2: Arc<rustls::ClientConfig>,
+    /// notAfter of the client certificate, if one is set.
+    pub not_after: Option<i64>,
+}
+
+impl UpstreamConfigs {
+    pub fn get(&self, alpn: Alpn) -> &Arc<rustls::ClientConfig> {
+        match alpn {
+            Alpn::None => &self.none,
+            Alpn::Http1 => &self.http1,
+            Alpn::H2 => &self.h2,
+        }
+    }
+}
+
+/// The upstream side of TLS: configurations in force, replaced whole when the files change.
+pub struct UpstreamTls {
+    files: UpstreamFiles,
+    current: ArcSwap<UpstreamConfigs>,
+    tried: Mutex<Option<Contents>>,
+}
+
+impl UpstreamTls {
+    pub fn load(files: &UpstreamFiles) -> Result<UpstreamTls, TlsError> {
+        let contents = Contents(files.paths().iter().map(|p| read(p)).collect::<Result<_, _>>()?);
+        let built = build_upstream(files, &contents)?;
+        Ok(UpstreamTls {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(built),
+            tried: Mutex::new(Some(contents)),
+        })
+    }
+
+    pub fn files(&self) -> &UpstreamFiles {
+        &self.files
+    }
+
+    /// The configurations for the next handshake.
+    pub fn current(&self) -> arc_swap::Guard<Arc<UpstreamConfigs>> {
+        self.current.load()
+    }
+
+    /// As [`ServerTls::reload`].
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let contents = Contents(self.files.paths().iter().map(|p| read(p)).collect::<Result<_, _>>()?);
+        let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
+        if tried.as_ref() == Some(&contents) {
+            return Ok(false);
+        }
+        let built = build_upstream(&self.files, &contents);
+        *tried = Some(contents);
+        self.current.store(Arc::new(built?));
+        Ok(true)
+    }
+}
+
+fn build_upstream(files: &UpstreamFiles, contents: &Contents) -> Result<UpstreamConfigs, TlsError> {
+    let paths = files.paths();
+    let mut roots = RootCertStore::empty();
+    let mut at = 0;
+    if files.ca_file.is_some() {
+        roots = self::roots(&paths[0], &contents.0[0])?;
+        at = 1;
+    } else if paths.len() > usize::from(files.cert_file.is_some()) + usize::from(files.key_file.is_some()) {
+        // The system's bundle: certificates it holds that do not parse are skipped, as browsers do.
+        let certs = CertificateDer::pem_slice_iter(&contents.0[0]).filter_map(Result::ok);
+        roots.add_parsable_certificates(certs);
+        at = 1;
+    }
+    let invalid = |file: &Path, e: &dyn std::fmt::Display| TlsError::Invalid {
+        file: file.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut not_after = None;
+    let make = |alpn: &[&[u8]]| -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(&paths[0], &e))?
+            .with_root_certificates(roots.clone());
+        let mut config = match (&files.cert_file, &files.key_file) {
+            (Some(c), Some(k)) => {
+                let chain = certs(c, &contents.0[at])?;
+                let key = key(k, &contents.0[at + 1])?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| invalid(k, &e))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    };
+    let none = make(&[])?;
+    let http1 = make(&[b"http/1.1"])?;
+    let h2 = make(&[b"h2"])?;
+    if let Some(c) = &files.cert_file {
+        not_after = certs(c, &contents.0[at])?.first().and_then(|d| x509::parse(d)).map(|i| i.not_after);
+    }
+    Ok(UpstreamConfigs { none, http1, h2, not_after })
+}
+
+/// Why an upstream TLS handshake failed, as the `reason` label of
+/// `zkroute_upstream_tls_errors_total`.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(c)) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "name_mismatch",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            _ => "bad_certificate",
+        },
+        Some(Error::AlertReceived(_)) => "alert_received",
+        Some(Error::NoApplicationProtocol) => "no_application_protocol",
+        Some(_) => "handshake",
+        None => "io",
+    }
+}

@@ -212,3 +212,138 @@ async fn a_tcp_listener_terminates_tls_and_relays_plain_bytes_with_half_close() 
     assert_eq!(back, b"hello in confidence");
     proxy.stop().await;
 }
+
+/// The upstream side: a Python (OpenSSL) HTTPS server that requires client certificates of
+/// `clients`, with a certificate of `servers` for `users.internal` and 127.0.0.1.
+struct Upstream {
+    servers: Ca,
+    clients: Ca,
+    sidecar: Issued,
+    backend: support::pki::TlsBackend,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let servers = Ca::new("servers");
+        let clients = Ca::new("clients");
+        let server = servers.issue("users", &["DNS:users.internal", "IP:127.0.0.1"]);
+        let sidecar = clients.issue("sidecar-a", &["URI:spiffe://example.org/a"]);
+        let backend = support::pki::TlsBackend::start(&server, Some(&clients.cert));
+        Upstream { servers, clients, sidecar, backend }
+    }
+
+    /// `[tls]` trusting `ca`, presenting the sidecar's certificate.
+    fn tls_section(&self, ca: &Ca) -> String {
+        format!(
+            "[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
+            toml_path(&ca.cert),
+            toml_path(&self.sidecar.cert),
+            toml_path(&self.sidecar.key)
+        )
+    }
+}
+
+/// Routes for service `users` at `instance` under `policy`, and a zkroute with listener `http`
+/// and `extra` TOML.
+async fn through(instance: &str, policy: &str, extra: &str) -> (Routes, Proxy) {
+    let routes = Routes::new();
+    routes.instance("users", "1", instance);
+    routes.policy("users", policy);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"users"}]}"#);
+    let proxy = routes.proxy(&format!("{HTTP_LISTENER}{extra}")).await;
+    (routes, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn originates_mutual_tls_with_the_policy_server_name_to_a_server_that_requires_a_client_certificate() {
+    let up = Upstream::start();
+    let (_routes, proxy) = through(
+        &up.backend.addr.to_string(),
+        r#"{"tls":{"server_name":"users.internal"}}"#,
+        &up.tls_section(&up.servers),
+    )
+    .await;
+    let addr = proxy.listener("http");
+    let mut conn = KeepAlive::connect(addr).await;
+    for _ in 0..3 {
+        let r = conn.send(request("GET", "users", "/", &[], "")).await.unwrap();
+        assert_eq!(r.status(), 200, "{r:?}");
+        assert_eq!(r.body(), "tls-backend client=sidecar-a");
+        assert_eq!(r.headers()["x-sni"], "users.internal");
+        assert_eq!(r.headers()["x-alpn"], "http/1.1");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_server_name_an_instance_registered_by_ip_is_verified_against_its_ip_and_sent_no_sni() {
+    let up = Upstream::start();
+    let (_routes, proxy) = through(&up.backend.addr.to_string(), r#"{"tls":{}}"#, &up.tls_section(&up.servers)).await;
+    let r = get(proxy.listener("http"), "/").await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["x-sni"].to_str().unwrap()), (200, "-"), "{r:?}");
+
+    // `"tls": false` is plain TCP: the TLS server does not answer it as HTTP.
+    let (_r2, plain) = through(&up.backend.addr.to_string(), r#"{"tls":false}"#, &up.tls_section(&up.servers)).await;
+    assert_ne!(get(plain.listener("http"), "/").await.map(|r| r.status().as_u16()).unwrap_or(0), 200);
+    proxy.stop().await;
+    plain.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_mismatch_and_an_unknown_ca_are_refused_and_counted_by_reason() {
+    let up = Upstream::start();
+    let addr = up.backend.addr.to_string();
+    let (_r1, mismatch) =
+        through(&addr, r#"{"tls":{"server_name":"orders.internal"}}"#, &up.tls_section(&up.servers)).await;
+    let r = get(mismatch.listener("http"), "/").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["x-zkroute-error"].to_str().unwrap()),
+        (502, "upstream_connect_failed")
+    );
+    assert!(
+        mismatch.metric(r#"zkroute_upstream_tls_errors_total{reason="name_mismatch",service="users"}"#).await
+            >= Some(1.0)
+    );
+
+    let stranger = Ca::new("stranger");
+    let (_r2, unknown) =
+        through(&addr, r#"{"tls":{"server_name":"users.internal"}}"#, &up.tls_section(&stranger)).await;
+    let r = get(unknown.listener("http"), "/").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["x-zkroute-error"].to_str().unwrap()),
+        (502, "upstream_connect_failed")
+    );
+    assert!(
+        unknown.metric(r#"zkroute_upstream_tls_errors_total{reason="unknown_ca",service="users"}"#).await >= Some(1.0)
+    );
+    assert!(
+        unknown.metric(r#"zkroute_upstream_connect_errors_total{service="users"}"#).await >= Some(1.0),
+        "the connect-error counter keeps counting failed handshakes as connect failures"
+    );
+
+    // No client certificate: the server refuses the sidecar (after the handshake, in TLS 1.3).
+    let no_identity = format!("[tls]\nca_file = {}\n", toml_path(&up.servers.cert));
+    let (_r3, anonymous) = through(&addr, r#"{"tls":{"server_name":"users.internal"}}"#, &no_identity).await;
+    assert_eq!(get(anonymous.listener("http"), "/").await.unwrap().status(), 502);
+    let _ = &up.clients;
+    mismatch.stop().await;
+    unknown.stop().await;
+    anonymous.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_curator_instance_with_an_ssl_port_is_reached_there_when_tls_is_on() {
+    let up = Upstream::start();
+    let closed = refused_addr();
+    let doc = format!(
+        r#"{{"name":"users","id":"1","address":"127.0.0.1","port":{},"sslPort":{},"payload":null}}"#,
+        closed.port(),
+        up.backend.addr.port()
+    );
+    let (_routes, proxy) =
+        through(&doc, r#"{"tls":{"server_name":"users.internal"}}"#, &up.tls_section(&up.servers)).await;
+    let r = get(proxy.listener("http"), "/").await.unwrap();
+    assert_eq!(r.status(), 200, "{r:?}");
+    assert_eq!(r.body(), "tls-backend client=sidecar-a");
+    proxy.stop().await;
+}

@@ -35,6 +35,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub health: HealthReporter,
     pub access_log: Option<Arc<AccessLog>>,
+    /// This sidecar's `[tls]` (upstream identity and trust), if it loaded.
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 /// A listener's socket, bound but not yet serving.
@@ -333,6 +335,7 @@ fn spawn(shared: &Shared, id: ListenerId, l: &Serving, limits: &Limits) -> JoinH
                 health: shared.health.clone(),
                 access_log: shared.access_log.clone(),
                 tls: l.tls.clone(),
+                upstream_tls: shared.upstream_tls.clone(),
             });
             tokio::spawn(proxy::http::serve(l.socket.clone(), ctx))
         }
@@ -349,7 +352,8 @@ fn spawn(shared: &Shared, id: ListenerId, l: &Serving, limits: &Limits) -> JoinH
                     shared.health.clone(),
                     shared.access_log.clone(),
                 )
-                .with_tls(l.tls.clone()),
+                .with_tls(l.tls.clone())
+                .with_upstream_tls(shared.upstream_tls.clone()),
             );
             tokio::spawn(proxy::tcp::serve(l.socket.clone(), ctx))
         }
@@ -372,6 +376,7 @@ mod tests {
             metrics: metrics.clone(),
             health: HealthReporter::none(),
             access_log: None,
+            upstream_tls: None,
         })
     }
 

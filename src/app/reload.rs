@@ -242,6 +242,10 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     if old.proxy.workers != new.proxy.workers {
         keys.push("proxy.workers".into());
     }
+    // The files' contents are reloaded (polled, and on SIGHUP); other file names need a restart.
+    if old.tls != new.tls {
+        keys.push("tls".into());
+    }
     keys
 }
 
@@ -253,6 +257,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
     new.metrics = old.metrics.clone();
     new.static_file = old.static_file.clone();
     new.proxy.workers = old.proxy.workers;
+    new.tls = old.tls.clone();
 }
 
 #[cfg(test)]

@@ -80,7 +80,11 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
         // Curator's default serializer allows any payload; only an object carries attributes.
         Some(_) => (DEFAULT_WEIGHT, None, Labels::default()),
     };
-    Ok(Instance { weight, zone, metadata, enabled, ..Instance::at(Format::Curator, addr) })
+    let ssl_port = match doc.get("sslPort") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(self::port(v, "sslPort")?),
+    };
+    Ok(Instance { weight, zone, metadata, enabled, ssl_port, ..Instance::at(Format::Curator, addr) })
 }
 
 fn serverset(doc: &Map<String, Value>) -> Result<Instance, DocError> {

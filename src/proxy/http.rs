@@ -38,6 +38,8 @@ pub struct HttpContext {
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// A TLS listener's server side; None serves in clear.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// This sidecar's `[tls]`, for services whose policy turns TLS on (None: it did not load).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload

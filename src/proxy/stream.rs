@@ -1,5 +1,5 @@
-//! A client connection, in clear or under TLS: one type for the engines, so that TLS takes no
-//! engine of its own. The clear case keeps the socket's own borrowed halves (no lock, no
+//! A connection, in clear or under TLS, to a client or to an upstream: one type for the engines,
+//! so that TLS takes no engine of its own. The clear case keeps the socket's own borrowed halves (no lock, no
 //! allocation); a TLS stream splits through tokio's `split`, since reading and writing TLS both
 //! touch the one session.
 
@@ -13,12 +13,19 @@ use tokio::net::tcp;
 
 /// A TLS server-side session over TCP.
 pub type TlsServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A TLS client-side session over TCP.
+pub type TlsClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TCP connection, or a TLS session `T` over one.
+pub enum Stream<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+}
 
 /// A client connection.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<TlsServerStream>),
-}
+pub type ClientStream = Stream<TlsServerStream>;
+/// An upstream connection.
+pub type UpstreamStream = Stream<TlsClientStream>;
 
 /// What a TLS handshake told about the client, for the headers sent upstream.
 #[derive(Default, Debug, Clone)]
@@ -27,43 +34,55 @@ pub struct ClientTls {
     pub forwarded_client_cert: Option<Box<str>>,
 }
 
-impl ClientStream {
+impl<T: AsyncRead + AsyncWrite + Unpin> Stream<T> {
     /// Borrowed read and write halves, to use both at once within one task.
-    pub fn split(&mut self) -> (ClientRead<'_>, ClientWrite<'_>) {
+    pub fn split(&mut self) -> (StreamRead<'_, T>, StreamWrite<'_, T>) {
         match self {
-            ClientStream::Plain(s) => {
+            Stream::Plain(s) => {
                 let (r, w) = s.split();
-                (ClientRead::Plain(r), ClientWrite::Plain(w))
+                (StreamRead::Plain(r), StreamWrite::Plain(w))
             }
-            ClientStream::Tls(s) => {
+            Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(&mut **s);
-                (ClientRead::Tls(r), ClientWrite::Tls(w))
+                (StreamRead::Tls(r), StreamWrite::Tls(w))
             }
         }
     }
+}
 
+impl ClientStream {
     /// The TCP socket under it.
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            ClientStream::Plain(s) => s,
-            ClientStream::Tls(s) => s.get_ref().0,
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
         }
     }
 }
 
-pub enum ClientRead<'a> {
-    Plain(tcp::ReadHalf<'a>),
-    Tls(tokio::io::ReadHalf<&'a mut TlsServerStream>),
+impl UpstreamStream {
+    /// The TCP socket under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
-pub enum ClientWrite<'a> {
+pub enum StreamRead<'a, T> {
+    Plain(tcp::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut T>),
+}
+
+pub enum StreamWrite<'a, T> {
     Plain(tcp::WriteHalf<'a>),
-    Tls(tokio::io::WriteHalf<&'a mut TlsServerStream>),
+    Tls(tokio::io::WriteHalf<&'a mut T>),
 }
 
 macro_rules! dispatch_read {
     ($t:ty) => {
-        impl AsyncRead for $t {
+        impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for $t {
             #[inline]
             fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
@@ -77,7 +96,7 @@ macro_rules! dispatch_read {
 
 macro_rules! dispatch_write {
     ($t:ty) => {
-        impl AsyncWrite for $t {
+        impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for $t {
             #[inline]
             fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
                 match self.get_mut() {
@@ -121,14 +140,14 @@ macro_rules! dispatch_write {
     };
 }
 
-dispatch_read!(ClientStream);
-dispatch_write!(ClientStream);
-dispatch_read!(ClientRead<'_>);
-dispatch_write!(ClientWrite<'_>);
+dispatch_read!(Stream<T>);
+dispatch_write!(Stream<T>);
+dispatch_read!(StreamRead<'_, T>);
+dispatch_write!(StreamWrite<'_, T>);
 
-impl From<TcpStream> for ClientStream {
+impl<T> From<TcpStream> for Stream<T> {
     fn from(s: TcpStream) -> Self {
-        ClientStream::Plain(s)
+        Stream::Plain(s)
     }
 }
 

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::attempt::{Attempts, Connect, ConnectTimeout, Connected, choose_target, hash_key};
-use super::stream::ClientStream;
+use super::stream::{ClientStream, Stream, UpstreamStream};
+use super::upstream::TlsOrigin;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
 use crate::health::HealthReporter;
@@ -26,6 +27,7 @@ use crate::routing::RouteReader;
 use crate::routing::documents::NoHeaders;
 use crate::routing::table::{Endpoint, ListenerId};
 use crate::shutdown::Shutdown;
+use crate::tls::Alpn;
 
 /// Everything a TCP listener's connections share.
 pub struct TcpContext {
@@ -40,6 +42,8 @@ pub struct TcpContext {
     pub access_log: Option<Arc<AccessLog>>,
     /// A TLS listener's server side: connections are decrypted, and plain bytes relayed.
     tls: Option<Arc<crate::tls::ServerTls>>,
+    /// This sidecar's `[tls]`, for services whose policy turns TLS on.
+    upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     rx: IntCounter,
     tx: IntCounter,
     active: IntGauge,
@@ -86,6 +90,7 @@ impl TcpContext {
             health,
             access_log,
             tls: None,
+            upstream_tls: None,
             rx,
             tx,
             active,
@@ -98,6 +103,12 @@ impl TcpContext {
     /// Terminates TLS on the listener's connections when `tls` is set.
     pub fn with_tls(mut self, tls: Option<Arc<crate::tls::ServerTls>>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Originates TLS to services whose policy asks for it, with this `[tls]`.
+    pub fn with_upstream_tls(mut self, tls: Option<Arc<crate::tls::UpstreamTls>>) -> Self {
+        self.upstream_tls = tls;
         self
     }
 }
@@ -152,8 +163,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let client_ip = IpText::new(peer.ip());
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
     let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
+    let tls_origin = TlsOrigin::for_set(&target.set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::None);
     let Some(Connected { attempt, in_flight, conn: mut upstream }) =
-        attempts.connection(&NewConnection(ctx), &ctx.health).await
+        attempts.connection(&NewConnection(ctx, tls_origin), &ctx.health).await
     else {
         debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
         if attempts.tried_any() {
@@ -172,13 +184,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let moved = RelayedBytes::default();
     let limits = &ctx.limits;
     let counters = Some((&ctx.rx, &ctx.tx));
-    let result = match &mut client {
-        ClientStream::Plain(client) => {
-            relay(client, &upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, counters, &moved).await
+    let result = match (&mut client, &mut upstream) {
+        (Stream::Plain(client), Stream::Plain(upstream)) => {
+            relay(client, upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, counters, &moved).await
         }
-        ClientStream::Tls(client) => {
-            relay_io(&mut **client, &mut upstream, limits.tcp_idle_timeout, counters, &moved).await
-        }
+        (client, upstream) => relay_io(client, upstream, limits.tcp_idle_timeout, counters, &moved).await,
     };
     ctx.active.dec();
     if let Err(e) = result {
@@ -201,16 +211,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     }
 }
 
-/// A TCP listener's upstream connections: always new ones.
-struct NewConnection<'a>(&'a TcpContext);
+/// A TCP listener's upstream connections: always new ones, under TLS if the policy says.
+struct NewConnection<'a>(&'a TcpContext, Option<TlsOrigin<'a>>);
 
 impl Connect for NewConnection<'_> {
-    type Conn = TcpStream;
-    fn reuse(&self, _: &Endpoint) -> Option<TcpStream> {
+    type Conn = UpstreamStream;
+    fn reuse(&self, _: &Endpoint) -> Option<UpstreamStream> {
         None
     }
-    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<TcpStream> {
-        crate::net::connect(&endpoint.addr, timeout.get(), &self.0.limits.congestion).await
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<UpstreamStream> {
+        let congestion = &self.0.limits.congestion;
+        match &self.1 {
+            None => crate::net::connect(&endpoint.addr, timeout.get(), congestion).await.map(Stream::Plain),
+            Some(tls) => tls.connect(endpoint, timeout, congestion).await,
+        }
     }
 }
 

@@ -12,16 +12,21 @@ use tokio::net::TcpStream;
 
 use super::attempt::{Connect, ConnectTimeout};
 use super::http::codec::IoBuf;
+use super::stream::{Stream, UpstreamStream};
 use crate::endpoint::EndpointState;
+use crate::metrics::Metrics;
+use crate::names::{Addr, Host};
 use crate::net::LoopbackCongestion;
-use crate::routing::table::Endpoint;
+use crate::routing::documents::TlsPolicy;
+use crate::routing::table::{Endpoint, EndpointSet};
+use crate::tls::{Alpn, UpstreamTls};
 
 /// Read buffer of an upstream connection.
 pub const UPSTREAM_BUF: usize = 16 * 1024;
 
 /// An HTTP/1.1 connection to an upstream endpoint.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     pub buf: IoBuf,
     /// Taken from the pool (it served a request before).
     pub reused: bool,
@@ -29,22 +34,32 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> Self {
-        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now() }
+    pub fn new(stream: impl Into<UpstreamStream>) -> Self {
+        Conn { stream: stream.into(), buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now() }
     }
 
     /// Whether an idle connection is still usable: nothing arrived on it while idle (no EOF, no
     /// stray bytes). Costs no system call unless the reactor saw it become readable.
     fn is_clean(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        let tcp = match &self.stream {
+            Stream::Plain(s) => s,
+            // Under TLS, anything that arrived (a close_notify, a session ticket) is not probed
+            // for: the connection is simply not reused.
+            Stream::Tls(s) => return s.get_ref().0.poll_read_ready(&mut cx).is_pending(),
+        };
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 }
 
@@ -55,11 +70,19 @@ pub struct PooledHttp1<'a> {
     congestion: &'a LoopbackCongestion,
     /// The request's arrival: a connection idle since before it counts as idle for that long.
     now: Instant,
+    /// Set when the service's policy turns TLS on.
+    tls: Option<TlsOrigin<'a>>,
 }
 
 impl<'a> PooledHttp1<'a> {
     pub fn new(pools: &'a Pools, congestion: &'a LoopbackCongestion, now: Instant) -> Self {
-        PooledHttp1 { pools, congestion, now }
+        PooledHttp1 { pools, congestion, now, tls: None }
+    }
+
+    /// New connections are TLS ones when `tls` is set (and only such are reused).
+    pub fn with_tls(mut self, tls: Option<TlsOrigin<'a>>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -67,11 +90,83 @@ impl Connect for PooledHttp1<'_> {
     type Conn = Conn;
     #[inline]
     fn reuse(&self, endpoint: &Endpoint) -> Option<Conn> {
-        self.pools.of(&endpoint.state).and_then(|p| p.checkout(self.now))
+        // A policy that turned TLS on or off leaves pooled connections of the other kind.
+        self.pools.of(&endpoint.state).and_then(|p| p.checkout(self.now)).filter(|c| c.is_tls() == self.tls.is_some())
     }
 
     async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Conn> {
-        crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new)
+        match &self.tls {
+            None => crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new),
+            Some(tls) => tls.connect(endpoint, timeout, self.congestion).await.map(Conn::new),
+        }
+    }
+}
+
+/// TLS towards one service's instances: its policy, this sidecar's `[tls]`, and where failures
+/// are counted. ALPN is chosen by the caller: `http/1.1` for the HTTP/1.1 connector, none for TCP
+/// relays; an HTTP/2 connector asks for [`Alpn::H2`].
+pub struct TlsOrigin<'a> {
+    pub config: Option<&'a UpstreamTls>,
+    pub policy: &'a TlsPolicy,
+    pub alpn: Alpn,
+    pub metrics: &'a Metrics,
+    /// The `service` label.
+    pub service: &'a str,
+}
+
+impl<'a> TlsOrigin<'a> {
+    /// TLS for requests to `set`, if its policy turns it on.
+    #[inline]
+    pub fn for_set(
+        set: &'a EndpointSet,
+        config: Option<&'a std::sync::Arc<UpstreamTls>>,
+        metrics: &'a Metrics,
+        alpn: Alpn,
+    ) -> Option<TlsOrigin<'a>> {
+        let policy = set.policy.tls.as_ref()?;
+        Some(TlsOrigin { config: config.map(|c| &**c), policy, alpn, metrics, service: &set.label })
+    }
+
+    /// Connects to `endpoint` (its TLS port if it has one) and takes the TLS handshake, both
+    /// within `timeout`. The server name is the policy's `server_name`, else the instance's host
+    /// name, else its IP address (verified against an IP subjectAltName; no SNI is sent then).
+    /// A failed handshake is logged and counted by reason.
+    pub async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        timeout: ConnectTimeout,
+        congestion: &LoopbackCongestion,
+    ) -> io::Result<UpstreamStream> {
+        let addr = match endpoint.tls_port {
+            Some(port) => Addr { host: endpoint.addr.host.clone(), port },
+            None => endpoint.addr.clone(),
+        };
+        let tcp = crate::net::connect(&addr, timeout.get(), congestion).await?;
+        let result = self.handshake(&addr, tcp, timeout).await;
+        if let Err(e) = &result {
+            let reason = crate::tls::failure_reason(e);
+            self.metrics.upstream_tls_errors.with_label_values(&[self.service, reason]).inc();
+            tracing::warn!(service = %self.service, upstream = %addr, reason, error = %e, "upstream TLS handshake failed");
+        }
+        result
+    }
+
+    async fn handshake(&self, addr: &Addr, tcp: TcpStream, timeout: ConnectTimeout) -> io::Result<UpstreamStream> {
+        use rustls::pki_types::ServerName;
+        let Some(config) = self.config else {
+            return Err(io::Error::other("no trust store: [tls] did not load and the system has no CA bundle"));
+        };
+        let bad_name = |e| io::Error::new(io::ErrorKind::InvalidInput, format!("server name: {e}"));
+        let name: ServerName<'static> = match (&self.policy.server_name, &addr.host) {
+            (Some(n), _) => ServerName::try_from(n.to_string()).map_err(bad_name)?,
+            (None, Host::Name(n)) => ServerName::try_from(n.to_string()).map_err(bad_name)?,
+            (None, Host::Ip(ip)) => ServerName::IpAddress((*ip).into()),
+        };
+        let connector = tokio_rustls::TlsConnector::from(config.current().get(self.alpn).clone());
+        let tls = tokio::time::timeout(timeout.get(), connector.connect(name, tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        Ok(Stream::Tls(Box::new(tls)))
     }
 }
 

@@ -531,6 +531,7 @@ impl Builder {
             outlier: p.and_then(|p| p.outlier.clone()).or_else(|| d.outlier.clone()),
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
+            tls: p.and_then(|p| p.tls.clone()).flatten(),
         };
         (policy, slot.cloned())
     }
@@ -641,7 +642,14 @@ impl Builder {
                     return None;
                 }
                 let weight = inst.weight_at(self.now_ms);
-                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol: inst.protocol, state };
+                let e = Endpoint {
+                    addr,
+                    weight,
+                    draining: !inst.enabled,
+                    protocol: inst.protocol,
+                    state,
+                    tls_port: inst.ssl_port,
+                };
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
@@ -818,6 +826,7 @@ impl Builder {
                                     outlier: None,
                                     panic_threshold_percent: 0,
                                     protect_from_empty: false,
+                                    tls: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),
@@ -825,6 +834,7 @@ impl Builder {
                                     draining: false,
                                     protocol: None,
                                     state: states.get(&ekey),
+                                    tls_port: None,
                                 };
                                 Arc::new(EndpointSet::build(
                                     None,

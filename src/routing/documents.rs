@@ -364,6 +364,40 @@ pub struct PolicyDoc {
     pub panic_threshold_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_from_empty: Option<bool>,
+    /// `false`, or `{"server_name": "..."}` (`{}`: verify against each instance's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+}
+
+/// TLS to a service's instances (policy key `tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPolicy {
+    /// Sent as SNI and verified; None: each instance's registered host name (or IP address).
+    pub server_name: Option<std::sync::Arc<str>>,
+}
+
+fn tls_policy(v: &serde_json::Value) -> Result<Option<TlsPolicy>, DocError> {
+    match v {
+        serde_json::Value::Bool(false) => Ok(None),
+        serde_json::Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| *k != "server_name") {
+                return Err(DocError::new(format!("tls.{k}"), "unknown key"));
+            }
+            let server_name = match m.get("server_name") {
+                None => None,
+                Some(serde_json::Value::String(n))
+                    if rustls::pki_types::ServerName::try_from(n.as_str()).is_ok() && !n.is_empty() =>
+                {
+                    Some(std::sync::Arc::from(n.as_str()))
+                }
+                Some(other) => {
+                    return Err(DocError::new("tls.server_name", format!("{other} is not a DNS name or IP address")));
+                }
+            };
+            Ok(Some(TlsPolicy { server_name }))
+        }
+        other => Err(DocError::new("tls", format!("{other} is neither false nor {{\"server_name\": ...}}"))),
+    }
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -453,6 +487,8 @@ pub struct Policy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: Option<u32>,
     pub protect_from_empty: Option<bool>,
+    /// None: the key is absent; Some(None): `"tls": false`.
+    pub tls: Option<Option<TlsPolicy>>,
     pub doc: PolicyDoc,
 }
 
@@ -504,6 +540,7 @@ impl Policy {
             outlier,
             panic_threshold_percent: doc.panic_threshold_percent,
             protect_from_empty: doc.protect_from_empty,
+            tls: doc.tls.as_ref().map(tls_policy).transpose()?,
             doc,
         })
     }

@@ -202,6 +202,8 @@ pub struct ServicePolicy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: u32,
     pub protect_from_empty: bool,
+    /// TLS to the instances (policy key `tls`); None: plain TCP.
+    pub tls: Option<super::documents::TlsPolicy>,
 }
 
 impl ServicePolicy {
@@ -266,6 +268,9 @@ pub struct Endpoint {
     /// forward to every endpoint as HTTP/1.1 for now, `H2` ones included.
     pub protocol: Option<super::InstanceProtocol>,
     pub state: Arc<EndpointState>,
+    /// The port to use when the service's policy turns TLS on (Curator's `sslPort`); None: the
+    /// address's own.
+    pub tls_port: Option<u16>,
 }
 
 /// Weighted choice over some of a set's endpoints: cumulative weights, searched in O(log n).

@@ -188,6 +188,7 @@ mod tests {
             outlier: None,
             panic_threshold_percent: 0,
             protect_from_empty: false,
+            tls: None,
         })
     }
 
@@ -209,7 +210,7 @@ mod tests {
             .map(|(port, t)| {
                 let addr: Addr = format!("10.0.0.1:{port}").parse().unwrap();
                 let state = states.get(&EndpointKey { service: Some(service.clone()), addr: addr.clone() });
-                (Endpoint { addr, weight: 100, draining: false, protocol: None, state }, t)
+                (Endpoint { addr, weight: 100, draining: false, protocol: None, state, tls_port: None }, t)
             })
             .collect();
         let set = Arc::new(split(list, |e| EndpointSet::build(Some(service.clone()), Arc::from("s"), policy(), e)));

@@ -114,3 +114,69 @@ impl Ca {
         Issued { cert, key }
     }
 }
+
+/// An HTTPS server of Python's `ssl` module (OpenSSL): answers every GET with 200 and body
+/// `tls-backend client=<the client certificate's CN>`, headers `x-sni` (the server name the client
+/// sent) and `x-alpn`. With a client CA, a client certificate of it is required. Killed on drop.
+pub struct TlsBackend {
+    pub addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+const TLS_BACKEND: &str = r#"
+import http.server, ssl, sys
+cert, key, ca = sys.argv[1:4]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        cn = ""
+        for rdn in (self.connection.getpeercert() or {}).get("subject", ()):
+            for k, v in rdn:
+                if k == "commonName":
+                    cn = v
+        body = ("tls-backend client=" + cn).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-sni", getattr(self.connection, "sni", None) or "-")
+        self.send_header("x-alpn", self.connection.selected_alpn_protocol() or "-")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+if ca != "-":
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.set_alpn_protocols(["http/1.1"])
+def sni(sock, name, c):
+    sock.sni = name
+ctx.sni_callback = sni
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+impl TlsBackend {
+    pub fn start(server: &Issued, client_ca: Option<&Path>) -> TlsBackend {
+        use std::io::BufRead;
+        let ca = client_ca.map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
+        let mut child = Command::new("python3")
+            .args(["-c", TLS_BACKEND, server.cert.to_str().unwrap(), server.key.to_str().unwrap(), &ca])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("TLS backend did not start: {line:?}"));
+        TlsBackend { addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)), child }
+    }
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

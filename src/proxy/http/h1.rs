@@ -22,10 +22,11 @@ use crate::proxy::Limits;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
-use crate::proxy::stream::{ClientStream, ClientTls};
+use crate::proxy::stream::{ClientStream, ClientTls, Stream};
 use crate::proxy::tcp::{RelayedBytes, relay};
-use crate::proxy::upstream::{self, Conn, PooledHttp1};
+use crate::proxy::upstream::{self, Conn, PooledHttp1, TlsOrigin};
 use crate::routing::table::{Route, TargetStats};
+use crate::tls::Alpn;
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
 const CLIENT_BUF: usize = 16 * 1024;
@@ -323,7 +324,8 @@ impl Connection {
         let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
         loop {
             let ctx = &*self.ctx;
-            let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
+            let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
+            let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started).with_tls(tls);
             let connected = match attempts.reuse(&connector) {
                 Some(c) => Some(c),
                 None => attempts.connection(&connector, &ctx.health).await,
@@ -392,7 +394,7 @@ impl Connection {
         // again is the same request.
         let replayable = matches!(pending, Pending::None);
         let idempotent = head.is_idempotent();
-        match timeout_at(deadline, conn.stream.write_all(&self.req)).await {
+        match timeout_at(deadline, write_flush(&mut conn.stream, &self.req)).await {
             Ok(Ok(())) => {}
             // The upstream did not take the request (a pooled connection it had closed, or a
             // reset): nothing was acted on, and the client's body is still unread.
@@ -564,7 +566,7 @@ async fn pump_request<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Pending::Length(n) => {
                 if !buf.is_empty() {
                     let take = (buf.len() as u64).min(*n) as usize;
-                    us.write_all(&buf.filled()[..take]).await.map_err(|_| PumpError::Upstream)?;
+                    write_flush(us, &buf.filled()[..take]).await.map_err(|_| PumpError::Upstream)?;
                     buf.consume(take);
                     *pumped += take as u64;
                     *n -= take as u64;
@@ -577,7 +579,7 @@ async fn pump_request<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Pending::Chunked(scanner) => {
                 if !buf.is_empty() {
                     let used = scanner.scan(buf.filled(), |_| {}).map_err(|_| PumpError::BadBody)?;
-                    us.write_all(&buf.filled()[..used]).await.map_err(|_| PumpError::Upstream)?;
+                    write_flush(us, &buf.filled()[..used]).await.map_err(|_| PumpError::Upstream)?;
                     buf.consume(used);
                     *pumped += used as u64;
                     if scanner.is_done() {
@@ -753,7 +755,7 @@ async fn tunnel(
 ) {
     let idle = limits.tcp_idle_timeout;
     if !client_buf.is_empty() {
-        if !matches!(timeout(idle, conn.stream.write_all(client_buf.filled())).await, Ok(Ok(()))) {
+        if !matches!(timeout(idle, write_flush(&mut conn.stream, client_buf.filled())).await, Ok(Ok(()))) {
             return;
         }
         moved.rx.fetch_add(client_buf.len() as u64, Ordering::Relaxed);
@@ -766,12 +768,12 @@ async fn tunnel(
         moved.tx.fetch_add(conn.buf.len() as u64, Ordering::Relaxed);
         conn.buf.consume(conn.buf.len());
     }
-    match client {
-        ClientStream::Plain(client) => {
-            let _ = relay(client, &conn.stream, idle, &limits.tcp_relay_memory, None, moved).await;
+    match (client, &mut conn.stream) {
+        (Stream::Plain(client), Stream::Plain(upstream)) => {
+            let _ = relay(client, upstream, idle, &limits.tcp_relay_memory, None, moved).await;
         }
-        ClientStream::Tls(client) => {
-            let _ = crate::proxy::tcp::relay_io(&mut **client, &mut conn.stream, idle, None, moved).await;
+        (client, upstream) => {
+            let _ = crate::proxy::tcp::relay_io(client, upstream, idle, None, moved).await;
         }
     }
 }

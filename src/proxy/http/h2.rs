@@ -29,7 +29,8 @@ use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::stream::{ClientStream, ClientTls};
-use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
+use crate::proxy::upstream::{Conn, Pool, PooledHttp1, TlsOrigin};
+use crate::tls::Alpn;
 
 /// Serves an HTTP/2 connection whose first bytes (the preface, at least) are in `prefix`: h2c,
 /// or h2 over TLS when `tls` is set (what the upstream requests say of the client's TLS).
@@ -263,7 +264,8 @@ async fn handle(
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
-    let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
+    let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
+    let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started).with_tls(tls);
     let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
         let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
@@ -299,7 +301,7 @@ async fn exchange(
 ) -> Outcome<Response<H2Body>> {
     let retry_or_fail =
         |error| if may_retry { Outcome::Retry(error) } else { Outcome::Fail { error, upstream_fault: true } };
-    if conn.stream.write_all(request.head).await.is_err() {
+    if conn.stream.write_all(request.head).await.is_err() || conn.stream.flush().await.is_err() {
         // Nothing was acted on: a pooled connection the upstream had closed, or a reset.
         return if request.has_body {
             Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true }
@@ -507,9 +509,12 @@ async fn pump_body<W: AsyncWrite + Unpin>(
         } else {
             us.write_all(&data).await?;
         }
+        // Under TLS, what the socket did not take waits in the session until flushed.
+        us.flush().await?;
     }
     if chunked {
         us.write_all(b"0\r\n\r\n").await?;
+        us.flush().await?;
     }
     Ok(())
 }
