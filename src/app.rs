@@ -6,6 +6,7 @@
 mod listeners;
 mod registrations;
 mod reload;
+mod rotation;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub struct App {
     pools: Arc<Pools>,
     /// The last reload, for `/config`.
     last_reload: Arc<Mutex<Option<reload::Outcome>>>,
+    /// TLS files, checked again on SIGHUP.
+    rotation: Arc<rotation::Rotation>,
 }
 
 impl App {
@@ -143,6 +146,8 @@ impl App {
                 None
             }
         };
+        let rotation = rotation::Rotation::new(upstream_tls.clone(), metrics.clone());
+        tasks.push(rotation.spawn());
         let mut local = Listeners::new(Shared {
             routes: routes.clone(),
             pools: pools.clone(),
@@ -150,6 +155,7 @@ impl App {
             health: health.clone(),
             access_log,
             upstream_tls: upstream_tls.clone(),
+            rotation: rotation.clone(),
         });
         for b in bound {
             local.add(b);
@@ -218,6 +224,7 @@ impl App {
             relay_memory,
             pools,
             last_reload,
+            rotation,
         })
     }
 

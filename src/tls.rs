@@ -25,6 +25,15 @@ pub enum TlsError {
     Invalid { file: String, reason: String },
 }
 
+impl TlsError {
+    /// The file it is about.
+    pub fn file(&self) -> &str {
+        match self {
+            TlsError::Read { file, .. } | TlsError::NoCertificate { file } | TlsError::Invalid { file, .. } => file,
+        }
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::Read { file: path.display().to_string(), reason: e.to_string() })
 }

@@ -347,3 +347,69 @@ async fn a_curator_instance_with_an_ssl_port_is_reached_there_when_tls_is_on() {
     assert_eq!(r.body(), "tls-backend client=sidecar-a");
     proxy.stop().await;
 }
+
+/// A TLS connection to `addr` trusting `ca`, and the certificate the server presented (DER).
+async fn tls_connect(addr: SocketAddr, ca: &Ca) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Vec<u8>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca, None));
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec();
+    (tls, der)
+}
+
+/// Replaces `to` with `from`'s contents by a rename, as Secret volumes and deploy tools do.
+fn replace(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_files_serve_new_handshakes_while_open_connections_keep_working_and_bad_ones_are_counted() {
+    let ca = Ca::new("server");
+    let first = ca.issue("first", &["IP:127.0.0.1"]);
+    let second = ca.issue("second", &["IP:127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let live = Issued { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+    replace(&first.cert, &live.cert);
+    replace(&first.key, &live.key);
+    let backend = Backend::http("a").await;
+    let routes = Routes::new();
+    routes.backends("users", &[&backend]);
+    routes.rule("r", r#"{"listener":"https","backends":[{"service":"users"}]}"#);
+    let proxy = routes.proxy(&tls_listener("https", "http", &live, None, None)).await;
+    let addr = proxy.listener("https");
+    let expiry = format!(r#"zkroute_tls_certificate_expiry_timestamp_seconds{{file="{}"}}"#, live.cert.display());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let first_expiry = proxy.metric(&expiry).await.expect("the expiry gauge");
+    assert!(first_expiry > now + 20.0 * 86_400.0 && first_expiry < now + 31.0 * 86_400.0, "{first_expiry}");
+
+    let (old, der) = tls_connect(addr, &ca).await;
+    assert_eq!(der, pem_der(&first.cert));
+    let (mut old, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(old)).await.unwrap();
+    tokio::spawn(conn);
+    let r = old.send_request(request("GET", "users", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    replace(&second.cert, &live.cert);
+    replace(&second.key, &live.key);
+    eventually("a new handshake presents the new certificate", Duration::from_secs(15), || async {
+        (tls_connect(addr, &ca).await.1 == pem_der(&second.cert)).then_some(())
+    })
+    .await;
+    old.ready().await.unwrap();
+    let r = old.send_request(request("GET", "users", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 200, "a connection made before the swap keeps working");
+
+    // A key that does not load: counted, and the certificate in force stays.
+    std::fs::write(live.key.with_extension("new"), "not a key").unwrap();
+    std::fs::rename(live.key.with_extension("new"), &live.key).unwrap();
+    let errors = format!(r#"zkroute_tls_file_errors_total{{file="{}"}}"#, live.key.display());
+    eventually("the bad key counted", Duration::from_secs(15), || async {
+        (proxy.metric(&errors).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(tls_connect(addr, &ca).await.1, pem_der(&second.cert));
+    proxy.stop().await;
+}

@@ -37,6 +37,8 @@ pub struct Shared {
     pub access_log: Option<Arc<AccessLog>>,
     /// This sidecar's `[tls]` (upstream identity and trust), if it loaded.
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Polls the TLS files of every listener.
+    pub rotation: Arc<super::rotation::Rotation>,
 }
 
 /// A listener's socket, bound but not yet serving.
@@ -210,7 +212,7 @@ impl Listeners {
             if let Slot::Serving(l) = slot {
                 // A name the new configuration gives may apply to a socket already listening.
                 limits.congestion.apply(&*l.socket, l.addr.ip());
-                if !load_tls(l) {
+                if !load_tls(l, &shared.rotation) {
                     continue;
                 }
                 if let Some(old) = l.accept.take() {
@@ -283,7 +285,7 @@ impl Listeners {
 
 /// Loads `l`'s TLS files if it has none loaded or their names changed. False if they do not
 /// load and nothing loaded before stands in for them: the listener must not serve in clear.
-fn load_tls(l: &mut Serving) -> bool {
+fn load_tls(l: &mut Serving, rotation: &super::rotation::Rotation) -> bool {
     let Some(files) = &l.config.tls else {
         l.tls = None;
         return true;
@@ -297,7 +299,9 @@ fn load_tls(l: &mut Serving) -> bool {
     };
     match ServerTls::load(files, alpn) {
         Ok(t) => {
-            l.tls = Some(Arc::new(t));
+            let t = Arc::new(t);
+            rotation.add(&t);
+            l.tls = Some(t);
             true
         }
         Err(e) => {
@@ -377,6 +381,7 @@ mod tests {
             health: HealthReporter::none(),
             access_log: None,
             upstream_tls: None,
+            rotation: crate::app::rotation::Rotation::new(None, metrics.clone()),
         })
     }
 

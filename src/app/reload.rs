@@ -64,6 +64,8 @@ impl App {
     /// returns whether it applied.
     pub async fn reload(&mut self, args: &ConfigArgs) -> bool {
         let file = args.config.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| self.config.source_name());
+        // TLS files whose contents changed, whatever becomes of the configuration.
+        self.rotation.check();
         let outcome = match Config::load(args) {
             Ok(new) => self.apply(new).await,
             Err(e) => Err(e),
