@@ -413,3 +413,58 @@ async fn replaced_files_serve_new_handshakes_while_open_connections_keep_working
     assert_eq!(tls_connect(addr, &ca).await.1, pem_der(&second.cert));
     proxy.stop().await;
 }
+
+/// The deploy/mtls configurations load once their certificate paths point at real files.
+#[test]
+fn the_sidecar_to_sidecar_configurations_in_deploy_load() {
+    let ca = Ca::new("mesh");
+    let host = ca.issue("b", &["DNS:users.mesh.internal"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca.cert, dir.path().join("ca.crt")).unwrap();
+    std::fs::copy(&host.cert, dir.path().join("tls.crt")).unwrap();
+    std::fs::copy(&host.key, dir.path().join("tls.key")).unwrap();
+    for file in ["host-a.toml", "host-b.toml"] {
+        let text = std::fs::read_to_string(format!("{}/deploy/mtls/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let text = text.replace("/etc/zkroute/tls/", &format!("{}/", dir.path().display()));
+        zkroute::Config::from_toml(&text, file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_a_originates_mutual_tls_to_sidecar_b_which_forwards_to_its_local_app() {
+    let mesh = Ca::new("mesh");
+    let b_cert = mesh.issue("b", &["DNS:users.mesh.internal"]);
+    let a_cert = mesh.issue("a", &["URI:spiffe://mesh/a"]);
+    let app_b = Backend::http("app-b").await;
+
+    // Host B: mutual TLS in, the local app behind.
+    let routes_b = Routes::new();
+    routes_b.rule("inbound", &format!(r#"{{"listener":"inbound","backends":[{{"address":"{}"}}]}}"#, app_b.addr));
+    let b = routes_b.proxy(&tls_listener("inbound", "http", &b_cert, Some(&mesh), None)).await;
+
+    // Host A: the app's calls in clear, mutual TLS out to B.
+    let routes_a = Routes::new();
+    routes_a.instance("users", "b", b.listener("inbound"));
+    routes_a.policy("users", r#"{"tls":{"server_name":"users.mesh.internal"}}"#);
+    routes_a.rule("to-users", r#"{"listener":"outbound","backends":[{"service":"users"}]}"#);
+    let a = routes_a
+        .proxy(&format!(
+            "[[listener]]\nname = \"outbound\"\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
+            toml_path(&mesh.cert),
+            toml_path(&a_cert.cert),
+            toml_path(&a_cert.key)
+        ))
+        .await;
+
+    let r = get(a.listener("outbound"), "/orders").await.unwrap();
+    assert_eq!(r.status(), 200, "{r:?}");
+    assert_eq!(r.headers()["x-backend"], "app-b");
+    assert_eq!(r.headers()["x-echo-x-forwarded-proto"], "https");
+    let xfcc = r.headers()["x-echo-x-forwarded-client-cert"].to_str().unwrap();
+    assert!(xfcc.contains("URI=spiffe://mesh/a") && xfcc.contains("CN=a,O=zkroute tests"), "{xfcc}");
+
+    // B's port takes nobody without a mesh certificate: plain HTTP gets no answer.
+    assert!(get(b.listener("inbound"), "/").await.is_err());
+    a.stop().await;
+    b.stop().await;
+}
