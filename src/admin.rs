@@ -307,6 +307,12 @@ fn policy_json(p: &ServicePolicy) -> Value {
         "outlier": outlier,
         "panic_threshold_percent": p.panic_threshold_percent,
         "protect_from_empty": p.protect_from_empty,
+        "circuit_breaker": p.circuit_breaker.map(|c| json!({
+            "max_connections": c.max_connections,
+            "max_pending": c.max_pending,
+            "max_requests": c.max_requests,
+            "max_retries": c.max_retries,
+        })),
     })
 }
 

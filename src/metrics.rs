@@ -42,6 +42,7 @@ pub mod names {
     pub const ZK_SERVER_UNSUPPORTED: &str = "zkroute_zk_server_unsupported";
     pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
     pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
+    pub const OVERFLOW: &str = "zkroute_overflow_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -91,6 +92,8 @@ pub struct Metrics {
     pub per_instance: bool,
     /// Configuration reloads (SIGHUP), by `result`: `ok`, or `error` when nothing changed.
     pub config_reloads: IntCounterVec,
+    /// Requests and connections refused by a service's circuit breaker, by the limit reached.
+    pub overflow: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -228,6 +231,12 @@ impl Metrics {
                 "Configuration reloads (SIGHUP), by result: ok, or error when nothing changed.",
                 &["result"],
             ),
+            overflow: counter_vec(
+                &r,
+                OVERFLOW,
+                "Requests and connections refused by a service's circuit breaker, by the limit reached.",
+                &["service", "limit"],
+            ),
             registry: r,
         }
     }
@@ -257,6 +266,7 @@ pub struct RouteStats {
     pub tcp_connections: IntCounter,
     /// `zkroute_upstream_requests_total`, with `metrics.per_instance` only.
     per_instance: Option<IntCounterVec>,
+    overflow: IntCounterVec,
 }
 
 impl RouteStats {
@@ -272,6 +282,7 @@ impl RouteStats {
             retries: m.retries.with_label_values(&[service]),
             tcp_connections: m.tcp_connections.with_label_values(&[listener, service]),
             per_instance: m.per_instance.then(|| m.upstream_requests.clone()),
+            overflow: m.overflow.clone(),
         }
     }
 
@@ -324,6 +335,13 @@ impl TargetStats for RouteStats {
     fn tcp_accepted(&self) {
         if self.enabled {
             self.tcp_connections.inc();
+        }
+    }
+
+    fn overflow(&self, limit: &'static str) {
+        if self.enabled {
+            // A refusal is rare: the label lookup is no cost worth resolving ahead.
+            self.overflow.with_label_values(&[&*self.service, limit]).inc();
         }
     }
 }

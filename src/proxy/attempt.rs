@@ -22,6 +22,7 @@ use http::HeaderName;
 use super::balance::{self, PickInput, Tried};
 use super::error::ProxyError;
 use crate::endpoint::InFlight;
+use crate::endpoint::breaker::{Limit, Slot};
 use crate::health::HealthReporter;
 use crate::net::IpText;
 use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
@@ -86,6 +87,12 @@ pub trait Connect {
         endpoint: &Endpoint,
         timeout: ConnectTimeout,
     ) -> impl Future<Output = io::Result<Self::Conn>> + Send;
+    /// Keeps `slot`, the connection's place under its service's `max_connections`, for as long
+    /// as `conn` stays open, pooled or not. A connector that drops it leaves its connections
+    /// uncounted.
+    fn hold(&self, conn: &mut Self::Conn, slot: Slot) {
+        let _ = (conn, slot);
+    }
 }
 
 /// The time a new connection may take: the policy's connect timeout, within what is left of the
@@ -155,6 +162,19 @@ pub struct Attempts<'t> {
     /// [`Attempts::connection`] connects to it.
     pending: Option<(usize, InFlight)>,
     last_error: ProxyError,
+    /// Counted by the service's circuit breaker, if it has one (until then, no try is made).
+    admitted: bool,
+    /// The request's places under `max_requests` and, once it retries, `max_retries`.
+    request_slot: Option<Slot>,
+    retry_slot: Option<Slot>,
+}
+
+/// What a request waiting under `max_connections` got.
+enum Room<C> {
+    /// A place for a new connection (None: the service has no such limit).
+    New(Option<Slot>),
+    /// A pooled connection that went idle meanwhile.
+    Idle(C),
 }
 
 impl<'t> Attempts<'t> {
@@ -180,6 +200,9 @@ impl<'t> Attempts<'t> {
             stopped: false,
             pending: None,
             last_error: ProxyError::NoHealthyUpstream,
+            admitted: set.gate.is_none(),
+            request_slot: None,
+            retry_slot: None,
         }
     }
 
@@ -193,6 +216,9 @@ impl<'t> Attempts<'t> {
         health: &HealthReporter,
     ) -> Option<Connected<'t, C::Conn>> {
         let set = self.set;
+        if !self.admitted && !self.admit() {
+            return None;
+        }
         while !self.stopped {
             let (index, in_flight) = match self.pending.take() {
                 Some(p) => p,
@@ -211,9 +237,21 @@ impl<'t> Attempts<'t> {
                 }
             };
             let endpoint = &set.endpoints[index];
+            let slot = match self.connection_room(connector, endpoint).await {
+                Some(Room::New(slot)) => slot,
+                Some(Room::Idle(conn)) => {
+                    return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn });
+                }
+                None => return None,
+            };
             let timeout = ConnectTimeout { policy: set.policy.connect_timeout, deadline: self.deadline };
             match connector.connect(endpoint, timeout).await {
-                Ok(conn) => return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn }),
+                Ok(mut conn) => {
+                    if let Some(slot) = slot {
+                        connector.hold(&mut conn, slot);
+                    }
+                    return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn });
+                }
                 Err(e) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
                     self.target.stats.connect_failed();
@@ -233,7 +271,7 @@ impl<'t> Attempts<'t> {
     /// [`Attempts::connection`] goes on from the endpoint picked here.
     #[inline]
     pub fn reuse<C: Connect>(&mut self, connector: &C) -> Option<Connected<'t, C::Conn>> {
-        if self.stopped || self.pending.is_some() {
+        if self.stopped || self.pending.is_some() || !self.admitted {
             return None;
         }
         let set = self.set;
@@ -254,7 +292,96 @@ impl<'t> Attempts<'t> {
     /// as [`Outcome::Retry`] rather than failing the request.
     #[inline]
     pub fn may_retry(&self) -> bool {
-        self.retries_left > 0 && self.set.active().len() > self.tried.len()
+        self.retries_left > 0 && self.set.active().len() > self.tried.len() && self.retry_room()
+    }
+
+    /// Whether the service's `max_retries` lets this request retry (it may still be taken by
+    /// another before this one retries).
+    #[inline]
+    fn retry_room(&self) -> bool {
+        let Some(gate) = &self.set.gate else { return true };
+        match self.set.policy.circuit_breaker.and_then(|c| c.max_retries) {
+            Some(max) => self.retry_slot.is_some() || gate.has_room(Limit::Retries, max),
+            None => true,
+        }
+    }
+
+    /// Whether the request was refused by its service's circuit breaker.
+    pub fn overflowed(&self) -> bool {
+        self.last_error == ProxyError::Overflow
+    }
+
+    /// Counts the request under its service's `max_requests`; false (and the request stopped
+    /// with [`ProxyError::Overflow`]) when the limit is reached.
+    #[cold]
+    fn admit(&mut self) -> bool {
+        self.admitted = true;
+        let (Some(gate), Some(max)) = (&self.set.gate, self.set.policy.circuit_breaker.and_then(|c| c.max_requests))
+        else {
+            return true;
+        };
+        match gate.take(Limit::Requests, max) {
+            Some(slot) => {
+                self.request_slot = Some(slot);
+                true
+            }
+            None => {
+                self.overflow(Limit::Requests);
+                false
+            }
+        }
+    }
+
+    #[cold]
+    fn overflow(&mut self, limit: Limit) {
+        self.target.stats.overflow(limit.as_str());
+        self.last_error = ProxyError::Overflow;
+        self.stopped = true;
+    }
+
+    /// Under the service's `max_connections`: a place for a new connection to `endpoint`, or,
+    /// when every allowed connection is open, a wait (as one of at most `max_pending` waiting
+    /// requests, within the request's deadline) for a place or for a pooled connection to it that
+    /// went idle. None when the request overflowed or ran out of time (it is then stopped).
+    async fn connection_room<C: Connect>(&mut self, connector: &C, endpoint: &Endpoint) -> Option<Room<C::Conn>> {
+        let set = self.set;
+        let (Some(gate), Some(limits)) = (&set.gate, set.policy.circuit_breaker) else { return Some(Room::New(None)) };
+        let Some(max) = limits.max_connections else { return Some(Room::New(None)) };
+        if let Some(slot) = gate.take(Limit::Connections, max) {
+            return Some(Room::New(Some(slot)));
+        }
+        // A TCP connection has no request deadline to wait within: it is refused at once.
+        let Some(deadline) = self.deadline else {
+            self.overflow(Limit::Connections);
+            return None;
+        };
+        let _waiting = match limits.max_pending {
+            Some(max_pending) => match gate.take(Limit::Pending, max_pending) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.overflow(Limit::Pending);
+                    return None;
+                }
+            },
+            None => None,
+        };
+        loop {
+            // Listen before looking, so that a connection freed in between is not missed.
+            let freed = gate.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = connector.reuse(endpoint) {
+                return Some(Room::Idle(conn));
+            }
+            if let Some(slot) = gate.take(Limit::Connections, max) {
+                return Some(Room::New(Some(slot)));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.last_error = ProxyError::Timeout;
+                self.stopped = true;
+                return None;
+            }
+        }
     }
 
     /// Whether any endpoint was tried (a TCP connection closed without one counts as
@@ -313,6 +440,26 @@ impl<'t> Attempts<'t> {
         self.last_error
     }
 
+    /// A place under the service's `max_retries` for this request's retries; false (counted as
+    /// an overflow, the last error standing) when none is free.
+    #[cold]
+    fn take_retry_slot(&mut self) -> bool {
+        let (Some(gate), Some(max)) = (&self.set.gate, self.set.policy.circuit_breaker.and_then(|c| c.max_retries))
+        else {
+            return true;
+        };
+        match gate.take(Limit::Retries, max) {
+            Some(slot) => {
+                self.retry_slot = Some(slot);
+                true
+            }
+            None => {
+                self.target.stats.overflow(Limit::Retries.as_str());
+                false
+            }
+        }
+    }
+
     #[inline]
     fn expired(&self) -> bool {
         self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
@@ -320,6 +467,9 @@ impl<'t> Attempts<'t> {
 
     fn spend_retry(&mut self) -> bool {
         if self.retries_left == 0 {
+            return false;
+        }
+        if self.set.gate.is_some() && self.retry_slot.is_none() && !self.take_retry_slot() {
             return false;
         }
         self.retries_left -= 1;

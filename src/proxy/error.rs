@@ -26,6 +26,8 @@ pub enum ProxyError {
     HeaderTimeout,
     #[error("CONNECT is not supported: zkroute routes by its table, not by the request")]
     MethodNotAllowed,
+    #[error("the service's circuit breaker is open: too many connections, waiting or concurrent requests")]
+    Overflow,
 }
 
 /// How a [`ProxyError`] is answered.
@@ -50,6 +52,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => (431, "Request Header Fields Too Large", "headers_too_large"),
             ProxyError::HeaderTimeout => (408, "Request Timeout", "request_header_timeout"),
             ProxyError::MethodNotAllowed => (405, "Method Not Allowed", "method_not_allowed"),
+            ProxyError::Overflow => (503, "Service Unavailable", "overflow"),
         };
         Rescue { status, reason, code }
     }

@@ -17,6 +17,7 @@ use tracing::debug;
 use super::attempt::{Attempts, Connect, ConnectTimeout, Connected, choose_target, hash_key};
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
+use crate::endpoint::breaker::Slot;
 use crate::health::HealthReporter;
 use crate::metrics::Metrics;
 use crate::net::IpText;
@@ -47,6 +48,7 @@ struct Rejected {
     no_route: IntCounter,
     no_healthy_upstream: IntCounter,
     upstream_connect_failed: IntCounter,
+    overflow: IntCounter,
 }
 
 impl TcpContext {
@@ -70,6 +72,7 @@ impl TcpContext {
             no_route: reason("no_route"),
             no_healthy_upstream: reason("no_healthy_upstream"),
             upstream_connect_failed: reason("upstream_connect_failed"),
+            overflow: reason("overflow"),
         };
         TcpContext {
             listener,
@@ -128,11 +131,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let client_ip = IpText::new(peer.ip());
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
     let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
-    let Some(Connected { attempt, in_flight, conn: upstream }) =
+    let Some(Connected { attempt, in_flight, conn: (upstream, _slot) }) =
         attempts.connection(&NewConnection(ctx), &ctx.health).await
     else {
         debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
-        if attempts.tried_any() {
+        if attempts.overflowed() {
+            ctx.rejected.overflow.inc();
+        } else if attempts.tried_any() {
             ctx.rejected.upstream_connect_failed.inc();
         } else {
             ctx.rejected.no_healthy_upstream.inc();
@@ -140,6 +145,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
         return;
     };
     attempts.established(attempt);
+    drop(attempts);
     let started = Instant::now();
     // The relay may last hours: it keeps no part of the table alive.
     drop(target);
@@ -175,12 +181,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
 struct NewConnection<'a>(&'a TcpContext);
 
 impl Connect for NewConnection<'_> {
-    type Conn = TcpStream;
-    fn reuse(&self, _: &Endpoint) -> Option<TcpStream> {
+    /// The connection, with its place under the service's `max_connections` while it lasts.
+    type Conn = (TcpStream, Option<Slot>);
+    fn reuse(&self, _: &Endpoint) -> Option<Self::Conn> {
         None
     }
-    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<TcpStream> {
-        crate::net::connect(&endpoint.addr, timeout.get(), &self.0.limits.congestion).await
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Self::Conn> {
+        crate::net::connect(&endpoint.addr, timeout.get(), &self.0.limits.congestion).await.map(|s| (s, None))
+    }
+    fn hold(&self, conn: &mut Self::Conn, slot: Slot) {
+        conn.1 = Some(slot);
     }
 }
 

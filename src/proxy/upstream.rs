@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use super::attempt::{Connect, ConnectTimeout};
 use super::http::codec::IoBuf;
 use crate::endpoint::EndpointState;
+use crate::endpoint::breaker::Slot;
 use crate::net::LoopbackCongestion;
 use crate::routing::table::Endpoint;
 
@@ -26,11 +27,13 @@ pub struct Conn {
     /// Taken from the pool (it served a request before).
     pub reused: bool,
     idle_since: Instant,
+    /// Its place under the service's `max_connections`, while it is open.
+    slot: Option<Slot>,
 }
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Self {
-        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now() }
+        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now(), slot: None }
     }
 
     /// Whether an idle connection is still usable: nothing arrived on it while idle (no EOF, no
@@ -72,6 +75,10 @@ impl Connect for PooledHttp1<'_> {
 
     async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Conn> {
         crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new)
+    }
+
+    fn hold(&self, conn: &mut Conn, slot: Slot) {
+        conn.slot = Some(slot);
     }
 }
 
@@ -131,9 +138,16 @@ impl Pool {
         }
         conn.buf.shrink(UPSTREAM_BUF);
         conn.idle_since = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.settings.max_idle() {
-            idle.push(conn);
+        // A request of the service may be waiting for a connection (circuit breaking).
+        let gate = conn.slot.as_ref().map(|s| s.gate().clone());
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.settings.max_idle() {
+                idle.push(conn);
+            }
+        }
+        if let Some(gate) = gate {
+            gate.connection_freed();
         }
     }
 

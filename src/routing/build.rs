@@ -531,6 +531,7 @@ impl Builder {
             outlier: p.and_then(|p| p.outlier.clone()).or_else(|| d.outlier.clone()),
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
+            circuit_breaker: p.and_then(|p| p.circuit_breaker),
         };
         (policy, slot.cloned())
     }
@@ -645,8 +646,12 @@ impl Builder {
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
-        let make =
-            |endpoints| EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
+        let gate = policy.circuit_breaker.is_some().then(|| self.states.gate(name));
+        let make = |endpoints| {
+            let mut set = EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
+            set.gate = gate.clone();
+            set
+        };
         let tagged = listener.is_some() && members.iter().any(|(_, t)| t.matters());
         if tagged { tags::split(members, make) } else { make(members.into_iter().map(|(e, _)| e).collect()) }
     }
@@ -818,6 +823,7 @@ impl Builder {
                                     outlier: None,
                                     panic_threshold_percent: 0,
                                     protect_from_empty: false,
+                                    circuit_breaker: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
 use super::{Addr, MAX_WEIGHT, ServiceName};
+use crate::endpoint::breaker::BreakerLimits;
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
@@ -364,6 +365,22 @@ pub struct PolicyDoc {
     pub panic_threshold_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_from_empty: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerDoc>,
+}
+
+/// A service's circuit breaker as written: each limit absent is no limit.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -453,6 +470,7 @@ pub struct Policy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: Option<u32>,
     pub protect_from_empty: Option<bool>,
+    pub circuit_breaker: Option<BreakerLimits>,
     pub doc: PolicyDoc,
 }
 
@@ -496,6 +514,7 @@ impl Policy {
                 return Err(DocError::new("panic_threshold_percent", format!("{p} is more than 100")));
             }
         }
+        let circuit_breaker = doc.circuit_breaker.as_ref().map(circuit_breaker).transpose()?;
         Ok(Policy {
             lb,
             connect_timeout,
@@ -504,6 +523,7 @@ impl Policy {
             outlier,
             panic_threshold_percent: doc.panic_threshold_percent,
             protect_from_empty: doc.protect_from_empty,
+            circuit_breaker,
             doc,
         })
     }
@@ -561,6 +581,21 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
         unhealthy_threshold: threshold("health_check.unhealthy_threshold", d.unhealthy_threshold, 3)?,
         // A new endpoint waits for its first passing check unless the policy says otherwise.
         initially_healthy: d.initially_healthy.unwrap_or(false),
+    })
+}
+
+fn circuit_breaker(d: &CircuitBreakerDoc) -> Result<BreakerLimits, DocError> {
+    // A limit of 0 connections or requests would refuse everything: leave the service out instead.
+    for (field, v) in [("max_connections", d.max_connections), ("max_requests", d.max_requests)] {
+        if v == Some(0) {
+            return Err(DocError::new(format!("circuit_breaker.{field}"), "must be at least 1"));
+        }
+    }
+    Ok(BreakerLimits {
+        max_connections: d.max_connections,
+        max_pending: d.max_pending,
+        max_requests: d.max_requests,
+        max_retries: d.max_retries,
     })
 }
 
@@ -684,6 +719,8 @@ mod tests {
             (r#"{"panic_threshold_percent":150}"#, "panic_threshold_percent"),
             (r#"{"connect_timeout":"0s"}"#, "connect_timeout"),
             (r#"{"lbb":"p2c"}"#, "unknown field"),
+            (r#"{"circuit_breaker":{"max_requests":0}}"#, "circuit_breaker.max_requests"),
+            (r#"{"circuit_breaker":{"max_conns":1}}"#, "unknown field"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

@@ -23,6 +23,9 @@ impl std::fmt::Display for Version {
 /// The first release, whose keys every zkroute knows.
 pub const FIRST: Version = Version(0, 1);
 
+/// The release of upstream protection and traffic policy.
+pub const V0_3: Version = Version(0, 3);
+
 /// Every document key as a path (`match.host`, `backends[].weight`) with the version that
 /// introduced it. A key missing here counts as [`FIRST`].
 pub const KEYS: &[(NodeKind, &str, Version)] = &[
@@ -60,6 +63,11 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Policy, "outlier.max_ejection_percent", FIRST),
     (NodeKind::Policy, "panic_threshold_percent", FIRST),
     (NodeKind::Policy, "protect_from_empty", FIRST),
+    (NodeKind::Policy, "circuit_breaker", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_connections", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_pending", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_requests", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_retries", V0_3),
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.
@@ -123,7 +131,9 @@ pub fn this_build() -> Version {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::documents::{BackendDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RuleDoc};
+    use crate::routing::documents::{
+        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RuleDoc,
+    };
 
     /// The fields a document struct accepts, read from serde's refusal of an unknown one.
     fn fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
@@ -150,6 +160,7 @@ mod tests {
         missing.extend(listed(NodeKind::Policy, "", fields::<PolicyDoc>()));
         missing.extend(listed(NodeKind::Policy, "health_check.", fields::<HealthCheckDoc>()));
         missing.extend(listed(NodeKind::Policy, "outlier.", fields::<OutlierDoc>()));
+        missing.extend(listed(NodeKind::Policy, "circuit_breaker.", fields::<CircuitBreakerDoc>()));
         assert!(missing.is_empty(), "keys without an entry in KEYS: {missing:?}");
     }
 

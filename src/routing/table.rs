@@ -202,6 +202,8 @@ pub struct ServicePolicy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: u32,
     pub protect_from_empty: bool,
+    /// Limits of the service's circuit breaker, if it has one.
+    pub circuit_breaker: Option<crate::endpoint::breaker::BreakerLimits>,
 }
 
 impl ServicePolicy {
@@ -436,6 +438,9 @@ pub struct EndpointSet {
     /// For a tag-routed set (Dubbo's tag router): the sets requests with a tag go to; this set
     /// takes those without one.
     pub tags: Option<Box<super::tags::TagSplit>>,
+    /// The service's circuit-breaking counts, when its policy has a breaker (shared by every set
+    /// of the service, kept across tables).
+    pub gate: Option<Arc<crate::endpoint::breaker::ServiceGate>>,
 }
 
 impl EndpointSet {
@@ -463,6 +468,7 @@ impl EndpointSet {
             ring,
             rr: std::sync::atomic::AtomicU64::new(0),
             tags: None,
+            gate: None,
         }
     }
 
@@ -487,6 +493,11 @@ pub trait TargetStats: Send + Sync {
     fn retried(&self);
     /// A TCP connection taken by the route.
     fn tcp_accepted(&self);
+    /// A request or connection refused by the service's circuit breaker, past `limit`
+    /// (`max_requests`, ...).
+    fn overflow(&self, limit: &'static str) {
+        let _ = limit;
+    }
 }
 
 /// Makes the [`TargetStats`] of each listener and service, for the table builder.

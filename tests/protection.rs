@@ -1,0 +1,189 @@
+#![allow(clippy::unwrap_used)]
+//! Upstream protection and traffic policy end to end (README: "Policy documents", "Rule
+//! documents"): circuit breaking, rate limits, retry budgets, per-try timeouts, with real slow and
+//! failing backends, real clients, and routes from a static file.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Response;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A zkroute with listener `http` sending every request to service `s` (`backends`), under the
+/// policy `policy` and with `rule_extra` keys in the rule.
+async fn protected(backends: &[&Backend], policy: &str, rule_extra: &str) -> (Routes, Proxy) {
+    let routes = Routes::new();
+    routes.backends("s", backends);
+    routes.rule("r", &format!(r#"{{"listener":"http","backends":[{{"service":"s"}}]{rule_extra}}}"#));
+    if !policy.is_empty() {
+        routes.policy("s", policy);
+    }
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    (routes, proxy)
+}
+
+/// `n` GETs of `path` sent at once, each on a connection of its own: each answer with the time
+/// it took.
+async fn concurrent(proxy: &Proxy, n: usize, path: &str) -> Vec<(Response<Bytes>, Duration)> {
+    let addr = proxy.listener("http");
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let path = path.to_owned();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = send(addr, request("GET", "s", &path, &[], "")).await.unwrap();
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn error_code(r: &Response<Bytes>) -> &str {
+    r.headers().get("x-zkroute-error").map_or("", |v| v.to_str().unwrap())
+}
+
+/// The answers that are overflows, checked to be 503s that came at once.
+fn overflows(answers: &[(Response<Bytes>, Duration)], at_once: Duration) -> usize {
+    let over: Vec<_> = answers.iter().filter(|(r, _)| error_code(r) == "overflow").collect();
+    for (r, took) in &over {
+        assert_eq!(r.status(), 503);
+        assert!(*took < at_once, "an overflow is answered at once, took {took:?}");
+    }
+    over.len()
+}
+
+fn ok_count(answers: &[(Response<Bytes>, Duration)]) -> usize {
+    answers.iter().filter(|(r, _)| r.status() == 200).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_concurrent_requests_against_max_requests_2_get_two_answers_and_four_overflows() {
+    let b = Backend::http("b").await;
+    let (_routes, proxy) = protected(&[&b], r#"{"circuit_breaker":{"max_requests":2}}"#, "").await;
+    let answers = concurrent(&proxy, 6, "/?sleep_ms=1500").await;
+    assert_eq!(ok_count(&answers), 2, "two answered");
+    assert_eq!(overflows(&answers, Duration::from_millis(1000)), 4, "four refused at once");
+    assert_eq!(b.requests(), 2, "the overflows never reached the backend");
+    let m = r#"zkroute_overflow_total{limit="max_requests",service="s"}"#;
+    assert_eq!(proxy.metric(m).await, Some(4.0));
+    // The slots were given back: the next request goes through.
+    assert_eq!(call_status(&proxy, "/").await, 200);
+    proxy.stop().await;
+}
+
+async fn call_status(proxy: &Proxy, path: &str) -> u16 {
+    send(proxy.listener("http"), request("GET", "s", path, &[], "")).await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_the_one_allowed_connection_up_to_max_pending() {
+    let b = Backend::http("b").await;
+    let policy = r#"{"circuit_breaker":{"max_connections":1,"max_pending":1}}"#;
+    let (_routes, proxy) = protected(&[&b], policy, "").await;
+    let answers = concurrent(&proxy, 3, "/?sleep_ms=700").await;
+    assert_eq!(ok_count(&answers), 2, "one answered at once, one after waiting for the connection");
+    assert_eq!(overflows(&answers, Duration::from_millis(600)), 1, "the third found the wait list full");
+    let waited = answers.iter().filter(|(r, _)| r.status() == 200).map(|(_, t)| *t).max().unwrap();
+    assert!(waited >= Duration::from_millis(1400), "the waiting request went after the first: {waited:?}");
+    assert_eq!(b.connections(), 1, "the waiting request took the first one's connection");
+    assert_eq!(proxy.metric(r#"zkroute_overflow_total{limit="max_pending",service="s"}"#).await, Some(1.0));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_times_out_within_its_timeout() {
+    let b = Backend::http("b").await;
+    let routes = Routes::new();
+    routes.backends("s", &[&b]);
+    routes.rule("long", r#"{"listener":"http","match":{"path_prefix":"/long"},"backends":[{"service":"s"}]}"#);
+    routes.rule("short", r#"{"listener":"http","priority":-1,"timeout":"300ms","backends":[{"service":"s"}]}"#);
+    routes.policy("s", r#"{"circuit_breaker":{"max_connections":1}}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let addr = proxy.listener("http");
+    // The one connection is busy for 1.5 s; a request meanwhile waits for it (no max_pending:
+    // any number may wait), within its own 300 ms.
+    let long = tokio::spawn(async move { send(addr, request("GET", "s", "/long?sleep_ms=1500", &[], "")).await });
+    eventually("the long request upstream", Duration::from_secs(5), || async { (b.requests() == 1).then_some(()) })
+        .await;
+    let t = Instant::now();
+    let r = send(addr, request("GET", "s", "/", &[], "")).await.unwrap();
+    assert_eq!(error_code(&r), "upstream_timeout", "timed out waiting, not refused");
+    assert!(t.elapsed() >= Duration::from_millis(290), "it waited: {:?}", t.elapsed());
+    assert_eq!(b.requests(), 1, "the waiting request never had a connection");
+    assert_eq!(long.await.unwrap().unwrap().status(), 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_are_capped_by_max_retries() {
+    let a = Backend::http("a").await;
+    let b = Backend::http("b").await;
+    for x in [&a, &b] {
+        x.state.force_status.store(503, std::sync::atomic::Ordering::SeqCst);
+    }
+    let policy = r#"{"circuit_breaker":{"max_retries":1}}"#;
+    let (_routes, proxy) = protected(&[&a, &b], policy, r#","retries":1"#).await;
+    let answers = concurrent(&proxy, 4, "/?sleep_ms=400").await;
+    assert!(answers.iter().all(|(r, _)| r.status().is_server_error()));
+    // Four first tries; of the four retries they ask for at about the same time, one may run.
+    assert_eq!(a.requests() + b.requests(), 5, "4 tries and 1 retry reached the upstreams");
+    assert_eq!(proxy.metric(r#"zkroute_overflow_total{limit="max_retries",service="s"}"#).await, Some(3.0));
+    assert_eq!(proxy.metric(r#"zkroute_retries_total{service="s"}"#).await, Some(1.0));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_circuit_breaker_every_request_goes_through() {
+    let b = Backend::http("b").await;
+    let (_routes, proxy) = protected(&[&b], "", "").await;
+    let answers = concurrent(&proxy, 6, "/?sleep_ms=300").await;
+    assert_eq!(ok_count(&answers), 6);
+    proxy.stop().await;
+}
+
+const TCP_LISTENER: &str =
+    "[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_past_max_connections_are_closed_and_counted() {
+    let echo = TcpServer::echo().await;
+    let routes = Routes::new();
+    routes.instance("db", "1", echo.addr);
+    routes.policy("db", r#"{"circuit_breaker":{"max_connections":1}}"#);
+    let proxy = routes.proxy(TCP_LISTENER).await;
+    let addr = proxy.listener("db");
+
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping", "the first connection is relayed");
+
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the second is closed at once: {read:?}");
+    let rejected = r#"zkroute_tcp_connections_rejected_total{listener="db",reason="overflow"}"#;
+    assert_eq!(proxy.metric(rejected).await, Some(1.0));
+    assert_eq!(proxy.metric(r#"zkroute_overflow_total{limit="max_connections",service="db"}"#).await, Some(1.0));
+
+    drop(first);
+    eventually("a connection again once the first closed", Duration::from_secs(5), || async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"pong").await.ok()?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await.ok()?.ok()?;
+        (&buf == b"pong").then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}
