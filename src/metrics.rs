@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::names::Addr;
+use crate::routing::rate_limit::RuleStats;
 use crate::routing::table::{StatsSource, TargetStats};
 
 /// Metric names, in one place.
@@ -43,6 +44,7 @@ pub mod names {
     pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
     pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
     pub const OVERFLOW: &str = "zkroute_overflow_total";
+    pub const RATE_LIMITED: &str = "zkroute_rate_limited_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -94,6 +96,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Requests and connections refused by a service's circuit breaker, by the limit reached.
     pub overflow: IntCounterVec,
+    /// Requests refused by a rule's rate limit.
+    pub rate_limited: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -237,6 +241,12 @@ impl Metrics {
                 "Requests and connections refused by a service's circuit breaker, by the limit reached.",
                 &["service", "limit"],
             ),
+            rate_limited: counter_vec(
+                &r,
+                RATE_LIMITED,
+                "Requests refused by a rule's local rate limit.",
+                &["listener", "rule"],
+            ),
             registry: r,
         }
     }
@@ -349,6 +359,24 @@ impl TargetStats for RouteStats {
 impl StatsSource for Metrics {
     fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats> {
         Arc::new(RouteStats::new(self, listener, service))
+    }
+
+    fn rule_stats(&self, listener: &str, rule: &str) -> Arc<dyn RuleStats> {
+        Arc::new(RuleCounter { enabled: self.enabled, refused: self.rate_limited.with_label_values(&[listener, rule]) })
+    }
+}
+
+/// A rule's `zkroute_rate_limited_total` child, resolved when the table is built.
+struct RuleCounter {
+    enabled: bool,
+    refused: IntCounter,
+}
+
+impl RuleStats for RuleCounter {
+    fn rate_limited(&self) {
+        if self.enabled {
+            self.refused.inc();
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod build;
 pub mod documents;
 pub mod index;
 pub mod key_versions;
+pub mod rate_limit;
 pub mod store;
 pub mod table;
 pub mod tags;

@@ -187,3 +187,70 @@ async fn tcp_connections_past_max_connections_are_closed_and_counted() {
     .await;
     proxy.stop().await;
 }
+
+/// `n` GETs one after another on one keep-alive connection, with `headers`: the statuses, and
+/// the refusals checked to carry their code and `retry-after`.
+async fn rapid(proxy: &Proxy, n: usize, headers: &[(&str, &str)]) -> (usize, usize) {
+    let mut conn = KeepAlive::connect(proxy.listener("http")).await;
+    let (mut passed, mut refused) = (0, 0);
+    for _ in 0..n {
+        let r = conn.send(request("GET", "s", "/", headers, "")).await.unwrap();
+        match r.status().as_u16() {
+            200 => passed += 1,
+            429 => {
+                assert_eq!(error_code(&r), "rate_limited");
+                let after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=2).contains(&after), "retry-after {after}");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (passed, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_of_5_per_second_with_burst_5_passes_5_to_10_of_30_rapid_requests() {
+    let b = Backend::http("b").await;
+    let (_routes, proxy) = protected(&[&b], "", r#","rate_limit":{"per_second":5,"burst":5}"#).await;
+    let t = Instant::now();
+    let (passed, refused) = rapid(&proxy, 30, &[]).await;
+    // The burst, plus one more per 200 ms the 30 requests took.
+    let most = 5 + (t.elapsed().as_millis() / 200) as usize;
+    assert!((5..=most.min(10)).contains(&passed), "{passed} passed in {:?}", t.elapsed());
+    assert_eq!(passed + refused, 30);
+    assert_eq!(b.requests(), passed, "refused requests never reach the backend");
+    assert_eq!(proxy.metric(r#"zkroute_rate_limited_total{listener="http",rule="r"}"#).await, Some(refused as f64));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_per_header_gives_each_key_its_own_limit() {
+    let b = Backend::http("b").await;
+    let rule = r#","rate_limit":{"per_second":1,"burst":3,"key":"header:x-user"}"#;
+    let (_routes, proxy) = protected(&[&b], "", rule).await;
+    let (alice, _) = rapid(&proxy, 6, &[("x-user", "alice")]).await;
+    let (bob, _) = rapid(&proxy, 6, &[("x-user", "bob")]).await;
+    assert!((3..=4).contains(&alice), "alice's burst: {alice}");
+    assert!((3..=4).contains(&bob), "bob has a limit of his own: {bob}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_h2c_request_gets_429_with_retry_after() {
+    let b = Backend::http("b").await;
+    let (_routes, proxy) = protected(&[&b], "", r#","rate_limit":{"per_second":1,"burst":1}"#).await;
+    let addr = proxy.listener("http");
+    let mut statuses = Vec::new();
+    let mut client = h2client::h2_client(addr).await;
+    for _ in 0..3 {
+        let r = h2client::h2_send(&mut client, h2client::h2_get("http://s/")).await.unwrap();
+        if r.status() == 429 {
+            assert_eq!(error_code(&r), "rate_limited");
+            assert!(r.headers().contains_key("retry-after"));
+        }
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2, "{statuses:?}");
+    proxy.stop().await;
+}

@@ -26,6 +26,7 @@ use crate::endpoint::breaker::{Limit, Slot};
 use crate::health::HealthReporter;
 use crate::net::IpText;
 use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
+use crate::routing::rate_limit::RateKey;
 use crate::routing::table::{Endpoint, EndpointSet, Route, Target, hash_bytes};
 
 /// A target of a route, chosen for one request, holding the route it belongs to.
@@ -58,6 +59,25 @@ pub fn choose_target(route: &Arc<Route>, headers: &impl HeaderLookup) -> Option<
     }
     let fallback = route.targets.iter().position(|t| t.weight > 0 && available(t))?;
     Some(TargetRef(route.clone(), fallback))
+}
+
+/// Lets a request through its rule's rate limit, if the rule has one; else the answer to give.
+/// `header` reads a request header, for a limit keyed by one.
+#[inline]
+pub fn rate_limit<'h>(
+    route: &Route,
+    header: impl FnOnce(&HeaderName) -> Option<&'h [u8]>,
+    client_ip: &'h IpText,
+) -> Result<(), ProxyError> {
+    let Some(limiter) = &route.limiter else { return Ok(()) };
+    limiter
+        .check(|key| match key {
+            RateKey::Header(name) => header(name),
+            RateKey::SourceIp => Some(client_ip.as_bytes()),
+        })
+        .map_err(|wait| ProxyError::RateLimited {
+            retry_after: u32::try_from(wait.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1),
+        })
 }
 
 /// The ring-hash key of a request, when its service hashes: the value of the named header, or the

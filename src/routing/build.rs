@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::warn;
 
 use super::documents::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
+use super::rate_limit::RouteLimiter;
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
     RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats,
@@ -170,6 +171,8 @@ pub struct Builder {
     stats_source: Arc<dyn StatsSource>,
     /// Metric children per (listener, service label), kept across builds.
     stats: HashMap<(usize, Arc<str>), Arc<dyn TargetStats>>,
+    /// Rate limiters per (listener, rule id), kept across builds while the rule's limit holds.
+    limiters: HashMap<(usize, Arc<str>), Arc<RouteLimiter>>,
     defaults: Defaults,
     states: Arc<StateRegistry>,
     source: SourceKind,
@@ -213,6 +216,7 @@ impl Builder {
             listeners: listeners.into(),
             stats_source,
             stats: HashMap::new(),
+            limiters: HashMap::new(),
             defaults,
             states,
             source: SourceKind::Zookeeper,
@@ -723,7 +727,8 @@ impl Builder {
             Some(rule) => {
                 let targets = self.targets(id, spec, &rule.backends, used);
                 let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
-                Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries))
+                let limiter = self.limiter(id, &spec.name, &rule);
+                Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries).with_limiter(limiter))
             }
             None => {
                 let backend = Backend::Service {
@@ -737,6 +742,21 @@ impl Builder {
                 Arc::new(Route::new(Arc::from(format!("listener:{}", spec.name)), None, targets, timeout, retries))
             }
         }
+    }
+
+    /// The rate limiter of `rule` on listener `id`: the one it had while its limit is the same.
+    fn limiter(&mut self, id: usize, listener: &str, rule: &Rule) -> Option<Arc<RouteLimiter>> {
+        let key = (id, rule.id.clone());
+        let Some(limit) = &rule.rate_limit else {
+            self.limiters.remove(&key);
+            return None;
+        };
+        if let Some(l) = self.limiters.get(&key).filter(|l| l.limit == *limit) {
+            return Some(l.clone());
+        }
+        let l = Arc::new(RouteLimiter::new(limit.clone(), self.stats_source.rule_stats(listener, &rule.id)));
+        self.limiters.insert(key, l.clone());
+        Some(l)
     }
 
     fn route_limits(&self, timeout: Option<Duration>, retries: Option<u32>, targets: &[Target]) -> (Duration, u32) {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
+use super::rate_limit::{RateKey, RateLimit};
 use super::{Addr, MAX_WEIGHT, ServiceName};
 use crate::endpoint::breaker::BreakerLimits;
+use std::num::NonZeroU32;
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
@@ -65,6 +67,19 @@ pub struct RuleDoc {
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitDoc>,
+}
+
+/// A rule's local rate limit as written.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitDoc {
+    pub per_second: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
@@ -201,6 +216,7 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
     pub retries: Option<u32>,
+    pub rate_limit: Option<RateLimit>,
     /// The document as written, for `/config` and snapshots.
     pub doc: RuleDoc,
 }
@@ -243,6 +259,7 @@ impl Rule {
                 return Err(DocError::new("retries", format!("{r} is more than the limit of {MAX_RETRIES}")));
             }
         }
+        let rate_limit = doc.rate_limit.as_ref().map(rate_limit).transpose()?;
         Ok(Rule {
             id: Arc::from(id),
             listener: doc.listener.clone().into_boxed_str(),
@@ -251,9 +268,35 @@ impl Rule {
             backends,
             timeout,
             retries: doc.retries,
+            rate_limit,
             doc,
         })
     }
+}
+
+fn rate_limit(d: &RateLimitDoc) -> Result<RateLimit, DocError> {
+    let at_least_1 = |field: &str, v: u32| {
+        NonZeroU32::new(v).ok_or_else(|| DocError::new(format!("rate_limit.{field}"), "must be at least 1"))
+    };
+    let per_second = at_least_1("per_second", d.per_second)?;
+    let burst = at_least_1("burst", d.burst.unwrap_or(d.per_second))?;
+    let key = match d.key.as_deref() {
+        None => None,
+        Some("source_ip") => Some(RateKey::SourceIp),
+        Some(s) => match s.strip_prefix("header:") {
+            Some(name) => Some(RateKey::Header(
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| DocError::new("rate_limit.key", format!("{name:?} is not a valid header name")))?,
+            )),
+            None => {
+                return Err(DocError::new(
+                    "rate_limit.key",
+                    format!("{s:?} is neither \"header:<name>\" nor \"source_ip\""),
+                ));
+            }
+        },
+    };
+    Ok(RateLimit { per_second, burst, key })
 }
 
 fn compile_match(m: &MatchDoc) -> Result<Matcher, DocError> {
@@ -672,6 +715,9 @@ mod tests {
             (r#"{"listener":"http","timeout":"soon","backends":[{"service":"a"}]}"#, "timeout"),
             (r#"{"listener":"http","retries":99,"backends":[{"service":"a"}]}"#, "retries"),
             (r#"{"listener":"http","backends":[{"service":"a","weight":-1}]}"#, "weight"),
+            (r#"{"listener":"http","rate_limit":{"per_second":0},"backends":[{"service":"a"}]}"#, "per_second"),
+            (r#"{"listener":"http","rate_limit":{"per_second":1,"key":"ip"},"backends":[{"service":"a"}]}"#, "key"),
+            (r#"{"listener":"http","rate_limit":{"per_second":1,"brust":2},"backends":[{"service":"a"}]}"#, "brust"),
         ];
         for (json, needle) in cases {
             let err = rule(json).expect_err(json).to_string();

@@ -44,6 +44,10 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Rule, "backends[].weight", FIRST),
     (NodeKind::Rule, "timeout", FIRST),
     (NodeKind::Rule, "retries", FIRST),
+    (NodeKind::Rule, "rate_limit", V0_3),
+    (NodeKind::Rule, "rate_limit.per_second", V0_3),
+    (NodeKind::Rule, "rate_limit.burst", V0_3),
+    (NodeKind::Rule, "rate_limit.key", V0_3),
     (NodeKind::Policy, "lb", FIRST),
     (NodeKind::Policy, "hash_on", FIRST),
     (NodeKind::Policy, "connect_timeout", FIRST),
@@ -132,7 +136,7 @@ pub fn this_build() -> Version {
 mod tests {
     use super::*;
     use crate::routing::documents::{
-        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RuleDoc,
+        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc, RuleDoc,
     };
 
     /// The fields a document struct accepts, read from serde's refusal of an unknown one.
@@ -157,6 +161,7 @@ mod tests {
         missing.extend(listed(NodeKind::Rule, "", fields::<RuleDoc>()));
         missing.extend(listed(NodeKind::Rule, "match.", fields::<MatchDoc>()));
         missing.extend(listed(NodeKind::Rule, "backends[].", fields::<BackendDoc>()));
+        missing.extend(listed(NodeKind::Rule, "rate_limit.", fields::<RateLimitDoc>()));
         missing.extend(listed(NodeKind::Policy, "", fields::<PolicyDoc>()));
         missing.extend(listed(NodeKind::Policy, "health_check.", fields::<HealthCheckDoc>()));
         missing.extend(listed(NodeKind::Policy, "outlier.", fields::<OutlierDoc>()));

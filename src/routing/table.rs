@@ -504,6 +504,11 @@ pub trait TargetStats: Send + Sync {
 pub trait StatsSource: Send + Sync {
     /// `service` is empty for the requests of `listener` that no rule matched.
     fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats>;
+    /// How rule `rule` on `listener` counts its refusals.
+    fn rule_stats(&self, listener: &str, rule: &str) -> Arc<dyn super::rate_limit::RuleStats> {
+        let _ = (listener, rule);
+        Arc::new(super::rate_limit::NoRuleStats)
+    }
 }
 
 /// One weighted target of a route.
@@ -526,6 +531,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Extra attempts after the first.
     pub retries: u32,
+    /// The rule's local rate limit, if it has one.
+    pub limiter: Option<Arc<super::rate_limit::RouteLimiter>>,
 }
 
 impl Route {
@@ -538,7 +545,13 @@ impl Route {
                 total
             })
             .collect();
-        Route { id, rule, targets: targets.into_boxed_slice(), cumulative, timeout, retries }
+        Route { id, rule, targets: targets.into_boxed_slice(), cumulative, timeout, retries, limiter: None }
+    }
+
+    /// The same route, rate-limited by `limiter`.
+    pub fn with_limiter(mut self, limiter: Option<Arc<super::rate_limit::RouteLimiter>>) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     /// The target at weighted position `point`.

@@ -21,7 +21,7 @@ use crate::access_log;
 use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::Limits;
-use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
+use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::tcp::{RelayedBytes, relay};
@@ -251,6 +251,13 @@ impl Connection {
             }
         };
         let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+        if let Err(e) = rate_limit(&route, |name| fields.get(name.as_str().as_bytes()), &self.client_ip) {
+            let close = head.close || head.body != BodyLen::None;
+            done.status = e.rescue().status;
+            target.stats.observe(done.status, started.elapsed());
+            self.answer(&e, close, head_only).await;
+            return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+        }
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);

@@ -27,7 +27,7 @@ use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
 use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::endpoint::InFlight;
 use crate::net::IpText;
-use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key};
+use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
 
@@ -173,6 +173,9 @@ fn answer(err: ProxyError) -> Response<H2Body> {
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(HeaderName::from_static("x-zkroute-error"), HeaderValue::from_static(r.code));
+    if let Some(secs) = err.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 
@@ -239,6 +242,10 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     // A tag-routed service: the endpoints of the request's tag.
     let set = target.set.for_request(&parts.headers);
     let client_ip = IpText::new(peer.ip());
+    if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
+        target.stats.observe(e.rescue().status, started.elapsed());
+        return answer(e);
+    }
     let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
     let has_body = !body.is_end_stream();
