@@ -313,6 +313,7 @@ fn policy_json(p: &ServicePolicy) -> Value {
             "max_requests": c.max_requests,
             "max_retries": c.max_retries,
         })),
+        "retry_budget": p.retry_budget.map(|b| json!({"percent": b.percent, "min_per_second": b.min_per_second})),
     })
 }
 

@@ -254,3 +254,53 @@ async fn a_rate_limited_h2c_request_gets_429_with_retry_after() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2, "{statuses:?}");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_stops_a_retry_storm_when_every_backend_fails() {
+    let backends = [Backend::http("a").await, Backend::http("b").await, Backend::http("c").await];
+    for b in &backends {
+        b.state.force_status.store(503, std::sync::atomic::Ordering::SeqCst);
+    }
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let policy = r#"{"retry_budget":{"percent":20,"min_per_second":1}}"#;
+    let (_routes, proxy) = protected(&refs, policy, r#","retries":2"#).await;
+    let mut conn = KeepAlive::connect(proxy.listener("http")).await;
+    for _ in 0..50 {
+        let r = conn.send(request("GET", "s", "/", &[], "")).await.unwrap();
+        assert!(r.status().is_server_error());
+    }
+    // Without the budget: 50 tries and 100 retries. With it: a reserve of 1/s over the 10 s
+    // window, and a fifth of the 50 requests.
+    let attempts: usize = backends.iter().map(Backend::requests).sum();
+    assert!((50..=70).contains(&attempts), "{attempts} upstream attempts");
+    let retries = proxy.metric(r#"zkroute_retries_total{service="s"}"#).await.unwrap();
+    assert_eq!(retries as usize, attempts - 50);
+    let refused = proxy.metric(r#"zkroute_overflow_total{limit="retry_budget",service="s"}"#).await;
+    assert!(refused.is_some_and(|n| n > 0.0), "retries refused by the budget are counted");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_retries_a_slow_first_attempt_on_another_endpoint() {
+    let slow = Backend::http("slow").await;
+    slow.state.delay_ms.store(1500, std::sync::atomic::Ordering::SeqCst);
+    let fast = Backend::http("fast").await;
+    let routes = Routes::new();
+    // The slow one has nearly all the weight: it takes nearly every first try.
+    let instance = |b: &Backend, w: u32| format!(r#"{{"host":"127.0.0.1","port":{},"weight":{w}}}"#, b.addr.port());
+    routes.instance("s", "slow", instance(&slow, 10000));
+    routes.instance("s", "fast", instance(&fast, 1));
+    routes.rule(
+        "r",
+        r#"{"listener":"http","timeout":"5s","per_try_timeout":"200ms","retries":1,"backends":[{"service":"s"}]}"#,
+    );
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = send(proxy.listener("http"), request("GET", "s", "/", &[], "")).await.unwrap();
+        assert_eq!((r.status().as_u16(), who(&r).as_str()), (200, "fast"));
+        assert!(t.elapsed() < Duration::from_millis(1200), "the slow try was cut short: {:?}", t.elapsed());
+    }
+    assert!(slow.requests() >= 1, "the first tries went to the slow endpoint");
+    proxy.stop().await;
+}

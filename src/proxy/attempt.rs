@@ -187,6 +187,10 @@ pub struct Attempts<'t> {
     /// The request's places under `max_requests` and, once it retries, `max_retries`.
     request_slot: Option<Slot>,
     retry_slot: Option<Slot>,
+    /// Each try's share of the deadline (the rule's `per_try_timeout`).
+    per_try: Option<Duration>,
+    /// The limit that kept the try in progress from being retried, counted if it fails.
+    blocked: Option<&'static str>,
 }
 
 /// What a request waiting under `max_connections` got.
@@ -223,6 +227,28 @@ impl<'t> Attempts<'t> {
             admitted: set.gate.is_none(),
             request_slot: None,
             retry_slot: None,
+            per_try: None,
+            blocked: None,
+        }
+    }
+
+    /// The same tries, each given at most `per_try` of the deadline (None: the whole of it).
+    #[inline]
+    pub fn with_per_try_timeout(mut self, per_try: Option<Duration>) -> Self {
+        self.per_try = per_try;
+        self
+    }
+
+    /// The deadline of a try starting now: the request's, or sooner with a per-try timeout.
+    /// `cut`: it is sooner, so a try that runs out of time may be retried.
+    #[inline]
+    pub fn try_deadline(&self, deadline: tokio::time::Instant) -> (tokio::time::Instant, bool) {
+        match self.per_try {
+            None => (deadline, false),
+            Some(t) => {
+                let mine = tokio::time::Instant::now() + t;
+                if mine < deadline { (mine, true) } else { (deadline, false) }
+            }
         }
     }
 
@@ -311,18 +337,31 @@ impl<'t> Attempts<'t> {
     /// Whether a failed exchange could still go to another endpoint: the protocol then reports it
     /// as [`Outcome::Retry`] rather than failing the request.
     #[inline]
-    pub fn may_retry(&self) -> bool {
-        self.retries_left > 0 && self.set.active().len() > self.tried.len() && self.retry_room()
+    pub fn may_retry(&mut self) -> bool {
+        if self.retries_left == 0 || self.set.active().len() <= self.tried.len() {
+            return false;
+        }
+        if self.set.gate.is_none() {
+            return true;
+        }
+        self.blocked = self.retry_blocked();
+        self.blocked.is_none()
     }
 
-    /// Whether the service's `max_retries` lets this request retry (it may still be taken by
-    /// another before this one retries).
-    #[inline]
-    fn retry_room(&self) -> bool {
-        let Some(gate) = &self.set.gate else { return true };
-        match self.set.policy.circuit_breaker.and_then(|c| c.max_retries) {
-            Some(max) => self.retry_slot.is_some() || gate.has_room(Limit::Retries, max),
-            None => true,
+    /// The limit that keeps this request from retrying now, if any: the service's `max_retries`
+    /// (a place may still be taken by another before this request retries) or its retry budget.
+    #[cold]
+    fn retry_blocked(&self) -> Option<&'static str> {
+        let gate = self.set.gate.as_ref()?;
+        let policy = &self.set.policy;
+        if let Some(max) = policy.circuit_breaker.and_then(|c| c.max_retries) {
+            if self.retry_slot.is_none() && !gate.has_room(Limit::Retries, max) {
+                return Some(Limit::Retries.as_str());
+            }
+        }
+        match policy.retry_budget {
+            Some(b) if !gate.budget_has_room(b) => Some("retry_budget"),
+            _ => None,
         }
     }
 
@@ -336,10 +375,11 @@ impl<'t> Attempts<'t> {
     #[cold]
     fn admit(&mut self) -> bool {
         self.admitted = true;
-        let (Some(gate), Some(max)) = (&self.set.gate, self.set.policy.circuit_breaker.and_then(|c| c.max_requests))
-        else {
-            return true;
-        };
+        let Some(gate) = &self.set.gate else { return true };
+        if self.set.policy.retry_budget.is_some() {
+            gate.deposit(self.started);
+        }
+        let Some(max) = self.set.policy.circuit_breaker.and_then(|c| c.max_requests) else { return true };
         match gate.take(Limit::Requests, max) {
             Some(slot) => {
                 self.request_slot = Some(slot);
@@ -418,6 +458,10 @@ impl<'t> Attempts<'t> {
         match outcome {
             Outcome::Answered { status, upstream_fault, value } => {
                 if upstream_fault {
+                    if let Some(limit) = self.blocked.take() {
+                        // A failed answer that went to the client because no retry was allowed.
+                        self.target.stats.overflow(limit);
+                    }
                     health.failure(self.set, index);
                 } else {
                     endpoint.state.record_success();
@@ -460,24 +504,29 @@ impl<'t> Attempts<'t> {
         self.last_error
     }
 
-    /// A place under the service's `max_retries` for this request's retries; false (counted as
-    /// an overflow, the last error standing) when none is free.
+    /// A place under the service's `max_retries` for this request's retries (taken at its first
+    /// retry), and a retry from its retry budget; false (counted as an overflow, the last error
+    /// standing) when either has none.
     #[cold]
-    fn take_retry_slot(&mut self) -> bool {
-        let (Some(gate), Some(max)) = (&self.set.gate, self.set.policy.circuit_breaker.and_then(|c| c.max_retries))
-        else {
-            return true;
-        };
-        match gate.take(Limit::Retries, max) {
-            Some(slot) => {
-                self.retry_slot = Some(slot);
-                true
-            }
-            None => {
-                self.target.stats.overflow(Limit::Retries.as_str());
-                false
+    fn retry_allowed(&mut self) -> bool {
+        let Some(gate) = &self.set.gate else { return true };
+        let policy = &self.set.policy;
+        if let (None, Some(max)) = (&self.retry_slot, policy.circuit_breaker.and_then(|c| c.max_retries)) {
+            match gate.take(Limit::Retries, max) {
+                Some(slot) => self.retry_slot = Some(slot),
+                None => {
+                    self.target.stats.overflow(Limit::Retries.as_str());
+                    return false;
+                }
             }
         }
+        if let Some(budget) = policy.retry_budget {
+            if !gate.withdraw(budget) {
+                self.target.stats.overflow("retry_budget");
+                return false;
+            }
+        }
+        true
     }
 
     #[inline]
@@ -489,7 +538,7 @@ impl<'t> Attempts<'t> {
         if self.retries_left == 0 {
             return false;
         }
-        if self.set.gate.is_some() && self.retry_slot.is_none() && !self.take_retry_slot() {
+        if self.set.gate.is_some() && !self.retry_allowed() {
             return false;
         }
         self.retries_left -= 1;

@@ -536,6 +536,7 @@ impl Builder {
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
             circuit_breaker: p.and_then(|p| p.circuit_breaker),
+            retry_budget: p.and_then(|p| p.retry_budget),
         };
         (policy, slot.cloned())
     }
@@ -650,7 +651,7 @@ impl Builder {
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
-        let gate = policy.circuit_breaker.is_some().then(|| self.states.gate(name));
+        let gate = (policy.circuit_breaker.is_some() || policy.retry_budget.is_some()).then(|| self.states.gate(name));
         let make = |endpoints| {
             let mut set = EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
             set.gate = gate.clone();
@@ -844,6 +845,7 @@ impl Builder {
                                     panic_threshold_percent: 0,
                                     protect_from_empty: false,
                                     circuit_breaker: None,
+                                    retry_budget: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rate_limit::{RateKey, RateLimit};
 use super::{Addr, MAX_WEIGHT, ServiceName};
-use crate::endpoint::breaker::BreakerLimits;
+use crate::endpoint::breaker::{BreakerLimits, BudgetLimits};
 use std::num::NonZeroU32;
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
@@ -69,6 +69,8 @@ pub struct RuleDoc {
     pub retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
 }
 
 /// A rule's local rate limit as written.
@@ -217,6 +219,8 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     pub retries: Option<u32>,
     pub rate_limit: Option<RateLimit>,
+    /// Each attempt's share of `timeout`.
+    pub per_try_timeout: Option<Duration>,
     /// The document as written, for `/config` and snapshots.
     pub doc: RuleDoc,
 }
@@ -260,6 +264,10 @@ impl Rule {
             }
         }
         let rate_limit = doc.rate_limit.as_ref().map(rate_limit).transpose()?;
+        let per_try_timeout = doc.per_try_timeout.as_deref().map(|t| duration("per_try_timeout", t)).transpose()?;
+        if per_try_timeout == Some(Duration::ZERO) {
+            return Err(DocError::new("per_try_timeout", "must be greater than zero"));
+        }
         Ok(Rule {
             id: Arc::from(id),
             listener: doc.listener.clone().into_boxed_str(),
@@ -269,6 +277,7 @@ impl Rule {
             timeout,
             retries: doc.retries,
             rate_limit,
+            per_try_timeout,
             doc,
         })
     }
@@ -410,6 +419,18 @@ pub struct PolicyDoc {
     pub protect_from_empty: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetDoc>,
+}
+
+/// A service's retry budget as written.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<u32>,
 }
 
 /// A service's circuit breaker as written: each limit absent is no limit.
@@ -514,6 +535,7 @@ pub struct Policy {
     pub panic_threshold_percent: Option<u32>,
     pub protect_from_empty: Option<bool>,
     pub circuit_breaker: Option<BreakerLimits>,
+    pub retry_budget: Option<BudgetLimits>,
     pub doc: PolicyDoc,
 }
 
@@ -558,6 +580,7 @@ impl Policy {
             }
         }
         let circuit_breaker = doc.circuit_breaker.as_ref().map(circuit_breaker).transpose()?;
+        let retry_budget = doc.retry_budget.as_ref().map(retry_budget).transpose()?;
         Ok(Policy {
             lb,
             connect_timeout,
@@ -567,6 +590,7 @@ impl Policy {
             panic_threshold_percent: doc.panic_threshold_percent,
             protect_from_empty: doc.protect_from_empty,
             circuit_breaker,
+            retry_budget,
             doc,
         })
     }
@@ -640,6 +664,17 @@ fn circuit_breaker(d: &CircuitBreakerDoc) -> Result<BreakerLimits, DocError> {
         max_requests: d.max_requests,
         max_retries: d.max_retries,
     })
+}
+
+/// linkerd's defaults: retries may add a fifth to the load, and ten a second are always allowed.
+const DEFAULT_BUDGET: BudgetLimits = BudgetLimits { percent: 20, min_per_second: 10 };
+
+fn retry_budget(d: &RetryBudgetDoc) -> Result<BudgetLimits, DocError> {
+    let percent = d.percent.unwrap_or(DEFAULT_BUDGET.percent);
+    if percent > 1000 {
+        return Err(DocError::new("retry_budget.percent", format!("{percent} is more than 1000")));
+    }
+    Ok(BudgetLimits { percent, min_per_second: d.min_per_second.unwrap_or(DEFAULT_BUDGET.min_per_second) })
 }
 
 fn outlier(d: &OutlierDoc) -> Result<Outlier, DocError> {
@@ -716,6 +751,7 @@ mod tests {
             (r#"{"listener":"http","retries":99,"backends":[{"service":"a"}]}"#, "retries"),
             (r#"{"listener":"http","backends":[{"service":"a","weight":-1}]}"#, "weight"),
             (r#"{"listener":"http","rate_limit":{"per_second":0},"backends":[{"service":"a"}]}"#, "per_second"),
+            (r#"{"listener":"http","per_try_timeout":"0s","backends":[{"service":"a"}]}"#, "per_try_timeout"),
             (r#"{"listener":"http","rate_limit":{"per_second":1,"key":"ip"},"backends":[{"service":"a"}]}"#, "key"),
             (r#"{"listener":"http","rate_limit":{"per_second":1,"brust":2},"backends":[{"service":"a"}]}"#, "brust"),
         ];
@@ -767,6 +803,7 @@ mod tests {
             (r#"{"lbb":"p2c"}"#, "unknown field"),
             (r#"{"circuit_breaker":{"max_requests":0}}"#, "circuit_breaker.max_requests"),
             (r#"{"circuit_breaker":{"max_conns":1}}"#, "unknown field"),
+            (r#"{"retry_budget":{"percent":5000}}"#, "retry_budget.percent"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

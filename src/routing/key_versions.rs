@@ -48,6 +48,7 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Rule, "rate_limit.per_second", V0_3),
     (NodeKind::Rule, "rate_limit.burst", V0_3),
     (NodeKind::Rule, "rate_limit.key", V0_3),
+    (NodeKind::Rule, "per_try_timeout", V0_3),
     (NodeKind::Policy, "lb", FIRST),
     (NodeKind::Policy, "hash_on", FIRST),
     (NodeKind::Policy, "connect_timeout", FIRST),
@@ -72,6 +73,9 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Policy, "circuit_breaker.max_pending", V0_3),
     (NodeKind::Policy, "circuit_breaker.max_requests", V0_3),
     (NodeKind::Policy, "circuit_breaker.max_retries", V0_3),
+    (NodeKind::Policy, "retry_budget", V0_3),
+    (NodeKind::Policy, "retry_budget.percent", V0_3),
+    (NodeKind::Policy, "retry_budget.min_per_second", V0_3),
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.
@@ -136,15 +140,18 @@ pub fn this_build() -> Version {
 mod tests {
     use super::*;
     use crate::routing::documents::{
-        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc, RuleDoc,
+        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc, RetryBudgetDoc,
+        RuleDoc,
     };
 
     /// The fields a document struct accepts, read from serde's refusal of an unknown one.
     fn fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
         let err = serde_json::from_str::<T>(r#"{"zz_not_a_key": 1}"#).unwrap_err().to_string();
-        let list = err.split("expected one of ").nth(1).unwrap_or_else(|| panic!("unexpected error: {err}"));
+        // serde lists several fields as "one of `a`, `b`", two as "`a` or `b`".
+        let list = err.split("expected ").nth(1).unwrap_or_else(|| panic!("unexpected error: {err}"));
+        let list = list.strip_prefix("one of ").unwrap_or(list);
         let list = list.split(" at line").next().unwrap_or(list);
-        list.split(", ").map(|f| f.trim_matches('`').to_owned()).collect()
+        list.split(", ").flat_map(|f| f.split(" or ")).map(|f| f.trim_matches('`').to_owned()).collect()
     }
 
     fn listed(kind: NodeKind, prefix: &str, fields: Vec<String>) -> Vec<String> {
@@ -166,6 +173,7 @@ mod tests {
         missing.extend(listed(NodeKind::Policy, "health_check.", fields::<HealthCheckDoc>()));
         missing.extend(listed(NodeKind::Policy, "outlier.", fields::<OutlierDoc>()));
         missing.extend(listed(NodeKind::Policy, "circuit_breaker.", fields::<CircuitBreakerDoc>()));
+        missing.extend(listed(NodeKind::Policy, "retry_budget.", fields::<RetryBudgetDoc>()));
         assert!(missing.is_empty(), "keys without an entry in KEYS: {missing:?}");
     }
 

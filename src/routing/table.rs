@@ -204,6 +204,8 @@ pub struct ServicePolicy {
     pub protect_from_empty: bool,
     /// Limits of the service's circuit breaker, if it has one.
     pub circuit_breaker: Option<crate::endpoint::breaker::BreakerLimits>,
+    /// The service's retry budget, if it has one.
+    pub retry_budget: Option<crate::endpoint::breaker::BudgetLimits>,
 }
 
 impl ServicePolicy {
@@ -533,6 +535,8 @@ pub struct Route {
     pub retries: u32,
     /// The rule's local rate limit, if it has one.
     pub limiter: Option<Arc<super::rate_limit::RouteLimiter>>,
+    /// Each attempt's share of the timeout, if the rule limits it.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Route {
@@ -545,7 +549,17 @@ impl Route {
                 total
             })
             .collect();
-        Route { id, rule, targets: targets.into_boxed_slice(), cumulative, timeout, retries, limiter: None }
+        let per_try_timeout = rule.as_ref().and_then(|r| r.per_try_timeout).filter(|t| *t < timeout);
+        Route {
+            id,
+            rule,
+            targets: targets.into_boxed_slice(),
+            cumulative,
+            timeout,
+            retries,
+            limiter: None,
+            per_try_timeout,
+        }
     }
 
     /// The same route, rate-limited by `limiter`.

@@ -189,6 +189,7 @@ mod tests {
             panic_threshold_percent: 0,
             protect_from_empty: false,
             circuit_breaker: None,
+            retry_budget: None,
         })
     }
 

@@ -302,7 +302,8 @@ impl Connection {
 
         done.bytes_in = (self.req.len() - head_out) as u64;
         let deadline = tokio::time::Instant::from_std(started + route.timeout);
-        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
+        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
+            .with_per_try_timeout(route.per_try_timeout);
         loop {
             let ctx = &*self.ctx;
             let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
@@ -316,7 +317,9 @@ impl Connection {
                 done.upstream = Some(attempt.endpoint.addr.clone());
             }
             let may_retry = attempts.may_retry();
-            let outcome = self.forward(conn, &head, &mut pending, deadline, may_retry, in_flight, pool).await;
+            let (try_deadline, cut) = attempts.try_deadline(deadline);
+            let outcome =
+                self.forward(conn, &head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
             if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
                 done.status = status;
                 done.bytes_in += relayed.bytes_in;
@@ -358,7 +361,9 @@ impl Connection {
     }
 
     /// Sends the request on `conn` and relays the response. `may_retry`: the caller can try
-    /// another endpoint, so a failure that left the client untouched comes back as `Retry`.
+    /// another endpoint, so a failure that left the client untouched comes back as `Retry`;
+    /// `per_try`: `deadline` is the try's own, sooner than the request's, so running out of it
+    /// is such a failure too.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &mut self,
@@ -366,7 +371,7 @@ impl Connection {
         head: &RequestHead,
         pending: &mut Pending,
         deadline: tokio::time::Instant,
-        may_retry: bool,
+        (may_retry, per_try): (bool, bool),
         in_flight: InFlight,
         pool: Option<&Arc<upstream::Pool>>,
     ) -> Outcome<(u16, Relayed)> {
@@ -441,6 +446,7 @@ impl Connection {
         };
         let resp = match read {
             Ok(r) => r,
+            Err(ReadError::Timeout) if per_try && body_done => return retry_or_fail(ProxyError::Timeout),
             // The upstream's fault only if it had the whole request: a client still sending its
             // body when the time ran out may have been the slow one.
             Err(ReadError::Timeout) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_done },

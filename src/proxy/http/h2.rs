@@ -255,13 +255,16 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
-    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
+    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
+        .with_per_try_timeout(route.per_try_timeout);
     let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
     let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
         let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
         let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
-        let outcome = exchange(conn, pool, in_flight, &mut request, &parts.method, deadline, may_retry).await;
+        let (try_deadline, per_try) = attempts.try_deadline(deadline);
+        let outcome =
+            exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try)).await;
         if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
             return response;
         }
@@ -288,7 +291,7 @@ async fn exchange(
     request: &mut Http1Request<'_>,
     method: &Method,
     deadline: tokio::time::Instant,
-    may_retry: bool,
+    (may_retry, per_try): (bool, bool),
 ) -> Outcome<Response<H2Body>> {
     let retry_or_fail =
         |error| if may_retry { Outcome::Retry(error) } else { Outcome::Fail { error, upstream_fault: true } };
@@ -355,6 +358,8 @@ async fn exchange(
     let resp = resp.and_then(|h| if h.status == 101 { Err(ProxyError::UpstreamReset) } else { Ok(h) });
     let resp_head = match resp {
         Ok(h) => h,
+        // A try's own timeout (`per_try_timeout`) may go to another endpoint.
+        Err(ProxyError::Timeout) if per_try && may_retry => return Outcome::Retry(ProxyError::Timeout),
         // A timeout is the upstream's fault once it had the whole request.
         Err(ProxyError::Timeout) => {
             return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_ok && !pumping };
