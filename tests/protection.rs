@@ -304,3 +304,35 @@ async fn a_per_try_timeout_retries_a_slow_first_attempt_on_another_endpoint() {
     assert!(slow.requests() >= 1, "the first tries went to the slow endpoint");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_rules_edit_requests_and_responses_and_traceparent_passes_untouched() {
+    let b = Backend::http("b").await;
+    let edits = r#","request_headers":{"set":{"x-env":"prod"},"add":{"x-tag":"added"},"remove":["x-secret"]},
+        "response_headers":{"set":{"x-served-by":"zkroute"},"remove":["x-backend"]}"#;
+    let (_routes, proxy) = protected(&[&b], "", edits).await;
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let headers = [("x-env", "dev"), ("x-secret", "s3"), ("x-tag", "mine"), ("traceparent", trace)];
+    let r = send(proxy.listener("http"), request("GET", "s", "/", &headers, "")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed = |name: &str| -> Vec<&str> {
+        r.headers().get_all(format!("x-echo-{name}")).iter().map(|v| v.to_str().unwrap()).collect()
+    };
+    assert_eq!(echoed("x-env"), ["prod"], "set replaces the client's value");
+    assert_eq!(echoed("x-tag"), ["mine", "added"], "add keeps the client's value");
+    assert!(echoed("x-secret").is_empty(), "removed before forwarding");
+    assert_eq!(echoed("traceparent"), [trace], "traceparent goes through as it came");
+    assert_eq!(r.headers()["x-served-by"], "zkroute");
+    assert!(r.headers().get("x-backend").is_none(), "removed from the response");
+    assert_eq!(r.body(), "b", "the body is untouched");
+
+    // The same over h2c.
+    let mut client = h2client::h2_client(proxy.listener("http")).await;
+    let req = http::Request::get("http://s/").header("x-secret", "s3").body(http_body_util::Full::new(Bytes::new()));
+    let r = h2client::h2_send(&mut client, req.unwrap()).await.unwrap();
+    assert!(r.headers().get("x-echo-x-secret").is_none());
+    assert_eq!(r.headers()["x-echo-x-env"], "prod");
+    assert_eq!(r.headers()["x-served-by"], "zkroute");
+    assert!(r.headers().get("x-backend").is_none());
+    proxy.stop().await;
+}

@@ -71,6 +71,75 @@ pub struct RuleDoc {
     pub rate_limit: Option<RateLimitDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderEditsDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderEditsDoc>,
+}
+
+/// Header edits as written: fields set (replacing any of the name), added, removed.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEditsDoc {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// Header edits, validated: applied to a head as it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderEdits {
+    pub set: Box<[(HeaderName, HeaderValue)]>,
+    pub add: Box<[(HeaderName, HeaderValue)]>,
+    pub remove: Box<[HeaderName]>,
+}
+
+impl HeaderEdits {
+    /// Whether a field named `name` (any case) is dropped from the head: removed, or set anew.
+    pub fn drops(&self, name: &[u8]) -> bool {
+        let is = |n: &HeaderName| n.as_str().as_bytes().eq_ignore_ascii_case(name);
+        self.remove.iter().any(is) || self.set.iter().any(|(n, _)| is(n))
+    }
+}
+
+/// Fields that frame a message or belong to one connection: a rule may not edit them.
+const UNEDITABLE: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn header_edits(field: &str, d: &HeaderEditsDoc) -> Result<HeaderEdits, DocError> {
+    let name = |k: &str| {
+        let n = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| DocError::new(format!("{field}.{k}"), "not a valid header name"))?;
+        if UNEDITABLE.contains(&n.as_str()) {
+            return Err(DocError::new(format!("{field}.{k}"), "frames the message or the connection: not editable"));
+        }
+        Ok(n)
+    };
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| {
+                let value = HeaderValue::from_str(v)
+                    .map_err(|_| DocError::new(format!("{field}.{k}"), "not a valid header value"))?;
+                Ok((name(k)?, value))
+            })
+            .collect::<Result<Vec<_>, DocError>>()
+    };
+    Ok(HeaderEdits {
+        set: pairs(&d.set)?.into(),
+        add: pairs(&d.add)?.into(),
+        remove: d.remove.iter().map(|k| name(k)).collect::<Result<Vec<_>, _>>()?.into(),
+    })
 }
 
 /// A rule's local rate limit as written.
@@ -221,6 +290,8 @@ pub struct Rule {
     pub rate_limit: Option<RateLimit>,
     /// Each attempt's share of `timeout`.
     pub per_try_timeout: Option<Duration>,
+    pub request_headers: Option<Arc<HeaderEdits>>,
+    pub response_headers: Option<Arc<HeaderEdits>>,
     /// The document as written, for `/config` and snapshots.
     pub doc: RuleDoc,
 }
@@ -268,6 +339,10 @@ impl Rule {
         if per_try_timeout == Some(Duration::ZERO) {
             return Err(DocError::new("per_try_timeout", "must be greater than zero"));
         }
+        let edits =
+            |field, d: &Option<HeaderEditsDoc>| d.as_ref().map(|d| header_edits(field, d).map(Arc::new)).transpose();
+        let request_headers = edits("request_headers", &doc.request_headers)?;
+        let response_headers = edits("response_headers", &doc.response_headers)?;
         Ok(Rule {
             id: Arc::from(id),
             listener: doc.listener.clone().into_boxed_str(),
@@ -278,6 +353,8 @@ impl Rule {
             retries: doc.retries,
             rate_limit,
             per_try_timeout,
+            request_headers,
+            response_headers,
             doc,
         })
     }
@@ -752,6 +829,15 @@ mod tests {
             (r#"{"listener":"http","backends":[{"service":"a","weight":-1}]}"#, "weight"),
             (r#"{"listener":"http","rate_limit":{"per_second":0},"backends":[{"service":"a"}]}"#, "per_second"),
             (r#"{"listener":"http","per_try_timeout":"0s","backends":[{"service":"a"}]}"#, "per_try_timeout"),
+            (
+                r#"{"listener":"http","request_headers":{"remove":["Content-Length"]},"backends":[{"service":"a"}]}"#,
+                "not editable",
+            ),
+            (
+                r#"{"listener":"http","response_headers":{"set":{"a b":"c"}},"backends":[{"service":"a"}]}"#,
+                "response_headers.a b",
+            ),
+            (r#"{"listener":"http","request_headers":{"sett":{}},"backends":[{"service":"a"}]}"#, "sett"),
             (r#"{"listener":"http","rate_limit":{"per_second":1,"key":"ip"},"backends":[{"service":"a"}]}"#, "key"),
             (r#"{"listener":"http","rate_limit":{"per_second":1,"brust":2},"backends":[{"service":"a"}]}"#, "brust"),
         ];

@@ -49,6 +49,14 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Rule, "rate_limit.burst", V0_3),
     (NodeKind::Rule, "rate_limit.key", V0_3),
     (NodeKind::Rule, "per_try_timeout", V0_3),
+    (NodeKind::Rule, "request_headers", V0_3),
+    (NodeKind::Rule, "request_headers.set", V0_3),
+    (NodeKind::Rule, "request_headers.add", V0_3),
+    (NodeKind::Rule, "request_headers.remove", V0_3),
+    (NodeKind::Rule, "response_headers", V0_3),
+    (NodeKind::Rule, "response_headers.set", V0_3),
+    (NodeKind::Rule, "response_headers.add", V0_3),
+    (NodeKind::Rule, "response_headers.remove", V0_3),
     (NodeKind::Policy, "lb", FIRST),
     (NodeKind::Policy, "hash_on", FIRST),
     (NodeKind::Policy, "connect_timeout", FIRST),
@@ -79,7 +87,14 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.
-const FREE_MAPS: &[(NodeKind, &str)] = &[(NodeKind::Rule, "match.headers"), (NodeKind::Rule, "backends[].subset")];
+const FREE_MAPS: &[(NodeKind, &str)] = &[
+    (NodeKind::Rule, "match.headers"),
+    (NodeKind::Rule, "backends[].subset"),
+    (NodeKind::Rule, "request_headers.set"),
+    (NodeKind::Rule, "request_headers.add"),
+    (NodeKind::Rule, "response_headers.set"),
+    (NodeKind::Rule, "response_headers.add"),
+];
 
 /// The oldest zkroute that accepts every key `doc` uses, and the key that needs it (None when
 /// every key is from the first release).
@@ -140,8 +155,8 @@ pub fn this_build() -> Version {
 mod tests {
     use super::*;
     use crate::routing::documents::{
-        BackendDoc, CircuitBreakerDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc, RetryBudgetDoc,
-        RuleDoc,
+        BackendDoc, CircuitBreakerDoc, HeaderEditsDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc,
+        RetryBudgetDoc, RuleDoc,
     };
 
     /// The fields a document struct accepts, read from serde's refusal of an unknown one.
@@ -169,6 +184,8 @@ mod tests {
         missing.extend(listed(NodeKind::Rule, "match.", fields::<MatchDoc>()));
         missing.extend(listed(NodeKind::Rule, "backends[].", fields::<BackendDoc>()));
         missing.extend(listed(NodeKind::Rule, "rate_limit.", fields::<RateLimitDoc>()));
+        missing.extend(listed(NodeKind::Rule, "request_headers.", fields::<HeaderEditsDoc>()));
+        missing.extend(listed(NodeKind::Rule, "response_headers.", fields::<HeaderEditsDoc>()));
         missing.extend(listed(NodeKind::Policy, "", fields::<PolicyDoc>()));
         missing.extend(listed(NodeKind::Policy, "health_check.", fields::<HealthCheckDoc>()));
         missing.extend(listed(NodeKind::Policy, "outlier.", fields::<OutlierDoc>()));

@@ -16,6 +16,7 @@ use tokio::time::Sleep;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
+use super::edit;
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
@@ -26,6 +27,7 @@ use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1};
+use crate::routing::documents::HeaderEdits;
 use crate::routing::table::{Route, TargetStats};
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
@@ -62,6 +64,8 @@ pub struct Connection {
     /// Resolves when draining starts. Made once per connection: between requests it costs a
     /// poll, where a fresh wait would join and leave the signal's waiter list every time.
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The response header edits of the request in progress's rule, if it has any.
+    response_edits: Option<Arc<HeaderEdits>>,
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -126,6 +130,7 @@ impl Connection {
                 Box::pin(async move { shutdown.wait().await })
             },
             ctx,
+            response_edits: None,
         }
     }
 
@@ -272,6 +277,11 @@ impl Connection {
             self.client_ip.as_bytes(),
             self.ctx.limits.drop_underscore_headers,
         );
+        let rule = route.rule.as_deref();
+        if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
+            edit::edit_head(&mut self.req, 0, edits);
+        }
+        self.response_edits = rule.and_then(|r| r.response_headers.clone());
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {
@@ -390,7 +400,7 @@ impl Connection {
         let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
+        let Connection { stream, buf, out, resp_fields, response_timer, response_edits, .. } = self;
         response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
@@ -476,7 +486,11 @@ impl Connection {
             drop_te: client_minor == 0,
             upgrade,
         };
+        let head_start = out.len();
         head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
+        if let Some(edits) = response_edits.as_deref() {
+            edit::edit_head(out, head_start, edits);
+        }
         conn.buf.consume(resp.len);
         let status = resp.status;
         let mut bytes_out = 0u64;

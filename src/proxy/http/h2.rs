@@ -24,12 +24,14 @@ use tokio::time::timeout_at;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
+use super::edit;
 use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
+use crate::routing::documents::HeaderEdits;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<HttpContext>) {
@@ -253,12 +255,22 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     let mut req_head = Vec::with_capacity(512);
     let drop_underscore = ctx.limits.drop_underscore_headers;
     write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
+    let rule = route.rule.as_deref();
+    if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
+        edit::edit_head(&mut req_head, 0, edits);
+    }
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
         .with_per_try_timeout(route.per_try_timeout);
     let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
-    let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
+    let mut request = Http1Request {
+        head: &req_head,
+        body: &mut body,
+        has_body,
+        chunked: length.is_none(),
+        response_edits: rule.and_then(|r| r.response_headers.as_deref()),
+    };
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
         let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
         let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
@@ -279,6 +291,8 @@ struct Http1Request<'a> {
     has_body: bool,
     /// Its length is unknown: the body goes chunked.
     chunked: bool,
+    /// The rule's edits of the response's header fields.
+    response_edits: Option<&'a HeaderEdits>,
 }
 
 /// Sends an h2 request on an HTTP/1.1 upstream connection and turns the response head into the
@@ -374,6 +388,9 @@ async fn exchange(
     *response.status_mut() = StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = response.headers_mut();
     copy_fields(headers, conn.buf.filled(), &resp_head, &fields);
+    if let Some(edits) = request.response_edits {
+        edit::edit_map(headers, edits);
+    }
     conn.buf.consume(resp_head.len);
     let remaining = match resp_head.body {
         BodyLen::Length(n) => n,
