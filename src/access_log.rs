@@ -45,6 +45,9 @@ pub struct Entry<'a> {
     pub duration: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The request's `x-request-id` (with `proxy.request_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
 }
 
 /// The access log handle shared by listeners.
@@ -115,7 +118,12 @@ fn format_line(e: &Entry<'_>, json: bool) -> String {
             push_escaped(&mut line, value);
             line.push(' ');
         }
-        let _ = writeln!(line, "{status} {upstream} {ms:.3}ms in={} out={}", e.bytes_in, e.bytes_out);
+        let _ = write!(line, "{status} {upstream} {ms:.3}ms in={} out={}", e.bytes_in, e.bytes_out);
+        if let Some(id) = e.request_id {
+            line.push_str(" id=");
+            push_escaped(&mut line, id);
+        }
+        line.push('\n');
         line
     }
 }
@@ -154,6 +162,7 @@ mod tests {
             duration: Duration::ZERO,
             bytes_in: 0,
             bytes_out: 0,
+            request_id: None,
         };
         let line = format_line(&entry, false);
         assert_eq!(

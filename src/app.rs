@@ -286,6 +286,7 @@ fn limits(p: &ProxyConfig, relay_memory: &Arc<RelayMemory>, congestion: Loopback
         stream_idle_timeout: p.stream_idle_timeout.0,
         h2_max_concurrent_streams: p.h2_max_concurrent_streams,
         drop_underscore_headers: p.drop_underscore_headers,
+        request_id: p.request_id,
         tcp_idle_timeout: p.tcp_idle_timeout.0,
         tcp_relay_memory: relay_memory.clone(),
         congestion,

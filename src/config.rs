@@ -177,6 +177,8 @@ pub struct ProxyConfig {
     pub h2_max_concurrent_streams: u32,
     /// Drops request header fields whose names hold an underscore, as nginx does.
     pub drop_underscore_headers: bool,
+    /// Adds `x-request-id` to requests without one, and logs it in the access log.
+    pub request_id: bool,
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
@@ -212,6 +214,7 @@ impl Default for ProxyConfig {
             stream_idle_timeout: secs(300),
             h2_max_concurrent_streams: 100,
             drop_underscore_headers: false,
+            request_id: false,
             pool_max_idle: 64,
             pool_idle_timeout: secs(30),
             health_check: None,
@@ -424,6 +427,7 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
         ValueKind::Bool,
         "drop request headers with an underscore in their name [default: false]",
     ),
+    ("proxy.request_id", ValueKind::Bool, "add x-request-id to requests without one, and log it [default: false]"),
     ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint [default: 64]"),
     ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after [default: 30s]"),
     ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),

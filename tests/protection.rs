@@ -336,3 +336,28 @@ async fn header_rules_edit_requests_and_responses_and_traceparent_passes_untouch
     assert!(r.headers().get("x-backend").is_none());
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_added_when_absent_kept_when_present_and_logged() {
+    let b = Backend::http("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let routes = Routes::new();
+    routes.backends("s", &[&b]);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"s"}]}"#);
+    let extra =
+        format!("{HTTP_LISTENER}[proxy]\nrequest_id = true\n[log]\naccess_log = {:?}\n", log.display().to_string());
+    let proxy = routes.proxy(&extra).await;
+    let r = send(proxy.listener("http"), request("GET", "s", "/new", &[], "")).await.unwrap();
+    let made = r.headers()["x-echo-x-request-id"].to_str().unwrap().to_owned();
+    assert!(made.len() == 32 && made.bytes().all(|c| c.is_ascii_hexdigit()), "{made:?}");
+    let r = send(proxy.listener("http"), request("GET", "s", "/kept", &[("x-request-id", "abc-1")], "")).await.unwrap();
+    let echoed: Vec<_> = r.headers().get_all("x-echo-x-request-id").iter().collect();
+    assert_eq!(echoed, ["abc-1"], "the client's id is kept, not doubled");
+    eventually("both ids in the access log", Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains(&format!("id={made}")) && text.contains("id=abc-1")).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}

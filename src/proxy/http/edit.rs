@@ -30,6 +30,19 @@ pub fn edit_head(out: &mut Vec<u8>, start: usize, edits: &HeaderEdits) {
     out.extend_from_slice(&edited);
 }
 
+/// A new `x-request-id`: 128 random bits as 32 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// Appends a field to the head that `out` holds whole (and nothing after it).
+pub fn insert_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    debug_assert!(out.ends_with(b"\r\n\r\n"));
+    let at = out.len() - 2;
+    let line = [name, b": ", value, b"\r\n"].concat();
+    out.splice(at..at, line);
+}
+
 /// The same edits on an HTTP/2 response's header map.
 pub fn edit_map(headers: &mut http::HeaderMap, edits: &HeaderEdits) {
     for name in edits.remove.iter() {

@@ -86,6 +86,8 @@ struct ExchangeRecord {
     upstream: Option<crate::routing::Addr>,
     bytes_in: u64,
     bytes_out: u64,
+    /// The `x-request-id` forwarded, when the access log is on.
+    request_id: Option<String>,
 }
 
 /// The request line's parts, copied for the access log (only when it is on).
@@ -235,6 +237,7 @@ impl Connection {
                 duration: started.elapsed(),
                 bytes_in: done.bytes_in,
                 bytes_out: done.bytes_out,
+                request_id: done.request_id.as_deref(),
             });
         }
         next
@@ -282,6 +285,20 @@ impl Connection {
             edit::edit_head(&mut self.req, 0, edits);
         }
         self.response_edits = rule.and_then(|r| r.response_headers.clone());
+        if self.ctx.limits.request_id {
+            let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+            let id = match fields.get(b"x-request-id") {
+                Some(id) => String::from_utf8_lossy(id).into_owned(),
+                None => {
+                    let id = edit::new_request_id();
+                    edit::insert_field(&mut self.req, b"x-request-id", id.as_bytes());
+                    id
+                }
+            };
+            if self.ctx.access_log.is_some() {
+                done.request_id = Some(id);
+            }
+        }
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {

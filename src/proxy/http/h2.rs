@@ -259,6 +259,9 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
         edit::edit_head(&mut req_head, 0, edits);
     }
+    if ctx.limits.request_id && !parts.headers.contains_key("x-request-id") {
+        edit::insert_field(&mut req_head, b"x-request-id", edit::new_request_id().as_bytes());
+    }
 
     let deadline = tokio::time::Instant::from_std(started + route.timeout);
     let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
