@@ -77,6 +77,8 @@ async fn six_concurrent_requests_against_max_requests_2_get_two_answers_and_four
     assert_eq!(proxy.metric(m).await, Some(4.0));
     // The slots were given back: the next request goes through.
     assert_eq!(call_status(&proxy, "/").await, 200);
+    let config = proxy.config().await;
+    assert_eq!(config["services"]["s"]["policy"]["circuit_breaker"]["max_requests"], 2, "/config shows the limits");
     proxy.stop().await;
 }
 
@@ -359,5 +361,26 @@ async fn request_ids_are_added_when_absent_kept_when_present_and_logged() {
         (text.contains(&format!("id={made}")) && text.contains("id=abc-1")).then_some(())
     })
     .await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_keeps_its_state_when_the_table_is_rebuilt() {
+    let b = Backend::http("b").await;
+    let c = Backend::http("c").await;
+    let (routes, proxy) = protected(&[&b], "", r#","rate_limit":{"per_second":1,"burst":3}"#).await;
+    let t = Instant::now();
+    let (passed, _) = rapid(&proxy, 4, &[]).await;
+    assert!((3..=4).contains(&passed));
+    // A new instance rebuilds the route; the rule's limit is the same, so its budget stays spent:
+    // what passes now is what 1/s refilled since, not a fresh burst of 3.
+    routes.backends("s", &[&b, &c]);
+    proxy.config_until("the new instance", |cfg| addresses(cfg, "s").len() == 2).await;
+    let (after, _) = rapid(&proxy, 3, &[]).await;
+    let refilled = t.elapsed().as_secs() as usize + 1;
+    assert!(after <= refilled, "{after} passed after the rebuild, {refilled} refilled at most");
+    if refilled < 3 {
+        assert!(after < 3, "the burst was not refilled by the rebuild");
+    }
     proxy.stop().await;
 }
