@@ -686,6 +686,10 @@ impl Builder {
             out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes, no_route));
         }
         self.sets.retain(|k, _| used_sets.contains(k));
+        // Limiters of rules gone (or moved to another listener) go with them.
+        self.limiters.retain(|(id, rule), _| {
+            out.get(*id).is_some_and(|l| l.routes.iter().any(|r| r.id == *rule && r.limiter.is_some()))
+        });
         out
     }
 
