@@ -126,11 +126,14 @@ pub struct AdminConfig {
     /// Serve `/config` and the dashboard (the whole table, with addresses). Off on hosts where
     /// that is sensitive.
     pub config_endpoint: bool,
+    /// What `/drain` requires in `x-zkroute-drain-token` when `bind` is not a loopback address
+    /// (README: "Stopping"); unset, `/drain` is refused there.
+    pub drain_token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { bind: SocketAddr::from(([127, 0, 0, 1], 9901)), config_endpoint: true }
+        AdminConfig { bind: SocketAddr::from(([127, 0, 0, 1], 9901)), config_endpoint: true, drain_token: None }
     }
 }
 
@@ -388,6 +391,11 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
     ("admin.bind", ValueKind::Str, "admin address for / /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
     ("admin.config_endpoint", ValueKind::Bool, "serve /config and the dashboard at / [default: true]"),
+    (
+        "admin.drain_token",
+        ValueKind::Str,
+        "what /drain needs in x-zkroute-drain-token when admin.bind is not loopback [default: unset, refused there]",
+    ),
     ("proxy.timeout", ValueKind::Str, "default whole-request timeout [default: 15s]"),
     ("proxy.retries", ValueKind::Int, "default extra attempts [default: 1]"),
     ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout [default: 1s]"),
@@ -501,6 +509,8 @@ impl Args for ConfigArgs {
             let arg = Arg::new(*key)
                 .long(flag_name(key))
                 .env(env_name(key))
+                // Values are not echoed into --help: some are credentials (auth, drain_token).
+                .hide_env_values(true)
                 .help(*help)
                 .global(!matches!(kind, ValueKind::Tables))
                 .help_heading("Configuration keys (each also a ZKROUTE_* variable)");

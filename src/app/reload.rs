@@ -126,7 +126,12 @@ impl App {
                 };
             plans.push((l, plan));
         }
-        let registrations_change = next.registrations != self.config.registrations;
+        let drained = self.drained.load(std::sync::atomic::Ordering::Relaxed);
+        let registrations_change = next.registrations != self.config.registrations && !drained;
+        if drained && next.registrations != self.config.registrations {
+            report.restart_needed.push("register (deregistered by /drain until the restart)".into());
+            next.registrations = self.config.registrations.clone();
+        }
         let zk = match registrations_change && !next.registrations.is_empty() {
             true => Some(
                 ZkSettings::from_config(&self.config.zookeeper)
