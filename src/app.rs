@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::access_log::{AccessLog, Sink};
 use crate::admin::{self, AdminState, DrainDoor, DrainRequest};
-use crate::config::{Config, LogFormat, ProxyConfig};
+use crate::config::{Config, KeyError, LogFormat, ProxyConfig};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
 use crate::discovery::zk::{ZkSource, ZkStatus, ZkStatusHandle};
@@ -78,7 +78,7 @@ impl App {
         }
         let states = Arc::new(StateRegistry::new(config.proxy.state_retention.0));
         let (writer, routes) = store::channel();
-        let defaults = config.defaults().map_err(|(k, r)| anyhow::anyhow!("proxy.{k}: {r}"))?;
+        let defaults = config.defaults()?;
         let (updates, update_rx) = discovery::updates();
         let (trigger, shutdown) = shutdown::channel();
         let draining = Arc::new(AtomicBool::new(false));
@@ -88,7 +88,7 @@ impl App {
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let congestion = congestion(&config.proxy).map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
+        let congestion = congestion(&config.proxy)?;
         // Bind every listener before anything starts, so a bad one fails the start.
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -298,11 +298,11 @@ impl App {
 }
 
 /// The congestion control for loopback connections, from `proxy.loopback_congestion`.
-fn congestion(p: &ProxyConfig) -> Result<LoopbackCongestion, (String, String)> {
+fn congestion(p: &ProxyConfig) -> Result<LoopbackCongestion, KeyError> {
     let wanted = p.loopback_congestion.as_deref();
     LoopbackCongestion::configured(wanted, DEFAULT_LOOPBACK_CONGESTION).map_err(|e| {
-        (
-            "proxy.loopback_congestion".to_owned(),
+        KeyError::new(
+            "proxy.loopback_congestion",
             format!(
                 "cannot use {:?}: {e} (net.ipv4.tcp_allowed_congestion_control lists what may be; \"\" keeps the \
                  system's choice)",

@@ -107,8 +107,8 @@ impl App {
         }
 
         // Everything that can fail, before anything changes.
-        let defaults = next.defaults().map_err(|(k, r)| refuse(format!("proxy.{k}"), r))?;
-        let congestion = congestion(&next.proxy).map_err(|(k, r)| refuse(k, r))?;
+        let defaults = next.defaults().map_err(|e| refuse(e.key, e.reason))?;
+        let congestion = congestion(&next.proxy).map_err(|e| refuse(e.key, e.reason))?;
         let mut plans = Vec::new();
         for (i, l) in next.listeners.iter().enumerate() {
             let plan =

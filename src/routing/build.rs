@@ -32,7 +32,9 @@ pub struct ListenerSpec {
     pub endpoint: Option<String>,
 }
 
-/// Local defaults for everything a rule or policy may leave out.
+/// Local defaults for everything a rule or policy may leave out. [`Defaults::default`] holds the
+/// values zkroute uses when the configuration sets none: the configuration's own defaults
+/// (`[proxy]`) are taken from it.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub lb: LbPolicy,
@@ -48,7 +50,7 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
-            lb: LbPolicy::P2c,
+            lb: LbPolicy::default(),
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(15),
             retries: 1,

@@ -407,6 +407,17 @@ pub enum LbPolicy {
     RingHash(HashOn),
 }
 
+impl LbPolicy {
+    /// The name a policy document's `lb` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::P2c => "p2c",
+            LbPolicy::RingHash(_) => "ring_hash",
+        }
+    }
+}
+
 /// What `ring_hash` hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashOn {
