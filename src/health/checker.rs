@@ -108,15 +108,6 @@ impl Checker {
             }
         }
     }
-
-    /// Check loops running.
-    pub fn len(&self) -> usize {
-        self.loops.values().map(HashMap::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.loops.is_empty()
-    }
 }
 
 struct Probe {
