@@ -307,7 +307,17 @@ fn policy_json(p: &ServicePolicy) -> Value {
         "outlier": outlier,
         "panic_threshold_percent": p.panic_threshold_percent,
         "protect_from_empty": p.protect_from_empty,
+        "protocol": upstream_protocol(p.protocol),
     })
+}
+
+/// The protocol zkroute speaks to an endpoint, as `/config` shows it.
+fn upstream_protocol(p: Option<crate::routing::InstanceProtocol>) -> &'static str {
+    match p {
+        Some(crate::routing::InstanceProtocol::H2) => "h2",
+        Some(crate::routing::InstanceProtocol::Tcp) => "tcp",
+        Some(crate::routing::InstanceProtocol::Http1) | None => "http1",
+    }
 }
 
 /// An endpoint's state, and why.
@@ -357,6 +367,8 @@ fn service_json(s: &ServiceEntry) -> Value {
             v["address"] = json!(i.instance.addr);
             v["origin"] = json!(i.origin);
             v["health"] = json!(state_view(&i.state, i.instance.enabled, unknown_ok));
+            // The instance's own protocol wins over the policy's.
+            v["protocol_in_force"] = json!(upstream_protocol(i.instance.protocol.or(s.policy.protocol)));
             if i.instance.warmup.is_some() {
                 // The weight as ramped when the table was built.
                 let built = s.all.endpoints.iter().find(|e| e.addr == i.instance.addr).map(|e| e.weight);

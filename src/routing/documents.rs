@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-use super::{Addr, MAX_WEIGHT, ServiceName};
+use super::{Addr, InstanceProtocol, MAX_WEIGHT, ServiceName};
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
@@ -364,6 +364,9 @@ pub struct PolicyDoc {
     pub panic_threshold_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_from_empty: Option<bool>,
+    /// How the service's endpoints are spoken to: `http1`, `h2` or its alias `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -453,6 +456,8 @@ pub struct Policy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: Option<u32>,
     pub protect_from_empty: Option<bool>,
+    /// The upstream protocol of instances that do not state their own.
+    pub protocol: Option<InstanceProtocol>,
     pub doc: PolicyDoc,
 }
 
@@ -496,7 +501,15 @@ impl Policy {
                 return Err(DocError::new("panic_threshold_percent", format!("{p} is more than 100")));
             }
         }
+        let protocol = match doc.protocol.as_deref() {
+            None => None,
+            Some(p) => Some(
+                InstanceProtocol::parse_upstream(p)
+                    .ok_or_else(|| DocError::new("protocol", format!("{p:?} is not one of http1, h2, grpc")))?,
+            ),
+        };
         Ok(Policy {
+            protocol,
             lb,
             connect_timeout,
             retries: doc.retries,
@@ -675,6 +688,15 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_protocol_is_http1_h2_or_grpc() {
+        let protocol = |json: &str| Policy::parse(json.as_bytes()).unwrap().protocol;
+        assert_eq!(protocol(r#"{"protocol":"http1"}"#), Some(InstanceProtocol::Http1));
+        assert_eq!(protocol(r#"{"protocol":"h2"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol(r#"{"protocol":"grpc"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol("{}"), None);
+    }
+
+    #[test]
     fn malformed_policies_are_refused() {
         for (json, needle) in [
             (r#"{"health_check":{"kind":"udp"}}"#, "health_check.kind"),
@@ -684,6 +706,7 @@ mod tests {
             (r#"{"panic_threshold_percent":150}"#, "panic_threshold_percent"),
             (r#"{"connect_timeout":"0s"}"#, "connect_timeout"),
             (r#"{"lbb":"p2c"}"#, "unknown field"),
+            (r#"{"protocol":"h3"}"#, "protocol"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");
