@@ -220,3 +220,46 @@ async fn a_goaway_during_load_loses_no_call() {
     assert_eq!(answered, 3000, "{r}");
     assert!(r["answers"]["b"].as_u64().unwrap() > 0, "{r}");
 }
+
+/// Reads an HTTP/1.1 response whose chunked body ends with trailers, within 10 s.
+async fn read_chunked_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some((_, body)) = text.split_once("\r\n\r\n") {
+            if body.contains("0\r\n") && body.ends_with("\r\n\r\n") {
+                return text.into_owned();
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await.expect("the whole response").unwrap();
+        assert!(n > 0, "closed early: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_calls_a_grpc_server_and_gets_its_trailers_chunked() {
+    use tokio::io::AsyncWriteExt;
+    let a = GrpcServer::start("a");
+    let (_routes, proxy) = grpc_proxy(&[&a]).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
+    // One length-prefixed gRPC message ("x"), in a chunked body that ends with a trailer.
+    let request = "POST /test.Echo/Who HTTP/1.1\r\nhost: echo\r\ncontent-type: application/grpc\r\nte: trailers\r\n\
+                   x-test-one: 1\r\ntransfer-encoding: chunked\r\n\r\n6\r\n\0\0\0\0\x01x\r\n0\r\nx-checksum: 7\r\n\r\n";
+    s.write_all(request.as_bytes()).await.unwrap();
+    let text = read_chunked_response(&mut s).await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(head.contains("transfer-encoding: chunked"), "{text:?}");
+    // The answer ("a", framed), then the trailers as chunked trailer fields.
+    assert!(body.starts_with("6\r\n\0\0\0\0\x01a\r\n0\r\n"), "{body:?}");
+    assert!(body.contains("grpc-status: 0\r\n") && body.contains("x-served-by: a\r\n"), "{body:?}");
+    a.expect_line("metadata x-test-one=1", Duration::from_secs(5));
+    // The connection stays open for the next call.
+    s.write_all(request.as_bytes()).await.unwrap();
+    let again = read_chunked_response(&mut s).await;
+    assert!(again.contains("x-served-by: a\r\n"), "{again:?}");
+}
