@@ -277,13 +277,15 @@ fn policy_json(p: &ServicePolicy) -> Value {
     };
     // The same keys as the policy document, with the defaults filled in.
     let health_check = p.health_check.as_ref().map(|h| {
-        let (kind, path) = match &h.kind {
-            CheckKind::Http { path } => ("http", Some(path)),
-            CheckKind::Tcp => ("tcp", None),
+        let (kind, path, service) = match &h.kind {
+            CheckKind::Http { path } => ("http", Some(path), None),
+            CheckKind::Tcp => ("tcp", None, None),
+            CheckKind::Grpc { service } => ("grpc", None, Some(service)),
         };
         json!({
             "kind": kind,
             "path": path,
+            "service": service,
             "interval": human(h.interval),
             "timeout": human(h.timeout),
             "healthy_threshold": h.healthy_threshold,

@@ -65,7 +65,12 @@ impl GrpcServer {
 
     /// A graceful stop: GOAWAY, in-flight calls finish.
     fn stop_gracefully(&mut self) {
-        writeln!(self.stdin.as_mut().unwrap(), "stop").unwrap();
+        self.tell("stop");
+    }
+
+    /// Sends the server a command (`stop`, `sick`, `well`).
+    fn tell(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
     }
 }
 
@@ -262,4 +267,90 @@ async fn an_http1_client_calls_a_grpc_server_and_gets_its_trailers_chunked() {
     s.write_all(request.as_bytes()).await.unwrap();
     let again = read_chunked_response(&mut s).await;
     assert!(again.contains("x-served-by: a\r\n"), "{again:?}");
+}
+
+/// The health state `/config` shows for each instance of `service`, by address.
+fn states(config: &Value, service: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = instances(config, service)
+        .iter()
+        .map(|i| (i["address"].as_str().unwrap().to_owned(), i["health"]["state"].as_str().unwrap().to_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_take_a_not_serving_server_out_and_back() {
+    let (a, mut b) = (GrpcServer::start("a"), GrpcServer::start("b"));
+    let routes = Routes::new();
+    routes.instance("echo", "0", a.addr);
+    routes.instance("echo", "1", b.addr);
+    routes.policy(
+        "echo",
+        r#"{"protocol":"grpc","health_check":{"kind":"grpc","service":"test.Echo","interval":"100ms",
+            "healthy_threshold":1,"unhealthy_threshold":1}}"#,
+    );
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"echo"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let both = vec![(a.addr.to_string(), "healthy".to_owned()), (b.addr.to_string(), "healthy".to_owned())];
+    proxy.config_until("both SERVING", |c| states(c, "echo") == both).await;
+    b.expect_line("health test.Echo", Duration::from_secs(5));
+
+    b.tell("sick");
+    let want = vec![(a.addr.to_string(), "healthy".to_owned()), (b.addr.to_string(), "unhealthy".to_owned())];
+    let c = proxy.config_until("b NOT_SERVING", |c| states(c, "echo") == want).await;
+    let b_view = instances(&c, "echo").into_iter().find(|i| i["address"] == b.addr.to_string()).unwrap().clone();
+    assert!(b_view["health"]["last_check"]["detail"].as_str().unwrap().contains("not SERVING"), "{b_view}");
+    let r = call(proxy.listener("http"), "unary", 10).await;
+    assert_eq!(strings(&r["answers"]), vec!["a"; 10]);
+
+    b.tell("well");
+    proxy.config_until("b SERVING again", |c| states(c, "echo") == both).await;
+}
+
+/// An HTTP/2-only server (hyper, prior knowledge; HTTP/1.1 is refused) answering `/health`.
+async fn h2_only_health_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let status = if req.uri().path() == "/health" { 200 } else { 404 };
+                let resp =
+                    http::Response::builder().status(status).body(http_body_util::Full::new(bytes::Bytes::new()));
+                Ok::<_, std::convert::Infallible>(resp.unwrap())
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_checks_go_over_http2_to_services_that_speak_it() {
+    let server = h2_only_health_server().await;
+    let routes = Routes::new();
+    routes.instance("h2only", "0", server);
+    // The same server as an HTTP/1.1 service: its checks fail, which shows the server refuses
+    // HTTP/1.1 and that the h2 service's checks pass only because they go over HTTP/2.
+    routes.instance("h1view", "0", server);
+    let check = r#""health_check":{"kind":"http","path":"/health","interval":"100ms","healthy_threshold":1,"unhealthy_threshold":1}"#;
+    routes.policy("h2only", &format!(r#"{{"protocol":"h2",{check}}}"#));
+    routes.policy("h1view", &format!("{{{check}}}"));
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"h2only"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let c = proxy
+        .config_until("both checked", |c| {
+            states(c, "h2only") == [(server.to_string(), "healthy".to_owned())]
+                && states(c, "h1view") == [(server.to_string(), "unhealthy".to_owned())]
+        })
+        .await;
+    assert_eq!(instances(&c, "h2only")[0]["health"]["last_check"]["detail"], "HTTP 200");
+    // And requests reach it over HTTP/2.
+    let resp = send(proxy.listener("http"), request("GET", "h", "/health", &[], "")).await.unwrap();
+    assert_eq!(resp.status(), 200);
 }

@@ -386,6 +386,9 @@ pub struct HealthCheckDoc {
     /// Whether a new instance takes traffic before its first check passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initially_healthy: Option<bool>,
+    /// The service a `grpc` check asks about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -424,6 +427,8 @@ pub enum CheckKind {
     Http { path: Box<str> },
     /// A TCP connect that succeeds is healthy.
     Tcp,
+    /// gRPC's `grpc.health.v1.Health/Check` for `service` (empty: the server) answers SERVING.
+    Grpc { service: Box<str> },
 }
 
 /// Active health checking for a service.
@@ -550,8 +555,22 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
             }
             CheckKind::Tcp
         }
-        other => return Err(DocError::new("health_check.kind", format!("{other:?} is neither \"http\" nor \"tcp\""))),
+        "grpc" => {
+            if d.path.is_some() {
+                return Err(DocError::new("health_check.path", "applies only to kind = \"http\""));
+            }
+            CheckKind::Grpc { service: d.service.clone().unwrap_or_default().into_boxed_str() }
+        }
+        other => {
+            return Err(DocError::new(
+                "health_check.kind",
+                format!("{other:?} is not one of \"http\", \"tcp\", \"grpc\""),
+            ));
+        }
     };
+    if d.service.is_some() && !matches!(kind, CheckKind::Grpc { .. }) {
+        return Err(DocError::new("health_check.service", "applies only to kind = \"grpc\""));
+    }
     let interval = d.interval.as_deref().map(|t| duration("health_check.interval", t)).transpose()?;
     let interval = interval.unwrap_or(Duration::from_secs(5));
     let timeout = d.timeout.as_deref().map(|t| duration("health_check.timeout", t)).transpose()?;
@@ -707,6 +726,7 @@ mod tests {
             (r#"{"connect_timeout":"0s"}"#, "connect_timeout"),
             (r#"{"lbb":"p2c"}"#, "unknown field"),
             (r#"{"protocol":"h3"}"#, "protocol"),
+            (r#"{"health_check":{"kind":"http","service":"x"}}"#, "health_check.service"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

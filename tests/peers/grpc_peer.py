@@ -2,8 +2,10 @@
 for tests/grpc.rs.
 
   grpc_peer.py serve NAME        serves test.Echo on 127.0.0.1; prints "port N", then one line per
-                                 event ("cancelled", "metadata K=V"); "stop" on stdin stops it
-                                 gracefully (GOAWAY, in-flight calls finish), EOF at once
+                                 event ("cancelled", "metadata K=V", "health SERVICE"); "stop" on
+                                 stdin stops it gracefully (GOAWAY, in-flight calls finish), "sick"
+                                 and "well" switch grpc.health.v1.Health/Check between NOT_SERVING
+                                 and SERVING, EOF stops it at once
   grpc_peer.py call ADDR WHAT N  runs one client scenario through ADDR, prints one JSON line
 """
 
@@ -72,13 +74,31 @@ def serve(name):
         "Total": grpc.stream_unary_rpc_method_handler(total),
         "Echo": grpc.stream_stream_rpc_method_handler(echo),
     }
+    sick = threading.Event()
+
+    def health_check(request, context):
+        # HealthCheckRequest { string service = 1 } in, HealthCheckResponse { status = 1 } out,
+        # encoded by hand: SERVING is 1, NOT_SERVING 2.
+        say(f"health {request[2:].decode()}")
+        return b"\x08\x02" if sick.is_set() else b"\x08\x01"
+
+    health = {"Check": grpc.unary_unary_rpc_method_handler(health_check)}
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(SERVICE, handlers),
+            grpc.method_handlers_generic_handler("grpc.health.v1.Health", health),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     say(f"port {port}")
     for line in sys.stdin:
-        if line.strip() == "stop":
+        if line.strip() == "sick":
+            sick.set()
+        elif line.strip() == "well":
+            sick.clear()
+        elif line.strip() == "stop":
             say("stopping")
             server.stop(grace=10).wait()
             say("stopped")
