@@ -249,7 +249,12 @@ async fn read_chunked_response(stream: &mut tokio::net::TcpStream) -> String {
 async fn an_http1_client_calls_a_grpc_server_and_gets_its_trailers_chunked() {
     use tokio::io::AsyncWriteExt;
     let a = GrpcServer::start("a");
-    let (_routes, proxy) = grpc_proxy(&[&a]).await;
+    let routes = Routes::new();
+    routes.instance("echo", "0", a.addr);
+    routes.policy("echo", r#"{"protocol":"grpc"}"#);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"echo"}]}"#);
+    let log = routes.path().with_file_name("access.log");
+    let proxy = routes.proxy(&format!("{HTTP_LISTENER}[log]\naccess_log = {:?}\n", log.display().to_string())).await;
     let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
     // One length-prefixed gRPC message ("x"), in a chunked body that ends with a trailer.
     let request = "POST /test.Echo/Who HTTP/1.1\r\nhost: echo\r\ncontent-type: application/grpc\r\nte: trailers\r\n\
@@ -267,6 +272,12 @@ async fn an_http1_client_calls_a_grpc_server_and_gets_its_trailers_chunked() {
     s.write_all(request.as_bytes()).await.unwrap();
     let again = read_chunked_response(&mut s).await;
     assert!(again.contains("x-served-by: a\r\n"), "{again:?}");
+    // The access log has each call's grpc-status.
+    eventually("two access log lines with grpc=0", Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.lines().filter(|l| l.contains("POST") && l.ends_with(" grpc=0")).count() == 2).then_some(())
+    })
+    .await;
 }
 
 /// The health state `/config` shows for each instance of `service`, by address.

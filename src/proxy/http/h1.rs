@@ -84,6 +84,8 @@ struct ExchangeRecord {
     upstream: Option<crate::routing::Addr>,
     bytes_in: u64,
     bytes_out: u64,
+    /// A gRPC call's status, when it ended with one.
+    grpc_status: Option<u16>,
 }
 
 /// The request line's parts, copied for the access log (only when it is on).
@@ -232,6 +234,7 @@ impl Connection {
                 duration: started.elapsed(),
                 bytes_in: done.bytes_in,
                 bytes_out: done.bytes_out,
+                grpc_status: done.grpc_status,
             });
         }
         next

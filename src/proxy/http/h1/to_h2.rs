@@ -261,6 +261,7 @@ impl Connection {
         done.status = error.rescue().status;
         if let Some(c) = &counter {
             c.count(grpc::status_of(&error));
+            done.grpc_status = Some(u16::from(grpc::status_of(&error)));
         }
         let close = head.close || !pump.done() || pump_failed;
         self.answer(&error, close, head_only).await;
@@ -279,6 +280,8 @@ impl Connection {
     ) -> AfterExchange {
         let (parts, mut body) = response.into_parts();
         let status = parts.status.as_u16();
+        let grpc_status = |h: &HeaderMap| h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+        done.grpc_status = grpc_status(&parts.headers);
         let no_body = head_only || status == 204 || status == 304 || (100..200).contains(&status);
         let length = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let chunked = !no_body && length.is_none();
@@ -355,6 +358,7 @@ impl Connection {
                 }
                 Err(frame) => {
                     let Ok(trailers) = frame.into_trailers() else { continue };
+                    done.grpc_status = done.grpc_status.or(grpc_status(&trailers));
                     if chunked {
                         let mut end = b"0\r\n".to_vec();
                         for (name, value) in &trailers {
