@@ -98,12 +98,12 @@ struct CounterInner {
 }
 
 impl Counter {
-    pub fn new(metrics: &Metrics, listener: &Arc<str>, service: &str) -> Counter {
+    pub fn new(metrics: &Metrics, listener: &Arc<str>, service: &Arc<str>) -> Counter {
         Counter(metrics.enabled.then(|| {
             Arc::new(CounterInner {
                 family: metrics.grpc_requests.clone(),
                 listener: listener.clone(),
-                service: Arc::from(service),
+                service: service.clone(),
             })
         }))
     }

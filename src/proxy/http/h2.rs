@@ -252,13 +252,13 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             Some(r) => r.clone(),
             None => {
                 listener.no_route.observe(404, started.elapsed());
-                let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, ""));
+                let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &Arc::from("")));
                 return answer_for(ProxyError::NoRoute, counter.as_ref());
             }
         }
     };
-    let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
     let Some(target) = choose_target(&route, &parts.headers) else {
+        let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
         return answer_for(ProxyError::NoHealthyUpstream, counter.as_ref());
     };
     let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
@@ -316,7 +316,8 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                 };
                 match body {
                     Some(body) => {
-                        let endpoint = attempt.endpoint.addr.to_string();
+                        // The endpoint's address is the authority only of a request without one.
+                        let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
                         let req = grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
                         let may_retry = attempts.may_retry();
                         let ex = grpc::Exchange { deadline, may_retry, replay: replay.as_ref(), grpc: counter.clone() };

@@ -225,7 +225,7 @@ impl Connection {
                 replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
             };
             let Some(body) = body else { break };
-            let endpoint = attempt.endpoint.addr.to_string();
+            let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
             let req =
                 grpc::upstream_request(&parts, host.as_deref(), &endpoint, &self.client_ip, drop_underscore, body);
             let ex = grpc::Exchange {
