@@ -349,13 +349,15 @@ fn policy_json(p: &ServicePolicy) -> Value {
     };
     // The same keys as the policy document, with the defaults filled in.
     let health_check = p.health_check.as_ref().map(|h| {
-        let (kind, path) = match &h.kind {
-            CheckKind::Http { path } => ("http", Some(path)),
-            CheckKind::Tcp => ("tcp", None),
+        let (kind, path, service) = match &h.kind {
+            CheckKind::Http { path } => ("http", Some(path), None),
+            CheckKind::Tcp => ("tcp", None, None),
+            CheckKind::Grpc { service } => ("grpc", None, Some(service)),
         };
         json!({
             "kind": kind,
             "path": path,
+            "service": service,
             "interval": human(h.interval),
             "timeout": human(h.timeout),
             "healthy_threshold": h.healthy_threshold,
@@ -379,7 +381,17 @@ fn policy_json(p: &ServicePolicy) -> Value {
         "outlier": outlier,
         "panic_threshold_percent": p.panic_threshold_percent,
         "protect_from_empty": p.protect_from_empty,
+        "protocol": upstream_protocol(p.protocol),
     })
+}
+
+/// The protocol zkroute speaks to an endpoint, as `/config` shows it.
+fn upstream_protocol(p: Option<crate::routing::InstanceProtocol>) -> &'static str {
+    match p {
+        Some(crate::routing::InstanceProtocol::H2) => "h2",
+        Some(crate::routing::InstanceProtocol::Tcp) => "tcp",
+        Some(crate::routing::InstanceProtocol::Http1) | None => "http1",
+    }
 }
 
 /// An endpoint's state, and why.
@@ -429,6 +441,8 @@ fn service_json(s: &ServiceEntry) -> Value {
             v["address"] = json!(i.instance.addr);
             v["origin"] = json!(i.origin);
             v["health"] = json!(state_view(&i.state, i.instance.enabled, unknown_ok));
+            // The instance's own protocol wins over the policy's.
+            v["protocol_in_force"] = json!(upstream_protocol(i.instance.protocol.or(s.policy.protocol)));
             if i.instance.warmup.is_some() {
                 // The weight as ramped when the table was built.
                 let built = s.all.endpoints.iter().find(|e| e.addr == i.instance.addr).map(|e| e.weight);

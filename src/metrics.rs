@@ -42,6 +42,7 @@ pub mod names {
     pub const ZK_SERVER_UNSUPPORTED: &str = "zkroute_zk_server_unsupported";
     pub const REGISTRATION_CONFLICT: &str = "zkroute_registration_conflict";
     pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
+    pub const GRPC_REQUESTS: &str = "zkroute_grpc_requests_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -91,6 +92,8 @@ pub struct Metrics {
     pub per_instance: bool,
     /// Configuration reloads (SIGHUP), by `result`: `ok`, or `error` when nothing changed.
     pub config_reloads: IntCounterVec,
+    /// gRPC calls by the `grpc-status` they ended with (they travel as HTTP 200).
+    pub grpc_requests: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -227,6 +230,12 @@ impl Metrics {
                 CONFIG_RELOADS,
                 "Configuration reloads (SIGHUP), by result: ok, or error when nothing changed.",
                 &["result"],
+            ),
+            grpc_requests: counter_vec(
+                &r,
+                GRPC_REQUESTS,
+                "gRPC calls answered, by grpc-status (none: ended without one).",
+                &["listener", "service", "grpc_status"],
             ),
             registry: r,
         }

@@ -167,6 +167,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             duration: started.elapsed(),
             bytes_in: moved.rx.load(Ordering::Relaxed),
             bytes_out: moved.tx.load(Ordering::Relaxed),
+            grpc_status: None,
         });
     }
 }

@@ -533,6 +533,7 @@ impl Builder {
             outlier: p.and_then(|p| p.outlier.clone()).or_else(|| d.outlier.clone()),
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
+            protocol: p.and_then(|p| p.protocol),
         };
         (policy, slot.cloned())
     }
@@ -643,7 +644,9 @@ impl Builder {
                     return None;
                 }
                 let weight = inst.weight_at(self.now_ms);
-                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol: inst.protocol, state };
+                // An instance that states its protocol wins over the policy's default.
+                let protocol = inst.protocol.or(policy.protocol);
+                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol, state };
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
@@ -820,6 +823,7 @@ impl Builder {
                                     outlier: None,
                                     panic_threshold_percent: 0,
                                     protect_from_empty: false,
+                                    protocol: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-use super::{Addr, MAX_WEIGHT, ServiceName};
+use super::{Addr, InstanceProtocol, MAX_WEIGHT, ServiceName};
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
@@ -364,6 +364,9 @@ pub struct PolicyDoc {
     pub panic_threshold_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_from_empty: Option<bool>,
+    /// How the service's endpoints are spoken to: `http1`, `h2` or its alias `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -383,6 +386,9 @@ pub struct HealthCheckDoc {
     /// Whether a new instance takes traffic before its first check passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initially_healthy: Option<bool>,
+    /// The service a `grpc` check asks about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -432,6 +438,8 @@ pub enum CheckKind {
     Http { path: Box<str> },
     /// A TCP connect that succeeds is healthy.
     Tcp,
+    /// gRPC's `grpc.health.v1.Health/Check` for `service` (empty: the server) answers SERVING.
+    Grpc { service: Box<str> },
 }
 
 /// Active health checking for a service.
@@ -464,6 +472,8 @@ pub struct Policy {
     pub outlier: Option<Outlier>,
     pub panic_threshold_percent: Option<u32>,
     pub protect_from_empty: Option<bool>,
+    /// The upstream protocol of instances that do not state their own.
+    pub protocol: Option<InstanceProtocol>,
     pub doc: PolicyDoc,
 }
 
@@ -507,7 +517,15 @@ impl Policy {
                 return Err(DocError::new("panic_threshold_percent", format!("{p} is more than 100")));
             }
         }
+        let protocol = match doc.protocol.as_deref() {
+            None => None,
+            Some(p) => Some(
+                InstanceProtocol::parse_upstream(p)
+                    .ok_or_else(|| DocError::new("protocol", format!("{p:?} is not one of http1, h2, grpc")))?,
+            ),
+        };
         Ok(Policy {
+            protocol,
             lb,
             connect_timeout,
             retries: doc.retries,
@@ -548,8 +566,22 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
             }
             CheckKind::Tcp
         }
-        other => return Err(DocError::new("health_check.kind", format!("{other:?} is neither \"http\" nor \"tcp\""))),
+        "grpc" => {
+            if d.path.is_some() {
+                return Err(DocError::new("health_check.path", "applies only to kind = \"http\""));
+            }
+            CheckKind::Grpc { service: d.service.clone().unwrap_or_default().into_boxed_str() }
+        }
+        other => {
+            return Err(DocError::new(
+                "health_check.kind",
+                format!("{other:?} is not one of \"http\", \"tcp\", \"grpc\""),
+            ));
+        }
     };
+    if d.service.is_some() && !matches!(kind, CheckKind::Grpc { .. }) {
+        return Err(DocError::new("health_check.service", "applies only to kind = \"grpc\""));
+    }
     let interval = d.interval.as_deref().map(|t| duration("health_check.interval", t)).transpose()?;
     let interval = interval.unwrap_or(Duration::from_secs(5));
     let timeout = d.timeout.as_deref().map(|t| duration("health_check.timeout", t)).transpose()?;
@@ -686,6 +718,15 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_protocol_is_http1_h2_or_grpc() {
+        let protocol = |json: &str| Policy::parse(json.as_bytes()).unwrap().protocol;
+        assert_eq!(protocol(r#"{"protocol":"http1"}"#), Some(InstanceProtocol::Http1));
+        assert_eq!(protocol(r#"{"protocol":"h2"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol(r#"{"protocol":"grpc"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol("{}"), None);
+    }
+
+    #[test]
     fn malformed_policies_are_refused() {
         for (json, needle) in [
             (r#"{"health_check":{"kind":"udp"}}"#, "health_check.kind"),
@@ -695,6 +736,8 @@ mod tests {
             (r#"{"panic_threshold_percent":150}"#, "panic_threshold_percent"),
             (r#"{"connect_timeout":"0s"}"#, "connect_timeout"),
             (r#"{"lbb":"p2c"}"#, "unknown field"),
+            (r#"{"protocol":"h3"}"#, "protocol"),
+            (r#"{"health_check":{"kind":"http","service":"x"}}"#, "health_check.service"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

@@ -60,6 +60,8 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Policy, "outlier.max_ejection_percent", FIRST),
     (NodeKind::Policy, "panic_threshold_percent", FIRST),
     (NodeKind::Policy, "protect_from_empty", FIRST),
+    (NodeKind::Policy, "protocol", Version(0, 3)),
+    (NodeKind::Policy, "health_check.service", Version(0, 3)),
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.

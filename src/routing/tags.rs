@@ -188,6 +188,7 @@ mod tests {
             outlier: None,
             panic_threshold_percent: 0,
             protect_from_empty: false,
+            protocol: None,
         })
     }
 
