@@ -48,6 +48,9 @@ pub struct Entry<'a> {
     /// The request's `x-request-id` (with `proxy.request_id`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<&'a str>,
+    /// A gRPC call's `grpc-status` (README: "gRPC and HTTP/2 upstreams").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
 }
 
 /// The access log handle shared by listeners.
@@ -123,6 +126,9 @@ fn format_line(e: &Entry<'_>, json: bool) -> String {
             line.push_str(" id=");
             push_escaped(&mut line, id);
         }
+        if let Some(g) = e.grpc_status {
+            let _ = write!(line, " grpc={g}");
+        }
         line.push('\n');
         line
     }
@@ -163,6 +169,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             request_id: None,
+            grpc_status: None,
         };
         let line = format_line(&entry, false);
         assert_eq!(
@@ -171,5 +178,10 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(&format_line(&entry, true)).expect("JSON");
         assert_eq!(json["path"], entry.path, "JSON escapes by itself and keeps the value");
+        assert!(json.get("grpc_status").is_none());
+        let grpc = Entry { grpc_status: Some(14), ..entry };
+        assert!(format_line(&grpc, false).ends_with(" in=0 out=0 grpc=14\n"));
+        let json: serde_json::Value = serde_json::from_str(&format_line(&grpc, true)).expect("JSON");
+        assert_eq!(json["grpc_status"], 14);
     }
 }

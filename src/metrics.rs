@@ -45,6 +45,7 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "zkroute_config_reloads_total";
     pub const OVERFLOW: &str = "zkroute_overflow_total";
     pub const RATE_LIMITED: &str = "zkroute_rate_limited_total";
+    pub const GRPC_REQUESTS: &str = "zkroute_grpc_requests_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -98,6 +99,8 @@ pub struct Metrics {
     pub overflow: IntCounterVec,
     /// Requests refused by a rule's rate limit.
     pub rate_limited: IntCounterVec,
+    /// gRPC calls by the `grpc-status` they ended with (they travel as HTTP 200).
+    pub grpc_requests: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -246,6 +249,12 @@ impl Metrics {
                 RATE_LIMITED,
                 "Requests refused by a rule's local rate limit.",
                 &["listener", "rule"],
+            ),
+            grpc_requests: counter_vec(
+                &r,
+                GRPC_REQUESTS,
+                "gRPC calls answered, by grpc-status (none: ended without one).",
+                &["listener", "service", "grpc_status"],
             ),
             registry: r,
         }

@@ -6,6 +6,7 @@
 pub mod attempt;
 pub mod balance;
 pub mod error;
+pub mod grpc;
 pub mod http;
 mod lazy_timeout;
 pub mod tcp;

@@ -148,6 +148,20 @@ pub enum Outcome<T> {
     ClientGone(T),
 }
 
+impl<T> Outcome<T> {
+    /// The same outcome with its value turned by `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Answered { status, upstream_fault, value } => {
+                Outcome::Answered { status, upstream_fault, value: f(value) }
+            }
+            Outcome::Retry(e) => Outcome::Retry(e),
+            Outcome::Fail { error, upstream_fault } => Outcome::Fail { error, upstream_fault },
+            Outcome::ClientGone(value) => Outcome::ClientGone(f(value)),
+        }
+    }
+}
+
 /// One try at one endpoint.
 pub struct Attempt<'t> {
     index: usize,

@@ -174,6 +174,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             bytes_in: moved.rx.load(Ordering::Relaxed),
             bytes_out: moved.tx.load(Ordering::Relaxed),
             request_id: None,
+            grpc_status: None,
         });
     }
 }

@@ -1,6 +1,8 @@
 //! Upstream connections: a pool of idle HTTP/1.1 connections per endpoint (connecting is
-//! [`crate::net::connect`]). The pool lives in the endpoint's state (outside the routing table), so it is kept
+//! [`crate::net::connect`]), and its shared HTTP/2 connections ([`h2`]). The pool lives in the endpoint's state (outside the routing table), so it is kept
 //! across table swaps for as long as the endpoint stays.
+
+pub mod h2;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -82,6 +84,43 @@ impl Connect for PooledHttp1<'_> {
     }
 }
 
+/// Whether zkroute speaks HTTP/2 to an endpoint (its instance or its service policy says so).
+#[inline]
+pub fn speaks_h2(endpoint: &Endpoint) -> bool {
+    endpoint.protocol == Some(crate::routing::InstanceProtocol::H2)
+}
+
+/// A connection for one request: HTTP/1.1, or a stream on a shared HTTP/2 connection.
+pub enum Upstream {
+    Http1(Conn),
+    H2(h2::Stream),
+}
+
+/// How requests reach endpoints of either protocol: [`PooledHttp1`] for HTTP/1.1 ones, a stream
+/// on one of the endpoint's HTTP/2 connections for the others.
+pub struct AnyProtocol<'a>(pub PooledHttp1<'a>);
+
+impl Connect for AnyProtocol<'_> {
+    type Conn = Upstream;
+    #[inline]
+    fn reuse(&self, endpoint: &Endpoint) -> Option<Upstream> {
+        if speaks_h2(endpoint) {
+            self.0.pools.of(&endpoint.state)?.h2.checkout().map(Upstream::H2)
+        } else {
+            self.0.reuse(endpoint).map(Upstream::Http1)
+        }
+    }
+
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Upstream> {
+        if speaks_h2(endpoint) {
+            let pool = self.0.pools.of(&endpoint.state).ok_or_else(|| io::Error::other("no pool for endpoint"))?;
+            pool.h2.connect(endpoint, timeout, self.0.congestion).await.map(Upstream::H2)
+        } else {
+            self.0.connect(endpoint, timeout).await.map(Upstream::Http1)
+        }
+    }
+}
+
 /// Limits of the idle pools.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolSettings {
@@ -111,10 +150,11 @@ impl SharedSettings {
     }
 }
 
-/// Idle connections of one endpoint, most recently used first out.
+/// Idle connections of one endpoint, most recently used first out, and its HTTP/2 connections.
 pub struct Pool {
     idle: Mutex<Vec<Conn>>,
     settings: Arc<SharedSettings>,
+    pub h2: h2::H2Conns,
 }
 
 impl Pool {
@@ -192,7 +232,11 @@ impl Pools {
     #[inline]
     pub fn of<'a>(&self, state: &'a EndpointState) -> Option<&'a Arc<Pool>> {
         state.data_plane(|| {
-            let pool = Arc::new(Pool { idle: Mutex::new(Vec::new()), settings: self.settings.clone() });
+            let pool = Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                settings: self.settings.clone(),
+                h2: Default::default(),
+            });
             self.all.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&pool));
             pool
         })

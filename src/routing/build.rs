@@ -33,7 +33,9 @@ pub struct ListenerSpec {
     pub endpoint: Option<String>,
 }
 
-/// Local defaults for everything a rule or policy may leave out.
+/// Local defaults for everything a rule or policy may leave out. [`Defaults::default`] holds the
+/// values zkroute uses when the configuration sets none: the configuration's own defaults
+/// (`[proxy]`) are taken from it.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub lb: LbPolicy,
@@ -49,7 +51,7 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
-            lb: LbPolicy::P2c,
+            lb: LbPolicy::default(),
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(15),
             retries: 1,
@@ -537,6 +539,7 @@ impl Builder {
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
             circuit_breaker: p.and_then(|p| p.circuit_breaker),
             retry_budget: p.and_then(|p| p.retry_budget),
+            protocol: p.and_then(|p| p.protocol),
         };
         (policy, slot.cloned())
     }
@@ -647,7 +650,9 @@ impl Builder {
                     return None;
                 }
                 let weight = inst.weight_at(self.now_ms);
-                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol: inst.protocol, state };
+                // An instance that states its protocol wins over the policy's default.
+                let protocol = inst.protocol.or(policy.protocol);
+                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol, state };
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
@@ -850,6 +855,7 @@ impl Builder {
                                     protect_from_empty: false,
                                     circuit_breaker: None,
                                     retry_budget: None,
+                                    protocol: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),

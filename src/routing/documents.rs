@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
 use super::rate_limit::{RateKey, RateLimit};
-use super::{Addr, MAX_WEIGHT, ServiceName};
+use super::{Addr, InstanceProtocol, MAX_WEIGHT, ServiceName};
 use crate::endpoint::breaker::{BreakerLimits, BudgetLimits};
 use std::num::NonZeroU32;
 
@@ -498,6 +498,9 @@ pub struct PolicyDoc {
     pub circuit_breaker: Option<CircuitBreakerDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudgetDoc>,
+    /// How the service's endpoints are spoken to: `http1`, `h2` or its alias `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// A service's retry budget as written.
@@ -541,6 +544,9 @@ pub struct HealthCheckDoc {
     /// Whether a new instance takes traffic before its first check passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initially_healthy: Option<bool>,
+    /// The service a `grpc` check asks about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -565,6 +571,17 @@ pub enum LbPolicy {
     RingHash(HashOn),
 }
 
+impl LbPolicy {
+    /// The name a policy document's `lb` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::P2c => "p2c",
+            LbPolicy::RingHash(_) => "ring_hash",
+        }
+    }
+}
+
 /// What `ring_hash` hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashOn {
@@ -579,6 +596,8 @@ pub enum CheckKind {
     Http { path: Box<str> },
     /// A TCP connect that succeeds is healthy.
     Tcp,
+    /// gRPC's `grpc.health.v1.Health/Check` for `service` (empty: the server) answers SERVING.
+    Grpc { service: Box<str> },
 }
 
 /// Active health checking for a service.
@@ -613,6 +632,8 @@ pub struct Policy {
     pub protect_from_empty: Option<bool>,
     pub circuit_breaker: Option<BreakerLimits>,
     pub retry_budget: Option<BudgetLimits>,
+    /// The upstream protocol of instances that do not state their own.
+    pub protocol: Option<InstanceProtocol>,
     pub doc: PolicyDoc,
 }
 
@@ -658,7 +679,15 @@ impl Policy {
         }
         let circuit_breaker = doc.circuit_breaker.as_ref().map(circuit_breaker).transpose()?;
         let retry_budget = doc.retry_budget.as_ref().map(retry_budget).transpose()?;
+        let protocol = match doc.protocol.as_deref() {
+            None => None,
+            Some(p) => Some(
+                InstanceProtocol::parse_upstream(p)
+                    .ok_or_else(|| DocError::new("protocol", format!("{p:?} is not one of http1, h2, grpc")))?,
+            ),
+        };
         Ok(Policy {
+            protocol,
             lb,
             connect_timeout,
             retries: doc.retries,
@@ -701,8 +730,22 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
             }
             CheckKind::Tcp
         }
-        other => return Err(DocError::new("health_check.kind", format!("{other:?} is neither \"http\" nor \"tcp\""))),
+        "grpc" => {
+            if d.path.is_some() {
+                return Err(DocError::new("health_check.path", "applies only to kind = \"http\""));
+            }
+            CheckKind::Grpc { service: d.service.clone().unwrap_or_default().into_boxed_str() }
+        }
+        other => {
+            return Err(DocError::new(
+                "health_check.kind",
+                format!("{other:?} is not one of \"http\", \"tcp\", \"grpc\""),
+            ));
+        }
     };
+    if d.service.is_some() && !matches!(kind, CheckKind::Grpc { .. }) {
+        return Err(DocError::new("health_check.service", "applies only to kind = \"grpc\""));
+    }
     let interval = d.interval.as_deref().map(|t| duration("health_check.interval", t)).transpose()?;
     let interval = interval.unwrap_or(Duration::from_secs(5));
     let timeout = d.timeout.as_deref().map(|t| duration("health_check.timeout", t)).transpose()?;
@@ -878,6 +921,15 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_protocol_is_http1_h2_or_grpc() {
+        let protocol = |json: &str| Policy::parse(json.as_bytes()).unwrap().protocol;
+        assert_eq!(protocol(r#"{"protocol":"http1"}"#), Some(InstanceProtocol::Http1));
+        assert_eq!(protocol(r#"{"protocol":"h2"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol(r#"{"protocol":"grpc"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol("{}"), None);
+    }
+
+    #[test]
     fn malformed_policies_are_refused() {
         for (json, needle) in [
             (r#"{"health_check":{"kind":"udp"}}"#, "health_check.kind"),
@@ -890,6 +942,8 @@ mod tests {
             (r#"{"circuit_breaker":{"max_requests":0}}"#, "circuit_breaker.max_requests"),
             (r#"{"circuit_breaker":{"max_conns":1}}"#, "unknown field"),
             (r#"{"retry_budget":{"percent":5000}}"#, "retry_budget.percent"),
+            (r#"{"protocol":"h3"}"#, "protocol"),
+            (r#"{"health_check":{"kind":"http","service":"x"}}"#, "health_check.service"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

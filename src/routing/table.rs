@@ -206,6 +206,8 @@ pub struct ServicePolicy {
     pub circuit_breaker: Option<crate::endpoint::breaker::BreakerLimits>,
     /// The service's retry budget, if it has one.
     pub retry_budget: Option<crate::endpoint::breaker::BudgetLimits>,
+    /// The upstream protocol of instances that state none (None: HTTP/1.1).
+    pub protocol: Option<super::InstanceProtocol>,
 }
 
 impl ServicePolicy {
@@ -266,8 +268,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// The registry marks it as not taking new traffic.
     pub draining: bool,
-    /// What its registry says it serves (None: whatever the listener speaks). HTTP listeners
-    /// forward to every endpoint as HTTP/1.1 for now, `H2` ones included.
+    /// What it serves: what its registry says, else its service policy's `protocol` (None:
+    /// whatever the listener speaks). HTTP listeners speak HTTP/2 to `H2` endpoints and
+    /// HTTP/1.1 to the others.
     pub protocol: Option<super::InstanceProtocol>,
     pub state: Arc<EndpointState>,
 }

@@ -190,6 +190,7 @@ mod tests {
             protect_from_empty: false,
             circuit_breaker: None,
             retry_budget: None,
+            protocol: None,
         })
     }
 

@@ -30,6 +30,8 @@ use crate::proxy::upstream::{self, Conn, PooledHttp1};
 use crate::routing::documents::HeaderEdits;
 use crate::routing::table::{Route, TargetStats};
 
+mod to_h2;
+
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
 const CLIENT_BUF: usize = 16 * 1024;
 /// Body bytes copied into the head's write when already buffered, to send both in one write.
@@ -88,6 +90,8 @@ struct ExchangeRecord {
     bytes_out: u64,
     /// The `x-request-id` forwarded, when the access log is on.
     request_id: Option<String>,
+    /// A gRPC call's status, when it ended with one.
+    grpc_status: Option<u16>,
 }
 
 /// The request line's parts, copied for the access log (only when it is on).
@@ -238,6 +242,7 @@ impl Connection {
                 bytes_in: done.bytes_in,
                 bytes_out: done.bytes_out,
                 request_id: done.request_id.as_deref(),
+                grpc_status: done.grpc_status,
             });
         }
         next
@@ -269,6 +274,10 @@ impl Connection {
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
+        if to_h2::all_h2(set) {
+            let next = self.proxy_h2(&head, &route, &target, set, hash, started, &mut done).await;
+            return (next, done);
+        }
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();

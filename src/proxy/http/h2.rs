@@ -1,7 +1,9 @@
 //! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection (held to the
-//! client limits of `h2/connection.rs`), and each request is forwarded as HTTP/1.1 through the
-//! same per-endpoint pools as the HTTP/1 engine. Upstreams speak HTTP/1.1, so trailers are not
-//! forwarded (gRPC needs HTTP/2 end to end and is not supported yet).
+//! client limits of `h2/connection.rs`), and each request is balanced on its own and forwarded
+//! as HTTP/1.1 through the same per-endpoint pools as the HTTP/1 engine, or over a shared HTTP/2
+//! connection to an endpoint that speaks HTTP/2 ([`crate::proxy::upstream::h2`]), trailers
+//! included. gRPC requests get gRPC's terms (README: "gRPC and HTTP/2 upstreams"): `te: trailers`
+//! kept, `grpc-timeout` honoured, zkroute's own failures as trailers-only answers.
 
 mod connection;
 
@@ -30,7 +32,9 @@ use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
-use crate::proxy::upstream::{Conn, Pool, PooledHttp1};
+use crate::proxy::grpc;
+use crate::proxy::upstream::h2::{self as up_h2, ReplayBody, RequestBody};
+use crate::proxy::upstream::{AnyProtocol, Conn, Pool, PooledHttp1, Upstream};
 use crate::routing::documents::HeaderEdits;
 
 /// Serves an h2c connection whose first bytes (the preface, at least) are in `prefix`.
@@ -47,6 +51,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, prefix: IoBuf, ctx: Arc<
 pub enum H2Body {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamBody>),
+    /// From an HTTP/2 upstream, trailers included.
+    H2(Box<grpc::ResponseBody>),
 }
 
 impl Body for H2Body {
@@ -57,6 +63,7 @@ impl Body for H2Body {
         match self.get_mut() {
             H2Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             H2Body::Upstream(u) => u.poll_data(cx),
+            H2Body::H2(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -64,6 +71,7 @@ impl Body for H2Body {
         match self {
             H2Body::Full(b) => b.is_none(),
             H2Body::Upstream(u) => u.done,
+            H2Body::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -74,6 +82,7 @@ impl Body for H2Body {
                 BodyLen::Length(_) => SizeHint::with_exact(u.remaining),
                 _ => SizeHint::default(),
             },
+            H2Body::H2(b) => b.size_hint(),
         }
     }
 }
@@ -168,6 +177,17 @@ impl UpstreamBody {
     }
 }
 
+/// zkroute's own answer: in gRPC's terms to a gRPC request, counted as such.
+fn answer_for(err: ProxyError, grpc: Option<&grpc::Counter>) -> Response<H2Body> {
+    match grpc {
+        Some(counter) => {
+            counter.count(grpc::status_of(&err));
+            grpc::answer(err).map(|()| H2Body::Full(None))
+        }
+        None => answer(err),
+    }
+}
+
 fn answer(err: ProxyError) -> Response<H2Body> {
     let r = err.rescue();
     let mut resp = Response::new(H2Body::Full(Some(Bytes::from(error::body_text(&err)))));
@@ -218,7 +238,8 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError
 
 async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>) -> Response<H2Body> {
     let started = Instant::now();
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    let is_grpc = grpc::is_grpc(&parts.headers);
     if parts.method == Method::CONNECT {
         // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
         // only, as it answers CONNECT on HTTP/1.
@@ -236,11 +257,16 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
             Some(r) => r.clone(),
             None => {
                 listener.no_route.observe(404, started.elapsed());
-                return answer(ProxyError::NoRoute);
+                let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &Arc::from("")));
+                return answer_for(ProxyError::NoRoute, counter.as_ref());
             }
         }
     };
-    let Some(target) = choose_target(&route, &parts.headers) else { return answer(ProxyError::NoHealthyUpstream) };
+    let Some(target) = choose_target(&route, &parts.headers) else {
+        let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
+        return answer_for(ProxyError::NoHealthyUpstream, counter.as_ref());
+    };
+    let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
     // A tag-routed service: the endpoints of the request's tag.
     let set = target.set.for_request(&parts.headers);
     let client_ip = IpText::new(peer.ip());
@@ -252,39 +278,98 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
 
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut req_head = Vec::with_capacity(512);
     let drop_underscore = ctx.limits.drop_underscore_headers;
-    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
     let rule = route.rule.as_deref();
-    if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
-        edit::edit_head(&mut req_head, 0, edits);
-    }
-    if ctx.limits.request_id && !parts.headers.contains_key("x-request-id") {
-        edit::insert_field(&mut req_head, b"x-request-id", edit::new_request_id().as_bytes());
-    }
+    let request_edits = rule.and_then(|r| r.request_headers.as_deref());
+    let response_edits = rule.and_then(|r| r.response_headers.as_deref());
+    // One id for every try of the request.
+    let request_id = (ctx.limits.request_id && !parts.headers.contains_key("x-request-id")).then(edit::new_request_id);
 
-    let deadline = tokio::time::Instant::from_std(started + route.timeout);
+    // gRPC's own deadline bounds the request too, within the route's timeout.
+    let mut timeout = route.timeout;
+    if is_grpc {
+        if let Some(t) = parts.headers.get(grpc::TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
+            timeout = timeout.min(t);
+        }
+    }
+    let deadline = tokio::time::Instant::from_std(started + timeout);
     let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
         .with_per_try_timeout(route.per_try_timeout);
-    let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started);
-    let mut request = Http1Request {
-        head: &req_head,
-        body: &mut body,
-        has_body,
-        chunked: length.is_none(),
-        response_edits: rule.and_then(|r| r.response_headers.as_deref()),
-    };
+    let connector = AnyProtocol(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started));
+    // The HTTP/1.1 form of the request, made when an HTTP/1.1 endpoint is tried.
+    let mut req_head = Vec::new();
+    // The body: as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
+    let mut raw = Some(body);
+    let mut replay: Option<ReplayBody> = None;
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
-        let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
-        let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
-        let (try_deadline, per_try) = attempts.try_deadline(deadline);
-        let outcome =
-            exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try)).await;
+        let outcome = match conn {
+            Upstream::Http1(conn) => {
+                if req_head.is_empty() {
+                    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore);
+                    if let Some(edits) = request_edits {
+                        edit::edit_head(&mut req_head, 0, edits);
+                    }
+                    if let Some(id) = &request_id {
+                        edit::insert_field(&mut req_head, b"x-request-id", id.as_bytes());
+                    }
+                }
+                let Some(body) = raw.as_mut() else {
+                    // The body went to an HTTP/2 endpoint and is not at hand as a stream.
+                    let fail = Outcome::<()>::Fail { error: ProxyError::UpstreamReset, upstream_fault: false };
+                    let _ = attempts.settle(attempt, fail, &ctx.health);
+                    break;
+                };
+                let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
+                let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
+                let (try_deadline, per_try) = attempts.try_deadline(deadline);
+                let mut request =
+                    Http1Request { head: &req_head, body, has_body, chunked: length.is_none(), response_edits };
+                exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try)).await
+            }
+            Upstream::H2(stream) => {
+                let body = if !has_body {
+                    Some(RequestBody::Empty)
+                } else if let Some(b) = raw.take() {
+                    let r = ReplayBody::new(up_h2::from_incoming(b));
+                    let again = r.again();
+                    replay = again;
+                    Some(RequestBody::Replay(r))
+                } else {
+                    replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
+                };
+                match body {
+                    Some(body) => {
+                        // The endpoint's address is the authority only of a request without one.
+                        let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
+                        let mut req = grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
+                        if let Some(edits) = request_edits {
+                            edit::edit_map(req.headers_mut(), edits);
+                        }
+                        if let Some(id) = request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
+                            req.headers_mut().insert("x-request-id", id);
+                        }
+                        let may_retry = attempts.may_retry();
+                        let (deadline, per_try) = attempts.try_deadline(deadline);
+                        let replay = replay.as_ref();
+                        let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
+                        grpc::exchange(stream, in_flight, req, ex).await.map(|r| {
+                            r.map(|mut response| {
+                                if let Some(edits) = response_edits {
+                                    edit::edit_map(response.headers_mut(), edits);
+                                }
+                                response.map(|b| H2Body::H2(Box::new(b)))
+                            })
+                        })
+                    }
+                    None => Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: false },
+                }
+            }
+        };
         if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
             return response;
         }
     }
-    answer(attempts.failure())
+    answer_for(attempts.failure(), counter.as_ref())
 }
 
 /// An h2 request as it goes to an HTTP/1.1 upstream.
