@@ -194,15 +194,36 @@ async fn every_backend_down_is_unavailable_in_grpc_terms_from_zkroute() {
 async fn grpc_timeout_expiry_is_deadline_exceeded_from_zkroute() {
     let a = GrpcServer::start("a");
     let (_routes, proxy) = grpc_proxy(&[&a]).await;
+    // grpcio's own deadline: the client sees DEADLINE_EXCEEDED, whichever side's timer fires first.
     let r = call(proxy.listener("http"), "deadline", 300).await;
     assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
-    // The client's own deadline and zkroute's expire together: zkroute's answer is counted.
-    eventually("zkroute's DEADLINE_EXCEEDED counted", Duration::from_secs(5), || async {
-        (proxy.metric(r#"zkroute_grpc_requests_total{grpc_status="4",listener="http",service="echo"}"#).await
-            == Some(1.0))
-        .then_some(())
-    })
-    .await;
+
+    // A call whose grpc-timeout is shorter than the client waits: zkroute's timer fires, and
+    // zkroute answers (trailers-only) and counts it. The server would take 3 s.
+    let exceeded = r#"zkroute_grpc_requests_total{grpc_status="4",listener="http",service="echo"}"#;
+    let before = proxy.metric(exceeded).await.unwrap_or(0.0);
+    let stream = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let message = [&[0u8, 0, 0, 0, 4][..], b"3000"].concat();
+    let req = http::Request::post(format!("http://{}/test.Echo/Slow", proxy.listener("http")))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(http_body_util::Full::new(bytes::Bytes::from(message)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "4", "{resp:?}");
+    assert!(resp.headers().contains_key("x-zkroute-error"), "{resp:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+    assert_eq!(proxy.metric(exceeded).await, Some(before + 1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
