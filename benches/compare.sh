@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
-#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn]]
+#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2]]
 #                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G]
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
@@ -9,6 +9,10 @@
 #   KEEP_WORK=1 benches/compare.sh ...   keeps the work directory (callgrind profiles, logs) for study
 #   benches/compare.sh --zkroute-b /path/to/zkroute --entries direct,zkroute,zkroute-b ...   A/B of two builds
 #   (`callgrind-newconn`, not run by default: instructions per `Connection: close` request)
+#   HTTP/2 modes, not run by default (`--modes h2,h2-32,h2-latency,callgrind-h2`): h2load over h2c
+#   through each proxy to an HTTP/2 backend (a second nginx server block, `listen ... http2`):
+#   `h2` one connection with 100 concurrent streams, `h2-32` 32 connections of 10 streams,
+#   `h2-latency` one stream at a time on one core, `callgrind-h2` instructions per request
 #
 # Method (docs/PERFORMANCE.md says why each step is there):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -117,6 +121,9 @@ install_deps() {
     command -v iperf3 >/dev/null || apt+=(iperf3)
     command -v valgrind >/dev/null || apt+=(valgrind)
     command -v curl >/dev/null || apt+=(curl)
+    if [[ ",$MODES," == *",h2"* ]] || [[ ",$MODES," == *",callgrind-h2,"* ]]; then
+        command -v h2load >/dev/null || apt+=(nghttp2-client)
+    fi
     command -v python3 >/dev/null || apt+=(python3)
     command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || apt+=(python3-pip)
     if [ ${#apt[@]} -gt 0 ]; then
@@ -163,7 +170,7 @@ versions() {
 # Processes, ports, templates
 
 STARTED=() # every pid started here; cleanup ends exactly these (and their children)
-declare -A PID HTTP_PORT TCP_PORT
+declare -A PID HTTP_PORT TCP_PORT H2_PORT
 
 cleanup() {
     local rc=$? p c pids=() deadline
@@ -273,13 +280,15 @@ our_pids() {
 start_backend() {
     BACKEND_PORT=$(free_port)
     mkdir -p "$WORK/backend"
+    BACKEND_H2_PORT=$(free_port)
     render "$PEERS/backend-nginx.conf" "$WORK/backend/nginx.conf" \
-        DIR="$WORK/backend" BACKEND_PORT="$BACKEND_PORT" BODY="$BODY_CONF"
+        DIR="$WORK/backend" BACKEND_PORT="$BACKEND_PORT" BACKEND_H2_PORT="$BACKEND_H2_PORT" BODY="$BODY_CONF"
     start backend $LOAD_CPU nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend/" -e "$WORK/backend/error.log"
     BACKEND_PID=$STARTED_PID
     wait_listen "$BACKEND_PORT" "$BACKEND_PID" 20 || die "backend nginx did not start: $(cat "$WORK/backend.log" "$WORK/backend/"*.err 2>/dev/null)"
     PID[direct]=$BACKEND_PID
     HTTP_PORT[direct]=$BACKEND_PORT
+    H2_PORT[direct]=$BACKEND_H2_PORT
 }
 
 start_iperf_server() {
@@ -298,7 +307,8 @@ start_zkroute() {
     shift 2
     mkdir -p "$dir"
     local vars=(DIR="$dir" BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
-        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)")
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)"
+        BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/zkroute-routes.toml" "$dir/zkroute-routes.toml" "${vars[@]}"
     render "$PEERS/zkroute.toml" "$dir/zkroute.toml" "${vars[@]}"
     set_ports "${vars[@]}"
@@ -332,7 +342,7 @@ start_haproxy() {
     shift 2
     mkdir -p "$dir"
     local vars=(BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
-        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)")
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/haproxy.cfg" "$dir/haproxy.cfg" "${vars[@]}"
     set_ports "${vars[@]}"
     # -db: foreground, one process (no master-worker), so the pid is the one doing the work.
@@ -349,7 +359,8 @@ start_nginx() {
     [ $# -gt 0 ] && master=off
     mkdir -p "$dir"
     local vars=(DIR="$dir" BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
-        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" MASTER_PROCESS="$master" STREAM_MODULE="$STREAM_MODULE")
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" MASTER_PROCESS="$master" STREAM_MODULE="$STREAM_MODULE"
+        BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/nginx-proxy.conf" "$dir/nginx.conf" "${vars[@]}"
     set_ports "${vars[@]}"
     start "$(basename "$dir")" "$cpu" "$@" nginx -c "$dir/nginx.conf" -p "$dir/" -e "$dir/error.log"
@@ -369,7 +380,8 @@ start_envoy() {
     shift 2
     mkdir -p "$dir"
     local vars=(BACKEND_PORT="$BACKEND_PORT" TCP_BACKEND_PORT="$IPERF_PORT"
-        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)")
+        HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" ADMIN_PORT="$(free_port)"
+        BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/envoy.yaml" "$dir/envoy.yaml" "${vars[@]}"
     set_ports "${vars[@]}"
     start "$(basename "$dir")" "$cpu" "$@" "$ENVOY" -c "$dir/envoy.yaml" --concurrency 1 \
@@ -381,10 +393,11 @@ start_envoy() {
 # set_ports KEY=VALUE...: P_HTTP, P_TCP, P_ADMIN from a start_<proxy>'s variables.
 set_ports() {
     local kv
-    P_HTTP="" P_TCP="" P_ADMIN=""
+    P_HTTP="" P_TCP="" P_ADMIN="" P_H2=""
     for kv in "$@"; do
         case $kv in
             HTTP_PORT=*) P_HTTP=${kv#*=} ;;
+            H2_PORT=*) P_H2=${kv#*=} ;;
             TCP_PORT=*) P_TCP=${kv#*=} ;;
             ADMIN_PORT=*) P_ADMIN=${kv#*=} ;;
         esac
@@ -397,6 +410,7 @@ start_proxy() {
     PID[$entry]=$STARTED_PID
     HTTP_PORT[$entry]=$P_HTTP
     TCP_PORT[$entry]=$P_TCP
+    H2_PORT[$entry]=$P_H2
 }
 
 # check_entry ENTRY: one request through it must give 200 and the backend's 100 bytes.
@@ -656,6 +670,78 @@ wrk_with_cpu() {
     fi
 }
 
+# run_h2load CPU OUT ARGS...: h2load bounded in time; sets W_REQ W_RPS W_NON2XX W_SOCKERR W_MEAN
+# (the mean time per request, in us).
+run_h2load() {
+    local cpu=$1 out=$2
+    shift 2
+    timeout $((DURATION + 30)) taskset -c "$cpu" h2load "$@" >"$out" 2>&1 || say "   h2load exited $? (see below)"
+    W_REQ=$(awk '/^requests:/ {print $8}' "$out")
+    W_RPS=$(awk '/^finished in/ {print $4}' "$out")
+    W_NON2XX=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$out")
+    W_SOCKERR=$(awk '/^requests:/ {print $10 + $12 + $14}' "$out")
+    W_MEAN=$(awk '/^time for request:/ {print $6}' "$out")
+    W_NON2XX=${W_NON2XX:-0} W_SOCKERR=${W_SOCKERR:-0}
+    [ -n "$W_MEAN" ] && W_MEAN=$(to_us "$W_MEAN")
+    if [ -z "$W_REQ" ] || [ -z "$W_RPS" ] || [ "$W_REQ" = 0 ]; then
+        say "   h2load gave no result:"
+        sed 's/^/   | /' "$out" >&2
+        W_REQ=0 W_RPS=0
+    fi
+    if [ "$W_NON2XX" != 0 ] || [ "$W_SOCKERR" != 0 ]; then
+        say "   ANOMALY: non-2xx $W_NON2XX, failed or errored $W_SOCKERR:"
+        grep -E '^requests:|^status codes:' "$out" | sed 's/^/   | /' >&2
+        cp "$out" "$OUT_BASE.anomaly-$(basename "$out")"
+    fi
+}
+
+h2url() { echo "http://127.0.0.1:${H2_PORT[$1]}/"; }
+
+# HTTP/2 (h2c) throughput and the proxy's CPU per request: one connection with 100 streams, and
+# 32 connections of 10 streams.
+mode_h2() { h2load_with_cpu h2 "$1" "$2" -c1 -m100; }
+mode_h2-32() { h2load_with_cpu h2-32 "$1" "$2" -c32 -m10; }
+
+h2load_with_cpu() {
+    local mode=$1 round=$2 entry=$3
+    shift 3
+    local args=(-D "$DURATION" "$@" "$(h2url "$entry")") before after
+    record_cmd "$mode" "$entry" "taskset -c $LOAD_CPU h2load $(quote "${args[@]}")"
+    [ "$entry" != direct ] && before=$(cpu_ticks "$entry")
+    run_h2load $LOAD_CPU "$WORK/h2load.out" "${args[@]}"
+    record "$round" "$mode" "$entry" rps "$W_RPS"
+    record "$round" "$mode" "$entry" requests "$W_REQ"
+    record "$round" "$mode" "$entry" errors $((W_NON2XX + W_SOCKERR))
+    local line="$(printf '%8.0f' "$W_RPS") req/s"
+    if [ "$entry" != direct ] && [ "$W_REQ" -gt 0 ]; then
+        after=$(cpu_ticks "$entry")
+        local user sys
+        read -r user sys < <(awk -v b="$before" -v a="$after" -v n="$W_REQ" -v t="$TCK" 'BEGIN {
+            split(b, x, " "); split(a, y, " ")
+            printf "%.3f %.3f\n", (y[1] - x[1]) / t / n * 1e6, (y[2] - x[2]) / t / n * 1e6 }')
+        record "$round" "$mode" "$entry" cpu_us "$(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.3f", u + s}')"
+        record "$round" "$mode" "$entry" user_us "$user"
+        record "$round" "$mode" "$entry" sys_us "$sys"
+        line+=", proxy CPU $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.2f us/req (%.2f user + %.2f kernel)", u + s, u, s}')"
+    fi
+    say "   $mode $entry: $line"
+}
+
+# HTTP/2 latency at one stream: h2load, backend and proxy all on LOAD_CPU; h2load's mean time per
+# request (one stream, so also 1 / req/s).
+mode_h2-latency() {
+    local round=$1 entry=$2
+    local args=(-D "$DURATION" -c1 -m1 "$(h2url "$entry")")
+    record_cmd h2-latency "$entry" "taskset -c $LOAD_CPU h2load $(quote "${args[@]}")   (proxy moved to cpu$LOAD_CPU with taskset -a -p)"
+    pin "$entry" $LOAD_CPU
+    run_h2load $LOAD_CPU "$WORK/h2load.out" "${args[@]}"
+    pin "$entry" $PROXY_CPU
+    record "$round" h2-latency "$entry" rps "$W_RPS"
+    record "$round" h2-latency "$entry" mean_us "$(awk -v r="$W_RPS" 'BEGIN {printf "%.2f", (r > 0 ? 1e6 / r : 0)}')"
+    record "$round" h2-latency "$entry" errors $((W_NON2XX + W_SOCKERR))
+    say "   h2-latency $entry: mean $(awk -v r="$W_RPS" 'BEGIN {printf "%.2f", (r > 0 ? 1e6 / r : 0)}') us ($W_RPS req/s)"
+}
+
 # Same-core latency at one connection: wrk, backend and proxy all on LOAD_CPU.
 mode_latency() {
     local round=$1 entry=$2
@@ -748,7 +834,12 @@ callgrind_one() { # MODE ENTRY LOAD(0|1) [WRK ARGS...]: sets CG_IR and CG_REQ (n
     "start_$entry" "$dir" $PROXY_CPU "${wrapper[@]}"
     local pid=$STARTED_PID requests=0
     curl -s -o /dev/null -m 30 "http://127.0.0.1:$P_HTTP/" || true
-    if [ "$load" = 1 ]; then
+    if [ "$load" = 1 ] && [ "$mode" = callgrind-h2 ]; then
+        local args=(-D "$CALLGRIND_SECONDS" -c1 -m1 "http://127.0.0.1:$P_H2/")
+        record_cmd "$mode" "$entry" "taskset -c $PROXY_CPU valgrind --tool=callgrind <$entry>; taskset -c $LOAD_CPU h2load $(quote "${args[@]}"); minus an idle run of the same length"
+        DURATION=$CALLGRIND_SECONDS run_h2load $LOAD_CPU "$dir.h2load" "${args[@]}"
+        requests=$W_REQ
+    elif [ "$load" = 1 ]; then
         local args=(-t1 -c1 -d"${CALLGRIND_SECONDS}s" "$@" "http://127.0.0.1:$P_HTTP/")
         record_cmd "$mode" "$entry" "taskset -c $PROXY_CPU valgrind --tool=callgrind <$entry>; taskset -c $LOAD_CPU wrk $(quote "${args[@]}"); minus an idle run of the same length"
         DURATION=$CALLGRIND_SECONDS run_wrk $LOAD_CPU "$dir.wrk" "${args[@]}"
@@ -777,7 +868,9 @@ mode_callgrind() { # MODE [WRK ARGS...]
     shift
     for entry in "${CG_LIST[@]}"; do
         [ "$entry" = direct ] && continue
-        say "== $mode $entry (idle run, then ${CALLGRIND_SECONDS}s of wrk -c1 $*)"
+        local load="wrk -c1 $*"
+        [ "$mode" = callgrind-h2 ] && load="h2load -c1 -m1"
+        say "== $mode $entry (idle run, then ${CALLGRIND_SECONDS}s of $load)"
         callgrind_one "$mode" "$entry" 0
         local ir0=$CG_IR
         callgrind_one "$mode" "$entry" 1 "$@"
@@ -915,6 +1008,25 @@ if "latency" in modes and present("latency"):
            "non-2xx + socket errors", NOISE], rows)
     commands("latency")
 
+for mode, title in [("h2", "HTTP/2 (h2c) to an HTTP/2 backend, h2load, one connection with 100 concurrent streams"),
+                    ("h2-32", "HTTP/2 (h2c) to an HTTP/2 backend, h2load, 32 connections of 10 streams")]:
+    if mode in modes and present(mode):
+        print(f"### {title}\n")
+        table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + failed", NOISE],
+              [[e, cell(mode, e, "rps", "{:,.0f}"), ratio(mode, e, "rps"), cell(mode, e, "cpu_us", "{:.2f}"),
+                cell(mode, e, "user_us", "{:.2f}"), cell(mode, e, "sys_us", "{:.2f}"), errors(mode, e), noise(mode, e)] for e in present(mode)])
+        commands(mode)
+
+if "h2-latency" in modes and present("h2-latency"):
+    print("### HTTP/2 latency at one stream, h2load -c1 -m1 (h2load, backend and proxy all on cpu0)\n")
+    rows = []
+    for e in present("h2-latency"):
+        dm, em = med("h2-latency", "direct", "mean_us"), med("h2-latency", e, "mean_us")
+        added = "-" if e == "direct" or dm is None or em is None else f"+{em - dm:.2f}"
+        rows.append([e, cell("h2-latency", e, "mean_us", "{:.2f}"), added, errors("h2-latency", e), noise("h2-latency", e)])
+    table(["entry", "mean (us, 1 / req/s)", "added mean (us)", "non-2xx + failed", NOISE], rows)
+    commands("h2-latency")
+
 if "newconn" in modes and present("newconn"):
     print("### New connection per request (Connection: close), 32 connections\n")
     table(["entry", "req/s", "ratio to direct", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors", NOISE],
@@ -938,7 +1050,9 @@ if "rss" in modes and present("rss"):
 
 for mode, title in [("callgrind", "Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)"),
                     ("callgrind-newconn", "Instructions per new-connection request (callgrind, user space, "
-                                          "wrk -c1 -H 'Connection: close'; idle run subtracted)")]:
+                                          "wrk -c1 -H 'Connection: close'; idle run subtracted)"),
+                    ("callgrind-h2", "Instructions per HTTP/2 request (callgrind, user space, h2load -c1 -m1 to the "
+                                     "HTTP/2 backend; idle run subtracted)")]:
     if mode in modes and present(mode):
         print(f"### {title}\n")
         table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
@@ -994,7 +1108,7 @@ main() {
     for round in $(seq 1 "$ROUNDS"); do
         noise_report "$round"
         for mode in "${MODE_LIST[@]}"; do
-            case $mode in http | latency | newconn | tcp) ;; *) continue ;; esac
+            case $mode in http | latency | newconn | tcp | h2 | h2-32 | h2-latency) ;; *) continue ;; esac
             for entry in "${ENTRY_LIST[@]}"; do
                 if ! alive "$entry"; then
                     say "   ANOMALY: $entry (pid ${PID[$entry]}) is no longer running: $(tail -5 "$WORK/$entry.log")"
@@ -1020,6 +1134,7 @@ main() {
 
     has_mode callgrind && mode_callgrind callgrind
     has_mode callgrind-newconn && mode_callgrind callgrind-newconn -H 'Connection: close'
+    has_mode callgrind-h2 && mode_callgrind callgrind-h2
 
     echo "benches/compare.sh --rounds $ROUNDS --duration $DURATION --modes $MODES --entries $ENTRIES --tcp-bytes $TCP_BYTES" \
         "--max-noise $MAX_NOISE --retries $RETRIES --quiet-wait $QUIET_WAIT${ZKROUTE_B_BIN:+ --zkroute-b $ZKROUTE_B_BIN}" >"$OUT_BASE.command"

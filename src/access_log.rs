@@ -45,6 +45,12 @@ pub struct Entry<'a> {
     pub duration: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The request's `x-request-id` (with `proxy.request_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
+    /// A gRPC call's `grpc-status` (README: "gRPC and HTTP/2 upstreams").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
 }
 
 /// The access log handle shared by listeners.
@@ -115,7 +121,15 @@ fn format_line(e: &Entry<'_>, json: bool) -> String {
             push_escaped(&mut line, value);
             line.push(' ');
         }
-        let _ = writeln!(line, "{status} {upstream} {ms:.3}ms in={} out={}", e.bytes_in, e.bytes_out);
+        let _ = write!(line, "{status} {upstream} {ms:.3}ms in={} out={}", e.bytes_in, e.bytes_out);
+        if let Some(id) = e.request_id {
+            line.push_str(" id=");
+            push_escaped(&mut line, id);
+        }
+        if let Some(g) = e.grpc_status {
+            let _ = write!(line, " grpc={g}");
+        }
+        line.push('\n');
         line
     }
 }
@@ -154,6 +168,8 @@ mod tests {
             duration: Duration::ZERO,
             bytes_in: 0,
             bytes_out: 0,
+            request_id: None,
+            grpc_status: None,
         };
         let line = format_line(&entry, false);
         assert_eq!(
@@ -162,5 +178,10 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(&format_line(&entry, true)).expect("JSON");
         assert_eq!(json["path"], entry.path, "JSON escapes by itself and keeps the value");
+        assert!(json.get("grpc_status").is_none());
+        let grpc = Entry { grpc_status: Some(14), ..entry };
+        assert!(format_line(&grpc, false).ends_with(" in=0 out=0 grpc=14\n"));
+        let json: serde_json::Value = serde_json::from_str(&format_line(&grpc, true)).expect("JSON");
+        assert_eq!(json["grpc_status"], 14);
     }
 }

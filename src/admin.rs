@@ -1,5 +1,6 @@
 //! The admin port (README: "What it serves"): `/` (the dashboard), `/metrics`, `/healthz`,
-//! `/ready`, `/config`. Loopback by default and never a data-plane port.
+//! `/ready`, `/config`, and `/drain` (README: "Stopping"). Loopback by default and never a
+//! data-plane port.
 
 mod dashboard;
 mod html;
@@ -69,6 +70,61 @@ pub struct AdminState {
     pub swaps: SwapLog,
     /// Counter samples for the dashboard's rates.
     pub traffic: Arc<traffic::Traffic>,
+    /// Where `/drain` requests go, and who may send them.
+    pub drain: DrainDoor,
+}
+
+/// A `/drain` request on its way to the app, answered with the text of the response.
+pub type DrainRequest = tokio::sync::oneshot::Sender<String>;
+
+/// `/drain`: the channel to the app, which deregisters the local app and answers, and the rules
+/// of who may ask (README: "Stopping").
+#[derive(Clone)]
+pub struct DrainDoor {
+    pub requests: tokio::sync::mpsc::Sender<DrainRequest>,
+    /// Required in `x-zkroute-drain-token` unless the admin port binds to loopback.
+    pub token: Option<Arc<str>>,
+    pub loopback: bool,
+}
+
+impl DrainDoor {
+    /// Why a `/drain` request is refused (403), if it is. A request from a web page (one that
+    /// carries `Origin`, or `Sec-Fetch-Site` other than `none`) never drains: a page's script
+    /// or image can reach a loopback port. Off loopback, the token must match.
+    fn refusal(&self, headers: &http::HeaderMap) -> Option<&'static str> {
+        let from_page = headers.contains_key(header::ORIGIN)
+            || headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() != b"none");
+        if from_page {
+            return Some("refused: /drain is not for web pages\n");
+        }
+        if self.loopback {
+            return None;
+        }
+        let Some(token) = &self.token else {
+            return Some("refused: the admin port is not on loopback and admin.drain_token is not set\n");
+        };
+        match headers.get("x-zkroute-drain-token") {
+            Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => None,
+            _ => Some("refused: x-zkroute-drain-token is missing or wrong\n"),
+        }
+    }
+
+    /// Asks the app to drain and waits for its answer.
+    async fn drain(&self) -> Response<Full<Bytes>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.requests.send(reply).await.is_err() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n");
+        }
+        match answer.await {
+            Ok(done) => text(StatusCode::OK, done),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
+        }
+    }
+}
+
+/// Compares two secrets in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves the admin endpoints until the task is stopped; it keeps answering while the proxy
@@ -89,6 +145,9 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 let state = state.clone();
                 async move {
                     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                    if path == "/drain" {
+                        return Ok(drain(&state.drain, &req).await);
+                    }
                     if matches!(path.as_str(), "/healthz" | "/ready") {
                         return Ok::<_, Infallible>(handle(&state, &method, &path));
                     }
@@ -103,6 +162,19 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 .await;
         });
     }
+}
+
+/// `/drain`, GET (what Kubernetes' `httpGet` hooks send) or POST: deregisters the local app as at
+/// SIGTERM and answers once that is done; the listeners keep serving.
+async fn drain(door: &DrainDoor, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n");
+    }
+    if let Some(why) = door.refusal(req.headers()) {
+        tracing::warn!(reason = why.trim_end(), "/drain refused");
+        return text(StatusCode::FORBIDDEN, why);
+    }
+    door.drain().await
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -153,7 +225,7 @@ fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Byte
         "/config" | "/" => {
             text(StatusCode::NOT_FOUND, "/config and the dashboard are switched off (admin.config_endpoint = false)\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try / /metrics /healthz /ready /config\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try / /metrics /healthz /ready /config /drain\n"),
     }
 }
 
@@ -277,13 +349,15 @@ fn policy_json(p: &ServicePolicy) -> Value {
     };
     // The same keys as the policy document, with the defaults filled in.
     let health_check = p.health_check.as_ref().map(|h| {
-        let (kind, path) = match &h.kind {
-            CheckKind::Http { path } => ("http", Some(path)),
-            CheckKind::Tcp => ("tcp", None),
+        let (kind, path, service) = match &h.kind {
+            CheckKind::Http { path } => ("http", Some(path), None),
+            CheckKind::Tcp => ("tcp", None, None),
+            CheckKind::Grpc { service } => ("grpc", None, Some(service)),
         };
         json!({
             "kind": kind,
             "path": path,
+            "service": service,
             "interval": human(h.interval),
             "timeout": human(h.timeout),
             "healthy_threshold": h.healthy_threshold,
@@ -307,7 +381,24 @@ fn policy_json(p: &ServicePolicy) -> Value {
         "outlier": outlier,
         "panic_threshold_percent": p.panic_threshold_percent,
         "protect_from_empty": p.protect_from_empty,
+        "circuit_breaker": p.circuit_breaker.map(|c| json!({
+            "max_connections": c.max_connections,
+            "max_pending": c.max_pending,
+            "max_requests": c.max_requests,
+            "max_retries": c.max_retries,
+        })),
+        "retry_budget": p.retry_budget.map(|b| json!({"percent": b.percent, "min_per_second": b.min_per_second})),
+        "protocol": upstream_protocol(p.protocol),
     })
+}
+
+/// The protocol zkroute speaks to an endpoint, as `/config` shows it.
+fn upstream_protocol(p: Option<crate::routing::InstanceProtocol>) -> &'static str {
+    match p {
+        Some(crate::routing::InstanceProtocol::H2) => "h2",
+        Some(crate::routing::InstanceProtocol::Tcp) => "tcp",
+        Some(crate::routing::InstanceProtocol::Http1) | None => "http1",
+    }
 }
 
 /// An endpoint's state, and why.
@@ -357,6 +448,8 @@ fn service_json(s: &ServiceEntry) -> Value {
             v["address"] = json!(i.instance.addr);
             v["origin"] = json!(i.origin);
             v["health"] = json!(state_view(&i.state, i.instance.enabled, unknown_ok));
+            // The instance's own protocol wins over the policy's.
+            v["protocol_in_force"] = json!(upstream_protocol(i.instance.protocol.or(s.policy.protocol)));
             if i.instance.warmup.is_some() {
                 // The weight as ramped when the table was built.
                 let built = s.all.endpoints.iter().find(|e| e.addr == i.instance.addr).map(|e| e.weight);

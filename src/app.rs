@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::access_log::{AccessLog, Sink};
-use crate::admin::{self, AdminState};
-use crate::config::{Config, LogFormat, ProxyConfig};
+use crate::admin::{self, AdminState, DrainDoor, DrainRequest};
+use crate::config::{Config, KeyError, LogFormat, ProxyConfig};
 use crate::discovery::file::FileSource;
 use crate::discovery::snapshot;
 use crate::discovery::zk::{ZkSource, ZkStatus, ZkStatusHandle};
@@ -65,6 +65,10 @@ pub struct App {
     last_reload: Arc<Mutex<Option<reload::Outcome>>>,
     /// TLS files, checked again on SIGHUP.
     rotation: Arc<rotation::Rotation>,
+    /// `/drain` requests, answered by [`App::drain`].
+    drain_requests: tokio::sync::mpsc::Receiver<DrainRequest>,
+    /// Set by `/drain`: the local app is deregistered and stays so until the restart.
+    drained: Arc<AtomicBool>,
 }
 
 impl App {
@@ -77,7 +81,7 @@ impl App {
         }
         let states = Arc::new(StateRegistry::new(config.proxy.state_retention.0));
         let (writer, routes) = store::channel();
-        let defaults = config.defaults().map_err(|(k, r)| anyhow::anyhow!("proxy.{k}: {r}"))?;
+        let defaults = config.defaults()?;
         let (updates, update_rx) = discovery::updates();
         let (trigger, shutdown) = shutdown::channel();
         let draining = Arc::new(AtomicBool::new(false));
@@ -87,7 +91,7 @@ impl App {
             .with_context(|| format!("admin.bind: cannot listen on {}", config.admin.bind))?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let congestion = congestion(&config.proxy).map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?;
+        let congestion = congestion(&config.proxy)?;
         // Bind every listener before anything starts, so a bad one fails the start.
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -182,6 +186,9 @@ impl App {
             registrations.update(&config.registrations, Some(&settings), Duration::ZERO).await;
         }
         let registrations_section = registrations.section();
+        let (drain_tx, drain_requests) = tokio::sync::mpsc::channel(4);
+        let drained = Arc::new(AtomicBool::new(false));
+        let drained_section = drained.clone();
         let last_reload: Arc<Mutex<Option<reload::Outcome>>> = Arc::default();
         let reload_section = last_reload.clone();
         let admin_state = AdminState {
@@ -198,6 +205,9 @@ impl App {
                 if let Some(r) = registrations_section() {
                     sections.push(("registrations", r));
                 }
+                if drained_section.load(std::sync::atomic::Ordering::Relaxed) {
+                    sections.push(("drained", serde_json::Value::Bool(true)));
+                }
                 if let Some(r) = reload_section.lock().ok().and_then(|r| r.clone()) {
                     sections.push(("config_reload", serde_json::to_value(r).unwrap_or_default()));
                 }
@@ -205,6 +215,11 @@ impl App {
             }),
             swaps,
             traffic: Arc::default(),
+            drain: DrainDoor {
+                requests: drain_tx,
+                token: config.admin.drain_token.as_deref().map(Arc::from),
+                loopback: admin_addr.ip().is_loopback(),
+            },
         };
         tasks.push(tokio::spawn(admin::serve(admin_listener, admin_state)));
         info!(admin = %admin_addr, "zkroute started");
@@ -225,7 +240,30 @@ impl App {
             pools,
             last_reload,
             rotation,
+            drain_requests,
+            drained,
         })
+    }
+
+    /// The next `/drain` request, to answer with [`App::drain`].
+    pub async fn drain_request(&mut self) -> Option<DrainRequest> {
+        self.drain_requests.recv().await
+    }
+
+    /// Deregisters the local app as at SIGTERM (each entry marked draining for its
+    /// `drain_delay`, then deleted) while the listeners keep serving, and says what it did. It
+    /// stays deregistered until the restart: a reload does not register it again.
+    pub async fn drain(&mut self) -> String {
+        if self.drained.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return "already drained\n".into();
+        }
+        let timeout = Duration::from_secs(5).min(self.config.proxy.drain_timeout.0);
+        let changed = self.registrations.update(&[], None, timeout).await;
+        info!(deregistered = ?changed.removed, "/drain: the local app is deregistered; listeners keep serving");
+        match changed.removed.is_empty() {
+            true => "drained: nothing was registered\n".into(),
+            false => format!("drained: deregistered {}\n", changed.removed.join(", ")),
+        }
     }
 
     /// A shutdown signal tied to this app.
@@ -254,6 +292,8 @@ impl App {
 
     /// As [`App::stop`], keeping the listeners open `delay` after deregistering.
     pub async fn stop_after(mut self, delay: Duration, drain_timeout: Duration) {
+        // `/drain` from now on answers 503 "stopping": the stop deregisters anyway.
+        self.drain_requests.close();
         // The local app leaves the registry first, so that other sidecars stop sending to it.
         self.registrations.deregister_all(Duration::from_secs(5).min(drain_timeout)).await;
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -276,11 +316,11 @@ impl App {
 }
 
 /// The congestion control for loopback connections, from `proxy.loopback_congestion`.
-fn congestion(p: &ProxyConfig) -> Result<LoopbackCongestion, (String, String)> {
+fn congestion(p: &ProxyConfig) -> Result<LoopbackCongestion, KeyError> {
     let wanted = p.loopback_congestion.as_deref();
     LoopbackCongestion::configured(wanted, DEFAULT_LOOPBACK_CONGESTION).map_err(|e| {
-        (
-            "proxy.loopback_congestion".to_owned(),
+        KeyError::new(
+            "proxy.loopback_congestion",
             format!(
                 "cannot use {:?}: {e} (net.ipv4.tcp_allowed_congestion_control lists what may be; \"\" keeps the \
                  system's choice)",
@@ -304,6 +344,7 @@ fn limits(p: &ProxyConfig, relay_memory: &Arc<RelayMemory>, congestion: Loopback
         stream_idle_timeout: p.stream_idle_timeout.0,
         h2_max_concurrent_streams: p.h2_max_concurrent_streams,
         drop_underscore_headers: p.drop_underscore_headers,
+        request_id: p.request_id,
         tcp_idle_timeout: p.tcp_idle_timeout.0,
         tcp_relay_memory: relay_memory.clone(),
         congestion,

@@ -9,12 +9,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::routing::build::{Defaults, ListenerSpec};
-use crate::routing::documents::{HealthCheckDoc, LbPolicy, OutlierDoc, Policy, PolicyDoc};
+use crate::routing::documents::{HealthCheckDoc, OutlierDoc, Policy, PolicyDoc};
 use crate::routing::table::Protocol;
 use crate::routing::{Addr, MAX_WEIGHT, ServiceName};
+
+/// A value that does not validate: which key (the whole path, `proxy.lb`), and why. A
+/// [`ConfigError`] once the file it came from is known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl KeyError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        KeyError { key: key.into(), reason: reason.into() }
+    }
+}
 
 /// A configuration problem: where, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +51,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
         humantime::parse_duration(&text)
             .map(HumanDuration)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration ({e}); write e.g. \"10s\"")))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -77,7 +98,7 @@ pub struct Config {
     pub file: Option<PathBuf>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZookeeperConfig {
     /// Ensemble and optional chroot: "zk1:2181,zk2:2181,zk3:2181/prod".
@@ -98,6 +119,7 @@ pub struct ZookeeperConfig {
     /// A snapshot written longer ago than this is not served.
     pub snapshot_max_age: HumanDuration,
     /// Digest credentials, "user:password". Never logged.
+    #[serde(skip_serializing)]
     pub auth: Option<String>,
     /// A file holding the digest credentials, "user:password".
     pub auth_file: Option<PathBuf>,
@@ -122,23 +144,27 @@ impl Default for ZookeeperConfig {
     }
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Serve `/config` and the dashboard (the whole table, with addresses). Off on hosts where
     /// that is sensitive.
     pub config_endpoint: bool,
+    /// What `/drain` requires in `x-zkroute-drain-token` when `bind` is not a loopback address
+    /// (README: "Stopping"); unset, `/drain` is refused there.
+    #[serde(skip_serializing)]
+    pub drain_token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { bind: SocketAddr::from(([127, 0, 0, 1], 9901)), config_endpoint: true }
+        AdminConfig { bind: SocketAddr::from(([127, 0, 0, 1], 9901)), config_endpoint: true, drain_token: None }
     }
 }
 
 /// Data-plane defaults and limits.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Whole-request timeout when a rule sets none.
@@ -180,13 +206,17 @@ pub struct ProxyConfig {
     pub h2_max_concurrent_streams: u32,
     /// Drops request header fields whose names hold an underscore, as nginx does.
     pub drop_underscore_headers: bool,
+    /// Adds `x-request-id` to requests without one, and logs it in the access log.
+    pub request_id: bool,
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
     pub pool_idle_timeout: HumanDuration,
     /// Default active health check for services whose policy has none.
+    #[serde(skip_serializing)]
     pub health_check: Option<HealthCheckDoc>,
     /// Default outlier detection for services whose policy has none.
+    #[serde(skip_serializing)]
     pub outlier: Option<OutlierDoc>,
     /// Runtime worker threads; 0 means one per CPU, 1 runs everything on a single thread.
     pub workers: usize,
@@ -194,14 +224,16 @@ pub struct ProxyConfig {
 
 impl Default for ProxyConfig {
     fn default() -> Self {
+        // What a rule or policy may leave out defaults to the routing table's own defaults.
+        let d = Defaults::default();
         ProxyConfig {
-            timeout: secs(15),
-            retries: 1,
-            connect_timeout: secs(1),
-            lb: "p2c".into(),
+            timeout: HumanDuration(d.timeout),
+            retries: d.retries,
+            connect_timeout: HumanDuration(d.connect_timeout),
+            lb: d.lb.name().into(),
             hash_on: None,
-            panic_threshold_percent: 50,
-            protect_from_empty: false,
+            panic_threshold_percent: d.panic_threshold_percent,
+            protect_from_empty: d.protect_from_empty,
             state_retention: secs(30),
             drain_timeout: secs(15),
             shutdown_delay: secs(0),
@@ -215,6 +247,7 @@ impl Default for ProxyConfig {
             stream_idle_timeout: secs(300),
             h2_max_concurrent_streams: 100,
             drop_underscore_headers: false,
+            request_id: false,
             pool_max_idle: 64,
             pool_idle_timeout: secs(30),
             health_check: None,
@@ -324,7 +357,7 @@ pub struct StaticConfig {
     pub file: PathBuf,
 }
 
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     #[default]
@@ -332,7 +365,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -340,7 +373,7 @@ pub struct LogConfig {
     pub access_log: Option<String>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Record data-plane metrics (the families stay registered either way).
@@ -369,75 +402,65 @@ enum ValueKind {
 /// Every scalar key, settable as `--a-b` and `ZKROUTE_A_B` for key `a.b`.
 const KEYS: &[(&str, ValueKind, &str)] = &[
     ("zookeeper.connect", ValueKind::Str, "ZooKeeper ensemble and chroot, e.g. zk1:2181,zk2:2181/prod"),
-    ("zookeeper.session_timeout", ValueKind::Str, "ZooKeeper session timeout [default: 10s]"),
-    (
-        "zookeeper.startup_timeout",
-        ValueKind::Str,
-        "wait this long for ZooKeeper at start before using the snapshot [default: 3s]",
-    ),
+    ("zookeeper.session_timeout", ValueKind::Str, "ZooKeeper session timeout"),
+    ("zookeeper.startup_timeout", ValueKind::Str, "wait this long for ZooKeeper at start before using the snapshot"),
     (
         "zookeeper.resync_jitter",
         ValueKind::Str,
         "longest random delay before the full read after a reconnect [default: session_timeout/4, at most 2s]",
     ),
-    ("zookeeper.services_path", ValueKind::Str, "naming nodes [default: /zkroute/services]"),
-    ("zookeeper.rules_path", ValueKind::Str, "rule nodes [default: /zkroute/rules]"),
-    ("zookeeper.policies_path", ValueKind::Str, "policy nodes [default: /zkroute/policies]"),
+    ("zookeeper.services_path", ValueKind::Str, "naming nodes"),
+    ("zookeeper.rules_path", ValueKind::Str, "rule nodes"),
+    ("zookeeper.policies_path", ValueKind::Str, "policy nodes"),
     (
         "zookeeper.dubbo_root",
         ValueKind::Str,
         "also route to the Dubbo providers registered under this root, e.g. /dubbo",
     ),
     ("zookeeper.snapshot", ValueKind::Str, "last-known-good table file, for a cold start without ZooKeeper"),
-    ("zookeeper.snapshot_max_age", ValueKind::Str, "never serve a snapshot older than this [default: 24h]"),
+    ("zookeeper.snapshot_max_age", ValueKind::Str, "never serve a snapshot older than this"),
     ("zookeeper.auth", ValueKind::Str, "digest credentials user:password (prefer auth_file)"),
     ("zookeeper.auth_file", ValueKind::Str, "file holding digest credentials user:password"),
-    ("admin.bind", ValueKind::Str, "admin address for / /metrics /healthz /ready /config [default: 127.0.0.1:9901]"),
-    ("admin.config_endpoint", ValueKind::Bool, "serve /config and the dashboard at / [default: true]"),
-    ("proxy.timeout", ValueKind::Str, "default whole-request timeout [default: 15s]"),
-    ("proxy.retries", ValueKind::Int, "default extra attempts [default: 1]"),
-    ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout [default: 1s]"),
-    ("proxy.lb", ValueKind::Str, "default balancer: p2c, round_robin, ring_hash [default: p2c]"),
+    ("admin.bind", ValueKind::Str, "admin address for / /metrics /healthz /ready /config"),
+    ("admin.config_endpoint", ValueKind::Bool, "serve /config and the dashboard at /"),
+    (
+        "admin.drain_token",
+        ValueKind::Str,
+        "what /drain needs in x-zkroute-drain-token when admin.bind is not loopback [default: unset, refused there]",
+    ),
+    ("proxy.timeout", ValueKind::Str, "default whole-request timeout"),
+    ("proxy.retries", ValueKind::Int, "default extra attempts"),
+    ("proxy.connect_timeout", ValueKind::Str, "default upstream connect timeout"),
+    ("proxy.lb", ValueKind::Str, "default balancer: p2c, round_robin, ring_hash"),
     ("proxy.hash_on", ValueKind::Str, "default ring_hash key: header:<name> or source_ip"),
-    ("proxy.panic_threshold_percent", ValueKind::Int, "below this healthy share, use every instance [default: 50]"),
-    (
-        "proxy.protect_from_empty",
-        ValueKind::Bool,
-        "keep a service's last instances if all vanish at once [default: false]",
-    ),
-    ("proxy.state_retention", ValueKind::Str, "keep a removed endpoint's state this long [default: 30s]"),
-    ("proxy.drain_timeout", ValueKind::Str, "let in-flight work finish this long on SIGTERM [default: 15s]"),
-    ("proxy.shutdown_delay", ValueKind::Str, "keep accepting this long after deregistering on SIGTERM [default: 0s]"),
-    ("proxy.idle_timeout", ValueKind::Str, "close idle client HTTP connections after [default: 60s]"),
-    ("proxy.tcp_idle_timeout", ValueKind::Str, "close TCP connections idle for [default: 1h]"),
-    (
-        "proxy.tcp_relay_memory",
-        ValueKind::Int,
-        "bytes all TCP relay buffers may grow into for bulk transfers [default: 67108864]",
-    ),
+    ("proxy.panic_threshold_percent", ValueKind::Int, "below this healthy share, use every instance"),
+    ("proxy.protect_from_empty", ValueKind::Bool, "keep a service's last instances if all vanish at once"),
+    ("proxy.state_retention", ValueKind::Str, "keep a removed endpoint's state this long"),
+    ("proxy.drain_timeout", ValueKind::Str, "let in-flight work finish this long on SIGTERM"),
+    ("proxy.shutdown_delay", ValueKind::Str, "keep accepting this long after deregistering on SIGTERM"),
+    ("proxy.idle_timeout", ValueKind::Str, "close idle client HTTP connections after"),
+    ("proxy.tcp_idle_timeout", ValueKind::Str, "close TCP connections idle for"),
+    ("proxy.tcp_relay_memory", ValueKind::Int, "bytes all TCP relay buffers may grow into for bulk transfers"),
     (
         "proxy.loopback_congestion",
         ValueKind::Str,
         "TCP congestion control on loopback connections, \"\" = the system's [default: cubic if allowed]",
     ),
-    ("proxy.header_read_timeout", ValueKind::Str, "time to receive request headers [default: 10s]"),
-    ("proxy.max_header_bytes", ValueKind::Int, "largest request header section [default: 65536]"),
-    ("proxy.max_connections", ValueKind::Int, "most client connections per listener [default: 10000]"),
-    ("proxy.stream_idle_timeout", ValueKind::Str, "reset HTTP/2 streams with no bytes either way for [default: 5m]"),
-    ("proxy.h2_max_concurrent_streams", ValueKind::Int, "most streams per HTTP/2 client connection [default: 100]"),
-    (
-        "proxy.drop_underscore_headers",
-        ValueKind::Bool,
-        "drop request headers with an underscore in their name [default: false]",
-    ),
-    ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint [default: 64]"),
-    ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after [default: 30s]"),
-    ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU [default: 0]"),
+    ("proxy.header_read_timeout", ValueKind::Str, "time to receive request headers"),
+    ("proxy.max_header_bytes", ValueKind::Int, "largest request header section"),
+    ("proxy.max_connections", ValueKind::Int, "most client connections per listener"),
+    ("proxy.stream_idle_timeout", ValueKind::Str, "reset HTTP/2 streams with no bytes either way for"),
+    ("proxy.h2_max_concurrent_streams", ValueKind::Int, "most streams per HTTP/2 client connection"),
+    ("proxy.drop_underscore_headers", ValueKind::Bool, "drop request headers with an underscore in their name"),
+    ("proxy.request_id", ValueKind::Bool, "add x-request-id to requests without one, and log it"),
+    ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint"),
+    ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after"),
+    ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU"),
     ("static.file", ValueKind::Str, "serve services and rules from this TOML file instead of ZooKeeper"),
-    ("log.format", ValueKind::Str, "text or json [default: text]"),
+    ("log.format", ValueKind::Str, "text or json"),
     ("log.access_log", ValueKind::Str, "access log: stdout or a file path [default: off]"),
-    ("metrics.enabled", ValueKind::Bool, "record data-plane metrics [default: true]"),
-    ("metrics.per_instance", ValueKind::Bool, "label upstream metrics by instance address [default: false]"),
+    ("metrics.enabled", ValueKind::Bool, "record data-plane metrics"),
+    ("metrics.per_instance", ValueKind::Bool, "label upstream metrics by instance address"),
     ("listener", ValueKind::Tables, "a listener as an inline table: '{name=\"http\", bind=\"127.0.0.1:15001\"}'"),
     ("register", ValueKind::Tables, "an instance to register, as an inline table"),
 ];
@@ -448,6 +471,31 @@ fn flag_name(key: &str) -> String {
 
 fn env_name(key: &str) -> String {
     format!("ZKROUTE_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// The defaults of the file's sections, as TOML values: stated once, in the `Default` impls
+/// (and, for what rules and policies may leave out, the routing table's [`Defaults`]).
+fn default_values() -> toml::Table {
+    #[derive(Serialize)]
+    struct Sections {
+        zookeeper: ZookeeperConfig,
+        admin: AdminConfig,
+        proxy: ProxyConfig,
+        log: LogConfig,
+        metrics: MetricsConfig,
+    }
+    let c = Config::default();
+    let sections = Sections { zookeeper: c.zookeeper, admin: c.admin, proxy: c.proxy, log: c.log, metrics: c.metrics };
+    toml::Table::try_from(sections).unwrap_or_default()
+}
+
+/// A key's default as the file would write it; None where it has no value by default.
+fn default_text(defaults: &toml::Table, key: &str) -> Option<String> {
+    let (section, name) = key.split_once('.')?;
+    match defaults.get(section)?.get(name)? {
+        toml::Value::String(s) => Some(s.clone()),
+        v => Some(v.to_string()),
+    }
 }
 
 /// `--config` plus one flag per key; parsed by clap, merged over the file by [`Config::load`].
@@ -502,12 +550,21 @@ impl Args for ConfigArgs {
                 .global(true)
                 .help("TOML configuration file (see the README's Configuration section)"),
         );
+        let defaults = default_values();
         KEYS.iter().fold(cmd, |cmd, (key, kind, help)| {
+            // A default that is a value comes from the `Default` impls; one that is not (it
+            // depends on another key, or means "off") is stated in the help text.
+            let help = match default_text(&defaults, key) {
+                Some(value) => format!("{help} [default: {value}]"),
+                None => (*help).to_owned(),
+            };
             // Table keys stay on the top-level command: `ctl route` has a `--listener` of its own.
             let arg = Arg::new(*key)
                 .long(flag_name(key))
                 .env(env_name(key))
-                .help(*help)
+                // Values are not echoed into --help: some are credentials (auth, drain_token).
+                .hide_env_values(true)
+                .help(help)
                 .global(!matches!(kind, ValueKind::Tables))
                 .help_heading("Configuration keys (each also a ZKROUTE_* variable)");
             let arg = match kind {
@@ -573,17 +630,17 @@ impl Config {
                 ConfigError { source_name: source_name.into(), key, reason: e.into_inner().message().to_owned() }
             },
         )?;
-        config.validate().map_err(|(key, reason)| {
+        config.validate().map_err(|KeyError { key, reason }| {
             let source_name = if overridden.iter().any(|k| key.starts_with(k)) { FROM_FLAGS } else { name };
             ConfigError { source_name: source_name.into(), key, reason }
         })?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self) -> Result<(), KeyError> {
         let zk = &self.zookeeper;
         if self.static_file.is_none() && zk.connect.trim().is_empty() {
-            return Err(("zookeeper.connect".into(), "is empty".into()));
+            return Err(KeyError::new("zookeeper.connect", "is empty"));
         }
         for (key, path) in [
             ("zookeeper.services_path", &zk.services_path),
@@ -594,25 +651,25 @@ impl Config {
         .chain(zk.dubbo_root.as_ref().map(|d| ("zookeeper.dubbo_root", d)))
         {
             if !path.starts_with('/') || (path.len() > 1 && path.ends_with('/')) {
-                return Err((
-                    key.into(),
+                return Err(KeyError::new(
+                    key,
                     format!("{path:?} must be an absolute ZooKeeper path without a trailing '/'"),
                 ));
             }
         }
         if zk.session_timeout.0 < Duration::from_millis(100) {
-            return Err(("zookeeper.session_timeout".into(), "must be at least 100ms".into()));
+            return Err(KeyError::new("zookeeper.session_timeout", "must be at least 100ms"));
         }
         if let Some(auth) = &zk.auth {
             if !auth.contains(':') {
-                return Err(("zookeeper.auth".into(), "must be user:password".into()));
+                return Err(KeyError::new("zookeeper.auth", "must be user:password"));
             }
         }
         if zk.auth.is_some() && zk.auth_file.is_some() {
-            return Err(("zookeeper.auth_file".into(), "give either auth or auth_file, not both".into()));
+            return Err(KeyError::new("zookeeper.auth_file", "give either auth or auth_file, not both"));
         }
         let p = &self.proxy;
-        self.defaults().map_err(|(k, r)| (format!("proxy.{k}"), r))?;
+        self.defaults()?;
         for (key, d) in [
             ("proxy.timeout", p.timeout),
             ("proxy.connect_timeout", p.connect_timeout),
@@ -623,17 +680,17 @@ impl Config {
             ("proxy.stream_idle_timeout", p.stream_idle_timeout),
         ] {
             if d.0.is_zero() {
-                return Err((key.into(), "must be greater than zero".into()));
+                return Err(KeyError::new(key, "must be greater than zero"));
             }
         }
         if p.max_header_bytes < 1024 {
-            return Err(("proxy.max_header_bytes".into(), "must be at least 1024".into()));
+            return Err(KeyError::new("proxy.max_header_bytes", "must be at least 1024"));
         }
         if p.max_connections == 0 {
-            return Err(("proxy.max_connections".into(), "must be at least 1".into()));
+            return Err(KeyError::new("proxy.max_connections", "must be at least 1"));
         }
         if p.h2_max_concurrent_streams == 0 {
-            return Err(("proxy.h2_max_concurrent_streams".into(), "must be at least 1".into()));
+            return Err(KeyError::new("proxy.h2_max_concurrent_streams", "must be at least 1"));
         }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
@@ -641,17 +698,20 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             if l.name.is_empty() || !names.insert(l.name.as_str()) {
-                return Err((key("name"), format!("{:?} is empty or used by another listener", l.name)));
+                return Err(KeyError::new(key("name"), format!("{:?} is empty or used by another listener", l.name)));
             }
             if l.bind.port() != 0 && !binds.insert(l.bind) {
-                return Err((key("bind"), format!("{} is already used by the admin port or another listener", l.bind)));
+                return Err(KeyError::new(
+                    key("bind"),
+                    format!("{} is already used by the admin port or another listener", l.bind),
+                ));
             }
             if let Some(s) = &l.service {
                 if s.is_empty() || s.contains('/') {
-                    return Err((key("service"), format!("{s:?} is not a service name")));
+                    return Err(KeyError::new(key("service"), format!("{s:?} is not a service name")));
                 }
             } else if l.endpoint.is_some() {
-                return Err((key("endpoint"), "applies only with service".into()));
+                return Err(KeyError::new(key("endpoint"), "applies only with service"));
             }
             if let Some(tls) = &l.tls {
                 crate::tls::check_server(tls).map_err(|e| (key("tls"), e.to_string()))?;
@@ -667,51 +727,54 @@ impl Config {
         for (i, r) in self.registrations.iter().enumerate() {
             let key = |k: &str| format!("register[{i}].{k}");
             if r.service.is_empty() || r.service.contains('/') {
-                return Err((key("service"), format!("{:?} is not a service name", r.service)));
+                return Err(KeyError::new(key("service"), format!("{:?} is not a service name", r.service)));
             }
             if r.port == 0 {
-                return Err((key("port"), "must be in 1..=65535".into()));
+                return Err(KeyError::new(key("port"), "must be in 1..=65535"));
             }
-            Addr::from_parts(&r.address, r.port).map_err(|e| (key("address"), e.to_string()))?;
+            Addr::from_parts(&r.address, r.port).map_err(|e| KeyError::new(key("address"), e.to_string()))?;
             if let Some(id) = &r.id {
                 if id.is_empty() || id.contains('/') {
-                    return Err((key("id"), format!("{id:?} is not a node name")));
+                    return Err(KeyError::new(key("id"), format!("{id:?} is not a node name")));
                 }
             }
             if r.payload.weight.is_some_and(|w| w > MAX_WEIGHT) {
-                return Err((key("payload.weight"), format!("must be at most {MAX_WEIGHT}")));
+                return Err(KeyError::new(key("payload.weight"), format!("must be at most {MAX_WEIGHT}")));
             }
             if let Some(hc) = &r.health_check {
                 match (hc.kind.as_str(), &hc.url) {
                     ("http", Some(url)) if url.starts_with("http://") => {}
                     ("http", _) => {
-                        return Err((key("health_check.url"), "kind http needs url = \"http://...\"".into()));
+                        return Err(KeyError::new(key("health_check.url"), "kind http needs url = \"http://...\""));
                     }
                     ("tcp", _) => {}
                     (other, _) => {
-                        return Err((key("health_check.kind"), format!("{other:?} is neither \"http\" nor \"tcp\"")));
+                        return Err(KeyError::new(
+                            key("health_check.kind"),
+                            format!("{other:?} is neither \"http\" nor \"tcp\""),
+                        ));
                     }
                 }
                 if hc.rise == 0 || hc.fall == 0 {
-                    return Err((key("health_check"), "rise and fall must be at least 1".into()));
+                    return Err(KeyError::new(key("health_check"), "rise and fall must be at least 1"));
                 }
             }
         }
         if let Some(s) = &self.static_file {
             if !s.file.is_file() {
-                return Err(("static.file".into(), format!("{} is not a readable file", s.file.display())));
+                return Err(KeyError::new("static.file", format!("{} is not a readable file", s.file.display())));
             }
         }
         if let Some(a) = &self.log.access_log {
             if a.is_empty() {
-                return Err(("log.access_log".into(), "is empty: use \"stdout\" or a path".into()));
+                return Err(KeyError::new("log.access_log", "is empty: use \"stdout\" or a path"));
             }
         }
         Ok(())
     }
 
     /// Data-plane defaults, as the table builder takes them.
-    pub fn defaults(&self) -> Result<Defaults, (String, String)> {
+    pub fn defaults(&self) -> Result<Defaults, KeyError> {
         let p = &self.proxy;
         let doc = PolicyDoc {
             lb: Some(p.lb.clone()),
@@ -721,9 +784,9 @@ impl Config {
             panic_threshold_percent: Some(p.panic_threshold_percent),
             ..PolicyDoc::default()
         };
-        let policy = Policy::from_doc(doc).map_err(|e| (e.field, e.reason))?;
+        let policy = Policy::from_doc(doc).map_err(|e| KeyError::new(format!("proxy.{}", e.field), e.reason))?;
         Ok(Defaults {
-            lb: policy.lb.unwrap_or(LbPolicy::P2c),
+            lb: policy.lb.unwrap_or_default(),
             connect_timeout: p.connect_timeout.0,
             timeout: p.timeout.0,
             retries: p.retries,
@@ -825,6 +888,36 @@ mod tests {
 
     fn bad(text: &str) -> ConfigError {
         Config::from_toml(text, "zk.toml").expect_err(text)
+    }
+
+    #[test]
+    fn each_default_is_stated_once_and_the_help_shows_it() {
+        let defaults = default_values();
+        let derived = KEYS.iter().filter(|(key, _, _)| default_text(&defaults, key).is_some()).count();
+        assert!(derived > 30, "{derived} keys have defaults from the Default impls");
+        for (key, _, help) in KEYS {
+            if default_text(&defaults, key).is_some() {
+                assert!(!help.contains("[default:"), "{key}: its help restates a default the Default impls hold");
+            }
+        }
+        for (key, value) in [
+            ("proxy.timeout", "15s"),
+            ("proxy.lb", "p2c"),
+            ("proxy.tcp_idle_timeout", "1h"),
+            ("proxy.tcp_relay_memory", "67108864"),
+            ("admin.config_endpoint", "true"),
+            ("zookeeper.services_path", "/zkroute/services"),
+            ("log.format", "text"),
+        ] {
+            assert_eq!(default_text(&defaults, key).as_deref(), Some(value), "{key}");
+        }
+        assert_eq!(default_text(&defaults, "zookeeper.auth"), None, "credentials are never shown");
+        assert_eq!(default_text(&defaults, "admin.drain_token"), None);
+        let help = ConfigArgs::augment_args(Command::new("zkroute")).render_long_help().to_string();
+        assert!(help.contains("default whole-request timeout [default: 15s]"), "{help}");
+        // The routing table's defaults are the configuration's.
+        let (table, config) = (Defaults::default(), ProxyConfig::default());
+        assert_eq!((table.timeout, table.retries, table.lb.name()), (config.timeout.0, config.retries, &*config.lb));
     }
 
     #[test]

@@ -493,7 +493,7 @@ async fn route(
         map.append(name, value);
     }
     let read = zk::read_all(client, &settings.paths).await.map_err(zk_failure)?;
-    let defaults = config.defaults().map_err(|(k, r)| Failure::Usage(format!("proxy.{k}: {r}")))?;
+    let defaults = config.defaults().map_err(|e| Failure::Usage(e.to_string()))?;
     let mut builder = Builder::new(
         config.listener_specs(),
         defaults,

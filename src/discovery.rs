@@ -6,9 +6,9 @@
 pub mod dubbo;
 pub mod file;
 pub mod formats;
-pub mod snapshot;
-pub mod swaps;
-pub mod zk;
+pub(crate) mod snapshot;
+pub(crate) mod swaps;
+pub(crate) mod zk;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

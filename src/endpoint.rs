@@ -2,10 +2,13 @@
 //! requests in flight. It is keyed by [`EndpointKey`] in a [`StateRegistry`]; each table built
 //! holds `Arc`s into it, so the data plane reaches the state without a lookup, and a table swap or
 //! a registry's delete-and-re-create of a node keeps it (for `state_retention` after the
-//! endpoint was last seen).
+//! endpoint was last seen). [`breaker`] keeps the per-service counts of circuit breaking the
+//! same way, by service name.
+
+pub mod breaker;
 
 use std::any::Any;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::names::EndpointKey;
+use crate::names::{EndpointKey, ServiceName};
+use breaker::ServiceGate;
 
 /// What active health checks last concluded.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -267,6 +271,8 @@ pub struct StateRegistry {
     /// Milliseconds; a configuration reload may change it.
     retention_ms: AtomicU64,
     entries: Mutex<HashSet<ByKey>>,
+    /// Circuit-breaking counts by service, for services whose policy has a breaker.
+    gates: Mutex<HashMap<ServiceName, Arc<ServiceGate>>>,
 }
 
 impl StateRegistry {
@@ -275,6 +281,7 @@ impl StateRegistry {
             clock: Arc::new(Clock::new()),
             retention_ms: AtomicU64::new(0),
             entries: Mutex::new(HashSet::new()),
+            gates: Mutex::new(HashMap::new()),
         };
         registry.set_retention(retention);
         registry
@@ -297,6 +304,12 @@ impl StateRegistry {
         state
     }
 
+    /// The circuit-breaking counts of `service`, created if new.
+    pub fn gate(&self, service: &ServiceName) -> Arc<ServiceGate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates.entry(service.clone()).or_default().clone()
+    }
+
     /// Forgets states that no table has held for longer than the retention. A state is in use
     /// while some table (in force, or still finishing requests) holds an `Arc` to it.
     pub fn sweep(&self) {
@@ -306,6 +319,8 @@ impl StateRegistry {
     fn sweep_at(&self, now: Instant) {
         let now_ms = self.clock.ms_at(now);
         let retention = self.retention_ms.load(Ordering::Relaxed);
+        // A gate nothing holds (no table, no slot) counts nothing: it is made anew when needed.
+        self.gates.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, g| Arc::strong_count(g) > 1);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|ByKey(state)| {
             if Arc::strong_count(state) > 1 {

@@ -132,9 +132,19 @@ fn run(args: ConfigArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        while signals.next().await == Signal::Reload {
-            tracing::info!("SIGHUP: reloading the configuration");
-            app.reload(&args).await;
+        loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Signal::Reload => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        app.reload(&args).await;
+                    }
+                    Signal::Stop => break,
+                },
+                Some(reply) = app.drain_request() => {
+                    let _ = reply.send(app.drain().await);
+                }
+            }
         }
         tracing::info!(drain_timeout = ?app.config().proxy.drain_timeout.0, "shutting down: draining");
         app.stop_as_configured().await;

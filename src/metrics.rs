@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::names::Addr;
+use crate::routing::rate_limit::RuleStats;
 use crate::routing::table::{StatsSource, TargetStats};
 
 /// Metric names, in one place.
@@ -46,6 +47,9 @@ pub mod names {
     pub const TLS_FILE_ERRORS: &str = "zkroute_tls_file_errors_total";
     pub const TLS_CERTIFICATE_EXPIRY: &str = "zkroute_tls_certificate_expiry_timestamp_seconds";
     pub const UPSTREAM_TLS_ERRORS: &str = "zkroute_upstream_tls_errors_total";
+    pub const OVERFLOW: &str = "zkroute_overflow_total";
+    pub const RATE_LIMITED: &str = "zkroute_rate_limited_total";
+    pub const GRPC_REQUESTS: &str = "zkroute_grpc_requests_total";
 }
 
 /// Latency buckets for a sidecar: 100 microseconds to 10 seconds.
@@ -102,6 +106,12 @@ pub struct Metrics {
     pub per_instance: bool,
     /// Configuration reloads (SIGHUP), by `result`: `ok`, or `error` when nothing changed.
     pub config_reloads: IntCounterVec,
+    /// Requests and connections refused by a service's circuit breaker, by the limit reached.
+    pub overflow: IntCounterVec,
+    /// Requests refused by a rule's rate limit.
+    pub rate_limited: IntCounterVec,
+    /// gRPC calls by the `grpc-status` they ended with (they travel as HTTP 200).
+    pub grpc_requests: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -263,6 +273,24 @@ impl Metrics {
                 "Configuration reloads (SIGHUP), by result: ok, or error when nothing changed.",
                 &["result"],
             ),
+            overflow: counter_vec(
+                &r,
+                OVERFLOW,
+                "Requests and connections refused by a service's circuit breaker, by the limit reached.",
+                &["service", "limit"],
+            ),
+            rate_limited: counter_vec(
+                &r,
+                RATE_LIMITED,
+                "Requests refused by a rule's local rate limit.",
+                &["listener", "rule"],
+            ),
+            grpc_requests: counter_vec(
+                &r,
+                GRPC_REQUESTS,
+                "gRPC calls answered, by grpc-status (none: ended without one).",
+                &["listener", "service", "grpc_status"],
+            ),
             registry: r,
         }
     }
@@ -292,6 +320,7 @@ pub struct RouteStats {
     pub tcp_connections: IntCounter,
     /// `zkroute_upstream_requests_total`, with `metrics.per_instance` only.
     per_instance: Option<IntCounterVec>,
+    overflow: IntCounterVec,
 }
 
 impl RouteStats {
@@ -307,6 +336,7 @@ impl RouteStats {
             retries: m.retries.with_label_values(&[service]),
             tcp_connections: m.tcp_connections.with_label_values(&[listener, service]),
             per_instance: m.per_instance.then(|| m.upstream_requests.clone()),
+            overflow: m.overflow.clone(),
         }
     }
 
@@ -361,11 +391,36 @@ impl TargetStats for RouteStats {
             self.tcp_connections.inc();
         }
     }
+
+    fn overflow(&self, limit: &'static str) {
+        if self.enabled {
+            // A refusal is rare: the label lookup is no cost worth resolving ahead.
+            self.overflow.with_label_values(&[&*self.service, limit]).inc();
+        }
+    }
 }
 
 impl StatsSource for Metrics {
     fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats> {
         Arc::new(RouteStats::new(self, listener, service))
+    }
+
+    fn rule_stats(&self, listener: &str, rule: &str) -> Arc<dyn RuleStats> {
+        Arc::new(RuleCounter { enabled: self.enabled, refused: self.rate_limited.with_label_values(&[listener, rule]) })
+    }
+}
+
+/// A rule's `zkroute_rate_limited_total` child, resolved when the table is built.
+struct RuleCounter {
+    enabled: bool,
+    refused: IntCounter,
+}
+
+impl RuleStats for RuleCounter {
+    fn rate_limited(&self) {
+        if self.enabled {
+            self.refused.inc();
+        }
     }
 }
 

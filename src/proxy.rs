@@ -6,6 +6,7 @@
 pub mod attempt;
 pub mod balance;
 pub mod error;
+pub mod grpc;
 pub mod http;
 mod lazy_timeout;
 pub mod stream;
@@ -76,6 +77,8 @@ pub struct Limits {
     pub stream_idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub drop_underscore_headers: bool,
+    /// Adds `x-request-id` to requests that have none (`proxy.request_id`).
+    pub request_id: bool,
     pub tcp_idle_timeout: Duration,
     /// Shared by every TCP listener: what their relay buffers may grow into.
     pub tcp_relay_memory: Arc<tcp::RelayMemory>,

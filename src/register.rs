@@ -200,10 +200,6 @@ impl Registrations {
         Registrations { status, stop, tasks, max_drain }
     }
 
-    pub fn status(&self) -> Vec<Status> {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
     /// A handle on the status, for `/config`.
     pub fn status_handle(&self) -> Arc<Mutex<Vec<Status>>> {
         self.status.clone()

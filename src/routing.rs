@@ -5,6 +5,7 @@ pub mod build;
 pub mod documents;
 pub mod index;
 pub mod key_versions;
+pub mod rate_limit;
 pub mod store;
 pub mod table;
 pub mod tags;
@@ -44,14 +45,24 @@ pub enum Format {
 pub enum InstanceProtocol {
     /// HTTP/1.1 (Dubbo `rest://`, `http://`).
     Http1,
-    /// HTTP/2 (Dubbo `tri://`, gRPC). Until zkroute speaks HTTP/2 to upstreams, HTTP listeners
-    /// forward to these as HTTP/1.1.
+    /// HTTP/2 with prior knowledge (Dubbo `tri://`, gRPC): HTTP listeners forward to these over
+    /// shared HTTP/2 connections.
     H2,
     /// Opaque bytes (Dubbo's binary `dubbo://`): TCP listeners only.
     Tcp,
 }
 
 impl InstanceProtocol {
+    /// The protocol named by a policy's `protocol` or a Curator instance's metadata `protocol`:
+    /// `http1`, `h2`, or `grpc` (HTTP/2 too).
+    pub fn parse_upstream(name: &str) -> Option<InstanceProtocol> {
+        match name {
+            "http1" => Some(InstanceProtocol::Http1),
+            "h2" | "grpc" => Some(InstanceProtocol::H2),
+            _ => None,
+        }
+    }
+
     /// Whether a listener speaking `listener` may send to an instance serving `protocol`.
     pub fn serves(protocol: Option<InstanceProtocol>, listener: table::Protocol) -> bool {
         matches!(

@@ -187,24 +187,56 @@ struct Pod {
     configmap: Value,
 }
 
+/// The native-sidecar manifest (Kubernetes 1.29+) and the one for older clusters.
+const NATIVE: &str = "deploy/kubernetes/deployment.yaml";
+const PRE_1_29: &str = "deploy/kubernetes/deployment-pre-1.29.yaml";
+
 impl Pod {
     fn read() -> Pod {
-        let deployment = yaml("deploy/kubernetes/deployment.yaml");
+        Pod::read_from(NATIVE)
+    }
+
+    fn read_from(path: &str) -> Pod {
+        let deployment = yaml(path);
         let configmap = yaml("deploy/kubernetes/configmap.yaml");
         assert_eq!(deployment["kind"], "Deployment");
         assert_eq!(configmap["kind"], "ConfigMap");
         Pod { deployment, configmap }
     }
 
+    /// Both manifests, each with the configmap.
+    fn both() -> [Pod; 2] {
+        [Pod::read_from(NATIVE), Pod::read_from(PRE_1_29)]
+    }
+
     fn spec(&self) -> &Value {
         &self.deployment["spec"]["template"]["spec"]
     }
 
+    /// A container, or an init container (a native sidecar is one).
     fn container(&self, name: &str) -> &Value {
-        array(&self.spec()["containers"], "containers")
+        ["containers", "initContainers"]
             .iter()
+            .filter_map(|list| self.spec()[*list].as_array())
+            .flatten()
             .find(|c| c["name"] == name)
             .unwrap_or_else(|| panic!("no container {name}"))
+    }
+
+    /// The config as zkroute runs it in the pod: the file with the container's `ZKROUTE_*`
+    /// variables over it.
+    fn effective_config(&self) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("zkroute.toml");
+        std::fs::write(&file, self.config_text()).unwrap();
+        let mut args = ConfigArgs::default().with_file(file);
+        for (k, v) in self.env("zkroute") {
+            if let Some(key) = k.strip_prefix("ZKROUTE_") {
+                let key = key.to_ascii_lowercase().replacen('_', ".", 1);
+                args = args.set(&key, v);
+            }
+        }
+        Config::load(&args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The file and the directory that `--config` names in the zkroute container.
@@ -264,97 +296,131 @@ impl Pod {
 
 #[test]
 fn the_configmap_config_binds_admin_for_probes_and_listens_on_loopback_for_the_app() {
-    let pod = Pod::read();
-    let config = pod.config();
-    assert_eq!(config.admin.bind, "0.0.0.0:9901".parse::<SocketAddr>().unwrap(), "probed and scraped from outside");
-    assert!(!config.listeners.is_empty());
-    for l in &config.listeners {
-        assert!(l.bind.ip().is_loopback(), "listener {} is for the app only", l.name);
+    for pod in Pod::both() {
+        let config = pod.config();
+        assert_eq!(config.admin.bind, "0.0.0.0:9901".parse::<SocketAddr>().unwrap(), "probed and scraped from outside");
+        assert!(!config.listeners.is_empty());
+        for l in &config.listeners {
+            assert!(l.bind.ip().is_loopback(), "listener {} is for the app only", l.name);
+        }
+        let app = pod.env("app");
+        let listener = config.listeners[0].bind;
+        assert_eq!(app["ZKROUTE_URL"], format!("http://{listener}"), "the app is pointed at the listener");
     }
-    let app = pod.env("app");
-    let listener = config.listeners[0].bind;
-    assert_eq!(app["ZKROUTE_URL"], format!("http://{listener}"), "the app is pointed at the listener");
 }
 
 #[test]
 fn the_pod_registers_its_own_ip_through_zkroute_register() {
-    let pod = Pod::read();
-    let env = pod.env("zkroute");
-    let register = &env["ZKROUTE_REGISTER"];
+    for pod in Pod::both() {
+        let env = pod.env("zkroute");
+        let register = &env["ZKROUTE_REGISTER"];
 
-    // In-process, as the flag or variable would be applied over the mounted file.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("zkroute.toml");
-    std::fs::write(&file, pod.config_text()).unwrap();
-    let config = Config::load(&ConfigArgs::default().with_file(file.clone()).set("register", register.as_str()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let r = &config.registrations[..];
-    assert_eq!(r.len(), 1, "{register}");
-    let app_port = pod.port("app", "http");
-    assert_eq!((r[0].address.as_str(), r[0].port), (POD_IP, app_port), "registered at the pod IP and app port");
-    let check = r[0].health_check.as_ref().expect("health-gated");
-    assert_eq!(check.url.as_deref(), Some(format!("http://127.0.0.1:{app_port}/health").as_str()));
-    let version = &pod.deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"];
-    assert_eq!(r[0].payload.metadata["version"], text(version, "version label"));
+        // In-process, as the flag or variable would be applied over the mounted file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("zkroute.toml");
+        std::fs::write(&file, pod.config_text()).unwrap();
+        let config = Config::load(&ConfigArgs::default().with_file(file.clone()).set("register", register.as_str()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = &config.registrations[..];
+        assert_eq!(r.len(), 1, "{register}");
+        let app_port = pod.port("app", "http");
+        assert_eq!((r[0].address.as_str(), r[0].port), (POD_IP, app_port), "registered at the pod IP and app port");
+        let check = r[0].health_check.as_ref().expect("health-gated");
+        assert_eq!(check.url.as_deref(), Some(format!("http://127.0.0.1:{app_port}/health").as_str()));
+        let version = &pod.deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"];
+        assert_eq!(r[0].payload.metadata["version"], text(version, "version label"));
 
-    // And through the real variable, as the binary reads it.
-    let out = zkroute(&["check-config", file.to_str().unwrap()], &[("ZKROUTE_REGISTER", register)]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("1 registrations"), "{stdout}");
-}
-
-#[test]
-fn the_probes_use_the_admin_port_that_the_configmap_binds() {
-    let pod = Pod::read();
-    let config = pod.config();
-    let zk = pod.container("zkroute");
-    assert_eq!(pod.port("zkroute", "zkroute-admin"), config.admin.bind.port());
-    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
-        assert_eq!(zk[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(zk[probe]["httpGet"]["port"], "zkroute-admin", "{probe}");
+        // And through the real variable, as the binary reads it.
+        let out = zkroute(&["check-config", file.to_str().unwrap()], &[("ZKROUTE_REGISTER", register)]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("1 registrations"), "{stdout}");
     }
 }
 
 #[test]
-fn the_pod_gives_zkroute_time_to_deregister_and_drain_before_the_app_stops() {
-    let pod = Pod::read();
-    let drain = pod.config().proxy.drain_timeout.0;
-    let zkroute_stops_within = drain + DEREGISTER_BOUND;
+fn the_probes_use_the_admin_port_that_the_configmap_binds() {
+    for pod in Pod::both() {
+        let config = pod.config();
+        let zk = pod.container("zkroute");
+        assert_eq!(pod.port("zkroute", "zkroute-admin"), config.admin.bind.port());
+        for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
+            assert_eq!(zk[probe]["httpGet"]["path"], path, "{probe}");
+            assert_eq!(zk[probe]["httpGet"]["port"], "zkroute-admin", "{probe}");
+        }
+    }
+}
+
+#[test]
+fn the_native_sidecar_is_drained_by_the_apps_pre_stop_and_stopped_after_the_app() {
+    let pod = Pod::read_from(NATIVE);
+    let config = pod.effective_config();
+    let zk = pod.container("zkroute");
+    let init = array(&pod.spec()["initContainers"], "initContainers");
+    assert!(init.iter().any(|c| c["name"] == "zkroute"), "zkroute is an init container");
+    assert_eq!(zk["restartPolicy"], "Always", "a native sidecar: started before the app, stopped after");
+    assert_eq!(zk["startupProbe"]["httpGet"]["path"], "/ready", "the app starts once routes are loaded");
+    assert!(zk["lifecycle"].is_null(), "zkroute's own SIGTERM comes after the app's exit");
+
+    // The app's preStop drains zkroute, with the token the config requires off loopback.
+    let hook = &pod.container("app")["lifecycle"]["preStop"]["httpGet"];
+    assert_eq!(hook["path"], "/drain");
+    assert_eq!(hook["port"].as_u64(), Some(config.admin.bind.port().into()));
+    assert!(!config.admin.bind.ip().is_loopback(), "kubelet's hook comes from the node to the pod IP");
+    let headers = array(&hook["httpHeaders"], "httpHeaders");
+    let token = headers.iter().find(|h| h["name"] == "x-zkroute-drain-token").expect("the token header");
+    assert_eq!(token["value"].as_str(), config.admin.drain_token.as_deref(), "the header matches admin.drain_token");
+
+    // /drain waits drain_delay (and the delete); then the app stops, then zkroute drains.
+    let drain_delay = config.registrations.iter().map(|r| r.drain_delay.0).max().expect("a registration");
+    assert!(drain_delay >= Duration::from_secs(2), "other sidecars get time to see the draining mark");
     let grace = seconds(&pod.spec()["terminationGracePeriodSeconds"]);
-    let app_pre_stop = seconds(&pod.container("app")["lifecycle"]["preStop"]["sleep"]["seconds"]);
+    assert!(grace > drain_delay + DEREGISTER_BOUND + config.proxy.drain_timeout.0, "grace {grace:?}");
+}
+
+#[test]
+fn before_1_29_zkroute_keeps_accepting_until_the_app_has_stopped() {
+    let pod = Pod::read_from(PRE_1_29);
+    let config = pod.effective_config();
+    let zk = pod.container("zkroute");
+    assert!(pod.spec()["initContainers"].is_null(), "no native sidecars before 1.29");
+    assert!(zk["lifecycle"].is_null(), "zkroute takes SIGTERM at once: a preStop would delay its deregistration");
+    let app_pre_stop = &pod.container("app")["lifecycle"]["preStop"]["exec"]["command"];
+    let app_pre_stop: Vec<&str> = array(app_pre_stop, "command").iter().map(|a| text(a, "arg")).collect();
+    assert_eq!(app_pre_stop[0], "sleep");
+    let app_pre_stop = Duration::from_secs(app_pre_stop[1].parse().unwrap());
+    let shutdown_delay = config.proxy.shutdown_delay.0;
     assert!(
-        app_pre_stop >= zkroute_stops_within,
-        "the app ({app_pre_stop:?}) outlives zkroute's deregistration and drain ({zkroute_stops_within:?})"
+        shutdown_delay > app_pre_stop,
+        "zkroute accepts ({shutdown_delay:?}) longer than the app lives after SIGTERM ({app_pre_stop:?})"
     );
-    assert!(grace > app_pre_stop, "terminationGracePeriodSeconds {grace:?} leaves the app time to stop");
-    assert!(
-        pod.container("zkroute")["lifecycle"].is_null(),
-        "zkroute takes SIGTERM at once: a preStop would delay its deregistration"
-    );
+    let grace = seconds(&pod.spec()["terminationGracePeriodSeconds"]);
+    let drain_delay = config.registrations.iter().map(|r| r.drain_delay.0).max().expect("a registration");
+    assert!(grace > drain_delay + DEREGISTER_BOUND + shutdown_delay + config.proxy.drain_timeout.0, "grace {grace:?}");
 }
 
 #[test]
 fn the_sidecar_is_sized_non_root_and_writes_only_its_snapshot_volume() {
-    let pod = Pod::read();
-    let zk = pod.container("zkroute");
-    let resources = &zk["resources"];
-    let (request, limit) = (mebibytes(&resources["requests"]["memory"]), mebibytes(&resources["limits"]["memory"]));
-    assert!(request >= 16 && request <= limit, "memory request {request}Mi, limit {limit}Mi");
-    assert_eq!(pod.spec()["securityContext"]["runAsNonRoot"], true);
-    let security = &zk["securityContext"];
-    assert!(security["runAsUser"].as_u64().unwrap() > 0);
-    assert_eq!(security["readOnlyRootFilesystem"], true);
-    assert_eq!(security["allowPrivilegeEscalation"], false);
+    for pod in Pod::both() {
+        let zk = pod.container("zkroute");
+        let resources = &zk["resources"];
+        let (request, limit) = (mebibytes(&resources["requests"]["memory"]), mebibytes(&resources["limits"]["memory"]));
+        assert!(request >= 16 && request <= limit, "memory request {request}Mi, limit {limit}Mi");
+        assert_eq!(pod.spec()["securityContext"]["runAsNonRoot"], true);
+        let security = &zk["securityContext"];
+        assert!(security["runAsUser"].as_u64().unwrap() > 0);
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
 
-    let snapshot = pod.config().zookeeper.snapshot.expect("the ConfigMap keeps a snapshot");
-    let mounts = array(&zk["volumeMounts"], "volumeMounts");
-    let mount = mounts
-        .iter()
-        .find(|m| Path::new(text(&m["mountPath"], "mountPath")) == snapshot.parent().unwrap())
-        .unwrap_or_else(|| panic!("the snapshot's directory {} is not a volume", snapshot.display()));
-    assert!(mount["readOnly"] != true, "the snapshot volume is writable");
-    assert_eq!(zk["image"], "zkroute:latest");
+        let snapshot = pod.config().zookeeper.snapshot.expect("the ConfigMap keeps a snapshot");
+        let mounts = array(&zk["volumeMounts"], "volumeMounts");
+        let mount = mounts
+            .iter()
+            .find(|m| Path::new(text(&m["mountPath"], "mountPath")) == snapshot.parent().unwrap())
+            .unwrap_or_else(|| panic!("the snapshot's directory {} is not a volume", snapshot.display()));
+        assert!(mount["readOnly"] != true, "the snapshot volume is writable");
+        assert_eq!(zk["image"], "zkroute:latest");
+    }
 }
 
 #[test]
@@ -614,7 +680,7 @@ fn help_names_the_subcommands_and_every_key_the_examples_use_as_flag_and_variabl
         let flag = format!("--{}", key.replace(['.', '_'], "-"));
         let var = format!("ZKROUTE_{}", key.replace('.', "_").to_uppercase());
         assert!(top.contains(&format!("{flag} ")), "{flag} ({key}) missing from zkroute --help");
-        assert!(top.contains(&format!("[env: {var}=")), "{var} ({key}) missing from zkroute --help");
+        assert!(top.contains(&format!("[env: {var}]")), "{var} ({key}) missing from zkroute --help");
     }
     let check = help(&["check-config", "--help"]);
     assert!(check.contains("<FILE>"), "{check}");

@@ -24,6 +24,7 @@ DEBIAN=(
 # PyPI packages: "module package==version" (the module is what `python3 -c 'import M'` loads).
 PYPI=(
     "dubbo.registry.zookeeper.kazoo_transport apache-dubbo[zookeeper]==3.0.0b1"
+    "grpc grpcio==1.85.0"
 )
 
 present() {

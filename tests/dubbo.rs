@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)]
 //! Dubbo providers where Dubbo registers them: providers registered by Apache Dubbo's own Python
-//! implementation, and Java-shaped provider URLs written as Java Dubbo writes them, routed by
+//! implementation (called through zkroute by Dubbo's own consumer), and Java-shaped provider URLs written as Java Dubbo writes them, routed by
 //! subset and by listener protocol, with configurators, tag rules, warm-up and name clashes.
 
 mod support;
@@ -175,6 +175,27 @@ async fn providers_registered_by_dubbos_python_implementation_are_instances_of_t
     // HTTP routes take the Triple (HTTP/2) providers; a TCP listener takes none of them.
     assert_eq!(sorted(&route_endpoints(&c, "http", "greeter")["addresses"]), want_sorted);
     assert_eq!(route_endpoints(&c, "tcp", "listener:tcp")["total"], 0);
+
+    // Dubbo's own consumer, pointed at zkroute by a direct URL (through the registry it would go
+    // around the sidecar), is answered by both providers over HTTP/2.
+    let url = format!("tri://{}/{service}", proxy.listener("http"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/dubbo_consumer.py"))
+            .args(["--url", &url, "--method", "sayHi", "--calls", "20"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let answers = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{answers}{}", String::from_utf8_lossy(&out.stderr));
+    let mut by: Vec<&str> = answers.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(by.len(), 20, "{answers}");
+    assert!(answers.lines().all(|l| l.starts_with("a:call ") || l.starts_with("b:call ")), "{answers}");
+    by.sort();
+    by.dedup();
+    assert_eq!(by, ["a", "b"], "{answers}");
     proxy.stop().await;
 }
 

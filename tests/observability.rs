@@ -207,6 +207,13 @@ fn the_alert_rules_and_scrape_config_load() {
     assert!(ok, "{report}");
 }
 
+#[test]
+fn the_grpc_error_rule_fires_on_failures_that_travel_as_http_200() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (ok, report) = promtool_check(&["test", "rules", &format!("{root}/deploy/prometheus/alerts_test.yml")], None);
+    assert!(ok && report.contains("SUCCESS"), "{report}");
+}
+
 /// A Prometheus server (Debian's `prometheus`, beside promtool) scraping one target every second.
 struct Prometheus {
     child: std::process::Child,

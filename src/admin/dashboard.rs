@@ -308,6 +308,7 @@ fn service_badges(h: &mut Html, s: &ServiceEntry) {
         let kind = match &hc.kind {
             CheckKind::Http { path } => format!("http {path}"),
             CheckKind::Tcp => "tcp".to_owned(),
+            CheckKind::Grpc { service } => format!("grpc {service}"),
         };
         h.raw(" <span class=\"tag\">checked: ").text(&kind).raw("</span>");
     }

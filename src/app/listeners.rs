@@ -394,6 +394,7 @@ mod tests {
             stream_idle_timeout: Duration::from_secs(300),
             h2_max_concurrent_streams: 100,
             drop_underscore_headers: false,
+            request_id: false,
             tcp_idle_timeout: Duration::from_secs(60),
             tcp_relay_memory: RelayMemory::new(0, Metrics::new(true).tcp_relay_buffer_bytes.clone()),
             congestion: LoopbackCongestion::default(),

@@ -109,8 +109,8 @@ impl App {
         }
 
         // Everything that can fail, before anything changes.
-        let defaults = next.defaults().map_err(|(k, r)| refuse(format!("proxy.{k}"), r))?;
-        let congestion = congestion(&next.proxy).map_err(|(k, r)| refuse(k, r))?;
+        let defaults = next.defaults().map_err(|e| refuse(e.key, e.reason))?;
+        let congestion = congestion(&next.proxy).map_err(|e| refuse(e.key, e.reason))?;
         let mut plans = Vec::new();
         for (i, l) in next.listeners.iter().enumerate() {
             let plan = match self.local.serving(&l.name) {
@@ -127,7 +127,12 @@ impl App {
             };
             plans.push((l, plan));
         }
-        let registrations_change = next.registrations != self.config.registrations;
+        let drained = self.drained.load(std::sync::atomic::Ordering::Relaxed);
+        let registrations_change = next.registrations != self.config.registrations && !drained;
+        if drained && next.registrations != self.config.registrations {
+            report.restart_needed.push("register (deregistered by /drain until the restart)".into());
+            next.registrations = self.config.registrations.clone();
+        }
         let zk = match registrations_change && !next.registrations.is_empty() {
             true => Some(
                 ZkSettings::from_config(&self.config.zookeeper)

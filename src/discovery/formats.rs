@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::routing::documents::DocError;
-use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, Labels, MAX_WEIGHT, port_from_i64};
+use crate::routing::{Addr, DEFAULT_WEIGHT, Format, Instance, InstanceProtocol, Labels, MAX_WEIGHT, port_from_i64};
 
 /// Parses an instance node's data, whatever format it is in.
 pub fn parse_instance(data: &[u8]) -> Result<Instance, DocError> {
@@ -84,7 +84,11 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
         None | Some(Value::Null) => None,
         Some(v) => Some(self::port(v, "sslPort")?),
     };
-    Ok(Instance { weight, zone, metadata, enabled, ssl_port, ..Instance::at(Format::Curator, addr) })
+    // An instance may say it speaks HTTP/2 (README: "gRPC and HTTP/2 upstreams"); any other
+    // value is left to the service policy.
+    let protocol =
+        metadata.get("protocol").and_then(InstanceProtocol::parse_upstream).filter(|p| *p == InstanceProtocol::H2);
+    Ok(Instance { weight, zone, metadata, enabled, ssl_port, protocol, ..Instance::at(Format::Curator, addr) })
 }
 
 fn serverset(doc: &Map<String, Value>) -> Result<Instance, DocError> {
@@ -221,6 +225,21 @@ mod tests {
     fn fails(s: &str, needle: &str) {
         let err = parse_instance(s.as_bytes()).expect_err(s).to_string();
         assert!(err.contains(needle), "{s}: error {err:?} should mention {needle:?}");
+    }
+
+    #[test]
+    fn curator_metadata_may_say_the_instance_speaks_http2() {
+        use crate::routing::InstanceProtocol;
+        let with = |p: &str| {
+            let doc = format!(r#"{{"address":"10.0.0.5","port":8080,"payload":{{"metadata":{{"protocol":"{p}"}}}}}}"#);
+            parse_instance(doc.as_bytes()).unwrap().protocol
+        };
+        assert_eq!(with("h2"), Some(InstanceProtocol::H2));
+        assert_eq!(with("grpc"), Some(InstanceProtocol::H2));
+        // Anything else is the service policy's to decide, as is no metadata at all.
+        assert_eq!(with("http"), None);
+        assert_eq!(with("http1"), None);
+        assert_eq!(parse_instance(br#"{"address":"10.0.0.5","port":8080}"#).unwrap().protocol, None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::routing::{Addr, EndpointKey, RoutingTable, ServiceName};
 
 struct Loop {
     check: HealthCheck,
+    h2: bool,
     task: JoinHandle<()>,
 }
 
@@ -40,7 +41,9 @@ pub struct Checker {
     started: bool,
 }
 
-type Wanted = HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck)>;
+/// Per endpoint: its state, address, check, and whether it speaks HTTP/2 (an `http` check goes
+/// over HTTP/2 to it).
+type Wanted = HashMap<EndpointKey, (Arc<EndpointState>, Addr, HealthCheck, bool)>;
 
 impl Checker {
     pub fn new(health: HealthReporter, metrics: Arc<Metrics>) -> Self {
@@ -66,7 +69,8 @@ impl Checker {
             }
             let w = wanted.entry(service.clone()).or_default();
             for e in set.endpoints.iter() {
-                w.entry(e.state.key.clone()).or_insert_with(|| (e.state.clone(), e.addr.clone(), hc.clone()));
+                let h2 = e.protocol == Some(crate::routing::InstanceProtocol::H2);
+                w.entry(e.state.key.clone()).or_insert_with(|| (e.state.clone(), e.addr.clone(), hc.clone(), h2));
             }
         };
         let only: std::collections::HashSet<&ServiceName> = services.iter().collect();
@@ -86,8 +90,8 @@ impl Checker {
         for name in services {
             let want = wanted.remove(&name).unwrap_or_default();
             let loops = self.loops.entry(name.clone()).or_default();
-            loops.retain(|key, l| want.get(key).is_some_and(|(_, _, hc)| *hc == l.check));
-            for (key, (state, addr, check)) in want {
+            loops.retain(|key, l| want.get(key).is_some_and(|(_, _, hc, h2)| *hc == l.check && *h2 == l.h2));
+            for (key, (state, addr, check, h2)) in want {
                 if loops.contains_key(&key) {
                     continue;
                 }
@@ -95,27 +99,19 @@ impl Checker {
                     state,
                     addr,
                     check: check.clone(),
+                    h2,
                     health: self.health.clone(),
                     ok: self.metrics.health_checks.with_label_values(&[name.as_str(), "healthy"]),
                     failed: self.metrics.health_checks.with_label_values(&[name.as_str(), "unhealthy"]),
                     service: name.clone(),
                 };
                 debug!(endpoint = %key, "health check loop started");
-                loops.insert(key, Loop { check, task: tokio::spawn(probe.run()) });
+                loops.insert(key, Loop { check, h2, task: tokio::spawn(probe.run()) });
             }
             if loops.is_empty() {
                 self.loops.remove(&name);
             }
         }
-    }
-
-    /// Check loops running.
-    pub fn len(&self) -> usize {
-        self.loops.values().map(HashMap::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.loops.is_empty()
     }
 }
 
@@ -123,6 +119,7 @@ struct Probe {
     state: Arc<EndpointState>,
     addr: Addr,
     check: HealthCheck,
+    h2: bool,
     service: ServiceName,
     health: HealthReporter,
     ok: IntCounter,
@@ -185,8 +182,10 @@ impl Probe {
     async fn probe_once(&self) -> Result<probe::Passed, probe::ProbeError> {
         let host = self.addr.to_string();
         let probe = match &self.check.kind {
+            CheckKind::Http { path } if self.h2 => probe::Probe::Http2 { host: &host, path },
             CheckKind::Http { path } => probe::Probe::Http { host: &host, path },
             CheckKind::Tcp => probe::Probe::Tcp,
+            CheckKind::Grpc { service } => probe::Probe::Grpc { host: &host, service },
         };
         probe::probe(&self.addr, probe, self.check.timeout, "zkroute-health-check").await
     }

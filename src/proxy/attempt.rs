@@ -22,9 +22,11 @@ use http::HeaderName;
 use super::balance::{self, PickInput, Tried};
 use super::error::ProxyError;
 use crate::endpoint::InFlight;
+use crate::endpoint::breaker::{Limit, Slot};
 use crate::health::HealthReporter;
 use crate::net::IpText;
 use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
+use crate::routing::rate_limit::RateKey;
 use crate::routing::table::{Endpoint, EndpointSet, Route, Target, hash_bytes};
 
 /// A target of a route, chosen for one request, holding the route it belongs to.
@@ -59,6 +61,25 @@ pub fn choose_target(route: &Arc<Route>, headers: &impl HeaderLookup) -> Option<
     Some(TargetRef(route.clone(), fallback))
 }
 
+/// Lets a request through its rule's rate limit, if the rule has one; else the answer to give.
+/// `header` reads a request header, for a limit keyed by one.
+#[inline]
+pub fn rate_limit<'h>(
+    route: &Route,
+    header: impl FnOnce(&HeaderName) -> Option<&'h [u8]>,
+    client_ip: &'h IpText,
+) -> Result<(), ProxyError> {
+    let Some(limiter) = &route.limiter else { return Ok(()) };
+    limiter
+        .check(|key| match key {
+            RateKey::Header(name) => header(name),
+            RateKey::SourceIp => Some(client_ip.as_bytes()),
+        })
+        .map_err(|wait| ProxyError::RateLimited {
+            retry_after: u32::try_from(wait.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1),
+        })
+}
+
 /// The ring-hash key of a request, when its service hashes: the value of the named header, or the
 /// client's address. A TCP connection, which has no headers, passes its client's address as the
 /// header's value.
@@ -86,6 +107,12 @@ pub trait Connect {
         endpoint: &Endpoint,
         timeout: ConnectTimeout,
     ) -> impl Future<Output = io::Result<Self::Conn>> + Send;
+    /// Keeps `slot`, the connection's place under its service's `max_connections`, for as long
+    /// as `conn` stays open, pooled or not. A connector that drops it leaves its connections
+    /// uncounted.
+    fn hold(&self, conn: &mut Self::Conn, slot: Slot) {
+        let _ = (conn, slot);
+    }
 }
 
 /// The time a new connection may take: the policy's connect timeout, within what is left of the
@@ -119,6 +146,20 @@ pub enum Outcome<T> {
     Fail { error: ProxyError, upstream_fault: bool },
     /// The client went away or broke the exchange (counted as 499).
     ClientGone(T),
+}
+
+impl<T> Outcome<T> {
+    /// The same outcome with its value turned by `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Answered { status, upstream_fault, value } => {
+                Outcome::Answered { status, upstream_fault, value: f(value) }
+            }
+            Outcome::Retry(e) => Outcome::Retry(e),
+            Outcome::Fail { error, upstream_fault } => Outcome::Fail { error, upstream_fault },
+            Outcome::ClientGone(value) => Outcome::ClientGone(f(value)),
+        }
+    }
 }
 
 /// One try at one endpoint.
@@ -155,6 +196,23 @@ pub struct Attempts<'t> {
     /// [`Attempts::connection`] connects to it.
     pending: Option<(usize, InFlight)>,
     last_error: ProxyError,
+    /// Counted by the service's circuit breaker, if it has one (until then, no try is made).
+    admitted: bool,
+    /// The request's places under `max_requests` and, once it retries, `max_retries`.
+    request_slot: Option<Slot>,
+    retry_slot: Option<Slot>,
+    /// Each try's share of the deadline (the rule's `per_try_timeout`).
+    per_try: Option<Duration>,
+    /// The limit that kept the try in progress from being retried, counted if it fails.
+    blocked: Option<&'static str>,
+}
+
+/// What a request waiting under `max_connections` got.
+enum Room<C> {
+    /// A place for a new connection (None: the service has no such limit).
+    New(Option<Slot>),
+    /// A pooled connection that went idle meanwhile.
+    Idle(C),
 }
 
 impl<'t> Attempts<'t> {
@@ -180,6 +238,31 @@ impl<'t> Attempts<'t> {
             stopped: false,
             pending: None,
             last_error: ProxyError::NoHealthyUpstream,
+            admitted: set.gate.is_none(),
+            request_slot: None,
+            retry_slot: None,
+            per_try: None,
+            blocked: None,
+        }
+    }
+
+    /// The same tries, each given at most `per_try` of the deadline (None: the whole of it).
+    #[inline]
+    pub fn with_per_try_timeout(mut self, per_try: Option<Duration>) -> Self {
+        self.per_try = per_try;
+        self
+    }
+
+    /// The deadline of a try starting now: the request's, or sooner with a per-try timeout.
+    /// `cut`: it is sooner, so a try that runs out of time may be retried.
+    #[inline]
+    pub fn try_deadline(&self, deadline: tokio::time::Instant) -> (tokio::time::Instant, bool) {
+        match self.per_try {
+            None => (deadline, false),
+            Some(t) => {
+                let mine = tokio::time::Instant::now() + t;
+                if mine < deadline { (mine, true) } else { (deadline, false) }
+            }
         }
     }
 
@@ -193,6 +276,9 @@ impl<'t> Attempts<'t> {
         health: &HealthReporter,
     ) -> Option<Connected<'t, C::Conn>> {
         let set = self.set;
+        if !self.admitted && !self.admit() {
+            return None;
+        }
         while !self.stopped {
             let (index, in_flight) = match self.pending.take() {
                 Some(p) => p,
@@ -211,9 +297,21 @@ impl<'t> Attempts<'t> {
                 }
             };
             let endpoint = &set.endpoints[index];
+            let slot = match self.connection_room(connector, endpoint).await {
+                Some(Room::New(slot)) => slot,
+                Some(Room::Idle(conn)) => {
+                    return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn });
+                }
+                None => return None,
+            };
             let timeout = ConnectTimeout { policy: set.policy.connect_timeout, deadline: self.deadline };
             match connector.connect(endpoint, timeout).await {
-                Ok(conn) => return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn }),
+                Ok(mut conn) => {
+                    if let Some(slot) = slot {
+                        connector.hold(&mut conn, slot);
+                    }
+                    return Some(Connected { attempt: Attempt { index, endpoint }, in_flight, conn });
+                }
                 Err(e) => {
                     tracing::debug!(endpoint = %endpoint.addr, error = %e, "upstream connect failed");
                     self.target.stats.connect_failed();
@@ -233,7 +331,7 @@ impl<'t> Attempts<'t> {
     /// [`Attempts::connection`] goes on from the endpoint picked here.
     #[inline]
     pub fn reuse<C: Connect>(&mut self, connector: &C) -> Option<Connected<'t, C::Conn>> {
-        if self.stopped || self.pending.is_some() {
+        if self.stopped || self.pending.is_some() || !self.admitted {
             return None;
         }
         let set = self.set;
@@ -253,8 +351,111 @@ impl<'t> Attempts<'t> {
     /// Whether a failed exchange could still go to another endpoint: the protocol then reports it
     /// as [`Outcome::Retry`] rather than failing the request.
     #[inline]
-    pub fn may_retry(&self) -> bool {
-        self.retries_left > 0 && self.set.active().len() > self.tried.len()
+    pub fn may_retry(&mut self) -> bool {
+        if self.retries_left == 0 || self.set.active().len() <= self.tried.len() {
+            return false;
+        }
+        if self.set.gate.is_none() {
+            return true;
+        }
+        self.blocked = self.retry_blocked();
+        self.blocked.is_none()
+    }
+
+    /// The limit that keeps this request from retrying now, if any: the service's `max_retries`
+    /// (a place may still be taken by another before this request retries) or its retry budget.
+    #[cold]
+    fn retry_blocked(&self) -> Option<&'static str> {
+        let gate = self.set.gate.as_ref()?;
+        let policy = &self.set.policy;
+        if let Some(max) = policy.circuit_breaker.and_then(|c| c.max_retries) {
+            if self.retry_slot.is_none() && !gate.has_room(Limit::Retries, max) {
+                return Some(Limit::Retries.as_str());
+            }
+        }
+        match policy.retry_budget {
+            Some(b) if !gate.budget_has_room(b) => Some("retry_budget"),
+            _ => None,
+        }
+    }
+
+    /// Whether the request was refused by its service's circuit breaker.
+    pub fn overflowed(&self) -> bool {
+        self.last_error == ProxyError::Overflow
+    }
+
+    /// Counts the request under its service's `max_requests`; false (and the request stopped
+    /// with [`ProxyError::Overflow`]) when the limit is reached.
+    #[cold]
+    fn admit(&mut self) -> bool {
+        self.admitted = true;
+        let Some(gate) = &self.set.gate else { return true };
+        if self.set.policy.retry_budget.is_some() {
+            gate.deposit(self.started);
+        }
+        let Some(max) = self.set.policy.circuit_breaker.and_then(|c| c.max_requests) else { return true };
+        match gate.take(Limit::Requests, max) {
+            Some(slot) => {
+                self.request_slot = Some(slot);
+                true
+            }
+            None => {
+                self.overflow(Limit::Requests);
+                false
+            }
+        }
+    }
+
+    #[cold]
+    fn overflow(&mut self, limit: Limit) {
+        self.target.stats.overflow(limit.as_str());
+        self.last_error = ProxyError::Overflow;
+        self.stopped = true;
+    }
+
+    /// Under the service's `max_connections`: a place for a new connection to `endpoint`, or,
+    /// when every allowed connection is open, a wait (as one of at most `max_pending` waiting
+    /// requests, within the request's deadline) for a place or for a pooled connection to it that
+    /// went idle. None when the request overflowed or ran out of time (it is then stopped).
+    async fn connection_room<C: Connect>(&mut self, connector: &C, endpoint: &Endpoint) -> Option<Room<C::Conn>> {
+        let set = self.set;
+        let (Some(gate), Some(limits)) = (&set.gate, set.policy.circuit_breaker) else { return Some(Room::New(None)) };
+        let Some(max) = limits.max_connections else { return Some(Room::New(None)) };
+        if let Some(slot) = gate.take(Limit::Connections, max) {
+            return Some(Room::New(Some(slot)));
+        }
+        // A TCP connection has no request deadline to wait within: it is refused at once.
+        let Some(deadline) = self.deadline else {
+            self.overflow(Limit::Connections);
+            return None;
+        };
+        let _waiting = match limits.max_pending {
+            Some(max_pending) => match gate.take(Limit::Pending, max_pending) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.overflow(Limit::Pending);
+                    return None;
+                }
+            },
+            None => None,
+        };
+        loop {
+            // Listen before looking, so that a connection freed in between is not missed.
+            let freed = gate.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = connector.reuse(endpoint) {
+                return Some(Room::Idle(conn));
+            }
+            if let Some(slot) = gate.take(Limit::Connections, max) {
+                return Some(Room::New(Some(slot)));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.last_error = ProxyError::Timeout;
+                self.stopped = true;
+                return None;
+            }
+        }
     }
 
     /// Whether any endpoint was tried (a TCP connection closed without one counts as
@@ -271,6 +472,10 @@ impl<'t> Attempts<'t> {
         match outcome {
             Outcome::Answered { status, upstream_fault, value } => {
                 if upstream_fault {
+                    if let Some(limit) = self.blocked.take() {
+                        // A failed answer that went to the client because no retry was allowed.
+                        self.target.stats.overflow(limit);
+                    }
                     health.failure(self.set, index);
                 } else {
                     endpoint.state.record_success();
@@ -313,6 +518,31 @@ impl<'t> Attempts<'t> {
         self.last_error
     }
 
+    /// A place under the service's `max_retries` for this request's retries (taken at its first
+    /// retry), and a retry from its retry budget; false (counted as an overflow, the last error
+    /// standing) when either has none.
+    #[cold]
+    fn retry_allowed(&mut self) -> bool {
+        let Some(gate) = &self.set.gate else { return true };
+        let policy = &self.set.policy;
+        if let (None, Some(max)) = (&self.retry_slot, policy.circuit_breaker.and_then(|c| c.max_retries)) {
+            match gate.take(Limit::Retries, max) {
+                Some(slot) => self.retry_slot = Some(slot),
+                None => {
+                    self.target.stats.overflow(Limit::Retries.as_str());
+                    return false;
+                }
+            }
+        }
+        if let Some(budget) = policy.retry_budget {
+            if !gate.withdraw(budget) {
+                self.target.stats.overflow("retry_budget");
+                return false;
+            }
+        }
+        true
+    }
+
     #[inline]
     fn expired(&self) -> bool {
         self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
@@ -320,6 +550,9 @@ impl<'t> Attempts<'t> {
 
     fn spend_retry(&mut self) -> bool {
         if self.retries_left == 0 {
+            return false;
+        }
+        if self.set.gate.is_some() && !self.retry_allowed() {
             return false;
         }
         self.retries_left -= 1;

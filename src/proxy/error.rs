@@ -26,6 +26,13 @@ pub enum ProxyError {
     HeaderTimeout,
     #[error("CONNECT is not supported: zkroute routes by its table, not by the request")]
     MethodNotAllowed,
+    #[error("the service's circuit breaker is open: too many connections, waiting or concurrent requests")]
+    Overflow,
+    #[error("the rule's rate limit is reached; retry after the time given")]
+    RateLimited {
+        /// Whole seconds until a request would pass (at least 1), for `retry-after`.
+        retry_after: u32,
+    },
 }
 
 /// How a [`ProxyError`] is answered.
@@ -50,8 +57,18 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => (431, "Request Header Fields Too Large", "headers_too_large"),
             ProxyError::HeaderTimeout => (408, "Request Timeout", "request_header_timeout"),
             ProxyError::MethodNotAllowed => (405, "Method Not Allowed", "method_not_allowed"),
+            ProxyError::Overflow => (503, "Service Unavailable", "overflow"),
+            ProxyError::RateLimited { .. } => (429, "Too Many Requests", "rate_limited"),
         };
         Rescue { status, reason, code }
+    }
+
+    /// The `retry-after` seconds the answer carries, if any.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            ProxyError::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// Whether the client connection must close after the answer (its framing is unknown).
@@ -70,6 +87,10 @@ pub fn write_answer(out: &mut Vec<u8>, err: &ProxyError, close: bool, head_only:
     out.extend_from_slice(r.reason.as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\nx-zkroute-error: ");
     out.extend_from_slice(r.code.as_bytes());
+    if let Some(secs) = err.retry_after() {
+        out.extend_from_slice(b"\r\nretry-after: ");
+        push_decimal(out, u64::from(secs));
+    }
     out.extend_from_slice(b"\r\ncontent-length: ");
     push_decimal(out, body_len as u64);
     if close {

@@ -2,6 +2,7 @@
 //! preface, and hand the connection to the engine for its protocol.
 
 pub mod codec;
+pub mod edit;
 pub mod h1;
 pub mod h2;
 pub mod head;

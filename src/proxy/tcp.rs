@@ -20,6 +20,7 @@ use super::stream::{ClientStream, Stream, UpstreamStream};
 use super::upstream::TlsOrigin;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
+use crate::endpoint::breaker::Slot;
 use crate::health::HealthReporter;
 use crate::metrics::Metrics;
 use crate::net::IpText;
@@ -55,6 +56,7 @@ struct Rejected {
     no_route: IntCounter,
     no_healthy_upstream: IntCounter,
     upstream_connect_failed: IntCounter,
+    overflow: IntCounter,
 }
 
 impl TcpContext {
@@ -78,6 +80,7 @@ impl TcpContext {
             no_route: reason("no_route"),
             no_healthy_upstream: reason("no_healthy_upstream"),
             upstream_connect_failed: reason("upstream_connect_failed"),
+            overflow: reason("overflow"),
         };
         TcpContext {
             listener,
@@ -164,11 +167,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
     let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
     let tls_origin = TlsOrigin::for_set(&target.set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::None);
-    let Some(Connected { attempt, in_flight, conn: mut upstream }) =
+    let Some(Connected { attempt, in_flight, conn: (mut upstream, _slot) }) =
         attempts.connection(&NewConnection(ctx, tls_origin), &ctx.health).await
     else {
         debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
-        if attempts.tried_any() {
+        if attempts.overflowed() {
+            ctx.rejected.overflow.inc();
+        } else if attempts.tried_any() {
             ctx.rejected.upstream_connect_failed.inc();
         } else {
             ctx.rejected.no_healthy_upstream.inc();
@@ -176,6 +181,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
         return;
     };
     attempts.established(attempt);
+    drop(attempts);
     let started = Instant::now();
     // The relay may last hours: it keeps no part of the table alive.
     drop(target);
@@ -207,6 +213,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             duration: started.elapsed(),
             bytes_in: moved.rx.load(Ordering::Relaxed),
             bytes_out: moved.tx.load(Ordering::Relaxed),
+            request_id: None,
+            grpc_status: None,
         });
     }
 }
@@ -215,16 +223,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
 struct NewConnection<'a>(&'a TcpContext, Option<TlsOrigin<'a>>);
 
 impl Connect for NewConnection<'_> {
-    type Conn = UpstreamStream;
-    fn reuse(&self, _: &Endpoint) -> Option<UpstreamStream> {
+    /// The connection, with its place under the service's `max_connections` while it lasts.
+    type Conn = (UpstreamStream, Option<Slot>);
+    fn reuse(&self, _: &Endpoint) -> Option<Self::Conn> {
         None
     }
-    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<UpstreamStream> {
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Self::Conn> {
         let congestion = &self.0.limits.congestion;
-        match &self.1 {
+        let stream = match &self.1 {
             None => crate::net::connect(&endpoint.addr, timeout.get(), congestion).await.map(Stream::Plain),
             Some(tls) => tls.connect(endpoint, timeout, congestion).await,
-        }
+        };
+        stream.map(|s| (s, None))
+    }
+    fn hold(&self, conn: &mut Self::Conn, slot: Slot) {
+        conn.1 = Some(slot);
     }
 }
 

@@ -1,6 +1,8 @@
 //! Upstream connections: a pool of idle HTTP/1.1 connections per endpoint (connecting is
-//! [`crate::net::connect`]). The pool lives in the endpoint's state (outside the routing table), so it is kept
+//! [`crate::net::connect`]), and its shared HTTP/2 connections ([`h2`]). The pool lives in the endpoint's state (outside the routing table), so it is kept
 //! across table swaps for as long as the endpoint stays.
+
+pub mod h2;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,6 +18,7 @@ use super::stream::{Stream, UpstreamStream};
 use crate::endpoint::EndpointState;
 use crate::metrics::Metrics;
 use crate::names::{Addr, Host};
+use crate::endpoint::breaker::Slot;
 use crate::net::LoopbackCongestion;
 use crate::routing::documents::TlsPolicy;
 use crate::routing::table::{Endpoint, EndpointSet};
@@ -31,11 +34,14 @@ pub struct Conn {
     /// Taken from the pool (it served a request before).
     pub reused: bool,
     idle_since: Instant,
+    /// Its place under the service's `max_connections`, while it is open.
+    slot: Option<Slot>,
 }
 
 impl Conn {
     pub fn new(stream: impl Into<UpstreamStream>) -> Self {
-        Conn { stream: stream.into(), buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now() }
+        let stream = stream.into();
+        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now(), slot: None }
     }
 
     /// Whether an idle connection is still usable: nothing arrived on it while idle (no EOF, no
@@ -99,6 +105,10 @@ impl Connect for PooledHttp1<'_> {
             None => crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new),
             Some(tls) => tls.connect(endpoint, timeout, self.congestion).await.map(Conn::new),
         }
+    }
+
+    fn hold(&self, conn: &mut Conn, slot: Slot) {
+        conn.slot = Some(slot);
     }
 }
 
@@ -168,6 +178,65 @@ impl<'a> TlsOrigin<'a> {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(Stream::Tls(Box::new(tls)))
     }
+
+}
+
+/// Whether zkroute speaks HTTP/2 to an endpoint (its instance or its service policy says so).
+#[inline]
+pub fn speaks_h2(endpoint: &Endpoint) -> bool {
+    endpoint.protocol == Some(crate::routing::InstanceProtocol::H2)
+}
+
+/// A connection for one request: HTTP/1.1, or a stream on a shared HTTP/2 connection.
+pub enum Upstream {
+    Http1(Conn),
+    H2(h2::Stream),
+}
+
+/// How requests reach endpoints of either protocol: [`PooledHttp1`] for HTTP/1.1 ones, a stream
+/// on one of the endpoint's HTTP/2 connections for the others; each over TLS when the service's
+/// policy says so (ALPN `http/1.1` or `h2`).
+pub struct AnyProtocol<'a> {
+    http1: PooledHttp1<'a>,
+    h2_tls: Option<TlsOrigin<'a>>,
+}
+
+impl<'a> AnyProtocol<'a> {
+    /// `tls` gives the TLS origin (if the policy turns TLS on) for an ALPN.
+    #[inline]
+    pub fn new(http1: PooledHttp1<'a>, tls: impl Fn(Alpn) -> Option<TlsOrigin<'a>>) -> Self {
+        AnyProtocol { http1: http1.with_tls(tls(Alpn::Http1)), h2_tls: tls(Alpn::H2) }
+    }
+}
+
+impl Connect for AnyProtocol<'_> {
+    type Conn = Upstream;
+    #[inline]
+    fn reuse(&self, endpoint: &Endpoint) -> Option<Upstream> {
+        if speaks_h2(endpoint) {
+            self.http1.pools.of(&endpoint.state)?.h2.checkout(self.h2_tls.is_some()).map(Upstream::H2)
+        } else {
+            self.http1.reuse(endpoint).map(Upstream::Http1)
+        }
+    }
+
+    async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Upstream> {
+        if speaks_h2(endpoint) {
+            let pool = self.http1.pools.of(&endpoint.state).ok_or_else(|| io::Error::other("no pool for endpoint"))?;
+            let tls = self.h2_tls.as_ref();
+            pool.h2.connect(endpoint, timeout, self.http1.congestion, tls).await.map(Upstream::H2)
+        } else {
+            self.http1.connect(endpoint, timeout).await.map(Upstream::Http1)
+        }
+    }
+
+    /// An HTTP/1.1 connection keeps its slot; a stream on a shared HTTP/2 connection is not a
+    /// connection of its own and takes none.
+    fn hold(&self, conn: &mut Upstream, slot: Slot) {
+        if let Upstream::Http1(c) = conn {
+            self.http1.hold(c, slot);
+        }
+    }
 }
 
 /// Limits of the idle pools.
@@ -199,10 +268,11 @@ impl SharedSettings {
     }
 }
 
-/// Idle connections of one endpoint, most recently used first out.
+/// Idle connections of one endpoint, most recently used first out, and its HTTP/2 connections.
 pub struct Pool {
     idle: Mutex<Vec<Conn>>,
     settings: Arc<SharedSettings>,
+    pub h2: h2::H2Conns,
 }
 
 impl Pool {
@@ -226,9 +296,16 @@ impl Pool {
         }
         conn.buf.shrink(UPSTREAM_BUF);
         conn.idle_since = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.settings.max_idle() {
-            idle.push(conn);
+        // A request of the service may be waiting for a connection (circuit breaking).
+        let gate = conn.slot.as_ref().map(|s| s.gate().clone());
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.settings.max_idle() {
+                idle.push(conn);
+            }
+        }
+        if let Some(gate) = gate {
+            gate.connection_freed();
         }
     }
 
@@ -273,7 +350,11 @@ impl Pools {
     #[inline]
     pub fn of<'a>(&self, state: &'a EndpointState) -> Option<&'a Arc<Pool>> {
         state.data_plane(|| {
-            let pool = Arc::new(Pool { idle: Mutex::new(Vec::new()), settings: self.settings.clone() });
+            let pool = Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                settings: self.settings.clone(),
+                h2: Default::default(),
+            });
             self.all.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&pool));
             pool
         })

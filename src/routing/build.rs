@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::warn;
 
 use super::documents::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
+use super::rate_limit::RouteLimiter;
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
     RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats,
@@ -32,7 +33,9 @@ pub struct ListenerSpec {
     pub endpoint: Option<String>,
 }
 
-/// Local defaults for everything a rule or policy may leave out.
+/// Local defaults for everything a rule or policy may leave out. [`Defaults::default`] holds the
+/// values zkroute uses when the configuration sets none: the configuration's own defaults
+/// (`[proxy]`) are taken from it.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub lb: LbPolicy,
@@ -48,7 +51,7 @@ pub struct Defaults {
 impl Default for Defaults {
     fn default() -> Self {
         Defaults {
-            lb: LbPolicy::P2c,
+            lb: LbPolicy::default(),
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(15),
             retries: 1,
@@ -170,6 +173,8 @@ pub struct Builder {
     stats_source: Arc<dyn StatsSource>,
     /// Metric children per (listener, service label), kept across builds.
     stats: HashMap<(usize, Arc<str>), Arc<dyn TargetStats>>,
+    /// Rate limiters per (listener, rule id), kept across builds while the rule's limit holds.
+    limiters: HashMap<(usize, Arc<str>), Arc<RouteLimiter>>,
     defaults: Defaults,
     states: Arc<StateRegistry>,
     source: SourceKind,
@@ -213,6 +218,7 @@ impl Builder {
             listeners: listeners.into(),
             stats_source,
             stats: HashMap::new(),
+            limiters: HashMap::new(),
             defaults,
             states,
             source: SourceKind::Zookeeper,
@@ -532,6 +538,9 @@ impl Builder {
             panic_threshold_percent: p.and_then(|p| p.panic_threshold_percent).unwrap_or(d.panic_threshold_percent),
             protect_from_empty: p.and_then(|p| p.protect_from_empty).unwrap_or(d.protect_from_empty),
             tls: p.and_then(|p| p.tls.clone()).flatten(),
+            circuit_breaker: p.and_then(|p| p.circuit_breaker),
+            retry_budget: p.and_then(|p| p.retry_budget),
+            protocol: p.and_then(|p| p.protocol),
         };
         (policy, slot.cloned())
     }
@@ -642,19 +651,18 @@ impl Builder {
                     return None;
                 }
                 let weight = inst.weight_at(self.now_ms);
-                let e = Endpoint {
-                    addr,
-                    weight,
-                    draining: !inst.enabled,
-                    protocol: inst.protocol,
-                    state,
-                    tls_port: inst.ssl_port,
-                };
+                // An instance that states its protocol wins over the policy's default.
+                let protocol = inst.protocol.or(policy.protocol);
+                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol, state, tls_port: inst.ssl_port };
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
-        let make =
-            |endpoints| EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
+        let gate = (policy.circuit_breaker.is_some() || policy.retry_budget.is_some()).then(|| self.states.gate(name));
+        let make = |endpoints| {
+            let mut set = EndpointSet::build(Some(name.clone()), Arc::from(name.as_str()), policy.clone(), endpoints);
+            set.gate = gate.clone();
+            set
+        };
         let tagged = listener.is_some() && members.iter().any(|(_, t)| t.matters());
         if tagged { tags::split(members, make) } else { make(members.into_iter().map(|(e, _)| e).collect()) }
     }
@@ -684,6 +692,10 @@ impl Builder {
             out.push(ListenerRoutes::new(spec.name.clone(), spec.protocol, routes, no_route));
         }
         self.sets.retain(|k, _| used_sets.contains(k));
+        // Limiters of rules gone (or moved to another listener) go with them.
+        self.limiters.retain(|(id, rule), _| {
+            out.get(*id).is_some_and(|l| l.routes.iter().any(|r| r.id == *rule && r.limiter.is_some()))
+        });
         out
     }
 
@@ -726,7 +738,8 @@ impl Builder {
             Some(rule) => {
                 let targets = self.targets(id, spec, &rule.backends, used);
                 let (timeout, retries) = self.route_limits(rule.timeout, rule.retries, &targets);
-                Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries))
+                let limiter = self.limiter(id, &spec.name, &rule);
+                Arc::new(Route::new(rule.id.clone(), Some(rule), targets, timeout, retries).with_limiter(limiter))
             }
             None => {
                 let backend = Backend::Service {
@@ -740,6 +753,21 @@ impl Builder {
                 Arc::new(Route::new(Arc::from(format!("listener:{}", spec.name)), None, targets, timeout, retries))
             }
         }
+    }
+
+    /// The rate limiter of `rule` on listener `id`: the one it had while its limit is the same.
+    fn limiter(&mut self, id: usize, listener: &str, rule: &Rule) -> Option<Arc<RouteLimiter>> {
+        let key = (id, rule.id.clone());
+        let Some(limit) = &rule.rate_limit else {
+            self.limiters.remove(&key);
+            return None;
+        };
+        if let Some(l) = self.limiters.get(&key).filter(|l| l.limit == *limit) {
+            return Some(l.clone());
+        }
+        let l = Arc::new(RouteLimiter::new(limit.clone(), self.stats_source.rule_stats(listener, &rule.id)));
+        self.limiters.insert(key, l.clone());
+        Some(l)
     }
 
     fn route_limits(&self, timeout: Option<Duration>, retries: Option<u32>, targets: &[Target]) -> (Duration, u32) {
@@ -827,6 +855,9 @@ impl Builder {
                                     panic_threshold_percent: 0,
                                     protect_from_empty: false,
                                     tls: None,
+                                    circuit_breaker: None,
+                                    retry_budget: None,
+                                    protocol: None,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),

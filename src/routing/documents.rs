@@ -10,7 +10,10 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-use super::{Addr, MAX_WEIGHT, ServiceName};
+use super::rate_limit::{RateKey, RateLimit};
+use super::{Addr, InstanceProtocol, MAX_WEIGHT, ServiceName};
+use crate::endpoint::breaker::{BreakerLimits, BudgetLimits};
+use std::num::NonZeroU32;
 
 /// Why a document (instance, rule or policy) was refused: the field (a JSON path, empty for the whole document) and the
 /// reason.
@@ -64,6 +67,90 @@ pub struct RuleDoc {
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderEditsDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderEditsDoc>,
+}
+
+/// Header edits as written: fields set (replacing any of the name), added, removed.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEditsDoc {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// Header edits, validated: applied to a head as it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderEdits {
+    pub set: Box<[(HeaderName, HeaderValue)]>,
+    pub add: Box<[(HeaderName, HeaderValue)]>,
+    pub remove: Box<[HeaderName]>,
+}
+
+impl HeaderEdits {
+    /// Whether a field named `name` (any case) is dropped from the head: removed, or set anew.
+    pub fn drops(&self, name: &[u8]) -> bool {
+        let is = |n: &HeaderName| n.as_str().as_bytes().eq_ignore_ascii_case(name);
+        self.remove.iter().any(is) || self.set.iter().any(|(n, _)| is(n))
+    }
+}
+
+/// Fields that frame a message or belong to one connection: a rule may not edit them.
+const UNEDITABLE: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn header_edits(field: &str, d: &HeaderEditsDoc) -> Result<HeaderEdits, DocError> {
+    let name = |k: &str| {
+        let n = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| DocError::new(format!("{field}.{k}"), "not a valid header name"))?;
+        if UNEDITABLE.contains(&n.as_str()) {
+            return Err(DocError::new(format!("{field}.{k}"), "frames the message or the connection: not editable"));
+        }
+        Ok(n)
+    };
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| {
+                let value = HeaderValue::from_str(v)
+                    .map_err(|_| DocError::new(format!("{field}.{k}"), "not a valid header value"))?;
+                Ok((name(k)?, value))
+            })
+            .collect::<Result<Vec<_>, DocError>>()
+    };
+    Ok(HeaderEdits {
+        set: pairs(&d.set)?.into(),
+        add: pairs(&d.add)?.into(),
+        remove: d.remove.iter().map(|k| name(k)).collect::<Result<Vec<_>, _>>()?.into(),
+    })
+}
+
+/// A rule's local rate limit as written.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitDoc {
+    pub per_second: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
@@ -200,6 +287,11 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
     pub retries: Option<u32>,
+    pub rate_limit: Option<RateLimit>,
+    /// Each attempt's share of `timeout`.
+    pub per_try_timeout: Option<Duration>,
+    pub request_headers: Option<Arc<HeaderEdits>>,
+    pub response_headers: Option<Arc<HeaderEdits>>,
     /// The document as written, for `/config` and snapshots.
     pub doc: RuleDoc,
 }
@@ -242,6 +334,15 @@ impl Rule {
                 return Err(DocError::new("retries", format!("{r} is more than the limit of {MAX_RETRIES}")));
             }
         }
+        let rate_limit = doc.rate_limit.as_ref().map(rate_limit).transpose()?;
+        let per_try_timeout = doc.per_try_timeout.as_deref().map(|t| duration("per_try_timeout", t)).transpose()?;
+        if per_try_timeout == Some(Duration::ZERO) {
+            return Err(DocError::new("per_try_timeout", "must be greater than zero"));
+        }
+        let edits =
+            |field, d: &Option<HeaderEditsDoc>| d.as_ref().map(|d| header_edits(field, d).map(Arc::new)).transpose();
+        let request_headers = edits("request_headers", &doc.request_headers)?;
+        let response_headers = edits("response_headers", &doc.response_headers)?;
         Ok(Rule {
             id: Arc::from(id),
             listener: doc.listener.clone().into_boxed_str(),
@@ -250,9 +351,38 @@ impl Rule {
             backends,
             timeout,
             retries: doc.retries,
+            rate_limit,
+            per_try_timeout,
+            request_headers,
+            response_headers,
             doc,
         })
     }
+}
+
+fn rate_limit(d: &RateLimitDoc) -> Result<RateLimit, DocError> {
+    let at_least_1 = |field: &str, v: u32| {
+        NonZeroU32::new(v).ok_or_else(|| DocError::new(format!("rate_limit.{field}"), "must be at least 1"))
+    };
+    let per_second = at_least_1("per_second", d.per_second)?;
+    let burst = at_least_1("burst", d.burst.unwrap_or(d.per_second))?;
+    let key = match d.key.as_deref() {
+        None => None,
+        Some("source_ip") => Some(RateKey::SourceIp),
+        Some(s) => match s.strip_prefix("header:") {
+            Some(name) => Some(RateKey::Header(
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| DocError::new("rate_limit.key", format!("{name:?} is not a valid header name")))?,
+            )),
+            None => {
+                return Err(DocError::new(
+                    "rate_limit.key",
+                    format!("{s:?} is neither \"header:<name>\" nor \"source_ip\""),
+                ));
+            }
+        },
+    };
+    Ok(RateLimit { per_second, burst, key })
 }
 
 fn compile_match(m: &MatchDoc) -> Result<Matcher, DocError> {
@@ -367,6 +497,37 @@ pub struct PolicyDoc {
     /// `false`, or `{"server_name": "..."}` (`{}`: verify against each instance's address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetDoc>,
+    /// How the service's endpoints are spoken to: `http1`, `h2` or its alias `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// A service's retry budget as written.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<u32>,
+}
+
+/// A service's circuit breaker as written: each limit absent is no limit.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 /// TLS to a service's instances (policy key `tls`).
@@ -417,6 +578,9 @@ pub struct HealthCheckDoc {
     /// Whether a new instance takes traffic before its first check passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initially_healthy: Option<bool>,
+    /// The service a `grpc` check asks about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -441,6 +605,17 @@ pub enum LbPolicy {
     RingHash(HashOn),
 }
 
+impl LbPolicy {
+    /// The name a policy document's `lb` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::P2c => "p2c",
+            LbPolicy::RingHash(_) => "ring_hash",
+        }
+    }
+}
+
 /// What `ring_hash` hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashOn {
@@ -455,6 +630,8 @@ pub enum CheckKind {
     Http { path: Box<str> },
     /// A TCP connect that succeeds is healthy.
     Tcp,
+    /// gRPC's `grpc.health.v1.Health/Check` for `service` (empty: the server) answers SERVING.
+    Grpc { service: Box<str> },
 }
 
 /// Active health checking for a service.
@@ -489,6 +666,10 @@ pub struct Policy {
     pub protect_from_empty: Option<bool>,
     /// None: the key is absent; Some(None): `"tls": false`.
     pub tls: Option<Option<TlsPolicy>>,
+    pub circuit_breaker: Option<BreakerLimits>,
+    pub retry_budget: Option<BudgetLimits>,
+    /// The upstream protocol of instances that do not state their own.
+    pub protocol: Option<InstanceProtocol>,
     pub doc: PolicyDoc,
 }
 
@@ -532,7 +713,17 @@ impl Policy {
                 return Err(DocError::new("panic_threshold_percent", format!("{p} is more than 100")));
             }
         }
+        let circuit_breaker = doc.circuit_breaker.as_ref().map(circuit_breaker).transpose()?;
+        let retry_budget = doc.retry_budget.as_ref().map(retry_budget).transpose()?;
+        let protocol = match doc.protocol.as_deref() {
+            None => None,
+            Some(p) => Some(
+                InstanceProtocol::parse_upstream(p)
+                    .ok_or_else(|| DocError::new("protocol", format!("{p:?} is not one of http1, h2, grpc")))?,
+            ),
+        };
         Ok(Policy {
+            protocol,
             lb,
             connect_timeout,
             retries: doc.retries,
@@ -541,6 +732,8 @@ impl Policy {
             panic_threshold_percent: doc.panic_threshold_percent,
             protect_from_empty: doc.protect_from_empty,
             tls: doc.tls.as_ref().map(tls_policy).transpose()?,
+            circuit_breaker,
+            retry_budget,
             doc,
         })
     }
@@ -574,8 +767,22 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
             }
             CheckKind::Tcp
         }
-        other => return Err(DocError::new("health_check.kind", format!("{other:?} is neither \"http\" nor \"tcp\""))),
+        "grpc" => {
+            if d.path.is_some() {
+                return Err(DocError::new("health_check.path", "applies only to kind = \"http\""));
+            }
+            CheckKind::Grpc { service: d.service.clone().unwrap_or_default().into_boxed_str() }
+        }
+        other => {
+            return Err(DocError::new(
+                "health_check.kind",
+                format!("{other:?} is not one of \"http\", \"tcp\", \"grpc\""),
+            ));
+        }
     };
+    if d.service.is_some() && !matches!(kind, CheckKind::Grpc { .. }) {
+        return Err(DocError::new("health_check.service", "applies only to kind = \"grpc\""));
+    }
     let interval = d.interval.as_deref().map(|t| duration("health_check.interval", t)).transpose()?;
     let interval = interval.unwrap_or(Duration::from_secs(5));
     let timeout = d.timeout.as_deref().map(|t| duration("health_check.timeout", t)).transpose()?;
@@ -599,6 +806,32 @@ fn health_check(d: &HealthCheckDoc) -> Result<HealthCheck, DocError> {
         // A new endpoint waits for its first passing check unless the policy says otherwise.
         initially_healthy: d.initially_healthy.unwrap_or(false),
     })
+}
+
+fn circuit_breaker(d: &CircuitBreakerDoc) -> Result<BreakerLimits, DocError> {
+    // A limit of 0 connections or requests would refuse everything: leave the service out instead.
+    for (field, v) in [("max_connections", d.max_connections), ("max_requests", d.max_requests)] {
+        if v == Some(0) {
+            return Err(DocError::new(format!("circuit_breaker.{field}"), "must be at least 1"));
+        }
+    }
+    Ok(BreakerLimits {
+        max_connections: d.max_connections,
+        max_pending: d.max_pending,
+        max_requests: d.max_requests,
+        max_retries: d.max_retries,
+    })
+}
+
+/// linkerd's defaults: retries may add a fifth to the load, and ten a second are always allowed.
+const DEFAULT_BUDGET: BudgetLimits = BudgetLimits { percent: 20, min_per_second: 10 };
+
+fn retry_budget(d: &RetryBudgetDoc) -> Result<BudgetLimits, DocError> {
+    let percent = d.percent.unwrap_or(DEFAULT_BUDGET.percent);
+    if percent > 1000 {
+        return Err(DocError::new("retry_budget.percent", format!("{percent} is more than 1000")));
+    }
+    Ok(BudgetLimits { percent, min_per_second: d.min_per_second.unwrap_or(DEFAULT_BUDGET.min_per_second) })
 }
 
 fn outlier(d: &OutlierDoc) -> Result<Outlier, DocError> {
@@ -674,6 +907,19 @@ mod tests {
             (r#"{"listener":"http","timeout":"soon","backends":[{"service":"a"}]}"#, "timeout"),
             (r#"{"listener":"http","retries":99,"backends":[{"service":"a"}]}"#, "retries"),
             (r#"{"listener":"http","backends":[{"service":"a","weight":-1}]}"#, "weight"),
+            (r#"{"listener":"http","rate_limit":{"per_second":0},"backends":[{"service":"a"}]}"#, "per_second"),
+            (r#"{"listener":"http","per_try_timeout":"0s","backends":[{"service":"a"}]}"#, "per_try_timeout"),
+            (
+                r#"{"listener":"http","request_headers":{"remove":["Content-Length"]},"backends":[{"service":"a"}]}"#,
+                "not editable",
+            ),
+            (
+                r#"{"listener":"http","response_headers":{"set":{"a b":"c"}},"backends":[{"service":"a"}]}"#,
+                "response_headers.a b",
+            ),
+            (r#"{"listener":"http","request_headers":{"sett":{}},"backends":[{"service":"a"}]}"#, "sett"),
+            (r#"{"listener":"http","rate_limit":{"per_second":1,"key":"ip"},"backends":[{"service":"a"}]}"#, "key"),
+            (r#"{"listener":"http","rate_limit":{"per_second":1,"brust":2},"backends":[{"service":"a"}]}"#, "brust"),
         ];
         for (json, needle) in cases {
             let err = rule(json).expect_err(json).to_string();
@@ -712,6 +958,15 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_protocol_is_http1_h2_or_grpc() {
+        let protocol = |json: &str| Policy::parse(json.as_bytes()).unwrap().protocol;
+        assert_eq!(protocol(r#"{"protocol":"http1"}"#), Some(InstanceProtocol::Http1));
+        assert_eq!(protocol(r#"{"protocol":"h2"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol(r#"{"protocol":"grpc"}"#), Some(InstanceProtocol::H2));
+        assert_eq!(protocol("{}"), None);
+    }
+
+    #[test]
     fn malformed_policies_are_refused() {
         for (json, needle) in [
             (r#"{"health_check":{"kind":"udp"}}"#, "health_check.kind"),
@@ -721,6 +976,11 @@ mod tests {
             (r#"{"panic_threshold_percent":150}"#, "panic_threshold_percent"),
             (r#"{"connect_timeout":"0s"}"#, "connect_timeout"),
             (r#"{"lbb":"p2c"}"#, "unknown field"),
+            (r#"{"circuit_breaker":{"max_requests":0}}"#, "circuit_breaker.max_requests"),
+            (r#"{"circuit_breaker":{"max_conns":1}}"#, "unknown field"),
+            (r#"{"retry_budget":{"percent":5000}}"#, "retry_budget.percent"),
+            (r#"{"protocol":"h3"}"#, "protocol"),
+            (r#"{"health_check":{"kind":"http","service":"x"}}"#, "health_check.service"),
         ] {
             let err = Policy::parse(json.as_bytes()).expect_err(json).to_string();
             assert!(err.contains(needle), "{json}: {err:?} should mention {needle:?}");

@@ -23,6 +23,9 @@ impl std::fmt::Display for Version {
 /// The first release, whose keys every zkroute knows.
 pub const FIRST: Version = Version(0, 1);
 
+/// The release of upstream protection and traffic policy.
+pub const V0_3: Version = Version(0, 3);
+
 /// Every document key as a path (`match.host`, `backends[].weight`) with the version that
 /// introduced it. A key missing here counts as [`FIRST`].
 pub const KEYS: &[(NodeKind, &str, Version)] = &[
@@ -41,6 +44,19 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Rule, "backends[].weight", FIRST),
     (NodeKind::Rule, "timeout", FIRST),
     (NodeKind::Rule, "retries", FIRST),
+    (NodeKind::Rule, "rate_limit", V0_3),
+    (NodeKind::Rule, "rate_limit.per_second", V0_3),
+    (NodeKind::Rule, "rate_limit.burst", V0_3),
+    (NodeKind::Rule, "rate_limit.key", V0_3),
+    (NodeKind::Rule, "per_try_timeout", V0_3),
+    (NodeKind::Rule, "request_headers", V0_3),
+    (NodeKind::Rule, "request_headers.set", V0_3),
+    (NodeKind::Rule, "request_headers.add", V0_3),
+    (NodeKind::Rule, "request_headers.remove", V0_3),
+    (NodeKind::Rule, "response_headers", V0_3),
+    (NodeKind::Rule, "response_headers.set", V0_3),
+    (NodeKind::Rule, "response_headers.add", V0_3),
+    (NodeKind::Rule, "response_headers.remove", V0_3),
     (NodeKind::Policy, "lb", FIRST),
     (NodeKind::Policy, "hash_on", FIRST),
     (NodeKind::Policy, "connect_timeout", FIRST),
@@ -60,12 +76,29 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Policy, "outlier.max_ejection_percent", FIRST),
     (NodeKind::Policy, "panic_threshold_percent", FIRST),
     (NodeKind::Policy, "protect_from_empty", FIRST),
-    (NodeKind::Policy, "tls", Version(0, 3)),
-    (NodeKind::Policy, "tls.server_name", Version(0, 3)),
+    (NodeKind::Policy, "tls", V0_3),
+    (NodeKind::Policy, "tls.server_name", V0_3),
+    (NodeKind::Policy, "circuit_breaker", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_connections", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_pending", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_requests", V0_3),
+    (NodeKind::Policy, "circuit_breaker.max_retries", V0_3),
+    (NodeKind::Policy, "retry_budget", V0_3),
+    (NodeKind::Policy, "retry_budget.percent", V0_3),
+    (NodeKind::Policy, "retry_budget.min_per_second", V0_3),
+    (NodeKind::Policy, "protocol", V0_3),
+    (NodeKind::Policy, "health_check.service", V0_3),
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.
-const FREE_MAPS: &[(NodeKind, &str)] = &[(NodeKind::Rule, "match.headers"), (NodeKind::Rule, "backends[].subset")];
+const FREE_MAPS: &[(NodeKind, &str)] = &[
+    (NodeKind::Rule, "match.headers"),
+    (NodeKind::Rule, "backends[].subset"),
+    (NodeKind::Rule, "request_headers.set"),
+    (NodeKind::Rule, "request_headers.add"),
+    (NodeKind::Rule, "response_headers.set"),
+    (NodeKind::Rule, "response_headers.add"),
+];
 
 /// The oldest zkroute that accepts every key `doc` uses, and the key that needs it (None when
 /// every key is from the first release).
@@ -125,14 +158,19 @@ pub fn this_build() -> Version {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::documents::{BackendDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RuleDoc};
+    use crate::routing::documents::{
+        BackendDoc, CircuitBreakerDoc, HeaderEditsDoc, HealthCheckDoc, MatchDoc, OutlierDoc, PolicyDoc, RateLimitDoc,
+        RetryBudgetDoc, RuleDoc,
+    };
 
     /// The fields a document struct accepts, read from serde's refusal of an unknown one.
     fn fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
         let err = serde_json::from_str::<T>(r#"{"zz_not_a_key": 1}"#).unwrap_err().to_string();
-        let list = err.split("expected one of ").nth(1).unwrap_or_else(|| panic!("unexpected error: {err}"));
+        // serde lists several fields as "one of `a`, `b`", two as "`a` or `b`".
+        let list = err.split("expected ").nth(1).unwrap_or_else(|| panic!("unexpected error: {err}"));
+        let list = list.strip_prefix("one of ").unwrap_or(list);
         let list = list.split(" at line").next().unwrap_or(list);
-        list.split(", ").map(|f| f.trim_matches('`').to_owned()).collect()
+        list.split(", ").flat_map(|f| f.split(" or ")).map(|f| f.trim_matches('`').to_owned()).collect()
     }
 
     fn listed(kind: NodeKind, prefix: &str, fields: Vec<String>) -> Vec<String> {
@@ -149,9 +187,14 @@ mod tests {
         missing.extend(listed(NodeKind::Rule, "", fields::<RuleDoc>()));
         missing.extend(listed(NodeKind::Rule, "match.", fields::<MatchDoc>()));
         missing.extend(listed(NodeKind::Rule, "backends[].", fields::<BackendDoc>()));
+        missing.extend(listed(NodeKind::Rule, "rate_limit.", fields::<RateLimitDoc>()));
+        missing.extend(listed(NodeKind::Rule, "request_headers.", fields::<HeaderEditsDoc>()));
+        missing.extend(listed(NodeKind::Rule, "response_headers.", fields::<HeaderEditsDoc>()));
         missing.extend(listed(NodeKind::Policy, "", fields::<PolicyDoc>()));
         missing.extend(listed(NodeKind::Policy, "health_check.", fields::<HealthCheckDoc>()));
         missing.extend(listed(NodeKind::Policy, "outlier.", fields::<OutlierDoc>()));
+        missing.extend(listed(NodeKind::Policy, "circuit_breaker.", fields::<CircuitBreakerDoc>()));
+        missing.extend(listed(NodeKind::Policy, "retry_budget.", fields::<RetryBudgetDoc>()));
         assert!(missing.is_empty(), "keys without an entry in KEYS: {missing:?}");
     }
 

@@ -204,6 +204,12 @@ pub struct ServicePolicy {
     pub protect_from_empty: bool,
     /// TLS to the instances (policy key `tls`); None: plain TCP.
     pub tls: Option<super::documents::TlsPolicy>,
+    /// Limits of the service's circuit breaker, if it has one.
+    pub circuit_breaker: Option<crate::endpoint::breaker::BreakerLimits>,
+    /// The service's retry budget, if it has one.
+    pub retry_budget: Option<crate::endpoint::breaker::BudgetLimits>,
+    /// The upstream protocol of instances that state none (None: HTTP/1.1).
+    pub protocol: Option<super::InstanceProtocol>,
 }
 
 impl ServicePolicy {
@@ -264,8 +270,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// The registry marks it as not taking new traffic.
     pub draining: bool,
-    /// What its registry says it serves (None: whatever the listener speaks). HTTP listeners
-    /// forward to every endpoint as HTTP/1.1 for now, `H2` ones included.
+    /// What it serves: what its registry says, else its service policy's `protocol` (None:
+    /// whatever the listener speaks). HTTP listeners speak HTTP/2 to `H2` endpoints and
+    /// HTTP/1.1 to the others.
     pub protocol: Option<super::InstanceProtocol>,
     pub state: Arc<EndpointState>,
     /// The port to use when the service's policy turns TLS on (Curator's `sslPort`); None: the
@@ -441,6 +448,9 @@ pub struct EndpointSet {
     /// For a tag-routed set (Dubbo's tag router): the sets requests with a tag go to; this set
     /// takes those without one.
     pub tags: Option<Box<super::tags::TagSplit>>,
+    /// The service's circuit-breaking counts, when its policy has a breaker (shared by every set
+    /// of the service, kept across tables).
+    pub gate: Option<Arc<crate::endpoint::breaker::ServiceGate>>,
 }
 
 impl EndpointSet {
@@ -468,6 +478,7 @@ impl EndpointSet {
             ring,
             rr: std::sync::atomic::AtomicU64::new(0),
             tags: None,
+            gate: None,
         }
     }
 
@@ -492,12 +503,22 @@ pub trait TargetStats: Send + Sync {
     fn retried(&self);
     /// A TCP connection taken by the route.
     fn tcp_accepted(&self);
+    /// A request or connection refused by the service's circuit breaker, past `limit`
+    /// (`max_requests`, ...).
+    fn overflow(&self, limit: &'static str) {
+        let _ = limit;
+    }
 }
 
 /// Makes the [`TargetStats`] of each listener and service, for the table builder.
 pub trait StatsSource: Send + Sync {
     /// `service` is empty for the requests of `listener` that no rule matched.
     fn target_stats(&self, listener: &str, service: &str) -> Arc<dyn TargetStats>;
+    /// How rule `rule` on `listener` counts its refusals.
+    fn rule_stats(&self, listener: &str, rule: &str) -> Arc<dyn super::rate_limit::RuleStats> {
+        let _ = (listener, rule);
+        Arc::new(super::rate_limit::NoRuleStats)
+    }
 }
 
 /// One weighted target of a route.
@@ -520,6 +541,10 @@ pub struct Route {
     pub timeout: Duration,
     /// Extra attempts after the first.
     pub retries: u32,
+    /// The rule's local rate limit, if it has one.
+    pub limiter: Option<Arc<super::rate_limit::RouteLimiter>>,
+    /// Each attempt's share of the timeout, if the rule limits it.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Route {
@@ -532,7 +557,23 @@ impl Route {
                 total
             })
             .collect();
-        Route { id, rule, targets: targets.into_boxed_slice(), cumulative, timeout, retries }
+        let per_try_timeout = rule.as_ref().and_then(|r| r.per_try_timeout).filter(|t| *t < timeout);
+        Route {
+            id,
+            rule,
+            targets: targets.into_boxed_slice(),
+            cumulative,
+            timeout,
+            retries,
+            limiter: None,
+            per_try_timeout,
+        }
+    }
+
+    /// The same route, rate-limited by `limiter`.
+    pub fn with_limiter(mut self, limiter: Option<Arc<super::rate_limit::RouteLimiter>>) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     /// The target at weighted position `point`.

@@ -189,6 +189,9 @@ mod tests {
             panic_threshold_percent: 0,
             protect_from_empty: false,
             tls: None,
+            circuit_breaker: None,
+            retry_budget: None,
+            protocol: None,
         })
     }
 

@@ -43,6 +43,27 @@ impl Binary {
              [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{tcp}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n{extra}",
             routes.source_config()
         );
+        let ip = |p| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let (admin, http, tcp) = (ip(admin), ip(http), ip(tcp));
+        Binary::spawn(dir, &config, args, env, admin, http, tcp).await
+    }
+
+    /// With a whole configuration of the caller's, whose admin port answers at `admin` (the
+    /// `http` and `tcp` fields are then unused placeholders).
+    pub async fn start_config(config: &str, admin: std::net::SocketAddr) -> Binary {
+        let unused = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        Binary::spawn(tempfile::tempdir().unwrap(), config, &[], &[], admin, unused, unused).await
+    }
+
+    async fn spawn(
+        dir: tempfile::TempDir,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        admin: std::net::SocketAddr,
+        http: std::net::SocketAddr,
+        tcp: std::net::SocketAddr,
+    ) -> Binary {
         let path = dir.path().join("zkroute.toml");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_zkroute"))
@@ -55,8 +76,7 @@ impl Binary {
             .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
             .spawn()
             .unwrap();
-        let ip = |p| std::net::SocketAddr::from(([127, 0, 0, 1], p));
-        let b = Binary { child, admin: ip(admin), http: ip(http), tcp: ip(tcp), dir };
+        let b = Binary { child, admin, http, tcp, dir };
         eventually("zkroute ready", Duration::from_secs(15), || async {
             (get(b.admin, "/ready").await.ok()?.status() == 200).then_some(())
         })

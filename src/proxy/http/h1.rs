@@ -14,19 +14,23 @@ use tokio::time::Sleep;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
+use super::edit;
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::Limits;
-use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
+use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::lazy_timeout::{timeout, timeout_at};
 use crate::proxy::stream::{ClientStream, ClientTls, Stream};
 use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1, TlsOrigin};
+use crate::routing::documents::HeaderEdits;
 use crate::routing::table::{Route, TargetStats};
 use crate::tls::Alpn;
+
+mod to_h2;
 
 /// Read buffer of a client connection; heads larger than this grow it up to the header limit.
 const CLIENT_BUF: usize = 16 * 1024;
@@ -64,6 +68,8 @@ pub struct Connection {
     /// Resolves when draining starts. Made once per connection: between requests it costs a
     /// poll, where a fresh wait would join and leave the signal's waiter list every time.
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The response header edits of the request in progress's rule, if it has any.
+    response_edits: Option<Arc<HeaderEdits>>,
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -84,6 +90,10 @@ struct ExchangeRecord {
     upstream: Option<crate::routing::Addr>,
     bytes_in: u64,
     bytes_out: u64,
+    /// The `x-request-id` forwarded, when the access log is on.
+    request_id: Option<String>,
+    /// A gRPC call's status, when it ended with one.
+    grpc_status: Option<u16>,
 }
 
 /// The request line's parts, copied for the access log (only when it is on).
@@ -129,6 +139,7 @@ impl Connection {
                 Box::pin(async move { shutdown.wait().await })
             },
             ctx,
+            response_edits: None,
         }
     }
 
@@ -255,6 +266,8 @@ impl Connection {
                 duration: started.elapsed(),
                 bytes_in: done.bytes_in,
                 bytes_out: done.bytes_out,
+                request_id: done.request_id.as_deref(),
+                grpc_status: done.grpc_status,
             });
         }
         next
@@ -276,9 +289,20 @@ impl Connection {
             }
         };
         let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+        if let Err(e) = rate_limit(&route, |name| fields.get(name.as_str().as_bytes()), &self.client_ip) {
+            let close = head.close || head.body != BodyLen::None;
+            done.status = e.rescue().status;
+            target.stats.observe(done.status, started.elapsed());
+            self.answer(&e, close, head_only).await;
+            return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+        }
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
+        if to_h2::all_h2(set) {
+            let next = self.proxy_h2(&head, &route, &target, set, hash, started, &mut done).await;
+            return (next, done);
+        }
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
@@ -291,6 +315,25 @@ impl Connection {
             self.ctx.limits.drop_underscore_headers,
             self.tls.as_deref().map(|t| head::Secure { client_cert: t.forwarded_client_cert.as_deref() }),
         );
+        let rule = route.rule.as_deref();
+        if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
+            edit::edit_head(&mut self.req, 0, edits);
+        }
+        self.response_edits = rule.and_then(|r| r.response_headers.clone());
+        if self.ctx.limits.request_id {
+            let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
+            let id = match fields.get(b"x-request-id") {
+                Some(id) => String::from_utf8_lossy(id).into_owned(),
+                None => {
+                    let id = edit::new_request_id();
+                    edit::insert_field(&mut self.req, b"x-request-id", id.as_bytes());
+                    id
+                }
+            };
+            if self.ctx.access_log.is_some() {
+                done.request_id = Some(id);
+            }
+        }
         let head_out = self.req.len();
         self.buf.consume(head.len);
         let mut pending = match head.body {
@@ -321,7 +364,8 @@ impl Connection {
 
         done.bytes_in = (self.req.len() - head_out) as u64;
         let deadline = tokio::time::Instant::from_std(started + route.timeout);
-        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
+        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
+            .with_per_try_timeout(route.per_try_timeout);
         loop {
             let ctx = &*self.ctx;
             let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
@@ -336,7 +380,9 @@ impl Connection {
                 done.upstream = Some(attempt.endpoint.addr.clone());
             }
             let may_retry = attempts.may_retry();
-            let outcome = self.forward(conn, &head, &mut pending, deadline, may_retry, in_flight, pool).await;
+            let (try_deadline, cut) = attempts.try_deadline(deadline);
+            let outcome =
+                self.forward(conn, &head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
             if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
                 done.status = status;
                 done.bytes_in += relayed.bytes_in;
@@ -378,7 +424,9 @@ impl Connection {
     }
 
     /// Sends the request on `conn` and relays the response. `may_retry`: the caller can try
-    /// another endpoint, so a failure that left the client untouched comes back as `Retry`.
+    /// another endpoint, so a failure that left the client untouched comes back as `Retry`;
+    /// `per_try`: `deadline` is the try's own, sooner than the request's, so running out of it
+    /// is such a failure too.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &mut self,
@@ -386,7 +434,7 @@ impl Connection {
         head: &RequestHead,
         pending: &mut Pending,
         deadline: tokio::time::Instant,
-        may_retry: bool,
+        (may_retry, per_try): (bool, bool),
         in_flight: InFlight,
         pool: Option<&Arc<upstream::Pool>>,
     ) -> Outcome<(u16, Relayed)> {
@@ -405,7 +453,7 @@ impl Connection {
         let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
+        let Connection { stream, buf, out, resp_fields, response_timer, response_edits, .. } = self;
         response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
@@ -461,6 +509,7 @@ impl Connection {
         };
         let resp = match read {
             Ok(r) => r,
+            Err(ReadError::Timeout) if per_try && body_done => return retry_or_fail(ProxyError::Timeout),
             // The upstream's fault only if it had the whole request: a client still sending its
             // body when the time ran out may have been the slow one.
             Err(ReadError::Timeout) => return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_done },
@@ -490,7 +539,11 @@ impl Connection {
             drop_te: client_minor == 0,
             upgrade,
         };
+        let head_start = out.len();
         head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
+        if let Some(edits) = response_edits.as_deref() {
+            edit::edit_head(out, head_start, edits);
+        }
         conn.buf.consume(resp.len);
         let status = resp.status;
         let mut bytes_out = 0u64;

@@ -1,7 +1,9 @@
 //! HTTP/2 with prior knowledge (h2c) from the client: hyper serves the connection (held to the
-//! client limits of `h2/connection.rs`), and each request is forwarded as HTTP/1.1 through the
-//! same per-endpoint pools as the HTTP/1 engine. Upstreams speak HTTP/1.1, so trailers are not
-//! forwarded (gRPC needs HTTP/2 end to end and is not supported yet).
+//! client limits of `h2/connection.rs`), and each request is balanced on its own and forwarded
+//! as HTTP/1.1 through the same per-endpoint pools as the HTTP/1 engine, or over a shared HTTP/2
+//! connection to an endpoint that speaks HTTP/2 ([`crate::proxy::upstream::h2`]), trailers
+//! included. gRPC requests get gRPC's terms (README: "gRPC and HTTP/2 upstreams"): `te: trailers`
+//! kept, `grpc-timeout` honoured, zkroute's own failures as trailers-only answers.
 
 mod connection;
 
@@ -23,14 +25,17 @@ use tokio::time::timeout_at;
 
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
+use super::edit;
 use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::endpoint::InFlight;
 use crate::net::IpText;
-use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key};
+use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
 use crate::proxy::stream::{ClientStream, ClientTls};
-use crate::proxy::upstream::{Conn, Pool, PooledHttp1, TlsOrigin};
-use crate::tls::Alpn;
+use crate::proxy::grpc;
+use crate::proxy::upstream::h2::{self as up_h2, ReplayBody, RequestBody};
+use crate::proxy::upstream::{AnyProtocol, Conn, Pool, PooledHttp1, TlsOrigin, Upstream};
+use crate::routing::documents::HeaderEdits;
 
 /// Serves an HTTP/2 connection whose first bytes (the preface, at least) are in `prefix`: h2c,
 /// or h2 over TLS when `tls` is set (what the upstream requests say of the client's TLS).
@@ -55,6 +60,8 @@ pub async fn serve(
 pub enum H2Body {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamBody>),
+    /// From an HTTP/2 upstream, trailers included.
+    H2(Box<grpc::ResponseBody>),
 }
 
 impl Body for H2Body {
@@ -65,6 +72,7 @@ impl Body for H2Body {
         match self.get_mut() {
             H2Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             H2Body::Upstream(u) => u.poll_data(cx),
+            H2Body::H2(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -72,6 +80,7 @@ impl Body for H2Body {
         match self {
             H2Body::Full(b) => b.is_none(),
             H2Body::Upstream(u) => u.done,
+            H2Body::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -82,6 +91,7 @@ impl Body for H2Body {
                 BodyLen::Length(_) => SizeHint::with_exact(u.remaining),
                 _ => SizeHint::default(),
             },
+            H2Body::H2(b) => b.size_hint(),
         }
     }
 }
@@ -176,6 +186,17 @@ impl UpstreamBody {
     }
 }
 
+/// zkroute's own answer: in gRPC's terms to a gRPC request, counted as such.
+fn answer_for(err: ProxyError, grpc: Option<&grpc::Counter>) -> Response<H2Body> {
+    match grpc {
+        Some(counter) => {
+            counter.count(grpc::status_of(&err));
+            grpc::answer(err).map(|()| H2Body::Full(None))
+        }
+        None => answer(err),
+    }
+}
+
 fn answer(err: ProxyError) -> Response<H2Body> {
     let r = err.rescue();
     let mut resp = Response::new(H2Body::Full(Some(Bytes::from(error::body_text(&err)))));
@@ -183,6 +204,9 @@ fn answer(err: ProxyError) -> Response<H2Body> {
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(HeaderName::from_static("x-zkroute-error"), HeaderValue::from_static(r.code));
+    if let Some(secs) = err.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 
@@ -228,7 +252,8 @@ async fn handle(
     tls: Option<&ClientTls>,
 ) -> Response<H2Body> {
     let started = Instant::now();
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    let is_grpc = grpc::is_grpc(&parts.headers);
     if parts.method == Method::CONNECT {
         // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
         // only, as it answers CONNECT on HTTP/1.
@@ -246,36 +271,119 @@ async fn handle(
             Some(r) => r.clone(),
             None => {
                 listener.no_route.observe(404, started.elapsed());
-                return answer(ProxyError::NoRoute);
+                let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &Arc::from("")));
+                return answer_for(ProxyError::NoRoute, counter.as_ref());
             }
         }
     };
-    let Some(target) = choose_target(&route, &parts.headers) else { return answer(ProxyError::NoHealthyUpstream) };
+    let Some(target) = choose_target(&route, &parts.headers) else {
+        let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
+        return answer_for(ProxyError::NoHealthyUpstream, counter.as_ref());
+    };
+    let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
     // A tag-routed service: the endpoints of the request's tag.
     let set = target.set.for_request(&parts.headers);
     let client_ip = IpText::new(peer.ip());
+    if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
+        target.stats.observe(e.rescue().status, started.elapsed());
+        return answer(e);
+    }
     let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
     let has_body = !body.is_end_stream();
     let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut req_head = Vec::with_capacity(512);
     let drop_underscore = ctx.limits.drop_underscore_headers;
-    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore, tls);
+    let rule = route.rule.as_deref();
+    let request_edits = rule.and_then(|r| r.request_headers.as_deref());
+    let response_edits = rule.and_then(|r| r.response_headers.as_deref());
+    // One id for every try of the request.
+    let request_id = (ctx.limits.request_id && !parts.headers.contains_key("x-request-id")).then(edit::new_request_id);
 
-    let deadline = tokio::time::Instant::from_std(started + route.timeout);
-    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline));
-    let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
-    let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started).with_tls(tls);
-    let mut request = Http1Request { head: &req_head, body: &mut body, has_body, chunked: length.is_none() };
+    // gRPC's own deadline bounds the request too, within the route's timeout.
+    let mut timeout = route.timeout;
+    if is_grpc {
+        if let Some(t) = parts.headers.get(grpc::TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
+            timeout = timeout.min(t);
+        }
+    }
+    let deadline = tokio::time::Instant::from_std(started + timeout);
+    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
+        .with_per_try_timeout(route.per_try_timeout);
+    let connector = AnyProtocol::new(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started), |alpn| {
+        TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
+    });
+    // The HTTP/1.1 form of the request, made when an HTTP/1.1 endpoint is tried.
+    let mut req_head = Vec::new();
+    // The body: as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
+    let mut raw = Some(body);
+    let mut replay: Option<ReplayBody> = None;
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
-        let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
-        let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
-        let outcome = exchange(conn, pool, in_flight, &mut request, &parts.method, deadline, may_retry).await;
+        let outcome = match conn {
+            Upstream::Http1(conn) => {
+                if req_head.is_empty() {
+                    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore, tls);
+                    if let Some(edits) = request_edits {
+                        edit::edit_head(&mut req_head, 0, edits);
+                    }
+                    if let Some(id) = &request_id {
+                        edit::insert_field(&mut req_head, b"x-request-id", id.as_bytes());
+                    }
+                }
+                let Some(body) = raw.as_mut() else {
+                    // The body went to an HTTP/2 endpoint and is not at hand as a stream.
+                    let fail = Outcome::<()>::Fail { error: ProxyError::UpstreamReset, upstream_fault: false };
+                    let _ = attempts.settle(attempt, fail, &ctx.health);
+                    break;
+                };
+                let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
+                let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
+                let (try_deadline, per_try) = attempts.try_deadline(deadline);
+                let mut request =
+                    Http1Request { head: &req_head, body, has_body, chunked: length.is_none(), response_edits };
+                exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try)).await
+            }
+            Upstream::H2(stream) => {
+                let body = if !has_body {
+                    Some(RequestBody::Empty)
+                } else if let Some(b) = raw.take() {
+                    let r = ReplayBody::new(up_h2::from_incoming(b));
+                    let again = r.again();
+                    replay = again;
+                    Some(RequestBody::Replay(r))
+                } else {
+                    replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
+                };
+                match body {
+                    Some(body) => {
+                        // The endpoint's address is the authority only of a request without one.
+                        let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
+                        let mut req = grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
+                        if let Some(edits) = request_edits {
+                            edit::edit_map(req.headers_mut(), edits);
+                        }
+                        if let Some(id) = request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
+                            req.headers_mut().insert("x-request-id", id);
+                        }
+                        let may_retry = attempts.may_retry();
+                        let (deadline, per_try) = attempts.try_deadline(deadline);
+                        let replay = replay.as_ref();
+                        let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
+                        grpc::exchange(stream, in_flight, req, ex).await.map(|mut response| {
+                            if let Some(edits) = response_edits {
+                                edit::edit_map(response.headers_mut(), edits);
+                            }
+                            response.map(|b| H2Body::H2(Box::new(b)))
+                        })
+                    }
+                    None => Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: false },
+                }
+            }
+        };
         if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
             return response;
         }
     }
-    answer(attempts.failure())
+    answer_for(attempts.failure(), counter.as_ref())
 }
 
 /// An h2 request as it goes to an HTTP/1.1 upstream.
@@ -285,6 +393,8 @@ struct Http1Request<'a> {
     has_body: bool,
     /// Its length is unknown: the body goes chunked.
     chunked: bool,
+    /// The rule's edits of the response's header fields.
+    response_edits: Option<&'a HeaderEdits>,
 }
 
 /// Sends an h2 request on an HTTP/1.1 upstream connection and turns the response head into the
@@ -297,7 +407,7 @@ async fn exchange(
     request: &mut Http1Request<'_>,
     method: &Method,
     deadline: tokio::time::Instant,
-    may_retry: bool,
+    (may_retry, per_try): (bool, bool),
 ) -> Outcome<Response<H2Body>> {
     let retry_or_fail =
         |error| if may_retry { Outcome::Retry(error) } else { Outcome::Fail { error, upstream_fault: true } };
@@ -364,6 +474,8 @@ async fn exchange(
     let resp = resp.and_then(|h| if h.status == 101 { Err(ProxyError::UpstreamReset) } else { Ok(h) });
     let resp_head = match resp {
         Ok(h) => h,
+        // A try's own timeout (`per_try_timeout`) may go to another endpoint.
+        Err(ProxyError::Timeout) if per_try && may_retry => return Outcome::Retry(ProxyError::Timeout),
         // A timeout is the upstream's fault once it had the whole request.
         Err(ProxyError::Timeout) => {
             return Outcome::Fail { error: ProxyError::Timeout, upstream_fault: body_ok && !pumping };
@@ -378,6 +490,9 @@ async fn exchange(
     *response.status_mut() = StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = response.headers_mut();
     copy_fields(headers, conn.buf.filled(), &resp_head, &fields);
+    if let Some(edits) = request.response_edits {
+        edit::edit_map(headers, edits);
+    }
     conn.buf.consume(resp_head.len);
     let remaining = match resp_head.body {
         BodyLen::Length(n) => n,

@@ -514,3 +514,21 @@ fn http_listeners_take_the_http_instances_and_tcp_listeners_the_tcp_only_ones() 
     assert!(!users.is_split());
     assert!(Arc::ptr_eq(users.routed(Protocol::Http), users.routed(Protocol::Tcp)));
 }
+
+#[test]
+fn an_instance_stating_its_protocol_wins_over_the_policy_default() {
+    use crate::routing::InstanceProtocol::{H2, Http1};
+    let mut b = builder();
+    instance(&mut b, "g", "plain", "10.0.0.1:80");
+    stated(&mut b, "g", "rest", "10.0.0.2:80", Http1);
+    rule(&mut b, "r1", 1, r#"{"listener":"http","backends":[{"service":"g"}]}"#);
+    let protocols = |t: &RoutingTable| -> Vec<Option<crate::routing::InstanceProtocol>> {
+        t.service("g").unwrap().all.endpoints.iter().map(|e| e.protocol).collect()
+    };
+    let (t, _) = b.build();
+    assert_eq!(protocols(&t), [None, Some(Http1)], "no policy: what the instances say");
+    b.apply(policy_change(ServiceName::new("g"), Some(raw("/p/g", 1, r#"{"protocol":"grpc"}"#))));
+    let (t, _) = b.build();
+    assert_eq!(protocols(&t), [Some(H2), Some(Http1)]);
+    assert_eq!(t.service("g").unwrap().policy.protocol, Some(H2));
+}
