@@ -341,7 +341,8 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                     Some(body) => {
                         // The endpoint's address is the authority only of a request without one.
                         let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
-                        let mut req = grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
+                        let mut req =
+                            grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
                         if let Some(edits) = request_edits {
                             edit::edit_map(req.headers_mut(), edits);
                         }
@@ -352,13 +353,11 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
                         let (deadline, per_try) = attempts.try_deadline(deadline);
                         let replay = replay.as_ref();
                         let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
-                        grpc::exchange(stream, in_flight, req, ex).await.map(|r| {
-                            r.map(|mut response| {
-                                if let Some(edits) = response_edits {
-                                    edit::edit_map(response.headers_mut(), edits);
-                                }
-                                response.map(|b| H2Body::H2(Box::new(b)))
-                            })
+                        grpc::exchange(stream, in_flight, req, ex).await.map(|mut response| {
+                            if let Some(edits) = response_edits {
+                                edit::edit_map(response.headers_mut(), edits);
+                            }
+                            response.map(|b| H2Body::H2(Box::new(b)))
                         })
                     }
                     None => Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: false },
