@@ -395,3 +395,27 @@ async fn http_checks_go_over_http2_to_services_that_speak_it() {
     let resp = send(proxy.listener("http"), request("GET", "h", "/health", &[], "")).await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_edits_grpc_metadata_and_its_rate_limit_is_resource_exhausted() {
+    let a = GrpcServer::start("a");
+    let routes = Routes::new();
+    routes.instance("echo", "0", a.addr);
+    routes.policy("echo", r#"{"protocol":"grpc"}"#);
+    routes.rule(
+        "r",
+        r#"{"listener":"http","backends":[{"service":"echo"}],
+            "request_headers":{"set":{"x-test-edited":"by-zkroute"}},
+            "rate_limit":{"per_second":1,"burst":3}}"#,
+    );
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    // Three calls within the burst reach the server with the rule's metadata; the rest of a rapid
+    // run are refused by zkroute as gRPC answers a client understands.
+    let r = call(proxy.listener("http"), "unary", 3).await;
+    assert_eq!(strings(&r["answers"]), vec!["a"; 3], "{r}");
+    a.expect_line("metadata x-test-edited=by-zkroute", Duration::from_secs(5));
+    let r = call(proxy.listener("http"), "until_error", 10).await;
+    assert_eq!(r["code"], "RESOURCE_EXHAUSTED", "{r}");
+    let refused = r#"zkroute_grpc_requests_total{grpc_status="8",listener="http",service="echo"}"#;
+    assert!(proxy.metric(refused).await >= Some(1.0));
+}

@@ -272,7 +272,7 @@ async fn handle(ctx: Arc<HttpContext>, peer: SocketAddr, req: Request<Incoming>)
     let client_ip = IpText::new(peer.ip());
     if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
         target.stats.observe(e.rescue().status, started.elapsed());
-        return answer(e);
+        return answer_for(e, counter.as_ref());
     }
     let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
