@@ -118,6 +118,15 @@ def call(addr, what, n):
                 answers.append(resp.decode())
                 trailers.append(dict(c.trailing_metadata()).get("x-served-by"))
             out = {"answers": answers, "trailers": trailers}
+        elif what == "until_error":
+            # up to n calls; the first failure's status
+            out = {"code": "OK"}
+            for _ in range(n):
+                try:
+                    m("unary_unary", "Who")(b"x", timeout=10)
+                except grpc.RpcError as e:
+                    out = {"code": e.code().name, "details": e.details()}
+                    break
         elif what == "server_stream":
             got = 0
             last = None

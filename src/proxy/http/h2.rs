@@ -286,7 +286,7 @@ async fn handle(
     let client_ip = IpText::new(peer.ip());
     if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
         target.stats.observe(e.rescue().status, started.elapsed());
-        return answer(e);
+        return answer_for(e, counter.as_ref());
     }
     let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
@@ -357,7 +357,8 @@ async fn handle(
                     Some(body) => {
                         // The endpoint's address is the authority only of a request without one.
                         let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
-                        let mut req = grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
+                        let mut req =
+                            grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
                         if let Some(edits) = request_edits {
                             edit::edit_map(req.headers_mut(), edits);
                         }
