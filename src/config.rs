@@ -714,15 +714,15 @@ impl Config {
                 return Err(KeyError::new(key("endpoint"), "applies only with service"));
             }
             if let Some(tls) = &l.tls {
-                crate::tls::check_server(tls).map_err(|e| (key("tls"), e.to_string()))?;
+                crate::tls::check_server(tls).map_err(|e| KeyError::new(key("tls"), e.to_string()))?;
             }
         }
         if let Some(tls) = &self.tls {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 let missing = if tls.cert_file.is_none() { "tls.cert_file" } else { "tls.key_file" };
-                return Err((missing.into(), "cert_file and key_file go together".into()));
+                return Err(KeyError::new(missing, "cert_file and key_file go together"));
             }
-            crate::tls::UpstreamTls::load(tls).map_err(|e| ("tls".to_owned(), e.to_string()))?;
+            crate::tls::UpstreamTls::load(tls).map_err(|e| KeyError::new("tls", e.to_string()))?;
         }
         for (i, r) in self.registrations.iter().enumerate() {
             let key = |k: &str| format!("register[{i}].{k}");

@@ -63,6 +63,19 @@ impl GrpcServer {
         }
     }
 
+    /// Waits for a line the server prints that `pred` accepts; that line.
+    fn expect_line_where(&self, what: &str, pred: impl Fn(&str) -> bool, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("the server did not print {what} within {within:?}"),
+            }
+        }
+    }
+
     /// A graceful stop: GOAWAY, in-flight calls finish.
     fn stop_gracefully(&mut self) {
         self.tell("stop");
@@ -418,4 +431,55 @@ async fn a_rule_edits_grpc_metadata_and_its_rate_limit_is_resource_exhausted() {
     assert_eq!(r["code"], "RESOURCE_EXHAUSTED", "{r}");
     let refused = r#"zkroute_grpc_requests_total{grpc_status="8",listener="http",service="echo"}"#;
     assert!(proxy.metric(refused).await >= Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_crosses_hosts_over_mutual_tls_with_h2_by_alpn_and_the_app_learns_the_caller() {
+    use support::pki::Ca;
+    let toml_path = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
+    let mesh = Ca::new("mesh");
+    let b_cert = mesh.issue("b", &["DNS:users.mesh.internal"]);
+    let a_cert = mesh.issue("a", &["URI:spiffe://mesh/a"]);
+    let app_b = GrpcServer::start("app-b");
+
+    // Host B: a mutual TLS listener (HTTP/2 by ALPN) in front of its local gRPC app.
+    let routes_b = Routes::new();
+    routes_b.instance("local", "0", app_b.addr);
+    routes_b.policy("local", r#"{"protocol":"grpc"}"#);
+    routes_b.rule("inbound", r#"{"listener":"inbound","backends":[{"service":"local"}]}"#);
+    let b = routes_b
+        .proxy(&format!(
+            "[[listener]]\nname = \"inbound\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
+            toml_path(&b_cert.cert),
+            toml_path(&b_cert.key),
+            toml_path(&mesh.cert)
+        ))
+        .await;
+
+    // Host A: the app's calls in clear (h2c), mutual TLS out to B over HTTP/2.
+    let routes_a = Routes::new();
+    routes_a.instance("users", "b", b.listener("inbound"));
+    routes_a.policy("users", r#"{"protocol":"grpc","tls":{"server_name":"users.mesh.internal"}}"#);
+    routes_a.rule("to-users", r#"{"listener":"outbound","backends":[{"service":"users"}]}"#);
+    let a = routes_a
+        .proxy(&format!(
+            "[[listener]]\nname = \"outbound\"\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
+            toml_path(&mesh.cert),
+            toml_path(&a_cert.cert),
+            toml_path(&a_cert.key)
+        ))
+        .await;
+
+    let r = call(a.listener("outbound"), "unary", 5).await;
+    assert_eq!(strings(&r["answers"]), vec!["app-b"; 5], "{r}");
+    assert_eq!(strings(&r["trailers"]), vec!["app-b"; 5], "{r}");
+    app_b.expect_line("metadata x-forwarded-proto=https", Duration::from_secs(5));
+    let xfcc = app_b.expect_line_where(
+        "the caller's certificate",
+        |l| l.starts_with("metadata x-forwarded-client-cert="),
+        Duration::from_secs(5),
+    );
+    assert!(xfcc.contains("URI=spiffe://mesh/a"), "{xfcc}");
+    let config = a.config().await;
+    assert_eq!(config["services"]["users"]["instances"][0]["protocol_in_force"], "h2", "{config}");
 }

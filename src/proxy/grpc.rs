@@ -22,6 +22,8 @@ use super::upstream::h2::{ReplayBody, RequestBody, Stream, never_processed};
 use crate::endpoint::InFlight;
 use crate::metrics::Metrics;
 use crate::net::IpText;
+use crate::proxy::http::head::FORWARDED_CLIENT_CERT;
+use crate::proxy::stream::ClientTls;
 
 /// The request header that carries a gRPC call's deadline.
 pub const TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -128,13 +130,15 @@ impl Counter {
 
 /// The request as it goes to an HTTP/2 upstream: hop-by-hop fields removed but `te: trailers`
 /// (which gRPC requires), the authority as the client sent it (else the endpoint's address),
-/// `x-forwarded-for` and `x-forwarded-proto` added.
+/// `x-forwarded-for` and `x-forwarded-proto` added. A request that came over TLS (`tls`) goes
+/// with `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client sent is replaced
+/// by the one its TLS handshake gives (or dropped), as on HTTP/1.1 upstreams.
 pub fn upstream_request(
     parts: &http::request::Parts,
     host: Option<&str>,
     endpoint: &str,
     client_ip: &IpText,
-    drop_underscore: bool,
+    (drop_underscore, tls): (bool, Option<&ClientTls>),
     body: RequestBody,
 ) -> Request<RequestBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -164,6 +168,7 @@ pub fn upstream_request(
             | "proxy-authenticate"
             | "host"
             | "x-forwarded-proto" => continue,
+            FORWARDED_CLIENT_CERT if tls.is_some() => continue,
             "x-forwarded-for" => {
                 xff.extend_from_slice(value.as_bytes());
                 xff.extend_from_slice(b", ");
@@ -178,7 +183,13 @@ pub fn upstream_request(
     if let Ok(v) = HeaderValue::from_bytes(&xff) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    let proto = if tls.is_some() { "https" } else { "http" };
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    if let Some(cert) = tls.and_then(|t| t.forwarded_client_cert.as_deref()) {
+        if let Ok(v) = HeaderValue::from_str(cert) {
+            headers.insert(HeaderName::from_static(FORWARDED_CLIENT_CERT), v);
+        }
+    }
     req
 }
 

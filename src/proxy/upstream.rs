@@ -16,9 +16,9 @@ use super::attempt::{Connect, ConnectTimeout};
 use super::http::codec::IoBuf;
 use super::stream::{Stream, UpstreamStream};
 use crate::endpoint::EndpointState;
+use crate::endpoint::breaker::Slot;
 use crate::metrics::Metrics;
 use crate::names::{Addr, Host};
-use crate::endpoint::breaker::Slot;
 use crate::net::LoopbackCongestion;
 use crate::routing::documents::TlsPolicy;
 use crate::routing::table::{Endpoint, EndpointSet};
@@ -178,7 +178,6 @@ impl<'a> TlsOrigin<'a> {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(Stream::Tls(Box::new(tls)))
     }
-
 }
 
 /// Whether zkroute speaks HTTP/2 to an endpoint (its instance or its service policy says so).

@@ -29,7 +29,7 @@ def serve(name):
 
     def who(request, context):
         for k, v in context.invocation_metadata():
-            if k.startswith("x-test-"):
+            if k.startswith("x-test-") or k.startswith("x-forwarded-"):
                 say(f"metadata {k}={v}")
         context.set_trailing_metadata((("x-served-by", name),))
         return name.encode()

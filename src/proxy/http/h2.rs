@@ -31,8 +31,8 @@ use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
 use crate::proxy::error::{self, ProxyError};
-use crate::proxy::stream::{ClientStream, ClientTls};
 use crate::proxy::grpc;
+use crate::proxy::stream::{ClientStream, ClientTls};
 use crate::proxy::upstream::h2::{self as up_h2, ReplayBody, RequestBody};
 use crate::proxy::upstream::{AnyProtocol, Conn, Pool, PooledHttp1, TlsOrigin, Upstream};
 use crate::routing::documents::HeaderEdits;
@@ -358,7 +358,7 @@ async fn handle(
                         // The endpoint's address is the authority only of a request without one.
                         let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
                         let mut req =
-                            grpc::upstream_request(&parts, host, &endpoint, &client_ip, drop_underscore, body);
+                            grpc::upstream_request(&parts, host, &endpoint, &client_ip, (drop_underscore, tls), body);
                         if let Some(edits) = request_edits {
                             edit::edit_map(req.headers_mut(), edits);
                         }

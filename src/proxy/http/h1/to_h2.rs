@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use tokio::io::AsyncRead;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::ReadHalf;
 use tokio::sync::mpsc;
 
 use super::{AfterExchange, Connection, ExchangeRecord, Pending};
@@ -54,7 +54,7 @@ impl Pump {
         self.tx.is_none()
     }
 
-    async fn run(&mut self, rd: &mut ReadHalf<'_>, buf: &mut IoBuf) -> io::Result<()> {
+    async fn run<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut IoBuf) -> io::Result<()> {
         while let Some(tx) = self.tx.as_ref() {
             if buf.is_empty() && !matches!(self.pending, Pending::None) && buf.read_from(rd).await? == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-body"));
@@ -229,6 +229,7 @@ impl Connection {
             TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
         });
         let drop_underscore = ctx.limits.drop_underscore_headers;
+        let tls = self.tls.as_deref();
         let mut pump_failed = false;
         while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
             if ctx.access_log.is_some() {
@@ -250,8 +251,14 @@ impl Connection {
             };
             let Some(body) = body else { break };
             let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
-            let req =
-                grpc::upstream_request(&parts, host.as_deref(), &endpoint, &self.client_ip, drop_underscore, body);
+            let req = grpc::upstream_request(
+                &parts,
+                host.as_deref(),
+                &endpoint,
+                &self.client_ip,
+                (drop_underscore, tls),
+                body,
+            );
             let (try_deadline, per_try) = attempts.try_deadline(deadline);
             let ex = grpc::Exchange {
                 deadline: try_deadline,
