@@ -211,8 +211,15 @@ async fn grpc_timeout_expiry_is_deadline_exceeded_from_zkroute() {
     let r = call(proxy.listener("http"), "deadline", 300).await;
     assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
 
-    // A call whose grpc-timeout is shorter than the client waits: zkroute's timer fires, and
-    // zkroute answers (trailers-only) and counts it. The server would take 3 s.
+    // A call whose grpc-timeout is shorter than the client waits, to a server that does not
+    // keep gRPC deadlines itself (a bare HTTP/2 server taking 3 s): zkroute's timer fires, and
+    // zkroute answers (trailers-only) and counts it.
+    drop(proxy);
+    let routes = Routes::new();
+    routes.instance("echo", "0", slow_h2_server(Duration::from_secs(3)).await);
+    routes.policy("echo", r#"{"protocol":"grpc"}"#);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"echo"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
     let exceeded = r#"zkroute_grpc_requests_total{grpc_status="4",listener="http",service="echo"}"#;
     let before = proxy.metric(exceeded).await.unwrap_or(0.0);
     let stream = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
@@ -360,6 +367,28 @@ async fn grpc_health_checks_take_a_not_serving_server_out_and_back() {
 
     b.tell("well");
     proxy.config_until("b SERVING again", |c| states(c, "echo") == both).await;
+}
+
+/// An HTTP/2 server (hyper, prior knowledge) that answers every request 200 after `delay`,
+/// knowing nothing of gRPC deadlines.
+async fn slow_h2_server(delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let service = hyper::service::service_fn(move |_: http::Request<hyper::body::Incoming>| async move {
+                tokio::time::sleep(delay).await;
+                let resp = http::Response::builder().body(http_body_util::Full::new(bytes::Bytes::new()));
+                Ok::<_, std::convert::Infallible>(resp.unwrap())
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
 }
 
 /// An HTTP/2-only server (hyper, prior knowledge; HTTP/1.1 is refused) answering `/health`.

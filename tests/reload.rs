@@ -260,3 +260,67 @@ async fn registrations_follow_the_file_but_not_over_a_variable() {
     assert!(zk.get(&node("env")).await.is_some());
     assert!(zk.get(&node("file")).await.is_none(), "the file's entry is overridden");
 }
+
+/// The certificate (DER) a TLS listener at `addr` presents to a client trusting `ca`.
+async fn served_certificate(addr: SocketAddr, ca: &std::path::Path) -> Option<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].as_ref().to_vec())
+}
+
+fn der_of(pem: &std::path::Path) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in", pem.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_replaced_tls_files_at_once() {
+    let ca = support::pki::Ca::new("server");
+    let (first, second) = (ca.issue("first", &["IP:127.0.0.1"]), ca.issue("second", &["IP:127.0.0.1"]));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let web = Backend::http("web").await;
+    let routes = Routes::new();
+    routes.instance("web", "1", web.addr);
+    let https = local(free_port());
+    let listener = format!(
+        "{}[listener.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        listener_toml("https", https, "http", "web"),
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let bin = Binary::start_with(&routes, "10s", &listener, &[]).await;
+    let served = eventually("the first certificate served", Duration::from_secs(10), || async {
+        served_certificate(https, &ca.cert).await
+    })
+    .await;
+    assert_eq!(served, der_of(&first.cert));
+
+    // Replaced by renames, as deploy tools do; SIGHUP reads them before the reload is counted,
+    // without waiting for the next poll.
+    for (from, to) in [(&second.cert, &cert), (&second.key, &key)] {
+        std::fs::copy(from, to.with_extension("new")).unwrap();
+        std::fs::rename(to.with_extension("new"), to).unwrap();
+    }
+    reload(&bin, &bin.config(), "ok").await;
+    assert_eq!(served_certificate(https, &ca.cert).await, Some(der_of(&second.cert)));
+}
