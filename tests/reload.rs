@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! SIGHUP on the real binary: the configuration file is read again; listeners come and go (the
 //! removed drain, the others keep their connections), `[proxy]` settings apply, registrations
-//! follow the file unless a variable gives them, and a file that does not load changes nothing.
+//! follow the file unless a variable gives them, TLS files are read again, and a file that does
+//! not load changes nothing.
 //! Routes come from a static file; registrations need ZooKeeper.
 
 mod support;
