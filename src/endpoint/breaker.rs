@@ -42,7 +42,8 @@ impl Limit {
 
 /// A service's retry budget: retries may be at most `percent` of the requests of the last
 /// [`BUDGET_WINDOW`], plus `min_per_second` a second (linkerd's and Finagle's budget, tower's
-/// `TpsBudget`).
+/// `TpsBudget`). Kept here rather than taken from tower: `TpsBudget` locks a mutex on every
+/// deposit, that is on every request, while these counters are atomics per one-second slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BudgetLimits {
     pub percent: u32,
