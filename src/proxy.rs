@@ -3,15 +3,15 @@
 //! [`RouteReader`](crate::routing::RouteReader) and endpoint state through the table; it never
 //! waits on the control plane and never imports it.
 
-pub mod attempt;
+pub(crate) mod attempt;
 pub mod balance;
-pub mod error;
-pub mod grpc;
-pub mod http;
+pub(crate) mod error;
+pub(crate) mod grpc;
+pub(crate) mod http;
 mod lazy_timeout;
-pub mod stream;
-pub mod tcp;
-pub mod upstream;
+pub(crate) mod stream;
+pub(crate) mod tcp;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -40,12 +40,6 @@ impl std::ops::Deref for TargetRef {
     }
 }
 
-impl TargetRef {
-    pub fn route(&self) -> &Arc<Route> {
-        &self.0
-    }
-}
-
 /// The target a request goes to: drawn by weight; when the one drawn has no endpoint to take it
 /// (among those of the request's tag, for a tag-routed service), another target with weight that
 /// has. None when no target has one (the caller answers `no_healthy_upstream`), except for a

@@ -70,11 +70,6 @@ impl ProxyError {
             _ => None,
         }
     }
-
-    /// Whether the client connection must close after the answer (its framing is unknown).
-    pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::BadRequest(_) | ProxyError::HeadersTooLarge | ProxyError::HeaderTimeout)
-    }
 }
 
 /// Writes a complete HTTP/1.1 answer for `err` into `out`.

@@ -50,26 +50,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Stream<T> {
     }
 }
 
-impl ClientStream {
-    /// The TCP socket under it.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl UpstreamStream {
-    /// The TCP socket under it.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 pub enum StreamRead<'a, T> {
     Plain(tcp::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut T>),

@@ -315,10 +315,6 @@ impl Pool {
         idle.retain(|c| now.duration_since(c.idle_since) < timeout);
         idle.len()
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
-    }
 }
 
 /// How often idle connections are swept: a quarter of their timeout, within 100 ms to 5 s.

@@ -35,10 +35,6 @@ impl IoBuf {
         self.start == self.data.len()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.data.capacity()
-    }
-
     /// Drops `n` filled bytes from the front.
     #[inline]
     pub fn consume(&mut self, n: usize) {

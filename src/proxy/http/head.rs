@@ -347,9 +347,8 @@ impl Fields<'_> {
     }
 }
 
-/// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
-/// ones (and, with `drop_underscore`, without those whose names hold an underscore), framing,
-/// Host, and `x-forwarded-for` / `x-forwarded-proto`.
+/// [`write_request_as`] for a request that did not come over TLS.
+#[cfg(test)]
 pub fn write_request(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -371,9 +370,11 @@ pub struct Secure<'a> {
 /// The name of the header that carries the client certificate's identity (Envoy's).
 pub const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
 
-/// [`write_request`], for a request that came over TLS when `secure` is set: it goes with
-/// `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client sent is replaced by
-/// the one `secure` gives (or dropped).
+/// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
+/// ones (and, with `drop_underscore`, without those whose names hold an underscore), framing,
+/// Host, and `x-forwarded-for` / `x-forwarded-proto`. For a request that came over TLS (`secure`
+/// set) it goes with `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client
+/// sent is replaced by the one `secure` gives (or dropped).
 pub fn write_request_as(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -471,6 +472,8 @@ pub fn write_request_as(
 pub struct ResponseHead {
     pub len: usize,
     pub status: u16,
+    /// HTTP/1.`minor` (already weighed into `close`; the tests check it against the rest).
+    #[cfg(test)]
     pub minor: u8,
     pub reason: Range<usize>,
     pub body: BodyLen,
@@ -590,7 +593,17 @@ pub fn parse_response(
     if body == BodyLen::UntilClose {
         close = true;
     }
-    Ok(Parse::Complete(ResponseHead { len, status, minor, reason, body, close, has_te, names_fields }))
+    Ok(Parse::Complete(ResponseHead {
+        len,
+        status,
+        #[cfg(test)]
+        minor,
+        reason,
+        body,
+        close,
+        has_te,
+        names_fields,
+    }))
 }
 
 /// Copies the fields a head keeps. Fields that lie next to each other in the received head,

@@ -129,15 +129,6 @@ impl H2Conns {
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         Ok(stream)
     }
-
-    /// Connections open now.
-    pub fn len(&self) -> usize {
-        self.conns.lock().map(|c| c.iter().filter(|c| !c.send.is_closed()).count()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Drives a connection and keeps its peer's stream limit where [`H2Conns`] reads it.
