@@ -447,7 +447,7 @@ pub struct EndpointSet {
     pub rr: std::sync::atomic::AtomicU64,
     /// For a tag-routed set (Dubbo's tag router): the sets requests with a tag go to; this set
     /// takes those without one.
-    pub tags: Option<Box<super::tags::TagSplit>>,
+    pub tags: Option<Box<TagSplit>>,
     /// The service's circuit-breaking counts, when its policy has a breaker (shared by every set
     /// of the service, kept across tables).
     pub gate: Option<Arc<crate::endpoint::breaker::ServiceGate>>,
@@ -646,6 +646,39 @@ impl ListenerRoutes {
     /// The route of a TCP listener: its first rule (TCP rules match everything).
     pub fn first(&self) -> Option<&Arc<Route>> {
         self.routes.first()
+    }
+}
+
+/// The sets a tag-routed endpoint set hands requests with a tag to (built by `tags::split`). The set that holds it is the
+/// one for requests without a tag.
+pub struct TagSplit {
+    /// Each tag that selects something (or nothing, by force), sorted by name.
+    pub(super) by_tag: Box<[(Box<str>, Arc<EndpointSet>)]>,
+    /// A tag nothing serves: the untagged instances.
+    pub(super) failover: Arc<EndpointSet>,
+    /// A tag nothing serves, with `dubbo.force.tag: true`: nothing.
+    pub(super) none: Arc<EndpointSet>,
+}
+
+impl TagSplit {
+    /// The set for a request with `tag`.
+    #[inline]
+    pub fn select(&self, tag: &[u8], force: bool) -> &Arc<EndpointSet> {
+        match self.by_tag.binary_search_by(|(name, _)| name.as_bytes().cmp(tag)) {
+            Ok(i) => &self.by_tag[i].1,
+            Err(_) if force => &self.none,
+            Err(_) => &self.failover,
+        }
+    }
+
+    /// Each tag and the set it selects, for `/config`.
+    pub fn tags(&self) -> impl Iterator<Item = (&str, &Arc<EndpointSet>)> {
+        self.by_tag.iter().map(|(name, set)| (&**name, set))
+    }
+
+    /// The set a tag nothing serves falls back to.
+    pub fn failover(&self) -> &Arc<EndpointSet> {
+        &self.failover
     }
 }
 

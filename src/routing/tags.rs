@@ -15,7 +15,7 @@ use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use super::documents::HeaderLookup;
-use super::table::{Endpoint, EndpointSet};
+use super::table::{Endpoint, EndpointSet, TagSplit};
 
 /// The request header that carries a request's tag (Dubbo's `dubbo.tag` attachment, which Triple
 /// sends as a header).
@@ -69,39 +69,6 @@ pub struct RuleTag {
 impl TagRule {
     fn tag(&self, name: &str) -> Option<&RuleTag> {
         self.tags.iter().find(|t| &*t.name == name)
-    }
-}
-
-/// The sets a tag-routed endpoint set hands requests with a tag to. The set that holds it is the
-/// one for requests without a tag.
-pub struct TagSplit {
-    /// Each tag that selects something (or nothing, by force), sorted by name.
-    by_tag: Box<[(Box<str>, Arc<EndpointSet>)]>,
-    /// A tag nothing serves: the untagged instances.
-    failover: Arc<EndpointSet>,
-    /// A tag nothing serves, with `dubbo.force.tag: true`: nothing.
-    none: Arc<EndpointSet>,
-}
-
-impl TagSplit {
-    /// The set for a request with `tag`.
-    #[inline]
-    pub fn select(&self, tag: &[u8], force: bool) -> &Arc<EndpointSet> {
-        match self.by_tag.binary_search_by(|(name, _)| name.as_bytes().cmp(tag)) {
-            Ok(i) => &self.by_tag[i].1,
-            Err(_) if force => &self.none,
-            Err(_) => &self.failover,
-        }
-    }
-
-    /// Each tag and the set it selects, for `/config`.
-    pub fn tags(&self) -> impl Iterator<Item = (&str, &Arc<EndpointSet>)> {
-        self.by_tag.iter().map(|(name, set)| (&**name, set))
-    }
-
-    /// The set a tag nothing serves falls back to.
-    pub fn failover(&self) -> &Arc<EndpointSet> {
-        &self.failover
     }
 }
 
