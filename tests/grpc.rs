@@ -196,7 +196,7 @@ async fn every_backend_down_is_unavailable_in_grpc_terms_from_zkroute() {
     assert_eq!(counted, Some(1.0));
 
     routes.remove_rule("r");
-    routes.rule("r", r#"{"listener":"http","match":{"path_prefix":"/other."},"backends":[{"service":"echo"}]}"#);
+    routes.rule("r2", r#"{"listener":"http","match":{"path_prefix":"/other."},"backends":[{"service":"echo"}]}"#);
     proxy.config_until("the new rule", |c| routes.shown_in(c)).await;
     let r = call(proxy.listener("http"), "unimplemented", 1).await;
     assert_eq!(r["code"], "UNIMPLEMENTED", "{r}");
@@ -511,4 +511,40 @@ async fn grpc_crosses_hosts_over_mutual_tls_with_h2_by_alpn_and_the_app_learns_t
     assert!(xfcc.contains("URI=spiffe://mesh/a"), "{xfcc}");
     let config = a.config().await;
     assert_eq!(config["services"]["users"]["instances"][0]["protocol_in_force"], "h2", "{config}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_grpc_call_over_h2c_with_its_grpc_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let a = GrpcServer::start("a");
+    let routes = Routes::new();
+    routes.instance("echo", "0", a.addr);
+    routes.policy("echo", r#"{"protocol":"grpc"}"#);
+    routes.rule("r", r#"{"listener":"http","match":{"path_prefix":"/test."},"backends":[{"service":"echo"}]}"#);
+    let config = format!("{HTTP_LISTENER}[log]\nformat = \"json\"\naccess_log = \"{}\"\n", log.display());
+    let proxy = routes.proxy(&config).await;
+    let addr = proxy.listener("http");
+    assert_eq!(strings(&call(addr, "unary", 1).await["answers"]), vec!["a"]);
+    assert_eq!(call(addr, "fail", 1).await["code"], "FAILED_PRECONDITION");
+    // Routed nowhere: zkroute's own trailers-only answer.
+    routes.remove_rule("r");
+    routes.rule("r2", r#"{"listener":"http","match":{"path_prefix":"/other."},"backends":[{"service":"echo"}]}"#);
+    proxy.config_until("the new rule", |c| routes.shown_in(c)).await;
+    assert_eq!(call(addr, "until_error", 1).await["code"], "UNIMPLEMENTED");
+
+    let lines = eventually("three access log lines", Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (lines.len() >= 3).then_some(lines)
+    })
+    .await;
+    let (ok, failed, unrouted) = (&lines[0], &lines[1], &lines[2]);
+    assert_eq!((&ok["method"], &ok["path"], &ok["status"]), (&"POST".into(), &"/test.Echo/Who".into(), &200.into()));
+    assert_eq!(ok["grpc_status"], 0, "{ok}");
+    assert_eq!(ok["upstream"], a.addr.to_string(), "{ok}");
+    assert!(ok["bytes_out"].as_u64().unwrap() > 0, "{ok}");
+    assert_eq!(failed["grpc_status"], 9, "{failed}");
+    assert_eq!(unrouted["grpc_status"], 12, "{unrouted}");
+    assert!(unrouted["upstream"].is_null(), "{unrouted}");
 }

@@ -27,6 +27,7 @@ use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
 use super::edit;
 use super::head::{self, Parse, ResponseHead, ResponseMode};
+use crate::access_log::{AccessLog, Entry};
 use crate::endpoint::InFlight;
 use crate::net::IpText;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, choose_target, hash_key, rate_limit};
@@ -48,10 +49,17 @@ pub async fn serve(
 ) {
     let stream = stream.into();
     let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         let tls = tls.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, peer, req, tls.as_deref()).await) }
+        async move {
+            let Some(log) = ctx.access_log.clone() else {
+                return Ok::<_, Infallible>(handle(ctx, peer, req, tls.as_deref()).await);
+            };
+            let line = LogLine::capture(log, &ctx.name, peer, &req);
+            let response = handle(ctx, peer, req, tls.as_deref()).await;
+            Ok(line.follow(response))
+        }
     });
     connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
@@ -62,6 +70,8 @@ pub enum H2Body {
     Upstream(Box<UpstreamBody>),
     /// From an HTTP/2 upstream, trailers included.
     H2(Box<grpc::ResponseBody>),
+    /// Any of the others, followed for the access log.
+    Logged(Box<Logged>),
 }
 
 impl Body for H2Body {
@@ -73,6 +83,17 @@ impl Body for H2Body {
             H2Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             H2Body::Upstream(u) => u.poll_data(cx),
             H2Body::H2(b) => Pin::new(&mut **b).poll_frame(cx),
+            H2Body::Logged(l) => {
+                let polled = Pin::new(&mut l.body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        l.line.bytes_out += data.len() as u64;
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        l.line.grpc_status = l.line.grpc_status.or_else(|| grpc_status(trailers));
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -81,6 +102,7 @@ impl Body for H2Body {
             H2Body::Full(b) => b.is_none(),
             H2Body::Upstream(u) => u.done,
             H2Body::H2(b) => b.is_end_stream(),
+            H2Body::Logged(l) => l.body.is_end_stream(),
         }
     }
 
@@ -92,8 +114,103 @@ impl Body for H2Body {
                 _ => SizeHint::default(),
             },
             H2Body::H2(b) => b.size_hint(),
+            H2Body::Logged(l) => l.body.size_hint(),
         }
     }
+}
+
+/// What `handle` tells the access log of a response it got from an upstream (a response
+/// extension, set only while the log is on).
+#[derive(Clone)]
+struct Forwarded {
+    upstream: String,
+    request_id: Option<String>,
+}
+
+/// An h2 request's access log line (README: "Observability"), written when its response body
+/// ends or is dropped (the client reset the stream): bytes out and a gRPC status from the
+/// trailers are known only then.
+pub struct LogLine {
+    log: Arc<AccessLog>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    method: Method,
+    host: String,
+    path: String,
+    started: Instant,
+    status: u16,
+    upstream: Option<String>,
+    request_id: Option<String>,
+    /// The request's declared `content-length` (an h2 body is not counted as it streams).
+    bytes_in: u64,
+    bytes_out: u64,
+    grpc_status: Option<u16>,
+}
+
+/// A response body followed for the access log.
+pub struct Logged {
+    body: H2Body,
+    line: LogLine,
+}
+
+impl LogLine {
+    fn capture(log: Arc<AccessLog>, listener: &Arc<str>, peer: SocketAddr, req: &Request<Incoming>) -> LogLine {
+        let headers = req.headers();
+        let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
+        LogLine {
+            log,
+            listener: listener.clone(),
+            peer,
+            method: req.method().clone(),
+            host: req.uri().authority().map(|a| a.to_string()).or_else(|| text(header::HOST)).unwrap_or_default(),
+            path: req.uri().path_and_query().map_or_else(String::new, |p| p.to_string()),
+            started: Instant::now(),
+            status: 0,
+            upstream: None,
+            request_id: text(HeaderName::from_static("x-request-id")),
+            bytes_in: text(header::CONTENT_LENGTH).and_then(|l| l.parse().ok()).unwrap_or(0),
+            bytes_out: 0,
+            grpc_status: None,
+        }
+    }
+
+    /// The response, whose body now carries this line until it ends.
+    fn follow(mut self, mut response: Response<H2Body>) -> Response<H2Body> {
+        self.status = response.status().as_u16();
+        self.grpc_status = grpc_status(response.headers());
+        if let Some(f) = response.extensions_mut().remove::<Forwarded>() {
+            self.upstream = Some(f.upstream);
+            if self.request_id.is_none() {
+                self.request_id = f.request_id;
+            }
+        }
+        response.map(|body| H2Body::Logged(Box::new(Logged { body, line: self })))
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        self.log.record(&Entry {
+            time: std::time::SystemTime::now(),
+            listener: &self.listener,
+            client: Some(self.peer),
+            method: self.method.as_str(),
+            host: &self.host,
+            path: &self.path,
+            status: self.status,
+            upstream: self.upstream.take(),
+            duration: self.started.elapsed(),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            request_id: self.request_id.as_deref(),
+            grpc_status: self.grpc_status,
+        });
+    }
+}
+
+/// A gRPC status in a header block (trailers, or a trailers-only head).
+fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// A response body read from an upstream HTTP/1.1 connection; the connection goes back to the
@@ -318,6 +435,7 @@ async fn handle(
     let mut raw = Some(body);
     let mut replay: Option<ReplayBody> = None;
     while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
+        let upstream = ctx.access_log.is_some().then(|| attempt.endpoint.addr.to_string());
         let outcome = match conn {
             Upstream::Http1(conn) => {
                 if req_head.is_empty() {
@@ -380,7 +498,10 @@ async fn handle(
                 }
             }
         };
-        if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
+        if let Some(mut response) = attempts.settle(attempt, outcome, &ctx.health) {
+            if let Some(upstream) = upstream {
+                response.extensions_mut().insert(Forwarded { upstream, request_id: request_id.clone() });
+            }
             return response;
         }
     }
