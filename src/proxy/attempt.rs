@@ -27,7 +27,7 @@ use crate::health::HealthReporter;
 use crate::net::IpText;
 use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
 use crate::routing::rate_limit::RateKey;
-use crate::routing::table::{Endpoint, EndpointSet, Route, Target, hash_bytes};
+use crate::routing::table::{Endpoint, EndpointSet, Route, Target, ZoneMatch, hash_bytes};
 
 /// A target of a route, chosen for one request, holding the route it belongs to.
 #[derive(Clone)]
@@ -284,7 +284,7 @@ impl<'t> Attempts<'t> {
                 Some(p) => p,
                 None => {
                     let index = balance::pick(set, PickInput { hash: self.hash }, &self.tried)?;
-                    self.tried.push(index);
+                    self.picked(index);
                     let in_flight = set.endpoints[index].state.start_request();
                     if let Some(conn) = connector.reuse(&set.endpoints[index]) {
                         return Some(Connected {
@@ -336,7 +336,7 @@ impl<'t> Attempts<'t> {
         }
         let set = self.set;
         let index = balance::pick(set, PickInput { hash: self.hash }, &self.tried)?;
-        self.tried.push(index);
+        self.picked(index);
         let endpoint = &set.endpoints[index];
         let in_flight = endpoint.state.start_request();
         match connector.reuse(endpoint) {
@@ -345,6 +345,15 @@ impl<'t> Attempts<'t> {
                 self.pending = Some((index, in_flight));
                 None
             }
+        }
+    }
+
+    /// Notes an endpoint picked for the next try.
+    #[inline]
+    fn picked(&mut self, index: usize) {
+        self.tried.push(index);
+        if self.set.endpoints[index].zone == ZoneMatch::Other {
+            self.target.stats.cross_zone();
         }
     }
 

@@ -47,9 +47,18 @@ impl Tried {
     }
 }
 
-/// Picks an endpoint index of `set`, or None when no endpoint may take the request.
+/// Picks an endpoint index of `set`, or None when no endpoint may take the request. With zones
+/// (README: "Zone-aware routing"), from the zone the split draws, then from anywhere when that
+/// zone has nothing left to try.
+#[inline]
 pub fn pick(set: &EndpointSet, input: PickInput, tried: &Tried) -> Option<usize> {
-    let list = set.active();
+    if let Some(zones) = &set.zones {
+        return pick_from(set, zones.draw(), input, tried).or_else(|| pick_from(set, set.active(), input, tried));
+    }
+    pick_from(set, set.active(), input, tried)
+}
+
+fn pick_from(set: &EndpointSet, list: &WeightedList, input: PickInput, tried: &Tried) -> Option<usize> {
     if list.is_empty() {
         return None;
     }
