@@ -331,7 +331,12 @@ impl<'t> Attempts<'t> {
     /// [`Attempts::connection`] goes on from the endpoint picked here.
     #[inline]
     pub fn reuse<C: Connect>(&mut self, connector: &C) -> Option<Connected<'t, C::Conn>> {
-        if self.stopped || self.pending.is_some() || !self.admitted {
+        if self.stopped || self.pending.is_some() {
+            return None;
+        }
+        // A service with a breaker or a retry budget counts the request here too, so that its
+        // requests keep this path (refused, the request is stopped and `connection` says so).
+        if !self.admitted && !self.admit() {
             return None;
         }
         let set = self.set;
@@ -395,7 +400,6 @@ impl<'t> Attempts<'t> {
 
     /// Counts the request under its service's `max_requests`; false (and the request stopped
     /// with [`ProxyError::Overflow`]) when the limit is reached.
-    #[cold]
     fn admit(&mut self) -> bool {
         self.admitted = true;
         let Some(gate) = &self.set.gate else { return true };
@@ -448,6 +452,8 @@ impl<'t> Attempts<'t> {
             },
             None => None,
         };
+        // Counted, so that connections going idle wake someone only while someone waits.
+        let _listening = gate.listen();
         loop {
             // Listen before looking, so that a connection freed in between is not missed.
             let freed = gate.freed();
