@@ -3,6 +3,8 @@
 #
 #   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2]]
 #                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G]
+#                      (protection on, one feature each: zkroute-breaker, zkroute-ratelimit, zkroute-budget,
+#                      zkroute-headers, zkroute-zones)
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
 #                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
@@ -311,6 +313,9 @@ start_zkroute() {
         BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/zkroute-routes.toml" "$dir/zkroute-routes.toml" "${vars[@]}"
     render "$PEERS/zkroute.toml" "$dir/zkroute.toml" "${vars[@]}"
+    # The protection entries below: routes edited (sed) and extended (appended TOML).
+    if [ -n "${ZK_ROUTES_SED:-}" ]; then sed -i "$ZK_ROUTES_SED" "$dir/zkroute-routes.toml"; fi
+    if [ -n "${ZK_ROUTES_APPEND:-}" ]; then printf '%b\n' "$ZK_ROUTES_APPEND" >>"$dir/zkroute-routes.toml"; fi
     set_ports "${vars[@]}"
     start "$(basename "$dir")" "$cpu" env RUST_LOG=warn "$@" "$ZKROUTE" --config "$dir/zkroute.toml"
     wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 ||
@@ -335,6 +340,32 @@ start_zkroute-b() {
     ZKROUTE=$ZKROUTE_B_BIN
     start_zkroute "$dir" "$cpu" "$@"
     ZKROUTE=$mine
+}
+
+# zkroute with one protection feature on (README: "Policy documents", "Rule documents", "Zone-aware
+# routing"), at limits the load never reaches, for its per-request cost beside `zkroute`
+# (`--modes callgrind --callgrind-entries zkroute,zkroute-breaker,zkroute-ratelimit,...`).
+start_zkroute-breaker() {
+    ZK_ROUTES_APPEND='[policies.backend.circuit_breaker]\nmax_connections = 100000\nmax_pending = 100000\nmax_requests = 100000\nmax_retries = 100000' \
+        start_zkroute "$@"
+}
+start_zkroute-ratelimit() {
+    ZK_ROUTES_APPEND='[rules.all.rate_limit]\nper_second = 100000000\nburst = 100000000' start_zkroute "$@"
+}
+start_zkroute-budget() {
+    ZK_ROUTES_APPEND='[policies.backend.retry_budget]\npercent = 20\nmin_per_second = 10' start_zkroute "$@"
+}
+# One header set on the request and one on the response.
+start_zkroute-headers() {
+    ZK_ROUTES_APPEND='[rules.all.request_headers]\nset = { x-env = "bench" }\n[rules.all.response_headers]\nset = { x-served-by = "zkroute" }' \
+        start_zkroute "$@"
+}
+# proxy.zone = "a" and every instance in zone a: all traffic stays local (share 100%).
+start_zkroute-zones() {
+    local dir=$1 cpu=$2
+    shift 2
+    ZK_ROUTES_SED='s|^a = "127.0.0.1:\([0-9]*\)"$|a = \x27{"address":"127.0.0.1","port":\1,"payload":{"zone":"a"}}\x27|' \
+        start_zkroute "$dir" "$cpu" ZKROUTE_PROXY_ZONE=a "$@"
 }
 
 start_haproxy() {

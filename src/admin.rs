@@ -26,7 +26,7 @@ use crate::endpoint::{EndpointState, Health};
 use crate::metrics::Metrics;
 use crate::proxy::Tracker;
 use crate::routing::documents::{Backend, CheckKind, HashOn, LbPolicy};
-use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy};
+use crate::routing::table::{EndpointSet, ListenerRoutes, ServiceEntry, ServicePolicy, ZONE_SCALE, ZoneSplit};
 use crate::routing::{RouteReader, RoutingTable};
 
 /// A local listener as `/config` and the dashboard show it.
@@ -330,6 +330,9 @@ fn set_json(set: &EndpointSet) -> Value {
         "addresses": set.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
         "weights": set.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
     });
+    if let Some(z) = &set.zones {
+        v["zones"] = zone_split_json(set, z);
+    }
     if let Some(split) = &set.tags {
         // Requests with a tag (Dubbo tag routing); the addresses above take those without one.
         let tags: serde_json::Map<String, Value> = split.tags().map(|(tag, s)| (tag.to_owned(), set_json(s))).collect();
@@ -337,6 +340,39 @@ fn set_json(set: &EndpointSet) -> Value {
         v["tag_failover"] = json!(split.failover().endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>());
     }
     v
+}
+
+/// A set's zone split (README: "Zone-aware routing"): the share that stays in this host's zone,
+/// and the endpoints each side draws from.
+fn zone_split_json(set: &EndpointSet, z: &ZoneSplit) -> Value {
+    let addrs = |l: &crate::routing::table::WeightedList| {
+        (0..l.len()).filter_map(|n| l.nth(n)).map(|i| set.endpoints[i].addr.to_string()).collect::<Vec<_>>()
+    };
+    json!({
+        "local_share_percent": f64::from(z.local_share) * 100.0 / f64::from(ZONE_SCALE),
+        "local_healthy": z.local_healthy,
+        "local_total": z.local_total,
+        "local": addrs(&z.local),
+        "elsewhere": addrs(&z.remote),
+    })
+}
+
+/// A service's instances by zone (`""`: no zone), each with how many there are and how many are
+/// healthy.
+fn zones_json(s: &ServiceEntry) -> Value {
+    let unknown_ok = s.policy.unknown_is_healthy();
+    let mut zones: std::collections::BTreeMap<&str, (usize, usize)> = std::collections::BTreeMap::new();
+    for i in s.instances.iter() {
+        let entry = zones.entry(i.instance.zone.as_deref().unwrap_or("")).or_default();
+        entry.0 += 1;
+        if i.instance.enabled && i.state.is_usable(unknown_ok) {
+            entry.1 += 1;
+        }
+    }
+    zones
+        .into_iter()
+        .map(|(z, (total, healthy))| (z.to_owned(), json!({"instances": total, "healthy": healthy})))
+        .collect()
 }
 
 fn policy_json(p: &ServicePolicy) -> Value {
@@ -389,6 +425,8 @@ fn policy_json(p: &ServicePolicy) -> Value {
         })),
         "retry_budget": p.retry_budget.map(|b| json!({"percent": b.percent, "min_per_second": b.min_per_second})),
         "protocol": upstream_protocol(p.protocol),
+        "zone_aware": p.zone.is_some(),
+        "zone_min_healthy_percent": p.zone_min_healthy_percent,
     })
 }
 
@@ -442,6 +480,8 @@ fn service_json(s: &ServiceEntry) -> Value {
         "policy_origin": s.policy_origin,
         "protected": s.protected,
         "panic": s.all.panic,
+        "zones": zones_json(s),
+        "zone_split": s.all.zones.as_ref().map(|z| zone_split_json(&s.all, z)),
         "instances": s.instances.iter().map(|i| {
             let mut v = serde_json::to_value(&*i.instance).unwrap_or(Value::Null);
             v["id"] = json!(&*i.id);

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
@@ -208,6 +209,9 @@ pub struct ProxyConfig {
     pub drop_underscore_headers: bool,
     /// Adds `x-request-id` to requests without one, and logs it in the access log.
     pub request_id: bool,
+    /// This host's zone: requests stay in it while it is healthy enough (README: "Zone-aware
+    /// routing"). Unset: zones are not used.
+    pub zone: Option<String>,
     /// Idle upstream connections kept per endpoint.
     pub pool_max_idle: usize,
     /// Closes an idle upstream connection after this long.
@@ -248,6 +252,7 @@ impl Default for ProxyConfig {
             h2_max_concurrent_streams: 100,
             drop_underscore_headers: false,
             request_id: false,
+            zone: None,
             pool_max_idle: 64,
             pool_idle_timeout: secs(30),
             health_check: None,
@@ -453,6 +458,7 @@ const KEYS: &[(&str, ValueKind, &str)] = &[
     ("proxy.h2_max_concurrent_streams", ValueKind::Int, "most streams per HTTP/2 client connection"),
     ("proxy.drop_underscore_headers", ValueKind::Bool, "drop request headers with an underscore in their name"),
     ("proxy.request_id", ValueKind::Bool, "add x-request-id to requests without one, and log it"),
+    ("proxy.zone", ValueKind::Str, "this host's zone, for zone-aware routing [default: unset, zones not used]"),
     ("proxy.pool_max_idle", ValueKind::Int, "idle upstream connections kept per endpoint"),
     ("proxy.pool_idle_timeout", ValueKind::Str, "close idle upstream connections after"),
     ("proxy.workers", ValueKind::Int, "runtime worker threads, 0 = one per CPU"),
@@ -765,6 +771,9 @@ impl Config {
                 return Err(KeyError::new("static.file", format!("{} is not a readable file", s.file.display())));
             }
         }
+        if self.proxy.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
+            return Err(KeyError::new("proxy.zone", "is empty: name the zone, or leave the key out"));
+        }
         if let Some(a) = &self.log.access_log {
             if a.is_empty() {
                 return Err(KeyError::new("log.access_log", "is empty: use \"stdout\" or a path"));
@@ -794,6 +803,8 @@ impl Config {
             protect_from_empty: p.protect_from_empty,
             health_check: policy.health_check,
             outlier: policy.outlier,
+            zone: p.zone.as_deref().map(Arc::from),
+            ..Defaults::default()
         })
     }
 
@@ -1019,6 +1030,20 @@ mod tests {
         let args = ConfigArgs::default().set("zookeeper.session_timeout", "soon");
         let e = Config::parse_with("", "f.toml", &args.overrides).unwrap_err();
         assert_eq!((e.source_name.as_str(), e.key.as_str()), (FROM_FLAGS, "zookeeper.session_timeout"));
+    }
+
+    #[test]
+    fn proxy_zone_turns_zone_aware_routing_on_for_the_table() {
+        assert_eq!(env_name("proxy.zone"), "ZKROUTE_PROXY_ZONE");
+        let parse = |toml: &str, args: ConfigArgs| Config::parse_with(toml, "f.toml", &args.overrides);
+        let c = parse("", ConfigArgs::default()).unwrap();
+        assert_eq!(c.defaults().unwrap().zone, None, "no zone by default");
+        let c = parse("[proxy]\nzone = \"eu-1a\"\n", ConfigArgs::default().set("proxy.zone", "eu-1b")).unwrap();
+        let d = c.defaults().unwrap();
+        assert_eq!(d.zone.as_deref(), Some("eu-1b"), "the flag or variable wins over the file");
+        assert_eq!(d.zone_min_healthy_percent, Defaults::default().zone_min_healthy_percent);
+        let e = parse("[proxy]\nzone = \" \"\n", ConfigArgs::default()).unwrap_err();
+        assert_eq!(e.key, "proxy.zone");
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod names {
     pub const TLS_CERTIFICATE_EXPIRY: &str = "zkroute_tls_certificate_expiry_timestamp_seconds";
     pub const UPSTREAM_TLS_ERRORS: &str = "zkroute_upstream_tls_errors_total";
     pub const OVERFLOW: &str = "zkroute_overflow_total";
+    pub const CROSS_ZONE_REQUESTS: &str = "zkroute_cross_zone_requests_total";
     pub const RATE_LIMITED: &str = "zkroute_rate_limited_total";
     pub const GRPC_REQUESTS: &str = "zkroute_grpc_requests_total";
 }
@@ -110,6 +111,8 @@ pub struct Metrics {
     pub overflow: IntCounterVec,
     /// Requests refused by a rule's rate limit.
     pub rate_limited: IntCounterVec,
+    /// Attempts sent to an endpoint outside `proxy.zone`, by service.
+    pub cross_zone: IntCounterVec,
     /// gRPC calls by the `grpc-status` they ended with (they travel as HTTP 200).
     pub grpc_requests: IntCounterVec,
 }
@@ -279,6 +282,12 @@ impl Metrics {
                 "Requests and connections refused by a service's circuit breaker, by the limit reached.",
                 &["service", "limit"],
             ),
+            cross_zone: counter_vec(
+                &r,
+                CROSS_ZONE_REQUESTS,
+                "Attempts sent to an endpoint outside this host's zone (proxy.zone), retries included.",
+                &["service"],
+            ),
             rate_limited: counter_vec(
                 &r,
                 RATE_LIMITED,
@@ -321,6 +330,9 @@ pub struct RouteStats {
     /// `zkroute_upstream_requests_total`, with `metrics.per_instance` only.
     per_instance: Option<IntCounterVec>,
     overflow: IntCounterVec,
+    /// `zkroute_cross_zone_requests_total`, its child made at the first cross-zone attempt.
+    cross_zone: IntCounterVec,
+    cross_zone_child: OnceLock<IntCounter>,
 }
 
 impl RouteStats {
@@ -337,6 +349,8 @@ impl RouteStats {
             tcp_connections: m.tcp_connections.with_label_values(&[listener, service]),
             per_instance: m.per_instance.then(|| m.upstream_requests.clone()),
             overflow: m.overflow.clone(),
+            cross_zone: m.cross_zone.clone(),
+            cross_zone_child: OnceLock::new(),
         }
     }
 
@@ -396,6 +410,13 @@ impl TargetStats for RouteStats {
         if self.enabled {
             // A refusal is rare: the label lookup is no cost worth resolving ahead.
             self.overflow.with_label_values(&[&*self.service, limit]).inc();
+        }
+    }
+
+    #[inline]
+    fn cross_zone(&self) {
+        if self.enabled {
+            self.cross_zone_child.get_or_init(|| self.cross_zone.with_label_values(&[&*self.service])).inc();
         }
     }
 }

@@ -491,10 +491,13 @@ fn instance(url: &DubboUrl, params: Params) -> Result<Instance, String> {
         }
         _ => None,
     };
+    // The zone Dubbo's zone-aware cluster reads (README: "Zone-aware routing").
+    let zone = param(&params, "zone").map(str::trim).filter(|z| !z.is_empty()).map(str::to_owned);
     let metadata: Labels = params.into_iter().collect();
     Ok(Instance {
         weight,
         enabled,
+        zone,
         metadata,
         protocol: Some(protocol(&url.scheme)),
         warmup,

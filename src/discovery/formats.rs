@@ -72,11 +72,15 @@ fn curator(doc: &Map<String, Value>) -> Result<Instance, DocError> {
     };
     let (weight, zone, metadata) = match doc.get("payload") {
         None | Some(Value::Null) => (DEFAULT_WEIGHT, None, Labels::default()),
-        Some(Value::Object(payload)) => (
-            weight(payload.get("weight"), "payload.weight")?,
-            opt_str(payload.get("zone"), "payload.zone")?,
-            string_map(payload.get("metadata"), "payload.metadata")?,
-        ),
+        Some(Value::Object(payload)) => {
+            let metadata = string_map(payload.get("metadata"), "payload.metadata")?;
+            // Spring Cloud Zookeeper writes the zone into the metadata.
+            let zone = match opt_str(payload.get("zone"), "payload.zone")? {
+                Some(z) => Some(z),
+                None => metadata.get("zone").map(str::to_owned),
+            };
+            (weight(payload.get("weight"), "payload.weight")?, zone, metadata)
+        }
         // Curator's default serializer allows any payload; only an object carries attributes.
         Some(_) => (DEFAULT_WEIGHT, None, Labels::default()),
     };
@@ -257,6 +261,14 @@ mod tests {
         assert_eq!(i.metadata.get("version"), Some("v2"));
         assert_eq!(i.metadata.get("shard"), Some("3"));
         assert!(i.enabled);
+    }
+
+    #[test]
+    fn spring_cloud_writes_the_zone_into_the_metadata() {
+        let i = parse(r#"{"address":"10.0.0.5","port":8080,"payload":{"metadata":{"zone":"eu-1b"}}}"#);
+        assert_eq!(i.zone.as_deref(), Some("eu-1b"));
+        let i = parse(r#"{"address":"10.0.0.5","port":8080,"payload":{"zone":"a","metadata":{"zone":"b"}}}"#);
+        assert_eq!(i.zone.as_deref(), Some("a"), "payload.zone wins");
     }
 
     #[test]

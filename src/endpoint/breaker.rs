@@ -6,7 +6,7 @@
 //! limit and gives it back when the slot drops; an absent limit takes no slot and counts nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -63,6 +63,20 @@ pub struct ServiceGate {
     /// Requests and retries per second of the last ten, for the retry budget.
     window: [BudgetSlot; BUDGET_SLOTS],
     epoch: Instant,
+    /// Requests waiting for a connection ([`ServiceGate::listen`]).
+    listeners: AtomicU32,
+}
+
+/// A request counted as waiting for a connection, until dropped.
+#[derive(Debug)]
+pub struct Listening {
+    gate: Arc<ServiceGate>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.gate.listeners.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for ServiceGate {
@@ -72,6 +86,7 @@ impl Default for ServiceGate {
             freed: Notify::new(),
             window: Default::default(),
             epoch: Instant::now(),
+            listeners: AtomicU32::new(0),
         }
     }
 }
@@ -112,8 +127,22 @@ impl ServiceGate {
     }
 
     /// Tells waiting requests that a connection may be had: one went back to a pool, or closed.
+    /// With nobody waiting (the common case) this is one atomic load, not `Notify`'s lock.
     pub fn connection_freed(&self) {
-        self.freed.notify_waiters();
+        // Pairs with the fence in `listen`: a waiter counted after this load looks at the pool
+        // and the counts after they changed, so it cannot miss what freed the connection.
+        fence(Ordering::SeqCst);
+        if self.listeners.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Counts a request waiting for a connection until the guard drops: call before looking at
+    /// the pool and the counts, and enable the [`ServiceGate::freed`] future before looking too.
+    pub fn listen(self: &Arc<Self>) -> Listening {
+        self.listeners.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Listening { gate: self.clone() }
     }
 
     /// Resolves at the next [`ServiceGate::connection_freed`] after it was enabled (or first polled).
@@ -231,6 +260,7 @@ mod tests {
         let waiter = {
             let gate = gate.clone();
             tokio::spawn(async move {
+                let _listening = gate.listen();
                 let freed = gate.freed();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
@@ -242,5 +272,33 @@ mod tests {
         };
         drop(conn);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").expect("ran");
+    }
+
+    #[tokio::test]
+    async fn only_a_listening_request_is_woken_and_it_is_woken_once_parked() {
+        let gate = Arc::new(ServiceGate::default());
+        let conn = gate.take(Limit::Connections, 1).expect("a connection");
+        let waiter = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _listening = gate.listen();
+                let freed = gate.freed();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                if gate.has_room(Limit::Connections, 1) {
+                    return false;
+                }
+                freed.await;
+                true
+            })
+        };
+        // One thread: once it counts as listening, it is parked on `freed`.
+        while gate.listeners.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(conn);
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        assert!(waited, "it waited for the connection and was woken when it closed");
+        assert_eq!(gate.listeners.load(Ordering::SeqCst), 0, "no longer counted");
     }
 }

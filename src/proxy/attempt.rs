@@ -27,7 +27,7 @@ use crate::health::HealthReporter;
 use crate::net::IpText;
 use crate::routing::documents::{HashOn, HeaderLookup, LbPolicy};
 use crate::routing::rate_limit::RateKey;
-use crate::routing::table::{Endpoint, EndpointSet, Route, Target, hash_bytes};
+use crate::routing::table::{Endpoint, EndpointSet, Route, Target, ZoneMatch, hash_bytes};
 
 /// A target of a route, chosen for one request, holding the route it belongs to.
 #[derive(Clone)]
@@ -278,7 +278,7 @@ impl<'t> Attempts<'t> {
                 Some(p) => p,
                 None => {
                     let index = balance::pick(set, PickInput { hash: self.hash }, &self.tried)?;
-                    self.tried.push(index);
+                    self.picked(index);
                     let in_flight = set.endpoints[index].state.start_request();
                     if let Some(conn) = connector.reuse(&set.endpoints[index]) {
                         return Some(Connected {
@@ -325,12 +325,17 @@ impl<'t> Attempts<'t> {
     /// [`Attempts::connection`] goes on from the endpoint picked here.
     #[inline]
     pub fn reuse<C: Connect>(&mut self, connector: &C) -> Option<Connected<'t, C::Conn>> {
-        if self.stopped || self.pending.is_some() || !self.admitted {
+        if self.stopped || self.pending.is_some() {
+            return None;
+        }
+        // A service with a breaker or a retry budget counts the request here too, so that its
+        // requests keep this path (refused, the request is stopped and `connection` says so).
+        if !self.admitted && !self.admit() {
             return None;
         }
         let set = self.set;
         let index = balance::pick(set, PickInput { hash: self.hash }, &self.tried)?;
-        self.tried.push(index);
+        self.picked(index);
         let endpoint = &set.endpoints[index];
         let in_flight = endpoint.state.start_request();
         match connector.reuse(endpoint) {
@@ -339,6 +344,15 @@ impl<'t> Attempts<'t> {
                 self.pending = Some((index, in_flight));
                 None
             }
+        }
+    }
+
+    /// Notes an endpoint picked for the next try.
+    #[inline]
+    fn picked(&mut self, index: usize) {
+        self.tried.push(index);
+        if self.set.endpoints[index].zone == ZoneMatch::Other {
+            self.target.stats.cross_zone();
         }
     }
 
@@ -380,7 +394,6 @@ impl<'t> Attempts<'t> {
 
     /// Counts the request under its service's `max_requests`; false (and the request stopped
     /// with [`ProxyError::Overflow`]) when the limit is reached.
-    #[cold]
     fn admit(&mut self) -> bool {
         self.admitted = true;
         let Some(gate) = &self.set.gate else { return true };
@@ -433,6 +446,8 @@ impl<'t> Attempts<'t> {
             },
             None => None,
         };
+        // Counted, so that connections going idle wake someone only while someone waits.
+        let _listening = gate.listen();
         loop {
             // Listen before looking, so that a connection freed in between is not missed.
             let freed = gate.freed();

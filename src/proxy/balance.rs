@@ -47,9 +47,30 @@ impl Tried {
     }
 }
 
-/// Picks an endpoint index of `set`, or None when no endpoint may take the request.
+/// Picks an endpoint index of `set`, or None when no endpoint may take the request. With zones
+/// (README: "Zone-aware routing"), from the zone the split draws, then from anywhere when that
+/// zone has nothing left to try.
+#[inline]
 pub fn pick(set: &EndpointSet, input: PickInput, tried: &Tried) -> Option<usize> {
-    let list = set.active();
+    let list = match &set.zones {
+        Some(zones) => zones.draw(),
+        None => set.active(),
+    };
+    match pick_from(set, list, input, tried) {
+        None if set.zones.is_some() => pick_anywhere(set, input, tried),
+        found => found,
+    }
+}
+
+/// The zone drawn had nothing left to try: any zone.
+#[cold]
+#[inline(never)]
+fn pick_anywhere(set: &EndpointSet, input: PickInput, tried: &Tried) -> Option<usize> {
+    pick_from(set, set.active(), input, tried)
+}
+
+#[inline(always)]
+fn pick_from(set: &EndpointSet, list: &WeightedList, input: PickInput, tried: &Tried) -> Option<usize> {
     if list.is_empty() {
         return None;
     }

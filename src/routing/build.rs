@@ -12,7 +12,7 @@ use super::documents::{Backend, HealthCheck, LbPolicy, Outlier, Policy, Rule};
 use super::rate_limit::RouteLimiter;
 use super::table::{
     Endpoint, EndpointSet, InstanceEntry, InvalidNode, ListenerRoutes, Protocol, Rejected, Route, RoutingTable,
-    RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats,
+    RuleStatus, ServiceEntry, ServiceMapBuilder, ServicePolicy, StatsSource, Target, TargetStats, ZoneMatch,
 };
 use super::tags::{self, InstanceTags};
 use super::{Addr, EndpointKey, Instance, InstanceProtocol, NodeKind, Origin, ServiceName, SourceKind, epoch_ms};
@@ -46,6 +46,10 @@ pub struct Defaults {
     pub protect_from_empty: bool,
     pub health_check: Option<HealthCheck>,
     pub outlier: Option<Outlier>,
+    /// This host's zone (`proxy.zone`): zone-aware routing is on where a policy does not turn it
+    /// off. None: off everywhere.
+    pub zone: Option<Arc<str>>,
+    pub zone_min_healthy_percent: u32,
 }
 
 impl Default for Defaults {
@@ -59,6 +63,8 @@ impl Default for Defaults {
             protect_from_empty: false,
             health_check: None,
             outlier: None,
+            zone: None,
+            zone_min_healthy_percent: 70,
         }
     }
 }
@@ -541,6 +547,8 @@ impl Builder {
             circuit_breaker: p.and_then(|p| p.circuit_breaker),
             retry_budget: p.and_then(|p| p.retry_budget),
             protocol: p.and_then(|p| p.protocol),
+            zone: d.zone.clone().filter(|_| p.and_then(|p| p.zone_aware).unwrap_or(true)),
+            zone_min_healthy_percent: p.and_then(|p| p.zone_min_healthy_percent).unwrap_or(d.zone_min_healthy_percent),
         };
         (policy, slot.cloned())
     }
@@ -653,7 +661,9 @@ impl Builder {
                 let weight = inst.weight_at(self.now_ms);
                 // An instance that states its protocol wins over the policy's default.
                 let protocol = inst.protocol.or(policy.protocol);
-                let e = Endpoint { addr, weight, draining: !inst.enabled, protocol, state, tls_port: inst.ssl_port };
+                let zone = ZoneMatch::of(self.defaults.zone.as_deref(), inst.zone.as_deref());
+                let e =
+                    Endpoint { addr, weight, draining: !inst.enabled, protocol, state, tls_port: inst.ssl_port, zone };
                 Some((e, inst.tags.as_deref().unwrap_or(&no_tags)))
             })
             .collect();
@@ -858,6 +868,8 @@ impl Builder {
                                     circuit_breaker: None,
                                     retry_budget: None,
                                     protocol: None,
+                                    zone: None,
+                                    zone_min_healthy_percent: d.zone_min_healthy_percent,
                                 };
                                 let endpoint = Endpoint {
                                     addr: addr.clone(),
@@ -866,6 +878,7 @@ impl Builder {
                                     protocol: None,
                                     state: states.get(&ekey),
                                     tls_port: None,
+                                    zone: ZoneMatch::Unset,
                                 };
                                 Arc::new(EndpointSet::build(
                                     None,

@@ -504,6 +504,11 @@ pub struct PolicyDoc {
     /// How the service's endpoints are spoken to: `http1`, `h2` or its alias `grpc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// Zone-aware routing when `proxy.zone` is set (README: "Zone-aware routing").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_aware: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_min_healthy_percent: Option<u32>,
 }
 
 /// A service's retry budget as written.
@@ -670,6 +675,8 @@ pub struct Policy {
     pub retry_budget: Option<BudgetLimits>,
     /// The upstream protocol of instances that do not state their own.
     pub protocol: Option<InstanceProtocol>,
+    pub zone_aware: Option<bool>,
+    pub zone_min_healthy_percent: Option<u32>,
     pub doc: PolicyDoc,
 }
 
@@ -713,6 +720,11 @@ impl Policy {
                 return Err(DocError::new("panic_threshold_percent", format!("{p} is more than 100")));
             }
         }
+        if let Some(p) = doc.zone_min_healthy_percent {
+            if p > 100 {
+                return Err(DocError::new("zone_min_healthy_percent", format!("{p} is more than 100")));
+            }
+        }
         let circuit_breaker = doc.circuit_breaker.as_ref().map(circuit_breaker).transpose()?;
         let retry_budget = doc.retry_budget.as_ref().map(retry_budget).transpose()?;
         let protocol = match doc.protocol.as_deref() {
@@ -734,6 +746,8 @@ impl Policy {
             tls: doc.tls.as_ref().map(tls_policy).transpose()?,
             circuit_breaker,
             retry_budget,
+            zone_aware: doc.zone_aware,
+            zone_min_healthy_percent: doc.zone_min_healthy_percent,
             doc,
         })
     }
@@ -979,6 +993,8 @@ mod tests {
             (r#"{"circuit_breaker":{"max_requests":0}}"#, "circuit_breaker.max_requests"),
             (r#"{"circuit_breaker":{"max_conns":1}}"#, "unknown field"),
             (r#"{"retry_budget":{"percent":5000}}"#, "retry_budget.percent"),
+            (r#"{"zone_min_healthy_percent":101}"#, "zone_min_healthy_percent"),
+            (r#"{"zone_aware":"yes"}"#, "zone_aware"),
             (r#"{"protocol":"h3"}"#, "protocol"),
             (r#"{"health_check":{"kind":"http","service":"x"}}"#, "health_check.service"),
         ] {

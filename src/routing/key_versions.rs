@@ -88,6 +88,8 @@ pub const KEYS: &[(NodeKind, &str, Version)] = &[
     (NodeKind::Policy, "retry_budget.min_per_second", V0_3),
     (NodeKind::Policy, "protocol", V0_3),
     (NodeKind::Policy, "health_check.service", V0_3),
+    (NodeKind::Policy, "zone_aware", V0_3),
+    (NodeKind::Policy, "zone_min_healthy_percent", V0_3),
 ];
 
 /// Keys whose values are maps of free names (header names, metadata), not document keys.

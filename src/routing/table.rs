@@ -210,6 +210,10 @@ pub struct ServicePolicy {
     pub retry_budget: Option<crate::endpoint::breaker::BudgetLimits>,
     /// The upstream protocol of instances that state none (None: HTTP/1.1).
     pub protocol: Option<super::InstanceProtocol>,
+    /// This host's zone (`proxy.zone`) when zone-aware routing is on for the service; None: off.
+    pub zone: Option<Arc<str>>,
+    /// The healthy share of the local zone below which requests spill over to other zones.
+    pub zone_min_healthy_percent: u32,
 }
 
 impl ServicePolicy {
@@ -278,6 +282,97 @@ pub struct Endpoint {
     /// The port to use when the service's policy turns TLS on (Curator's `sslPort`); None: the
     /// address's own.
     pub tls_port: Option<u16>,
+    /// Where the endpoint is against this host's zone (`proxy.zone`).
+    pub zone: ZoneMatch,
+}
+
+/// Where an endpoint is against this host's zone.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum ZoneMatch {
+    /// `proxy.zone` is not set.
+    #[default]
+    Unset,
+    /// In this host's zone.
+    Local,
+    /// In another zone, or in none: requests to it count as cross-zone.
+    Other,
+}
+
+impl ZoneMatch {
+    /// How an instance in `zone` stands against this host's `local` zone.
+    pub fn of(local: Option<&str>, zone: Option<&str>) -> ZoneMatch {
+        match local {
+            None => ZoneMatch::Unset,
+            Some(l) if zone == Some(l) => ZoneMatch::Local,
+            Some(_) => ZoneMatch::Other,
+        }
+    }
+}
+
+/// Requests are split between zones in parts per [`ZONE_SCALE`].
+pub const ZONE_SCALE: u32 = 10_000;
+
+/// Zone-aware routing of a set (README: "Zone-aware routing"), computed when the table is built
+/// (health changes rebuild it): the local zone's available endpoints take `local_share` of the
+/// requests, the available endpoints elsewhere the rest.
+#[derive(Debug)]
+pub struct ZoneSplit {
+    pub local: WeightedList,
+    pub remote: WeightedList,
+    /// Parts per [`ZONE_SCALE`] that stay in the local zone.
+    pub local_share: u32,
+    /// The local zone's endpoints that are available, and all that are not draining.
+    pub local_healthy: usize,
+    pub local_total: usize,
+}
+
+impl ZoneSplit {
+    /// The split of `endpoints` (of which `available` are usable, `everyone` not draining) when
+    /// zone-aware routing is on with threshold `min_healthy_percent`; None when no endpoint is
+    /// in the local zone (routing then ignores zones).
+    ///
+    /// The rule, Envoy's locality failover: with `h` the local zone's healthy share and `t` the
+    /// threshold, `min(1, h / t)` of the requests stay local and the rest go elsewhere, so at
+    /// 50% healthy and a 70% threshold (70 - 50) / 70 = 2/7 leave the zone. All stay local when
+    /// nothing elsewhere is available; all leave when nothing local is.
+    pub fn new(
+        endpoints: &[Endpoint],
+        available: &WeightedList,
+        everyone: &WeightedList,
+        min_healthy_percent: u32,
+    ) -> Option<ZoneSplit> {
+        let is_local = |i: usize| endpoints[i].zone == ZoneMatch::Local;
+        let count = |list: &WeightedList| (0..list.len()).filter_map(|n| list.nth(n)).filter(|&i| is_local(i)).count();
+        let local_total = count(everyone);
+        if local_total == 0 {
+            return None;
+        }
+        let local_healthy = count(available);
+        let (local, remote) = (available.sub(endpoints, is_local), available.sub(endpoints, |i| !is_local(i)));
+        let local_share = if remote.is_empty() {
+            ZONE_SCALE
+        } else if local.is_empty() {
+            0
+        } else if min_healthy_percent == 0 {
+            ZONE_SCALE
+        } else {
+            // h / t with h = healthy / total: healthy * 100 / (total * t), in parts per scale.
+            let share = (local_healthy as u64) * 100 * u64::from(ZONE_SCALE)
+                / ((local_total as u64) * u64::from(min_healthy_percent));
+            share.min(u64::from(ZONE_SCALE)) as u32
+        };
+        Some(ZoneSplit { local, remote, local_share, local_healthy, local_total })
+    }
+
+    /// The list this request draws from.
+    #[inline]
+    pub fn draw(&self) -> &WeightedList {
+        if self.local_share >= ZONE_SCALE || fastrand::u32(0..ZONE_SCALE) < self.local_share {
+            &self.local
+        } else {
+            &self.remote
+        }
+    }
 }
 
 /// Weighted choice over some of a set's endpoints: cumulative weights, searched in O(log n).
@@ -300,6 +395,19 @@ impl WeightedList {
                 indices.push(i as u32);
                 cumulative.push(total);
             }
+        }
+        WeightedList { indices: indices.into(), cumulative: cumulative.into(), rr_step: stride(total) }
+    }
+
+    /// The members of this list for which `keep` holds (by endpoint index), as a list of their own.
+    pub fn sub(&self, endpoints: &[Endpoint], keep: impl Fn(usize) -> bool) -> Self {
+        let mut indices = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut total = 0u64;
+        for i in self.indices.iter().map(|&i| i as usize).filter(|&i| keep(i)) {
+            total += u64::from(endpoints[i].weight);
+            indices.push(i as u32);
+            cumulative.push(total);
         }
         WeightedList { indices: indices.into(), cumulative: cumulative.into(), rr_step: stride(total) }
     }
@@ -451,6 +559,9 @@ pub struct EndpointSet {
     /// The service's circuit-breaking counts, when its policy has a breaker (shared by every set
     /// of the service, kept across tables).
     pub gate: Option<Arc<crate::endpoint::breaker::ServiceGate>>,
+    /// Zone-aware routing, when it is on and some endpoint is in this host's zone (never for
+    /// `ring_hash`, whose keys must map alike on every host, nor in panic mode).
+    pub zones: Option<Box<ZoneSplit>>,
 }
 
 impl EndpointSet {
@@ -465,8 +576,14 @@ impl EndpointSet {
         let everyone = WeightedList::new(&endpoints, |e| !e.draining);
         let panic = !everyone.is_empty()
             && (available.len() as u64) * 100 < (everyone.len() as u64) * u64::from(policy.panic_threshold_percent);
-        let ring = matches!(policy.lb, LbPolicy::RingHash(_))
-            .then(|| Ring::new(&endpoints, if panic { &everyone } else { &available }));
+        let ring_hash = matches!(policy.lb, LbPolicy::RingHash(_));
+        let ring = ring_hash.then(|| Ring::new(&endpoints, if panic { &everyone } else { &available }));
+        let zones = match policy.zone {
+            Some(_) if !ring_hash && !panic => {
+                ZoneSplit::new(&endpoints, &available, &everyone, policy.zone_min_healthy_percent).map(Box::new)
+            }
+            _ => None,
+        };
         EndpointSet {
             service,
             label,
@@ -479,6 +596,7 @@ impl EndpointSet {
             rr: std::sync::atomic::AtomicU64::new(0),
             tags: None,
             gate: None,
+            zones,
         }
     }
 
@@ -508,6 +626,8 @@ pub trait TargetStats: Send + Sync {
     fn overflow(&self, limit: &'static str) {
         let _ = limit;
     }
+    /// An attempt sent to an endpoint outside this host's zone (`proxy.zone`).
+    fn cross_zone(&self) {}
 }
 
 /// Makes the [`TargetStats`] of each listener and service, for the table builder.
@@ -694,6 +814,48 @@ mod tests {
             seen.sort_unstable();
             assert_eq!(seen, (0..total).collect::<Vec<_>>(), "total {total}, stride {s}");
         }
+    }
+
+    /// The zone split of endpoints given as (zone, healthy), in parts per [`ZONE_SCALE`] with the
+    /// local and remote list sizes; None when no endpoint is local.
+    fn split(members: &[(ZoneMatch, bool)], min_healthy_percent: u32) -> Option<(u32, usize, usize)> {
+        let states = crate::endpoint::StateRegistry::new(Duration::from_secs(1));
+        let endpoints: Vec<Endpoint> = members
+            .iter()
+            .enumerate()
+            .map(|(n, (zone, _))| {
+                let addr: Addr = format!("10.0.0.1:{}", 1000 + n).parse().unwrap();
+                let state = states.get(&crate::names::EndpointKey { service: None, addr: addr.clone() });
+                Endpoint { addr, weight: 100, draining: false, protocol: None, state, tls_port: None, zone: *zone }
+            })
+            .collect();
+        let healthy = |e: &Endpoint| endpoints.iter().position(|x| x.addr == e.addr).is_some_and(|i| members[i].1);
+        let available = WeightedList::new(&endpoints, healthy);
+        let everyone = WeightedList::new(&endpoints, |_| true);
+        ZoneSplit::new(&endpoints, &available, &everyone, min_healthy_percent)
+            .map(|z| (z.local_share, z.local.len(), z.remote.len()))
+    }
+
+    #[test]
+    fn the_local_zone_takes_its_healthy_share_over_the_threshold() {
+        use ZoneMatch::{Local, Other};
+        let four_local = |healthy: usize| {
+            let mut m: Vec<(ZoneMatch, bool)> = (0..4).map(|i| (Local, i < healthy)).collect();
+            m.extend([(Other, true), (Other, true)]);
+            m
+        };
+        assert_eq!(split(&four_local(4), 70), Some((ZONE_SCALE, 4, 2)), "healthy: everything stays");
+        assert_eq!(split(&four_local(3), 70), Some((ZONE_SCALE, 3, 2)), "75% is over the 70% threshold");
+        // 50% healthy against 70%: 50/70 stay, (70 - 50)/70 leave.
+        assert_eq!(split(&four_local(2), 70), Some((7_142, 2, 2)));
+        assert_eq!(split(&four_local(1), 70), Some((3_571, 1, 2)));
+        assert_eq!(split(&four_local(0), 70), Some((0, 0, 2)), "nothing local: everything leaves");
+        assert_eq!(split(&four_local(2), 100), Some((5_000, 2, 2)));
+        assert_eq!(split(&four_local(1), 0), Some((ZONE_SCALE, 1, 2)), "threshold 0: local while any is");
+        let nowhere_else = [(Local, true), (Local, false), (Other, false)];
+        assert_eq!(split(&nowhere_else, 70), Some((ZONE_SCALE, 1, 0)), "nothing elsewhere to spill to");
+        assert_eq!(split(&[(Other, true), (Other, true)], 70), None, "no local endpoint: zones play no part");
+        assert_eq!(split(&[(ZoneMatch::Unset, true)], 70), None);
     }
 
     #[test]

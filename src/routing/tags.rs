@@ -159,6 +159,8 @@ mod tests {
             circuit_breaker: None,
             retry_budget: None,
             protocol: None,
+            zone: None,
+            zone_min_healthy_percent: 70,
         })
     }
 
@@ -180,7 +182,18 @@ mod tests {
             .map(|(port, t)| {
                 let addr: Addr = format!("10.0.0.1:{port}").parse().unwrap();
                 let state = states.get(&EndpointKey { service: Some(service.clone()), addr: addr.clone() });
-                (Endpoint { addr, weight: 100, draining: false, protocol: None, state, tls_port: None }, t)
+                (
+                    Endpoint {
+                        addr,
+                        weight: 100,
+                        draining: false,
+                        protocol: None,
+                        state,
+                        tls_port: None,
+                        zone: Default::default(),
+                    },
+                    t,
+                )
             })
             .collect();
         let set = Arc::new(split(list, |e| EndpointSet::build(Some(service.clone()), Arc::from("s"), policy(), e)));

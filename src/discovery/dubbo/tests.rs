@@ -65,6 +65,7 @@ fn protocols_weights_and_switches() {
             provider("dubbo://10.0.0.10/x"),
             provider("dubbo://10.0.0.11:1/x?weight=10001"),
             provider("dubbo://10.0.0.12:1/x?weight=heavy"),
+            provider("dubbo://10.0.0.13:1/x?zone=eu-1a"),
         ],
         BTreeMap::new(),
     );
@@ -85,6 +86,7 @@ fn protocols_weights_and_switches() {
     assert!(by_addr["10.0.0.10"].clone().unwrap_err().contains("no port"));
     assert!(by_addr["10.0.0.11"].clone().unwrap_err().contains("weight"));
     assert!(by_addr["10.0.0.12"].clone().unwrap_err().contains("weight"));
+    assert_eq!((ok("10.0.0.13").zone.as_deref(), ok("10.0.0.9").zone.as_deref()), (Some("eu-1a"), None));
 }
 
 #[test]

@@ -6,28 +6,60 @@ use crate::routing::documents::HeaderEdits;
 
 /// Rewrites the head that starts at `start` in `out` (anything after it, a body's first bytes,
 /// stays): fields named in `remove` or `set` are dropped, then `set` and `add` are appended.
+///
+/// In place, with no allocation: kept lines move left over dropped ones (line ends found with
+/// `memchr`), and the new fields go into the room that leaves, the rest moved once to fit.
 pub fn edit_head(out: &mut Vec<u8>, start: usize, edits: &HeaderEdits) {
-    let Some(end) = out[start..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| start + p + 2) else { return };
-    let mut edited = Vec::with_capacity(end - start + 64);
-    let mut lines = out[start..end].split_inclusive(|&b| b == b'\n');
-    if let Some(first) = lines.next() {
-        edited.extend_from_slice(first);
-    }
-    for line in lines {
-        let name = line.split(|&b| b == b':').next().unwrap_or(line);
-        if !edits.drops(name.trim_ascii()) {
-            edited.extend_from_slice(line);
+    let Some(nl) = memchr::memchr(b'\n', &out[start..]) else { return };
+    let mut read = start + nl + 1;
+    let mut write = read;
+    loop {
+        let Some(nl) = memchr::memchr(b'\n', &out[read..]) else {
+            // No end of head (zkroute writes whole heads): what was dropped stays dropped.
+            close_gap(out, write, read);
+            return;
+        };
+        let end = read + nl + 1;
+        if end - read <= 2 {
+            break; // the empty line that ends the head
         }
+        let line = &out[read..end];
+        let name = match memchr::memchr(b':', line) {
+            Some(colon) => &line[..colon],
+            None => line,
+        };
+        if !edits.drops(name.trim_ascii()) {
+            if write != read {
+                out.copy_within(read..end, write);
+            }
+            write += end - read;
+        }
+        read = end;
+    }
+    let added: usize = edits.set.iter().chain(edits.add.iter()).map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if added > read - write {
+        // Not room enough where fields were dropped: move the rest (the empty line on) right.
+        let (len, more) = (out.len(), added - (read - write));
+        out.resize(len + more, 0);
+        out.copy_within(read..len, read + more);
+        read += more;
     }
     for (name, value) in edits.set.iter().chain(edits.add.iter()) {
-        edited.extend_from_slice(name.as_str().as_bytes());
-        edited.extend_from_slice(b": ");
-        edited.extend_from_slice(value.as_bytes());
-        edited.extend_from_slice(b"\r\n");
+        for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            out[write..write + part.len()].copy_from_slice(part);
+            write += part.len();
+        }
     }
-    edited.extend_from_slice(&out[end..]);
-    out.truncate(start);
-    out.extend_from_slice(&edited);
+    close_gap(out, write, read);
+}
+
+/// Moves everything from `read` on to `write` (which is not after it), shortening `out`.
+fn close_gap(out: &mut Vec<u8>, write: usize, read: usize) {
+    if write < read {
+        let len = out.len();
+        out.copy_within(read..len, write);
+        out.truncate(len - (read - write));
+    }
 }
 
 /// A new `x-request-id`: 128 random bits as 32 hex digits.
@@ -75,5 +107,30 @@ mod tests {
         edit_head(&mut out, 4, &e);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text, "junkGET / HTTP/1.1\r\nhost: a\r\nx-tag: a\r\nx-env: prod\r\nx-tag: b\r\n\r\nbody");
+    }
+
+    #[test]
+    fn fields_fit_where_others_were_dropped_or_move_the_rest() {
+        let head = "HTTP/1.1 200 OK\r\nserver: nginx\r\nx-long-secret-field: 0123456789\r\nb: 2\r\n\r\n{}";
+        let run = |json: &str| {
+            let mut out = head.as_bytes().to_vec();
+            edit_head(&mut out, 0, &edits(json));
+            String::from_utf8(out).unwrap()
+        };
+        // Room to spare: the new field goes where the removed one was.
+        assert_eq!(
+            run(r#"{"set":{"x-a":"1"},"remove":["x-long-secret-field"]}"#),
+            "HTTP/1.1 200 OK\r\nserver: nginx\r\nb: 2\r\nx-a: 1\r\n\r\n{}"
+        );
+        // No room: the rest moves right.
+        assert_eq!(
+            run(r#"{"add":{"x-b":"a rather longer value"},"set":{"B":"3"}}"#),
+            "HTTP/1.1 200 OK\r\nserver: nginx\r\nx-long-secret-field: 0123456789\r\nb: 3\r\nx-b: a rather longer value\r\n\r\n{}"
+        );
+        assert_eq!(run(r#"{"remove":["nothing-here"]}"#), head, "nothing to edit: the head as it was");
+        // A head without its end (zkroute never writes one): a dropped field stays dropped.
+        let mut out = b"GET / HTTP/1.1\r\nx-a: 1\r\nhost: a\r\n".to_vec();
+        edit_head(&mut out, 0, &edits(r#"{"remove":["x-a"]}"#));
+        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: a\r\n");
     }
 }
