@@ -468,3 +468,56 @@ async fn sidecar_a_originates_mutual_tls_to_sidecar_b_which_forwards_to_its_loca
     a.stop().await;
     b.stop().await;
 }
+
+/// `[zookeeper]` over mutual TLS to `connect`, trusting `ca` and presenting `identity`; a short
+/// session timeout so that a failure shows quickly.
+fn zk_tls_config(connect: &str, ca: &Ca, identity: &Issued) -> String {
+    format!(
+        "[zookeeper]\nconnect = \"{connect}\"\nsession_timeout = \"2s\"\nstartup_timeout = \"1s\"\n\
+         [zookeeper.tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n[admin]\nbind = \"127.0.0.1:0\"\n{HTTP_LISTENER}",
+        toml_path(&ca.cert),
+        toml_path(&identity.cert),
+        toml_path(&identity.key),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_over_mutual_tls_discovers_an_instance_and_a_server_of_an_unknown_ca_is_named_as_such() {
+    let servers = Ca::new("zk-servers");
+    let clients = Ca::new("zk-clients");
+    let zk = Zk::start_secure(&servers.issue("zk", &["DNS:localhost", "IP:127.0.0.1"]), &clients.cert);
+    let sidecar = clients.issue("sidecar", &["DNS:localhost", "IP:127.0.0.1"]);
+    // The test writes through the plain port; zkroute reads through the TLS one only.
+    let chroot = zk.chroot();
+    let writer = chroot.client().await;
+    let backend = Backend::http("a").await;
+    writer.put("/zkroute/services/users/a", &backend.addr.to_string()).await;
+    writer.put("/zkroute/rules/r", r#"{"listener":"http","backends":[{"service":"users"}]}"#).await;
+    let secure = chroot.connect.replace(&format!(":{}/", zk.port), &format!(":{}/", zk.secure_port.unwrap()));
+    assert_ne!(secure, chroot.connect);
+
+    let proxy = Proxy::start(&zk_tls_config(&secure, &servers, &sidecar)).await;
+    let addr = proxy.listener("http");
+    let r = eventually("a request reaches the instance discovered over TLS", Duration::from_secs(20), || async {
+        get(addr, "/").await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    assert_eq!(who(&r), "a");
+    let c = proxy.config().await;
+    assert_eq!(c["zookeeper"]["state"], "connected", "{:#}", c["zookeeper"]);
+    assert!(zk.log().contains("secure: true"), "the server serves TLS on its secure port; its log:\n{}", zk.log());
+
+    // A sidecar that trusts another CA refuses the server, and says so.
+    let stranger = Ca::new("stranger");
+    let refused = Proxy::start(&zk_tls_config(&secure, &stranger, &sidecar)).await;
+    let status = eventually("the unknown CA named", Duration::from_secs(20), || async {
+        let z = refused.config().await["zookeeper"].clone();
+        z["error"].as_str().filter(|e| e.contains("unknown_ca")).map(str::to_owned)
+    })
+    .await;
+    assert!(status.contains(&format!("TLS handshake with 127.0.0.1:{} failed", zk.secure_port.unwrap())), "{status}");
+    assert_eq!(refused.config().await["zookeeper"]["connected"], false);
+    assert_ne!(get(refused.listener("http"), "/").await.unwrap().status(), 200, "nothing was discovered");
+    proxy.stop().await;
+    refused.stop().await;
+}

@@ -135,8 +135,7 @@ impl App {
         }
         let zk = match registrations_change && !next.registrations.is_empty() {
             true => Some(
-                ZkSettings::from_config(&self.config.zookeeper)
-                    .map_err(|e| refuse("zookeeper.auth_file".into(), e.to_string()))?,
+                ZkSettings::from_config(&self.config.zookeeper).map_err(|e| refuse(e.key().into(), e.to_string()))?,
             ),
             false => None,
         };
