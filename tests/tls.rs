@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::pki::{Ca, Issued};
+use support::pki::{Ca, Issued, Validity};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -520,4 +520,56 @@ async fn zookeeper_over_mutual_tls_discovers_an_instance_and_a_server_of_an_unkn
     assert_ne!(get(refused.listener("http"), "/").await.unwrap().status(), 200, "nothing was discovered");
     proxy.stop().await;
     refused.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_upstream_certificate_is_refused_and_counted_as_expired() {
+    let servers = Ca::new("servers");
+    let expired = servers.issue_with(
+        "users",
+        &["DNS:users.internal", "IP:127.0.0.1"],
+        Validity::Between("200101000000Z", "200201000000Z"),
+    );
+    let backend = support::pki::TlsBackend::start(&expired, None);
+    let trust = format!("[tls]\nca_file = {}\n", toml_path(&servers.cert));
+    let (_routes, proxy) =
+        through(&backend.addr.to_string(), r#"{"tls":{"server_name":"users.internal"}}"#, &trust).await;
+    let r = get(proxy.listener("http"), "/").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["x-zkroute-error"].to_str().unwrap()),
+        (502, "upstream_connect_failed"),
+        "{r:?}"
+    );
+    assert!(
+        proxy.metric(r#"zkroute_upstream_tls_errors_total{reason="expired",service="users"}"#).await >= Some(1.0),
+        "{}",
+        proxy.metrics().await
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_within_7_days_of_its_end_is_warned_about_in_the_log_and_a_later_one_is_not() {
+    let ca = Ca::new("server");
+    let soon = ca.issue_with("soon", &["IP:127.0.0.1"], Validity::Days(3));
+    let later = ca.issue("later", &["IP:127.0.0.1"]);
+    let routes = Routes::new();
+    let extra = tls_listener("soon", "http", &soon, None, Some("web"))
+        + &tls_listener("later", "http", &later, None, Some("web"));
+    let zkroute = Binary::start_with(&routes, "1s", &extra, &[]).await;
+    let warning = "TLS certificate expires within 7 days";
+    let line = eventually("the expiry warning", Duration::from_secs(15), || async {
+        zkroute.log().lines().find(|l| l.contains(warning)).map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains(&soon.cert.display().to_string()), "{line}");
+    let expiry =
+        |c: &Issued| format!(r#"zkroute_tls_certificate_expiry_timestamp_seconds{{file="{}"}}"#, c.cert.display());
+    let metrics = String::from_utf8_lossy(get(zkroute.admin, "/metrics").await.unwrap().body()).into_owned();
+    assert!(metric_value(&metrics, &expiry(&soon)).unwrap() < metric_value(&metrics, &expiry(&later)).unwrap());
+    assert!(line.contains("in_hours=71") || line.contains("in_hours=72"), "three days ahead: {line}");
+    // Both listeners were loaded before zkroute was ready: the 30-day certificate was not warned about.
+    let log = zkroute.log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(!log.contains(&later.cert.display().to_string()), "{log}");
 }
