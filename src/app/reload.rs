@@ -236,7 +236,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
             dubbo_root,
             snapshot,
             auth,
-            auth_file
+            auth_file,
+            tls
         ]
     );
     compare!("admin", old.admin, new.admin, [bind, config_endpoint]);
