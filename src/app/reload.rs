@@ -291,5 +291,11 @@ mod tests {
         assert_eq!((next.zookeeper.connect.as_str(), next.proxy.workers), ("a:1", 0));
         assert_eq!(next.proxy.timeout, new.proxy.timeout, "the rest is the new file's");
         assert!(restart_only(&old, &next).is_empty());
+
+        // `[zookeeper.tls]` with the system's roots (where this system has a bundle).
+        if crate::tls::system_roots_file().is_some() {
+            let tls = config("[zookeeper]\nconnect = \"a:1\"\n[zookeeper.tls]\n[proxy]\ntimeout = \"1s\"\n");
+            assert_eq!(restart_only(&old, &tls), ["zookeeper.tls"]);
+        }
     }
 }
