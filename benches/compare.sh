@@ -15,6 +15,11 @@
 #   through each proxy to an HTTP/2 backend (a second nginx server block, `listen ... http2`):
 #   `h2` one connection with 100 concurrent streams, `h2-32` 32 connections of 10 streams,
 #   `h2-latency` one stream at a time on one core, `callgrind-h2` instructions per request
+#   TLS modes, not run by default (`--modes tls,tls-newconn,tls-bulk`): HTTPS in, HTTP/1.1 to the
+#   same backend; TLS 1.3, an EC P-256 certificate, the client pinned to TLS_AES_128_GCM_SHA256 and
+#   X25519 (an OPENSSL_CONF of its own), no session resumption: `tls` keep-alive CPU per request
+#   (wrk, 32 connections), `tls-newconn` a full handshake per request (`openssl s_time -new`, one
+#   connection at a time), `tls-bulk` CPU-s per GiB of a 64 MiB body (wrk -c1)
 #
 # Method (docs/PERFORMANCE.md says why each step is there):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -172,7 +177,7 @@ versions() {
 # Processes, ports, templates
 
 STARTED=() # every pid started here; cleanup ends exactly these (and their children)
-declare -A PID HTTP_PORT TCP_PORT H2_PORT
+declare -A PID HTTP_PORT TCP_PORT H2_PORT TLS_PORT
 
 cleanup() {
     local rc=$? p c pids=() deadline
@@ -317,6 +322,7 @@ start_zkroute() {
     if [ -n "${ZK_ROUTES_SED:-}" ]; then sed -i "$ZK_ROUTES_SED" "$dir/zkroute-routes.toml"; fi
     if [ -n "${ZK_ROUTES_APPEND:-}" ]; then printf '%b\n' "$ZK_ROUTES_APPEND" >>"$dir/zkroute-routes.toml"; fi
     set_ports "${vars[@]}"
+    tls_fragment zkroute "$dir"
     start "$(basename "$dir")" "$cpu" env RUST_LOG=warn "$@" "$ZKROUTE" --config "$dir/zkroute.toml"
     wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 ||
         die "zkroute did not become ready: $(tail -20 "$WORK/$(basename "$dir").log")"
@@ -376,8 +382,9 @@ start_haproxy() {
         HTTP_PORT="$(free_port)" TCP_PORT="$(free_port)" BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/haproxy.cfg" "$dir/haproxy.cfg" "${vars[@]}"
     set_ports "${vars[@]}"
+    tls_fragment haproxy "$dir"
     # -db: foreground, one process (no master-worker), so the pid is the one doing the work.
-    start "$(basename "$dir")" "$cpu" "$@" haproxy -db -f "$dir/haproxy.cfg"
+    start "$(basename "$dir")" "$cpu" "$@" haproxy -db -f "$dir/haproxy.cfg" "${TLS_ARGS[@]}"
     wait_listen "$P_HTTP" "$STARTED_PID" 120 && wait_listen "$P_TCP" "$STARTED_PID" 10 ||
         die "haproxy did not start: $(tail -20 "$WORK/$(basename "$dir").log")"
 }
@@ -394,6 +401,7 @@ start_nginx() {
         BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/nginx-proxy.conf" "$dir/nginx.conf" "${vars[@]}"
     set_ports "${vars[@]}"
+    tls_fragment nginx "$dir"
     start "$(basename "$dir")" "$cpu" "$@" nginx -c "$dir/nginx.conf" -p "$dir/" -e "$dir/error.log"
     wait_listen "$P_HTTP" "$STARTED_PID" 120 && wait_listen "$P_TCP" "$STARTED_PID" 10 ||
         die "nginx proxy did not start: $(tail -20 "$WORK/$(basename "$dir").log" "$dir/error.log" 2>/dev/null)"
@@ -415,8 +423,9 @@ start_envoy() {
         BACKEND_H2_PORT="$BACKEND_H2_PORT" H2_PORT="$(free_port)")
     render "$PEERS/envoy.yaml" "$dir/envoy.yaml" "${vars[@]}"
     set_ports "${vars[@]}"
+    tls_fragment envoy "$dir"
     start "$(basename "$dir")" "$cpu" "$@" "$ENVOY" -c "$dir/envoy.yaml" --concurrency 1 \
-        --disable-hot-restart --log-level warn
+        --disable-hot-restart --log-level warn "${TLS_ARGS[@]}"
     wait_http "http://127.0.0.1:$P_ADMIN/ready" "$STARTED_PID" 120 && wait_listen "$P_HTTP" "$STARTED_PID" 10 ||
         die "envoy did not become ready: $(tail -20 "$WORK/$(basename "$dir").log")"
 }
@@ -442,6 +451,7 @@ start_proxy() {
     HTTP_PORT[$entry]=$P_HTTP
     TCP_PORT[$entry]=$P_TCP
     H2_PORT[$entry]=$P_H2
+    TLS_PORT[$entry]=${P_TLS:-}
 }
 
 # check_entry ENTRY: one request through it must give 200 and the backend's 100 bytes.
@@ -838,6 +848,179 @@ EOF
     say "   tcp $entry: $gbps Gbit/s over $secs s$([ "$entry" != direct ] && echo ", proxy $(awk -v u="$user" -v s="$sys" -v q="$softirq" 'BEGIN {printf "%.3f CPU-s/GiB (%.3f user + %.3f kernel; the proxy core spent %.3f in softirq)", u + s, u, s, q}')")"
 }
 
+# ---------------------------------------------------------------------------------------------
+# TLS modes (`--modes tls,tls-newconn,tls-bulk`): each proxy terminates TLS 1.3 with one EC P-256
+# certificate on a listener of its own (the benches/peers/*-tls.* fragments) and forwards in clear
+# to the same HTTP/1.1 backend over its pooled connections. The client side is pinned by an
+# OPENSSL_CONF of its own (TLS 1.3, TLS_AES_128_GCM_SHA256, X25519), so that every proxy does the
+# same work whatever it would prefer; no proxy resumes sessions (and `s_time -new` never asks).
+
+TLS_BULK_BYTES=$((64 * 1024 * 1024))
+
+tls_on() { has_mode tls || has_mode tls-newconn || has_mode tls-bulk; }
+
+# make_tls_files: a CA and the proxies' certificate (EC P-256, subjectAltName IP:127.0.0.1) in
+# $WORK/tls, HAProxy's key-and-certificate file, the clients' OPENSSL_CONF, and the bulk body.
+make_tls_files() {
+    TLS_DIR=$WORK/tls
+    mkdir -p "$TLS_DIR"
+    (
+        cd "$TLS_DIR"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=bench CA" \
+            -keyout ca.key -out ca.crt 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench" \
+            -keyout server.key -out server.csr 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -set_serial 1 -days 7 -extfile server.ext \
+            -out server.crt 2>/dev/null
+        cat server.crt server.key >server.pem
+        printf '%s\n' 'openssl_conf = conf' '[conf]' 'ssl_conf = ssl' '[ssl]' 'system_default = client' '[client]' \
+            'MinProtocol = TLSv1.3' 'Ciphersuites = TLS_AES_128_GCM_SHA256' 'Groups = X25519' >client.cnf
+    ) || die "openssl could not make the TLS files"
+    if has_mode tls-bulk; then
+        mkdir -p "$WORK/backend" && truncate -s "$TLS_BULK_BYTES" "$WORK/backend/bulk.bin"
+        # The backend's worker runs as an unprivileged user: let it reach the file, and only it.
+        chmod o+x "$WORK" "$WORK/backend" && chmod o+r "$WORK/backend/bulk.bin"
+    fi
+    say "== TLS modes: certificate $(openssl x509 -in "$TLS_DIR/server.crt" -noout -text | grep -m1 -o 'ASN1 OID: [a-z0-9]*'), client $(grep -E 'Ciphersuites|Groups' "$TLS_DIR/client.cnf" | paste -sd' ')"
+}
+
+# tls_fragment PROXY DIR: with a TLS mode, renders the proxy's TLS listener into DIR and sets
+# P_TLS (its port) and TLS_ARGS (what the proxy's command line needs to load it); else neither.
+tls_fragment() {
+    local proxy=$1 dir=$2
+    P_TLS="" TLS_ARGS=()
+    tls_on || return 0
+    P_TLS=$(free_port)
+    local vars=(TLS_PORT="$P_TLS" TLS_DIR="$TLS_DIR")
+    case $proxy in
+        zkroute)
+            render "$PEERS/zkroute-tls.toml" "$dir/tls.toml" "${vars[@]}"
+            render "$PEERS/zkroute-tls-routes.toml" "$dir/tls-routes.toml" "${vars[@]}"
+            cat "$dir/tls.toml" >>"$dir/zkroute.toml"
+            cat "$dir/tls-routes.toml" >>"$dir/zkroute-routes.toml"
+            ;;
+        haproxy)
+            render "$PEERS/haproxy-tls.cfg" "$dir/haproxy-tls.cfg" "${vars[@]}"
+            TLS_ARGS=(-f "$dir/haproxy-tls.cfg")
+            ;;
+        nginx) render "$PEERS/nginx-tls.conf" "$dir/tls-server.conf" "${vars[@]}" ;;
+        envoy)
+            render "$PEERS/envoy-tls.yaml" "$dir/envoy-tls.yaml" "${vars[@]}"
+            TLS_ARGS=(--config-yaml "$(cat "$dir/envoy-tls.yaml")")
+            ;;
+    esac
+}
+
+tls_url() { echo "https://127.0.0.1:${TLS_PORT[$1]}${2:-/}"; }
+
+# check_tls_entry ENTRY: over TLS 1.3 (the clients' settings), GET / gives 200 and the 100-byte
+# body, and with tls-bulk GET /bulk the whole large body.
+check_tls_entry() {
+    local entry=$1 code
+    [ "$entry" = direct ] && return
+    [ -n "${TLS_PORT[$entry]:-}" ] || die "$entry has no TLS listener (the TLS modes need one per proxy)"
+    wait_listen "${TLS_PORT[$entry]}" "${PID[$entry]}" 20 || die "$entry: nothing listens on its TLS port"
+    code=$(OPENSSL_CONF=$TLS_DIR/client.cnf curl -s -m 5 --tlsv1.3 --cacert "$TLS_DIR/ca.crt" -o "$WORK/check.body" \
+        -w '%{http_code}' "$(tls_url "$entry")" || true)
+    [ "$code" = 200 ] && cmp -s "$WORK/check.body" <(printf '%s' "$BODY") ||
+        die "$entry: GET / over TLS answered '$code', expected 200 and the 100-byte body"
+    if has_mode tls-bulk; then
+        code=$(curl -s -m 30 --cacert "$TLS_DIR/ca.crt" -o /dev/null -w '%{http_code} %{size_download}' "$(tls_url "$entry" /bulk)" || true)
+        [ "$code" = "200 $TLS_BULK_BYTES" ] || die "$entry: GET /bulk over TLS gave '$code', expected 200 and $TLS_BULK_BYTES bytes"
+    fi
+    local got
+    got=$(echo | OPENSSL_CONF=$TLS_DIR/client.cnf timeout 5 openssl s_client -connect "127.0.0.1:${TLS_PORT[$entry]}" \
+        -CAfile "$TLS_DIR/ca.crt" -brief 2>&1 | grep -E '^(Protocol version|Ciphersuite|Server Temp Key)' | cut -d: -f2 | paste -sd' ' || true)
+    say "== $entry TLS on :${TLS_PORT[$entry]}:$got"
+}
+
+# proxy_cpu_us BEFORE AFTER N: "user kernel" microseconds of proxy CPU per unit, from cpu_ticks.
+proxy_cpu_us() {
+    awk -v b="$1" -v a="$2" -v n="$3" -v t="$TCK" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        printf "%.3f %.3f\n", (y[1] - x[1]) / t / n * 1e6, (y[2] - x[2]) / t / n * 1e6 }'
+}
+
+# record_cpu ROUND MODE ENTRY USER KERNEL: cpu_us, user_us and sys_us.
+record_cpu() {
+    record "$1" "$2" "$3" cpu_us "$(awk -v u="$4" -v s="$5" 'BEGIN {printf "%.3f", u + s}')"
+    record "$1" "$2" "$3" user_us "$4"
+    record "$1" "$2" "$3" sys_us "$5"
+}
+
+# HTTPS keep-alive: 32 connections, handshakes done once; the proxy's CPU per request.
+mode_tls() {
+    local round=$1 entry=$2 before after user sys
+    local args=(-t1 "-c$CONNS" -d"${DURATION}s" "$(tls_url "$entry")")
+    record_cmd tls "$entry" "OPENSSL_CONF=client.cnf taskset -c $LOAD_CPU wrk $(quote "${args[@]}")"
+    before=$(cpu_ticks "$entry")
+    OPENSSL_CONF=$TLS_DIR/client.cnf run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
+    after=$(cpu_ticks "$entry")
+    record "$round" tls "$entry" rps "$W_RPS"
+    record "$round" tls "$entry" requests "$W_REQ"
+    record "$round" tls "$entry" errors $((W_NON2XX + W_SOCKERR))
+    [ "$W_REQ" -gt 0 ] || { say "   tls $entry: no requests"; return; }
+    read -r user sys < <(proxy_cpu_us "$before" "$after" "$W_REQ")
+    record_cpu "$round" tls "$entry" "$user" "$sys"
+    say "   tls $entry: $(printf '%8.0f' "$W_RPS") req/s, proxy CPU $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.2f us/req (%.2f user + %.2f kernel)", u + s, u, s}')"
+}
+
+# A new TLS connection per request, full handshake each time: `openssl s_time -new` asks for / in
+# HTTP/1.0, reads the answer to the close, and starts over, for DURATION seconds.
+mode_tls-newconn() {
+    local round=$1 entry=$2 before after user sys n out=$WORK/s_time.out
+    local args=(s_time -connect "127.0.0.1:${TLS_PORT[$entry]}" -new -tls1_3 -ciphersuites TLS_AES_128_GCM_SHA256
+        -time "$DURATION" -www /)
+    record_cmd tls-newconn "$entry" "OPENSSL_CONF=client.cnf taskset -c $LOAD_CPU openssl $(quote "${args[@]}")"
+    before=$(cpu_ticks "$entry")
+    OPENSSL_CONF=$TLS_DIR/client.cnf timeout $((DURATION + 30)) taskset -c $LOAD_CPU openssl "${args[@]}" >"$out" 2>&1 ||
+        say "   openssl s_time exited $?"
+    after=$(cpu_ticks "$entry")
+    # "N connections in T real seconds, B bytes read per connection"
+    n=$(awk '/connections in [0-9.]+ real seconds/ {print $1; exit}' "$out")
+    local per=$(awk '/bytes read per connection/ {print $(NF - 4); exit}' "$out")
+    if [ -z "$n" ] || [ "$n" -eq 0 ]; then
+        say "   ANOMALY: tls-newconn $entry: s_time made no connection:"
+        sed 's/^/   | /' "$out" >&2
+        record "$round" tls-newconn "$entry" errors 1
+        return
+    fi
+    # An answer is at least the 100-byte body and a status line: fewer bytes is a failed request.
+    local bad=$(awk -v p="${per:-0}" 'BEGIN {print (p < 150) ? 1 : 0}')
+    [ "$bad" = 0 ] || say "   ANOMALY: tls-newconn $entry: only ${per:-0} bytes read per connection"
+    read -r user sys < <(proxy_cpu_us "$before" "$after" "$n")
+    record "$round" tls-newconn "$entry" rps "$(awk -v n="$n" -v d="$DURATION" 'BEGIN {printf "%.1f", n / d}')"
+    record "$round" tls-newconn "$entry" requests "$n"
+    record "$round" tls-newconn "$entry" errors "$bad"
+    record_cpu "$round" tls-newconn "$entry" "$user" "$sys"
+    say "   tls-newconn $entry: $n handshakes in ${DURATION}s (${per:-?} bytes each), proxy CPU $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.1f us/connection (%.1f user + %.1f kernel)", u + s, u, s}')"
+}
+
+# TLS bulk: a 64 MiB body over one keep-alive HTTPS connection for DURATION seconds; the proxy's
+# CPU-seconds per GiB of body (whole responses only: the partial last one is left out of both).
+mode_tls-bulk() {
+    local round=$1 entry=$2 before after user sys
+    local args=(-t1 -c1 -d"${DURATION}s" "$(tls_url "$entry" /bulk)")
+    record_cmd tls-bulk "$entry" "OPENSSL_CONF=client.cnf taskset -c $LOAD_CPU wrk $(quote "${args[@]}")   (a $((TLS_BULK_BYTES >> 20)) MiB body)"
+    before=$(cpu_ticks "$entry")
+    OPENSSL_CONF=$TLS_DIR/client.cnf run_wrk $LOAD_CPU "$WORK/wrk.out" "${args[@]}"
+    after=$(cpu_ticks "$entry")
+    record "$round" tls-bulk "$entry" errors $((W_NON2XX + W_SOCKERR))
+    [ "$W_REQ" -gt 0 ] || { say "   ANOMALY: tls-bulk $entry: no whole body in ${DURATION}s"; return; }
+    local gib secs
+    gib=$(awk -v n="$W_REQ" -v b="$TLS_BULK_BYTES" 'BEGIN {printf "%.6f", n * b / 2^30}')
+    read -r user sys < <(awk -v b="$before" -v a="$after" -v g="$gib" -v t="$TCK" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        printf "%.4f %.4f\n", (y[1] - x[1]) / t / g, (y[2] - x[2]) / t / g }')
+    record "$round" tls-bulk "$entry" gbps "$(awk -v g="$gib" -v d="$DURATION" 'BEGIN {printf "%.3f", g * 2^30 * 8 / d / 1e9}')"
+    record "$round" tls-bulk "$entry" bytes "$(awk -v g="$gib" 'BEGIN {printf "%.0f", g * 2^30}')"
+    record "$round" tls-bulk "$entry" cpu_s_per_gib "$(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.4f", u + s}')"
+    record "$round" tls-bulk "$entry" user_s_per_gib "$user"
+    record "$round" tls-bulk "$entry" sys_s_per_gib "$sys"
+    say "   tls-bulk $entry: $W_REQ bodies ($gib GiB), proxy $(awk -v u="$user" -v s="$sys" 'BEGIN {printf "%.3f CPU-s/GiB (%.3f user + %.3f kernel)", u + s, u, s}')"
+}
+
 # The start of each round: is anyone else using the machine?
 noise_report() {
     local round=$1 ours
@@ -1073,6 +1256,30 @@ if "tcp" in modes and present("tcp"):
             cell("tcp", e, "softirq_s_per_gib", "{:.3f}"), errors("tcp", e), noise("tcp", e)] for e in present("tcp")])
     commands("tcp")
 
+tls_entries = lambda mode: [e for e in present(mode) if e != "direct"]
+if "tls" in modes and tls_entries("tls"):
+    print("### HTTPS keep-alive (TLS 1.3, EC P-256 certificate, AES-128-GCM, X25519), 32 connections, 100-byte body\n")
+    table(["entry", "req/s", "proxy CPU per request (us)", "user (us)", "kernel (us)", "non-2xx + socket errors", NOISE],
+          [[e, cell("tls", e, "rps", "{:,.0f}"), cell("tls", e, "cpu_us", "{:.2f}"), cell("tls", e, "user_us", "{:.2f}"),
+            cell("tls", e, "sys_us", "{:.2f}"), errors("tls", e), noise("tls", e)] for e in tls_entries("tls")])
+    commands("tls")
+
+if "tls-newconn" in modes and tls_entries("tls-newconn"):
+    print("### A new TLS connection per request: full handshake, no resumption (openssl s_time -new, one connection at a time)\n")
+    table(["entry", "handshakes/s", "proxy CPU per connection (us)", "user (us)", "kernel (us)", "failed runs", NOISE],
+          [[e, cell("tls-newconn", e, "rps", "{:,.0f}"), cell("tls-newconn", e, "cpu_us", "{:.1f}"),
+            cell("tls-newconn", e, "user_us", "{:.1f}"), cell("tls-newconn", e, "sys_us", "{:.1f}"),
+            errors("tls-newconn", e), noise("tls-newconn", e)] for e in tls_entries("tls-newconn")])
+    commands("tls-newconn")
+
+if "tls-bulk" in modes and tls_entries("tls-bulk"):
+    print("### TLS bulk: 64 MiB bodies over one HTTPS keep-alive connection (wrk -c1)\n")
+    table(["entry", "Gbit/s", "proxy CPU-s per GiB", "user", "kernel", "non-2xx + socket errors", NOISE],
+          [[e, cell("tls-bulk", e, "gbps", "{:.2f}"), cell("tls-bulk", e, "cpu_s_per_gib", "{:.3f}"),
+            cell("tls-bulk", e, "user_s_per_gib", "{:.3f}"), cell("tls-bulk", e, "sys_s_per_gib", "{:.3f}"),
+            errors("tls-bulk", e), noise("tls-bulk", e)] for e in tls_entries("tls-bulk")])
+    commands("tls-bulk")
+
 if "rss" in modes and present("rss"):
     print("### Memory (VmRSS idle after start; VmHWM peak after the HTTP runs), summed over the proxy's processes\n")
     table(["entry", "RSS idle (MB)", "peak (MB)"],
@@ -1115,6 +1322,7 @@ main() {
     say "== versions"
     versions | tee "$OUT_BASE.versions.md" >&2
 
+    tls_on && make_tls_files
     start_backend
     start_iperf_server
     local entry
@@ -1124,6 +1332,7 @@ main() {
         say "== $entry on cpu$PROXY_CPU: pid ${PID[$entry]}, http :${HTTP_PORT[$entry]}, tcp :${TCP_PORT[$entry]}"
     done
     for entry in "${ENTRY_LIST[@]}"; do check_entry "$entry"; done
+    if tls_on; then for entry in "${ENTRY_LIST[@]}"; do check_tls_entry "$entry"; done; fi
 
     if has_mode rss; then
         for entry in "${ENTRY_LIST[@]}"; do
@@ -1139,8 +1348,9 @@ main() {
     for round in $(seq 1 "$ROUNDS"); do
         noise_report "$round"
         for mode in "${MODE_LIST[@]}"; do
-            case $mode in http | latency | newconn | tcp | h2 | h2-32 | h2-latency) ;; *) continue ;; esac
+            case $mode in http | latency | newconn | tcp | h2 | h2-32 | h2-latency | tls | tls-newconn | tls-bulk) ;; *) continue ;; esac
             for entry in "${ENTRY_LIST[@]}"; do
+                [[ $mode == tls* && $entry == direct ]] && continue # the TLS modes have no direct entry
                 if ! alive "$entry"; then
                     say "   ANOMALY: $entry (pid ${PID[$entry]}) is no longer running: $(tail -5 "$WORK/$entry.log")"
                     record "$round" "$mode" "$entry" errors 1

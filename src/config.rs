@@ -124,6 +124,10 @@ pub struct ZookeeperConfig {
     pub auth: Option<String>,
     /// A file holding the digest credentials, "user:password".
     pub auth_file: Option<PathBuf>,
+    /// TLS to the servers' `secureClientPort` (README: "ZooKeeper over TLS"): `ca_file` (default
+    /// the system's roots), `cert_file` and `key_file` (the client certificate).
+    #[serde(skip_serializing)]
+    pub tls: Option<crate::tls::UpstreamFiles>,
 }
 
 impl Default for ZookeeperConfig {
@@ -141,6 +145,7 @@ impl Default for ZookeeperConfig {
             snapshot_max_age: secs(24 * 3600),
             auth: None,
             auth_file: None,
+            tls: None,
         }
     }
 }
@@ -674,6 +679,14 @@ impl Config {
         if zk.auth.is_some() && zk.auth_file.is_some() {
             return Err(KeyError::new("zookeeper.auth_file", "give either auth or auth_file, not both"));
         }
+        if let Some(tls) = &zk.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                let missing =
+                    if tls.cert_file.is_none() { "zookeeper.tls.cert_file" } else { "zookeeper.tls.key_file" };
+                return Err(KeyError::new(missing, "cert_file and key_file go together"));
+            }
+            crate::tls::UpstreamTls::load(tls).map_err(|e| KeyError::new("zookeeper.tls", e.to_string()))?;
+        }
         let p = &self.proxy;
         self.defaults()?;
         for (key, d) in [
@@ -972,6 +985,24 @@ mod tests {
         assert_eq!(c.listeners[1].protocol, Protocol::Tcp);
         assert_eq!(c.registrations[0].payload.metadata["version"], "v2");
         assert_eq!(c.registrations[0].health_check.as_ref().unwrap().interval, HumanDuration(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn zookeeper_tls_errors_name_the_key_and_the_file() {
+        let e = bad("[zookeeper.tls]\ncert_file = \"/c.crt\"\n");
+        assert_eq!(e.key, "zookeeper.tls.key_file", "{e}");
+        let e = bad("[zookeeper.tls]\nca_file = \"/nonexistent/zk-ca.crt\"\n");
+        assert_eq!(e.key, "zookeeper.tls", "{e}");
+        assert!(e.reason.contains("/nonexistent/zk-ca.crt") && e.reason.contains("cannot read"), "{e}");
+        let e = bad("[zookeeper.tls]\nca_file = \"/c.crt\"\nserver_name = \"zk\"\n");
+        assert!(e.reason.contains("unknown field `server_name`"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.crt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let e = bad(&format!("[zookeeper.tls]\nca_file = {:?}\n", not_pem.display().to_string()));
+        assert_eq!(e.key, "zookeeper.tls", "{e}");
+        assert!(e.reason.contains(&not_pem.display().to_string()), "{e}");
     }
 
     #[test]

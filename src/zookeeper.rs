@@ -13,6 +13,7 @@ use zookeeper_client::{Acl, Acls, Client, MultiReadResult, Permission, Stat};
 use crate::config::ZookeeperConfig;
 use crate::routing::build::RawNode;
 use crate::routing::{Origin, SourceKind};
+use crate::tls::UpstreamFiles;
 
 /// Operations per multi-read request: keeps a reply well under ZooKeeper's 1 MB `jute.maxbuffer`
 /// for documents of a few hundred bytes.
@@ -42,6 +43,9 @@ pub struct ZkSettings {
     pub paths: Paths,
     /// Digest credentials, "user:password".
     pub auth: Option<Vec<u8>>,
+    /// TLS to the servers' `secureClientPort` (README: "ZooKeeper over TLS"); the files are read
+    /// again for each new session, so a renewed certificate is used from the next one.
+    pub tls: Option<UpstreamFiles>,
 }
 
 impl std::fmt::Debug for ZkSettings {
@@ -52,6 +56,7 @@ impl std::fmt::Debug for ZkSettings {
             .field("resync_jitter", &self.resync_jitter)
             .field("paths", &self.paths)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -62,12 +67,25 @@ static CREATOR_ALL_WORLD_READ: [Acl; 2] =
 
 impl ZkSettings {
     /// Connects a new session (blocks for about the session timeout when no server answers).
-    pub async fn connect(&self) -> Result<Client, zookeeper_client::Error> {
+    /// Over TLS, a failed session is followed by a handshake of zkroute's own with the servers, so
+    /// that the error says why (unknown CA, name mismatch, refused certificate) where the client
+    /// library would only time out.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
         let mut connector = Client::connector().with_session_timeout(self.session_timeout);
         if let Some(auth) = &self.auth {
             connector = connector.with_auth("digest", auth);
         }
-        connector.connect(&self.connect).await
+        let Some(files) = &self.tls else {
+            return connector.connect(&self.connect).await.map_err(ConnectError::from);
+        };
+        let options = tls_options(files)?;
+        // zookeeper-client builds its rustls configuration on the process default provider; make
+        // that the ring provider every other configuration of zkroute uses.
+        let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::ring::default_provider());
+        match connector.with_tls(options).secure_connect(&self.connect).await {
+            Ok(client) => Ok(client),
+            Err(source) => Err(ConnectError { source, tls: diagnose_tls(&self.connect, files).await }),
+        }
     }
 
     /// The ACL of leaf nodes zkroute creates (registrations, `ctl put`): with credentials, only
@@ -110,22 +128,128 @@ impl Backoff {
     }
 }
 
-/// `zookeeper.auth_file` could not be read.
+/// A `[zookeeper]` file that could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("zookeeper.auth_file: cannot read {path}: {source}")]
-pub struct AuthFileError {
-    pub path: std::path::PathBuf,
-    pub source: std::io::Error,
+pub enum SettingsError {
+    #[error("zookeeper.auth_file: cannot read {path}: {source}")]
+    AuthFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{key}: {reason}")]
+    Tls { key: &'static str, reason: String },
+}
+
+impl SettingsError {
+    /// The configuration key it is about.
+    pub fn key(&self) -> &'static str {
+        match self {
+            SettingsError::AuthFile { .. } => "zookeeper.auth_file",
+            SettingsError::Tls { key, .. } => key,
+        }
+    }
+}
+
+/// A session that could not be made, and over TLS what a handshake of zkroute's own found.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub source: zookeeper_client::Error,
+    /// Why the TLS handshake with a server failed, if it did.
+    pub tls: Option<String>,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tls {
+            Some(tls) => write!(f, "{}; {tls}", self.source),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl From<zookeeper_client::Error> for ConnectError {
+    fn from(source: zookeeper_client::Error) -> Self {
+        ConnectError { source, tls: None }
+    }
+}
+
+impl From<SettingsError> for ConnectError {
+    fn from(e: SettingsError) -> Self {
+        ConnectError { source: zookeeper_client::Error::BadArguments(&"zookeeper.tls files"), tls: Some(e.to_string()) }
+    }
+}
+
+/// The client library's TLS options from the `zookeeper.tls` files: the CA bundle (given, or
+/// the system's) and, if set, the client certificate and key.
+fn tls_options(files: &UpstreamFiles) -> Result<zookeeper_client::TlsOptions, SettingsError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| SettingsError::Tls { key, reason: format!("cannot read {}: {e}", path.display()) })
+    };
+    let ca_path = files.ca_file.clone().or_else(crate::tls::system_roots_file).ok_or(SettingsError::Tls {
+        key: "zookeeper.tls.ca_file",
+        reason: "not set, and this system has no CA bundle".into(),
+    })?;
+    let ca = read("zookeeper.tls.ca_file", &ca_path)?;
+    let invalid = |key: &'static str, path: &std::path::Path, e: zookeeper_client::Error| SettingsError::Tls {
+        key,
+        reason: format!("{}: {e}", path.display()),
+    };
+    let mut options = zookeeper_client::TlsOptions::new()
+        .with_pem_ca(&ca)
+        .map_err(|e| invalid("zookeeper.tls.ca_file", &ca_path, e))?;
+    if let (Some(cert_path), Some(key_path)) = (&files.cert_file, &files.key_file) {
+        let (cert, key) = (read("zookeeper.tls.cert_file", cert_path)?, read("zookeeper.tls.key_file", key_path)?);
+        options = options.with_pem_identity(&cert, &key).map_err(|e| invalid("zookeeper.tls.key_file", key_path, e))?;
+    }
+    Ok(options)
+}
+
+/// Handshakes with each server of `connect` as the client library would, and says why the first
+/// that fails does; None if every handshake succeeds (the failure was elsewhere).
+async fn diagnose_tls(connect: &str, files: &UpstreamFiles) -> Option<String> {
+    use rustls::pki_types::ServerName;
+    let config = match crate::tls::UpstreamTls::load(files) {
+        Ok(tls) => tls.current().get(crate::tls::Alpn::None).clone(),
+        Err(e) => return Some(format!("TLS files: {e}")),
+    };
+    let servers = connect.split_once('/').map_or(connect, |(servers, _chroot)| servers);
+    for server in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let server = server.strip_prefix("tcp+tls://").unwrap_or(server);
+        let host = server.rsplit_once(':').map_or(server, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        let Ok(name) = ServerName::try_from(host.to_owned()) else {
+            return Some(format!("{host:?} is not a name TLS can verify"));
+        };
+        let addr = if server.contains(':') { server.to_owned() } else { format!("{server}:2181") };
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await
+        };
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), handshake)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")));
+        if let Err(e) = outcome {
+            return Some(format!("TLS handshake with {addr} failed ({}): {e}", crate::tls::failure_reason(&e)));
+        }
+    }
+    None
 }
 
 impl ZkSettings {
-    /// From the `[zookeeper]` section; reads `auth_file` if one is given.
-    pub fn from_config(zk: &ZookeeperConfig) -> Result<ZkSettings, AuthFileError> {
+    /// From the `[zookeeper]` section; reads `auth_file` if one is given, and checks that the
+    /// `tls` files load.
+    pub fn from_config(zk: &ZookeeperConfig) -> Result<ZkSettings, SettingsError> {
+        if let Some(files) = &zk.tls {
+            tls_options(files)?;
+        }
         let auth = match (&zk.auth, &zk.auth_file) {
             (Some(a), _) => Some(a.clone().into_bytes()),
             (None, Some(path)) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|source| AuthFileError { path: path.clone(), source })?
+                    .map_err(|source| SettingsError::AuthFile { path: path.clone(), source })?
                     .trim()
                     .as_bytes()
                     .to_vec(),
@@ -143,6 +267,7 @@ impl ZkSettings {
                 dubbo: zk.dubbo_root.clone(),
             },
             auth,
+            tls: zk.tls.clone(),
         })
     }
 }

@@ -11,6 +11,7 @@ set -euo pipefail
 # Debian packages: "probe package", where the probe is a command on PATH or an absolute path.
 DEBIAN=(
     "/usr/share/java/zookeeper.jar zookeeper"
+    "/usr/share/java/netty-codec.jar libnetty-java" # ZooKeeper's Netty TLS (tests/support/zk.rs)
     "java default-jre-headless"
     "ss iproute2"
     "promtool prometheus"

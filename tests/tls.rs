@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::pki::{Ca, Issued};
+use support::pki::{Ca, Issued, Validity};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -467,4 +467,109 @@ async fn sidecar_a_originates_mutual_tls_to_sidecar_b_which_forwards_to_its_loca
     assert!(get(b.listener("inbound"), "/").await.is_err());
     a.stop().await;
     b.stop().await;
+}
+
+/// `[zookeeper]` over mutual TLS to `connect`, trusting `ca` and presenting `identity`; a short
+/// session timeout so that a failure shows quickly.
+fn zk_tls_config(connect: &str, ca: &Ca, identity: &Issued) -> String {
+    format!(
+        "[zookeeper]\nconnect = \"{connect}\"\nsession_timeout = \"2s\"\nstartup_timeout = \"1s\"\n\
+         [zookeeper.tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n[admin]\nbind = \"127.0.0.1:0\"\n{HTTP_LISTENER}",
+        toml_path(&ca.cert),
+        toml_path(&identity.cert),
+        toml_path(&identity.key),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_over_mutual_tls_discovers_an_instance_and_a_server_of_an_unknown_ca_is_named_as_such() {
+    let servers = Ca::new("zk-servers");
+    let clients = Ca::new("zk-clients");
+    let zk = Zk::start_secure(&servers.issue("zk", &["DNS:localhost", "IP:127.0.0.1"]), &clients.cert);
+    let sidecar = clients.issue("sidecar", &["DNS:localhost", "IP:127.0.0.1"]);
+    // The test writes through the plain port; zkroute reads through the TLS one only.
+    let chroot = zk.chroot();
+    let writer = chroot.client().await;
+    let backend = Backend::http("a").await;
+    writer.put("/zkroute/services/users/a", &backend.addr.to_string()).await;
+    writer.put("/zkroute/rules/r", r#"{"listener":"http","backends":[{"service":"users"}]}"#).await;
+    let secure = chroot.connect.replace(&format!(":{}/", zk.port), &format!(":{}/", zk.secure_port.unwrap()));
+    assert_ne!(secure, chroot.connect);
+
+    let proxy = Proxy::start(&zk_tls_config(&secure, &servers, &sidecar)).await;
+    let addr = proxy.listener("http");
+    let r = eventually("a request reaches the instance discovered over TLS", Duration::from_secs(20), || async {
+        get(addr, "/").await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    assert_eq!(who(&r), "a");
+    let c = proxy.config().await;
+    assert_eq!(c["zookeeper"]["state"], "connected", "{:#}", c["zookeeper"]);
+    assert!(zk.log().contains("secure: true"), "the server serves TLS on its secure port; its log:\n{}", zk.log());
+
+    // A sidecar that trusts another CA refuses the server, and says so.
+    let stranger = Ca::new("stranger");
+    let refused = Proxy::start(&zk_tls_config(&secure, &stranger, &sidecar)).await;
+    let status = eventually("the unknown CA named", Duration::from_secs(20), || async {
+        let z = refused.config().await["zookeeper"].clone();
+        z["error"].as_str().filter(|e| e.contains("unknown_ca")).map(str::to_owned)
+    })
+    .await;
+    assert!(status.contains(&format!("TLS handshake with 127.0.0.1:{} failed", zk.secure_port.unwrap())), "{status}");
+    assert_eq!(refused.config().await["zookeeper"]["connected"], false);
+    assert_ne!(get(refused.listener("http"), "/").await.unwrap().status(), 200, "nothing was discovered");
+    proxy.stop().await;
+    refused.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_upstream_certificate_is_refused_and_counted_as_expired() {
+    let servers = Ca::new("servers");
+    let expired = servers.issue_with(
+        "users",
+        &["DNS:users.internal", "IP:127.0.0.1"],
+        Validity::Between("200101000000Z", "200201000000Z"),
+    );
+    let backend = support::pki::TlsBackend::start(&expired, None);
+    let trust = format!("[tls]\nca_file = {}\n", toml_path(&servers.cert));
+    let (_routes, proxy) =
+        through(&backend.addr.to_string(), r#"{"tls":{"server_name":"users.internal"}}"#, &trust).await;
+    let r = get(proxy.listener("http"), "/").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["x-zkroute-error"].to_str().unwrap()),
+        (502, "upstream_connect_failed"),
+        "{r:?}"
+    );
+    assert!(
+        proxy.metric(r#"zkroute_upstream_tls_errors_total{reason="expired",service="users"}"#).await >= Some(1.0),
+        "{}",
+        proxy.metrics().await
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_within_7_days_of_its_end_is_warned_about_in_the_log_and_a_later_one_is_not() {
+    let ca = Ca::new("server");
+    let soon = ca.issue_with("soon", &["IP:127.0.0.1"], Validity::Days(3));
+    let later = ca.issue("later", &["IP:127.0.0.1"]);
+    let routes = Routes::new();
+    let extra = tls_listener("soon", "http", &soon, None, Some("web"))
+        + &tls_listener("later", "http", &later, None, Some("web"));
+    let zkroute = Binary::start_with(&routes, "1s", &extra, &[]).await;
+    let warning = "TLS certificate expires within 7 days";
+    let line = eventually("the expiry warning", Duration::from_secs(15), || async {
+        zkroute.log().lines().find(|l| l.contains(warning)).map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains(&soon.cert.display().to_string()), "{line}");
+    let expiry =
+        |c: &Issued| format!(r#"zkroute_tls_certificate_expiry_timestamp_seconds{{file="{}"}}"#, c.cert.display());
+    let metrics = String::from_utf8_lossy(get(zkroute.admin, "/metrics").await.unwrap().body()).into_owned();
+    assert!(metric_value(&metrics, &expiry(&soon)).unwrap() < metric_value(&metrics, &expiry(&later)).unwrap());
+    assert!(line.contains("in_hours=71") || line.contains("in_hours=72"), "three days ahead: {line}");
+    // Both listeners were loaded before zkroute was ready: the 30-day certificate was not warned about.
+    let log = zkroute.log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(!log.contains(&later.cert.display().to_string()), "{log}");
 }

@@ -135,8 +135,7 @@ impl App {
         }
         let zk = match registrations_change && !next.registrations.is_empty() {
             true => Some(
-                ZkSettings::from_config(&self.config.zookeeper)
-                    .map_err(|e| refuse("zookeeper.auth_file".into(), e.to_string()))?,
+                ZkSettings::from_config(&self.config.zookeeper).map_err(|e| refuse(e.key().into(), e.to_string()))?,
             ),
             false => None,
         };
@@ -237,7 +236,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
             dubbo_root,
             snapshot,
             auth,
-            auth_file
+            auth_file,
+            tls
         ]
     );
     compare!("admin", old.admin, new.admin, [bind, config_endpoint]);
@@ -291,5 +291,11 @@ mod tests {
         assert_eq!((next.zookeeper.connect.as_str(), next.proxy.workers), ("a:1", 0));
         assert_eq!(next.proxy.timeout, new.proxy.timeout, "the rest is the new file's");
         assert!(restart_only(&old, &next).is_empty());
+
+        // `[zookeeper.tls]` with the system's roots (where this system has a bundle).
+        if crate::tls::system_roots_file().is_some() {
+            let tls = config("[zookeeper]\nconnect = \"a:1\"\n[zookeeper.tls]\n[proxy]\ntimeout = \"1s\"\n");
+            assert_eq!(restart_only(&old, &tls), ["zookeeper.tls"]);
+        }
     }
 }

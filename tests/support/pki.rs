@@ -11,6 +11,15 @@ pub struct Issued {
     pub key: PathBuf,
 }
 
+/// How long an issued certificate is valid.
+#[derive(Clone, Copy, Debug)]
+pub enum Validity {
+    /// From now, for this many days.
+    Days(u32),
+    /// notBefore and notAfter as `YYMMDDHHMMSSZ`, e.g. a window in the past.
+    Between(&'static str, &'static str),
+}
+
 /// A CA in a temporary directory, removed when dropped.
 pub struct Ca {
     dir: tempfile::TempDir,
@@ -60,6 +69,11 @@ impl Ca {
     /// A certificate for `cn` with subjectAltNames `sans` (`DNS:a`, `IP:127.0.0.1`, `URI:...`),
     /// valid 30 days, for server and client use.
     pub fn issue(&self, cn: &str, sans: &[&str]) -> Issued {
+        self.issue_with(cn, sans, Validity::Days(30))
+    }
+
+    /// As [`Ca::issue`], valid for `validity`.
+    pub fn issue_with(&self, cn: &str, sans: &[&str], validity: Validity) -> Issued {
         let dir = self.dir.path();
         let stem = format!("{}-{cn}-{}", self.name, fastrand::u32(..));
         let (cert, key, csr, ext) = (
@@ -90,27 +104,73 @@ impl Ca {
                 csr.to_str().unwrap(),
             ],
         );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                csr.to_str().unwrap(),
-                "-CA",
-                self.cert.to_str().unwrap(),
-                "-CAkey",
-                self.key.to_str().unwrap(),
-                "-set_serial",
-                &fastrand::u32(1..).to_string(),
-                "-days",
-                "30",
-                "-extfile",
-                ext.to_str().unwrap(),
-                "-out",
-                cert.to_str().unwrap(),
-            ],
-        );
+        let (csr, ext, out) = (csr.to_str().unwrap(), ext.to_str().unwrap(), cert.to_str().unwrap());
+        let (ca_cert, ca_key) = (self.cert.to_str().unwrap(), self.key.to_str().unwrap());
+        match validity {
+            Validity::Days(days) => openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    csr,
+                    "-CA",
+                    ca_cert,
+                    "-CAkey",
+                    ca_key,
+                    "-set_serial",
+                    &fastrand::u32(1..).to_string(),
+                    "-days",
+                    &days.to_string(),
+                    "-extfile",
+                    ext,
+                    "-out",
+                    out,
+                ],
+            ),
+            // OpenSSL 3.0's `x509` has no start date: `ca` does, with a database of its own.
+            Validity::Between(not_before, not_after) => {
+                let db = dir.join(format!("{stem}.db"));
+                std::fs::write(&db, "").unwrap();
+                let cnf = dir.join(format!("{stem}.cnf"));
+                std::fs::write(
+                    &cnf,
+                    format!(
+                        "[ca]\ndefault_ca = d\n[d]\ndatabase = {}\nserial = {}.serial\nnew_certs_dir = {}\ndefault_md = sha256\n\
+                         policy = p\nunique_subject = no\n[p]\ncommonName = supplied\norganizationName = optional\n",
+                        db.display(),
+                        db.display(),
+                        dir.display()
+                    ),
+                )
+                .unwrap();
+                openssl(
+                    dir,
+                    &[
+                        "ca",
+                        "-batch",
+                        "-notext",
+                        "-config",
+                        cnf.to_str().unwrap(),
+                        "-cert",
+                        ca_cert,
+                        "-keyfile",
+                        ca_key,
+                        "-in",
+                        csr,
+                        "-out",
+                        out,
+                        "-extfile",
+                        ext,
+                        "-startdate",
+                        not_before,
+                        "-enddate",
+                        not_after,
+                        "-rand_serial",
+                    ],
+                );
+            }
+        }
         Issued { cert, key }
     }
 }

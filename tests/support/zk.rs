@@ -24,6 +24,9 @@ pub fn set_jvm_options(options: &[&str]) {
     let _ = JVM.set(options.iter().map(|o| (*o).to_owned()).collect());
 }
 const SLF4J_JAR: &str = "/usr/share/java/slf4j-simple.jar";
+/// Netty's codec classes: `zookeeper.jar`'s manifest leaves them out, and the Netty connection
+/// factory (the one that serves TLS) needs them.
+const NETTY_CODEC_JAR: &str = "/usr/share/java/netty-codec.jar";
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -47,6 +50,8 @@ impl Running {
 /// One ZooKeeper server (standalone) or a member of an ensemble.
 pub struct Zk {
     pub port: u16,
+    /// The TLS port (`secureClientPort`) of a server started by [`Zk::start_secure`].
+    pub secure_port: Option<u16>,
     dir: tempfile::TempDir,
     running: Option<Running>,
     /// Where `java` writes its log, for failure messages.
@@ -63,18 +68,49 @@ static CHROOTS: AtomicU32 = AtomicU32::new(0);
 impl Zk {
     /// Starts a standalone server and waits until it answers.
     pub fn start() -> Zk {
+        Zk::start_with(|_| String::new(), None)
+    }
+
+    /// A standalone server that also serves TLS on [`Zk::secure_port`] (Netty, PEM key and trust
+    /// stores, as the README's "ZooKeeper over TLS" sets it up), presenting `server` and requiring
+    /// a client certificate that chains to `client_ca`. The plain port stays open for the test's
+    /// own client.
+    pub fn start_secure(server: &super::pki::Issued, client_ca: &std::path::Path) -> Zk {
+        let secure_port = free_port();
+        Zk::start_with(
+            |dir| {
+                // ZooKeeper's PEM key store is one file: the private key, then the certificate.
+                let key_store = dir.join("zk-keystore.pem");
+                let pem = std::fs::read_to_string(&server.key).expect("server key")
+                    + &std::fs::read_to_string(&server.cert).expect("server certificate");
+                std::fs::write(&key_store, pem).expect("key store");
+                format!(
+                    "secureClientPort={secure_port}\nsecureClientPortAddress=127.0.0.1\n\
+                     serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+                     ssl.keyStore.location={}\nssl.keyStore.type=PEM\n\
+                     ssl.trustStore.location={}\nssl.trustStore.type=PEM\nssl.clientAuth=need\n",
+                    key_store.display(),
+                    client_ca.display()
+                )
+            },
+            Some(secure_port),
+        )
+    }
+
+    fn start_with(extra: impl FnOnce(&std::path::Path) -> String, secure_port: Option<u16>) -> Zk {
         super::deps::ensure();
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let cfg = format!(
             "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
-             4lw.commands.whitelist=*\nmaxSessionTimeout=20000\nmaxClientCnxns=0\n",
-            dir.path().join("data").display()
+             4lw.commands.whitelist=*\nmaxSessionTimeout=20000\nmaxClientCnxns=0\n{}",
+            dir.path().join("data").display(),
+            extra(dir.path()),
         );
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         std::fs::write(dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
         let log = dir.path().join("zk.log");
-        let mut zk = Zk { port, dir, running: None, log, main_class: STANDALONE_MAIN };
+        let mut zk = Zk { port, secure_port, dir, running: None, log, main_class: STANDALONE_MAIN };
         zk.launch(STANDALONE_MAIN);
         zk.wait_until_serving();
         zk
@@ -105,7 +141,7 @@ impl Zk {
             .args(JVM.get().map_or_else(|| TEST_JVM.iter().map(|o| (*o).to_owned()).collect(), Vec::clone))
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
-            .arg(format!("{ZK_JAR}:{SLF4J_JAR}"))
+            .arg(format!("{ZK_JAR}:{SLF4J_JAR}:{NETTY_CODEC_JAR}"))
             .arg(main_class)
             .arg(self.dir.path().join("zoo.cfg"))
             .stdin(Stdio::null())
@@ -174,6 +210,11 @@ impl Zk {
         if let Some(r) = &self.running {
             let _ = Command::new("kill").args(["-CONT", &r.java.id().to_string()]).status();
         }
+    }
+
+    /// What the server logged, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// A fresh chroot for one test, created on the server: `127.0.0.1:port/t<n>-<pid>`.
@@ -324,7 +365,7 @@ impl Ensemble {
             );
             std::fs::write(dir.path().join("zoo.cfg"), cfg).expect("zoo.cfg");
             let log = dir.path().join("zk.log");
-            let mut zk = Zk { port: *client, dir, running: None, log, main_class: QUORUM_MAIN };
+            let mut zk = Zk { port: *client, secure_port: None, dir, running: None, log, main_class: QUORUM_MAIN };
             zk.launch(QUORUM_MAIN);
             members.push(zk);
         }
