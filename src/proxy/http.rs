@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use self::codec::IoBuf;
 use super::upstream::Pools;
 use super::{Limits, Tracker};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnGauges, ConnState, Metrics};
 use crate::routing::RouteReader;
 use crate::routing::table::ListenerId;
 use crate::shutdown::Shutdown;
@@ -35,6 +35,8 @@ pub struct HttpContext {
     /// Told when passive outlier detection ejects an endpoint.
     pub health: crate::health::HealthReporter,
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    /// `zkroute_connections{listener,state}` of this listener.
+    pub conn_gauges: ConnGauges,
 }
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
@@ -54,7 +56,14 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
 }
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
-    let mut buf = IoBuf::new(16 * 1024);
+    let mut counted = ctx.conn_gauges.count(ConnState::Idle);
+    let mut buf = IoBuf::lazy(h1::CLIENT_BUF);
+    if !matches!(
+        super::lazy_timeout::timeout(ctx.limits.idle_timeout, first_read(&stream, &mut buf)).await,
+        Ok(Ok(1..))
+    ) {
+        return;
+    }
     // Read until the bytes either are the HTTP/2 preface or cannot be: the first within the idle
     // timeout, the rest of the preface within the header timeout, as for a request head.
     let mut header_deadline = None;
@@ -65,7 +74,8 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             break;
         }
         if n == H2_PREFACE.len() {
-            h2::serve(stream, peer, buf, ctx).await;
+            counted.set(ConnState::Active);
+            Box::pin(h2::serve(stream, peer, buf, ctx)).await;
             return;
         }
         let read = match header_deadline {
@@ -73,6 +83,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
                 super::lazy_timeout::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await
             }
             None => {
+                counted.set(ConnState::ReadingHead);
                 let deadline = tokio::time::Instant::now() + ctx.limits.header_read_timeout;
                 header_deadline = Some(deadline);
                 super::lazy_timeout::timeout_at(deadline, buf.read_from(&mut stream)).await
@@ -84,5 +95,19 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Http
             Ok(Ok(_)) => {}
         }
     }
-    h1::Connection::new(ctx, stream, peer, buf).run().await;
+    // Boxed: the engines' futures are large, and inline they would be part of the task of every
+    // connection from its accept on, a silent one included.
+    Box::pin(h1::Connection::new(ctx, stream, peer, buf, counted).run()).await;
+}
+
+/// Waits for a new connection's first bytes and reads them: a client that connects and stays
+/// silent holds no buffer (readiness may come without bytes: the buffer goes back then).
+async fn first_read(stream: &TcpStream, buf: &mut IoBuf) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match buf.try_read_from(stream) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
 }

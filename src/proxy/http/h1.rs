@@ -19,6 +19,7 @@ use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
+use crate::metrics::{ConnState, Counted};
 use crate::net::IpText;
 use crate::proxy::Limits;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key};
@@ -30,8 +31,9 @@ use crate::routing::table::{Route, TargetStats};
 
 mod to_h2;
 
-/// Read buffer of a client connection; heads larger than this grow it up to the header limit.
-const CLIENT_BUF: usize = 16 * 1024;
+/// Read buffer of a client connection, held only while a request is read or proxied; heads
+/// larger than this grow it up to the header limit.
+pub(super) const CLIENT_BUF: usize = 16 * 1024;
 /// Body bytes copied into the head's write when already buffered, to send both in one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -64,6 +66,8 @@ pub struct Connection {
     /// Resolves when draining starts. Made once per connection: between requests it costs a
     /// poll, where a fresh wait would join and leave the signal's waiter list every time.
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The connection's place in `zkroute_connections`.
+    counted: Counted,
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -113,8 +117,9 @@ enum Pending {
 }
 
 impl Connection {
-    pub fn new(ctx: Arc<HttpContext>, stream: TcpStream, peer: SocketAddr, buf: IoBuf) -> Self {
+    pub fn new(ctx: Arc<HttpContext>, stream: TcpStream, peer: SocketAddr, buf: IoBuf, counted: Counted) -> Self {
         Connection {
+            counted,
             stream,
             buf,
             out: Vec::with_capacity(1024),
@@ -144,6 +149,7 @@ impl Connection {
                     return;
                 }
             };
+            self.counted.set(ConnState::Active);
             if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
@@ -162,6 +168,7 @@ impl Connection {
                 match head::parse_request(self.buf.filled(), &mut self.fields)? {
                     Parse::Complete(h) => return Ok(Some(h)),
                     Parse::Partial => {
+                        self.counted.set(ConnState::ReadingHead);
                         if self.buf.len() >= limits.max_header_bytes {
                             return Err(ProxyError::HeadersTooLarge);
                         }
@@ -174,7 +181,9 @@ impl Connection {
             let read = match header_deadline {
                 Some(d) => timeout_at(d, self.buf.read_from(&mut self.stream)).await,
                 None if self.buf.is_empty() => {
-                    // Between requests: idle, or draining.
+                    // Between requests: idle, or draining, holding no buffer (the next read
+                    // allocates one).
+                    wait_idle(&mut self.counted, &mut self.buf);
                     self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     tokio::select! {
                         biased;
@@ -387,7 +396,7 @@ impl Connection {
         let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, response_timer, .. } = self;
+        let Connection { stream, buf, out, resp_fields, response_timer, counted, .. } = self;
         response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
@@ -494,6 +503,7 @@ impl Connection {
         }
         if upgrade {
             drop(in_flight);
+            counted.set(ConnState::Tunnel);
             let moved = RelayedBytes::default();
             // Boxed: a tunnel's state is large and rare, and inline it would be part of, and copied
             // with, every connection's future.
@@ -515,6 +525,14 @@ impl Connection {
         let relayed = Relayed { next, bytes_in: pumped, bytes_out };
         Outcome::Answered { status, upstream_fault: status >= 500, value: (status, relayed) }
     }
+}
+
+/// Before waiting for a request: the connection counts as idle and gives its (empty) read buffer
+/// back, so a held connection costs no buffer, nor a grown one after a long head.
+#[inline]
+fn wait_idle(counted: &mut Counted, buf: &mut IoBuf) {
+    counted.set(ConnState::Idle);
+    buf.release();
 }
 
 enum PumpError {
