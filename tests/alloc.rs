@@ -91,8 +91,8 @@ fn a_client_address_is_written_and_hashed_without_allocating() {
 }
 
 /// Client connections that wait hold no read buffer (16 KiB): one connected with nothing sent
-/// costs little more than its task and socket registration, one between keep-alive requests its
-/// connection state (the engine's future, header and output vectors: about 13 KiB in a debug
+/// costs little more than its task and socket registration, one between keep-alive requests
+/// (after a second of it) its connection state (the engine's future, header and output vectors: about 13 KiB in a debug
 /// build, counted with the client's side of the socket) but no buffer. Real sockets through a
 /// zkroute started in this process, to a minimal HTTP backend.
 fn a_waiting_client_connection_holds_no_read_buffer() {
@@ -200,8 +200,17 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
             kept.push(answered(addr).await.unwrap());
         }
         until_idle(1 + 2 * N as i64).await;
-        let s = region.change();
-        let per_kept = (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) / N as isize;
+        // A waiting connection keeps its buffer for a moment (for a quick next request), then
+        // gives it back.
+        let net = |s: stats_alloc::Stats| (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) / N as isize;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let per_kept = loop {
+            let per_kept = net(region.change());
+            if per_kept < KEPT_LIMIT || Instant::now() > deadline {
+                break per_kept;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         println!("heap per connection: {per_quiet} bytes connected and silent, {per_kept} between keep-alive requests");
         assert!(per_quiet < SILENT_LIMIT, "{per_quiet} bytes per silent connection");
         assert!(per_kept < KEPT_LIMIT, "{per_kept} bytes per idle keep-alive connection");

@@ -34,6 +34,9 @@ mod to_h2;
 /// Read buffer of a client connection, held only while a request is read or proxied; heads
 /// larger than this grow it up to the header limit.
 pub(super) const CLIENT_BUF: usize = 16 * 1024;
+/// How long a connection waiting for its next request keeps its (empty) read buffer: a quick
+/// next request reuses it, a longer wait gives it back (a grown one too).
+const BUFFER_HOLD: Duration = Duration::from_secs(1);
 /// Body bytes copied into the head's write when already buffered, to send both in one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -181,16 +184,34 @@ impl Connection {
             let read = match header_deadline {
                 Some(d) => timeout_at(d, self.buf.read_from(&mut self.stream)).await,
                 None if self.buf.is_empty() => {
-                    // Between requests: idle, or draining, holding no buffer (the next read
-                    // allocates one).
-                    wait_idle(&mut self.counted, &mut self.buf);
-                    self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
-                    tokio::select! {
-                        biased;
-                        r = self.stream.readable() => { if r.is_err() { return Ok(None) } }
-                        _ = self.idle_timer.as_mut() => return Ok(None),
-                        // Completes once: the connection ends with it.
-                        _ = self.shutdown.as_mut() => return Ok(None),
+                    // Between requests: idle, or draining. The read buffer is kept for a next
+                    // request that comes soon (the keep-alive path allocates nothing) and given
+                    // back once the wait lasts `BUFFER_HOLD`: a held connection has no buffer.
+                    self.counted.set(ConnState::Idle);
+                    let now = tokio::time::Instant::now();
+                    let idle_end = now + limits.idle_timeout;
+                    let mut holding = self.buf.capacity() != 0 && BUFFER_HOLD < limits.idle_timeout;
+                    self.idle_timer.as_mut().reset(if holding { now + BUFFER_HOLD } else { idle_end });
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = self.stream.readable() => {
+                                if r.is_err() {
+                                    return Ok(None);
+                                }
+                                break;
+                            }
+                            _ = self.idle_timer.as_mut() => {
+                                if !holding {
+                                    return Ok(None);
+                                }
+                                holding = false;
+                                self.buf.release();
+                                self.idle_timer.as_mut().reset(idle_end);
+                            }
+                            // Completes once: the connection ends with it.
+                            _ = self.shutdown.as_mut() => return Ok(None),
+                        }
                     }
                     // A head's first bytes are here. Most heads come whole in this read, so the
                     // header timeout is armed only if it waits, or (below) if another is needed.
@@ -525,14 +546,6 @@ impl Connection {
         let relayed = Relayed { next, bytes_in: pumped, bytes_out };
         Outcome::Answered { status, upstream_fault: status >= 500, value: (status, relayed) }
     }
-}
-
-/// Before waiting for a request: the connection counts as idle and gives its (empty) read buffer
-/// back, so a held connection costs no buffer, nor a grown one after a long head.
-#[inline]
-fn wait_idle(counted: &mut Counted, buf: &mut IoBuf) {
-    counted.set(ConnState::Idle);
-    buf.release();
 }
 
 enum PumpError {
