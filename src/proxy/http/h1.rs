@@ -125,10 +125,12 @@ impl Connection {
             counted,
             stream,
             buf,
-            out: Vec::with_capacity(1024),
-            req: Vec::with_capacity(1024),
+            // Allocated with the first complete head (`prepare_exchange`): a client that never
+            // sends one, slow or idle, does not hold them.
+            out: Vec::new(),
+            req: Vec::new(),
             fields: Vec::with_capacity(32),
-            resp_fields: Vec::with_capacity(32),
+            resp_fields: Vec::new(),
             client_ip: IpText::new(peer.ip()),
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -153,11 +155,22 @@ impl Connection {
                 }
             };
             self.counted.set(ConnState::Active);
+            self.prepare_exchange();
             if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
             }
+        }
+    }
+
+    /// The vectors an exchange writes, allocated once, with the connection's first complete head.
+    #[inline]
+    fn prepare_exchange(&mut self) {
+        if self.req.capacity() == 0 {
+            self.out.reserve(1024);
+            self.req.reserve(1024);
+            self.resp_fields.reserve(32);
         }
     }
 
