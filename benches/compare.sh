@@ -79,7 +79,7 @@ STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 BODY=$(printf 'x%.0s' {1..99})$'\n' # 100 bytes; nginx `return` takes the literal
 BODY_CONF=$(printf 'x%.0s' {1..99})'\n'
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case $1 in
