@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
-#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2]]
-#                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G]
+#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2,mem,tls,tls-newconn,tls-bulk]]
+#                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G] [--mem-conns 5000]
 #                      (protection on, one feature each: zkroute-breaker, zkroute-ratelimit, zkroute-budget,
 #                      zkroute-headers, zkroute-zones)
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
@@ -20,6 +20,9 @@
 #   X25519 (an OPENSSL_CONF of its own), no session resumption: `tls` keep-alive CPU per request
 #   (wrk, 32 connections), `tls-newconn` a full handshake per request (`openssl s_time -new`, one
 #   connection at a time), `tls-bulk` CPU-s per GiB of a 64 MiB body (wrk -c1)
+#   `mem`, not run by default: --mem-conns client connections held open through each proxy (half
+#   idle, half with part of a request head; benches/hold_conns.py), RSS before, while held, and
+#   two seconds after they close
 #
 # Method (docs/PERFORMANCE.md says why each step is there):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -75,13 +78,15 @@ INSTALL=1
 REPORT_ONLY=""
 ZKROUTE_B_BIN="" # --zkroute-b: another build, the `zkroute-b` entry
 CONNS=32 # keep-alive and new-connection runs
+MEM_CONNS=5000 # connections held in the `mem` mode
+MEM_SETTLE=2 # seconds after they close before the `mem` mode's last RSS reading
 LOAD_CPU=0
 PROXY_CPU=1
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 BODY=$(printf 'x%.0s' {1..99})$'\n' # 100 bytes; nginx `return` takes the literal
 BODY_CONF=$(printf 'x%.0s' {1..99})'\n'
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case $1 in
@@ -90,6 +95,7 @@ while [ $# -gt 0 ]; do
         --modes) MODES=$2; shift 2 ;;
         --entries) ENTRIES=$2; shift 2 ;;
         --tcp-bytes) TCP_BYTES=$2; shift 2 ;;
+        --mem-conns) MEM_CONNS=$2; shift 2 ;;
         --callgrind-entries) CALLGRIND_ENTRIES=$2; shift 2 ;;
         --callgrind-seconds) CALLGRIND_SECONDS=$2; shift 2 ;;
         --max-noise) MAX_NOISE=$2; shift 2 ;;
@@ -152,6 +158,8 @@ install_deps() {
 
 build_zkroute() {
     local newer=""
+    # Only this checkout's entries run its binary (`zkroute-b` brings its own).
+    [[ ",$ENTRIES,$CALLGRIND_ENTRIES," =~ ,zkroute(-nometrics)?, ]] || return 0
     if [ -x "$ZKROUTE" ]; then
         newer=$(find "$REPO/src" "$REPO/Cargo.toml" "$REPO/Cargo.lock" -newer "$ZKROUTE" -print -quit)
     fi
@@ -162,7 +170,7 @@ build_zkroute() {
 }
 
 versions() {
-    echo "- zkroute: $("$ZKROUTE" --version) (git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes'))"
+    [ -x "$ZKROUTE" ] && echo "- zkroute: $("$ZKROUTE" --version) (git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes'))"
     if [ -n "$ZKROUTE_B_BIN" ]; then echo "- zkroute-b: $("$ZKROUTE_B_BIN" --version) ($ZKROUTE_B_BIN)"; fi
     echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "- haproxy: $(haproxy -v | head -1)"
@@ -1102,6 +1110,30 @@ mode_callgrind() { # MODE [WRK ARGS...]
     done
 }
 
+# mem: connections held open through each proxy, one entry at a time (the others parked), RSS
+# before, while held, and MEM_SETTLE seconds after they close (benches/hold_conns.py). RSS is not
+# CPU-sensitive: no quiet window is needed.
+mode_mem() {
+    local round entry before during after held
+    for round in $(seq 1 "$ROUNDS"); do
+        for entry in "${ENTRY_LIST[@]}"; do
+            [ "$entry" = direct ] && continue
+            alive "$entry" || { say "   ANOMALY: $entry is no longer running"; continue; }
+            record_cmd mem "$entry" "taskset -c $LOAD_CPU python3 benches/hold_conns.py <$entry's HTTP port> $MEM_CONNS $MEM_SETTLE <$entry's pids>"
+            park_others "$entry"
+            read -r before during after held < <(taskset -c $LOAD_CPU python3 "$REPO/benches/hold_conns.py" \
+                "${HTTP_PORT[$entry]}" "$MEM_CONNS" "$MEM_SETTLE" $(pids_of "$entry"))
+            unpark_others "$entry"
+            say "   mem $entry: RSS ${before} kB idle, ${during} kB with $held of $MEM_CONNS held, ${after} kB ${MEM_SETTLE} s after"
+            record "$round" mem "$entry" before_kb "$before"
+            record "$round" mem "$entry" during_kb "$during"
+            record "$round" mem "$entry" after_kb "$after"
+            record "$round" mem "$entry" per_conn_b "$(((during - before) * 1024 / MEM_CONNS))"
+            [ "$held" -ge "$MEM_CONNS" ] || record "$round" mem "$entry" errors "$((MEM_CONNS - held))"
+        done
+    done
+}
+
 # ---------------------------------------------------------------------------------------------
 # The report: medians and min..max per entry, ratios to direct, the commands, as Markdown.
 
@@ -1286,6 +1318,13 @@ if "rss" in modes and present("rss"):
           [[e, cell("rss", e, "idle_kb", "{:.1f}", 1 / 1024), cell("rss", e, "peak_kb", "{:.1f}", 1 / 1024)] for e in present("rss")])
     print()
 
+if "mem" in modes and present("mem"):
+    print("### Memory per held connection (half idle, half with part of a request head), VmRSS summed over the proxy's processes\n")
+    table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "after they close (MB)", "connections not held"],
+          [[e, cell("mem", e, "before_kb", "{:.1f}", 1 / 1024), cell("mem", e, "during_kb", "{:.1f}", 1 / 1024),
+            cell("mem", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem", e, "after_kb", "{:.1f}", 1 / 1024), errors("mem", e)] for e in present("mem")])
+    commands("mem")
+
 for mode, title in [("callgrind", "Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)"),
                     ("callgrind-newconn", "Instructions per new-connection request (callgrind, user space, "
                                           "wrk -c1 -H 'Connection: close'; idle run subtracted)"),
@@ -1373,6 +1412,7 @@ main() {
         fi
     done
 
+    has_mode mem && mode_mem
     has_mode callgrind && mode_callgrind callgrind
     has_mode callgrind-newconn && mode_callgrind callgrind-newconn -H 'Connection: close'
     has_mode callgrind-h2 && mode_callgrind callgrind-h2

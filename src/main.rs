@@ -38,6 +38,12 @@ enum Cmd {
     },
 }
 
+/// jemalloc, with its background thread: memory a burst of connections used goes back to the
+/// system after they close (glibc's malloc keeps most of it), at no cost per request;
+/// docs/PERFORMANCE.md has the figures.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a bad configuration or bad usage.
 const EXIT_CONFIG: u8 = 2;
 

@@ -20,6 +20,7 @@ pub mod names {
     pub const RETRIES: &str = "zkroute_retries_total";
     pub const TCP_CONNECTIONS: &str = "zkroute_tcp_connections_total";
     pub const TCP_ACTIVE_CONNECTIONS: &str = "zkroute_tcp_active_connections";
+    pub const CONNECTIONS: &str = "zkroute_connections";
     pub const TCP_BYTES: &str = "zkroute_tcp_bytes_total";
     pub const TCP_REJECTED: &str = "zkroute_tcp_connections_rejected_total";
     pub const TCP_RELAY_BUFFER_BYTES: &str = "zkroute_tcp_relay_buffer_bytes";
@@ -68,6 +69,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub tcp_connections: IntCounterVec,
     pub tcp_active_connections: IntGaugeVec,
+    /// HTTP listeners' client connections by what they are doing: see [`ConnState`].
+    pub connections: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
     /// TCP connections closed at once, never forwarded; `reason` is an `x-zkroute-error` value.
     pub tcp_rejected: IntCounterVec,
@@ -193,6 +196,12 @@ impl Metrics {
             retries: counter_vec(&r, RETRIES, "Extra attempts made after a failed one.", &["service"]),
             tcp_connections: counter_vec(&r, TCP_CONNECTIONS, "TCP connections accepted.", &["listener", "service"]),
             tcp_active_connections: gauge_vec(&r, TCP_ACTIVE_CONNECTIONS, "TCP connections open.", &["listener"]),
+            connections: gauge_vec(
+                &r,
+                CONNECTIONS,
+                "HTTP listeners' client connections open, by state: reading_head, idle, active, tunnel.",
+                &["listener", "state"],
+            ),
             tcp_bytes: counter_vec(&r, TCP_BYTES, "Bytes forwarded by TCP listeners.", &["listener", "direction"]),
             tcp_rejected: counter_vec(
                 &r,
@@ -445,6 +454,72 @@ impl RuleStats for RuleCounter {
     }
 }
 
+/// What an HTTP listener's client connection is doing, for `zkroute_connections{listener,state}`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConnState {
+    /// Part of a request head (or of the HTTP/2 preface) has arrived, not all of it.
+    ReadingHead,
+    /// Waiting for a request: just accepted, or between keep-alive requests.
+    Idle,
+    /// A request is being proxied; an HTTP/2 connection from its preface on.
+    Active,
+    /// Relaying bytes both ways after a `101 Switching Protocols`.
+    Tunnel,
+}
+
+impl ConnState {
+    const ALL: [ConnState; 4] = [ConnState::ReadingHead, ConnState::Idle, ConnState::Active, ConnState::Tunnel];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnState::ReadingHead => "reading_head",
+            ConnState::Idle => "idle",
+            ConnState::Active => "active",
+            ConnState::Tunnel => "tunnel",
+        }
+    }
+}
+
+/// One listener's `zkroute_connections` children, resolved once so that a connection changing
+/// state is two atomic adds.
+#[derive(Clone)]
+pub struct ConnGauges(Arc<[IntGauge; 4]>);
+
+impl ConnGauges {
+    pub fn new(m: &Metrics, listener: &str) -> Self {
+        ConnGauges(Arc::new(ConnState::ALL.map(|s| m.connections.with_label_values(&[listener, s.label()]))))
+    }
+
+    /// Counts a new connection, in `state` until [`Counted::set`] moves it or it is dropped.
+    pub fn count(&self, state: ConnState) -> Counted {
+        self.0[state as usize].inc();
+        Counted { gauges: self.0.clone(), state }
+    }
+}
+
+/// A connection's place in its listener's `zkroute_connections`; dropping it uncounts it.
+pub struct Counted {
+    gauges: Arc<[IntGauge; 4]>,
+    state: ConnState,
+}
+
+impl Counted {
+    #[inline]
+    pub fn set(&mut self, state: ConnState) {
+        if state != self.state {
+            self.gauges[self.state as usize].dec();
+            self.gauges[state as usize].inc();
+            self.state = state;
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauges[self.state as usize].dec();
+    }
+}
+
 /// A status code as text, without allocating.
 fn status_text(code: u16, buf: &mut [u8; 5]) -> &str {
     let mut n = code;
@@ -478,6 +553,22 @@ mod tests {
         );
         assert!(text.contains(r#"zkroute_http_requests_total{code="207",listener="http",service="users"} 1"#));
         assert!(text.contains(r#"zkroute_http_request_duration_seconds_count{listener="http",service="users"} 12"#));
+    }
+
+    #[test]
+    fn a_connection_is_counted_in_one_state_at_a_time_until_dropped() {
+        let m = Metrics::new(true);
+        let gauges = ConnGauges::new(&m, "http");
+        let value = |s: ConnState| m.connections.with_label_values(&["http", s.label()]).get();
+        let mut c = gauges.count(ConnState::Idle);
+        c.set(ConnState::ReadingHead);
+        c.set(ConnState::Active);
+        assert_eq!(ConnState::ALL.map(value), [0, 0, 1, 0]);
+        c.set(ConnState::Active);
+        c.set(ConnState::Tunnel);
+        assert_eq!(ConnState::ALL.map(value), [0, 0, 0, 1]);
+        drop(c);
+        assert_eq!(ConnState::ALL.map(value), [0, 0, 0, 0]);
     }
 
     #[test]

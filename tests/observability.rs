@@ -413,3 +413,59 @@ async fn a_swap_names_the_zxid_of_the_write_it_applied() {
     let metrics = String::from_utf8_lossy(get(bin.admin, "/metrics").await.unwrap().body()).into_owned();
     assert_eq!(metric_value(&metrics, "zkroute_table_zxid"), Some(stat.mzxid as f64));
 }
+
+/// `zkroute_connections{listener,state}` sees a client connection in each state: idle (connected
+/// with nothing sent, and between keep-alive requests), reading_head (part of a head sent),
+/// active (a request its upstream holds), tunnel (after a 101); and none once they all close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_gauge_shows_each_state() {
+    let web = Backend::http("web").await;
+    let hold = RawBackend::start(Misbehave::Hold).await;
+    let routes = Routes::new();
+    routes.instance("web", "1", web.addr);
+    routes.instance("hold", "1", hold.addr);
+    routes.rule("web", r#"{"listener":"http","backends":[{"service":"web"}]}"#);
+    routes.rule(
+        "hold",
+        r#"{"listener":"http","priority":5,"match":{"path_prefix":"/hold"},"backends":[{"service":"hold"}]}"#,
+    );
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    let addr = proxy.listener("http");
+    let states = |m: &str| {
+        ["reading_head", "idle", "active", "tunnel"].map(|s| {
+            metric_value(m, &format!(r#"zkroute_connections{{listener="http",state="{s}"}}"#)).map(|v| v as i64)
+        })
+    };
+
+    let quiet = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut keep_alive = KeepAlive::connect(addr).await;
+    let r = keep_alive.send(request("GET", "h", "/", &[], "")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n").await.unwrap();
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+    let mut ws = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+
+    let want = [Some(1), Some(2), Some(1), Some(1)];
+    eventually("each state counted", Duration::from_secs(5), || async {
+        let m = proxy.metrics().await;
+        (states(&m) == want).then_some(())
+    })
+    .await;
+    drop((quiet, keep_alive, slow, held, ws));
+    eventually("every connection uncounted", Duration::from_secs(5), || async {
+        let m = proxy.metrics().await;
+        (states(&m) == [Some(0); 4]).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+}

@@ -327,7 +327,9 @@ fn spawn(shared: &Shared, id: ListenerId, l: &Serving, limits: &Limits) -> JoinH
     let name: Arc<str> = Arc::from(l.config.name.as_str());
     match l.config.protocol {
         Protocol::Http => {
+            let conn_gauges = crate::metrics::ConnGauges::new(&shared.metrics, &name);
             let ctx = Arc::new(HttpContext {
+                conn_gauges,
                 listener: id,
                 name,
                 routes: shared.routes.clone(),

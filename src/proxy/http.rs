@@ -16,7 +16,7 @@ use self::codec::IoBuf;
 use super::stream::{ClientStream, ClientTls};
 use super::upstream::Pools;
 use super::{Limits, Tracker};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnGauges, ConnState, Counted, Metrics};
 use crate::routing::RouteReader;
 use crate::routing::table::ListenerId;
 use crate::shutdown::Shutdown;
@@ -41,6 +41,8 @@ pub struct HttpContext {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// This sidecar's `[tls]`, for services whose policy turns TLS on (None: it did not load).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// `zkroute_connections{listener,state}` of this listener.
+    pub conn_gauges: ConnGauges,
 }
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
@@ -60,11 +62,17 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
 }
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
+    let counted = ctx.conn_gauges.count(ConnState::Idle);
     let Some(tls) = &ctx.tls else {
-        return serve_stream(ClientStream::Plain(tcp), peer, ctx, None).await;
+        return serve_stream(ClientStream::Plain(tcp), peer, ctx, None, counted).await;
     };
-    match super::stream::accept_tls(tls, tcp, ctx.limits.header_read_timeout).await {
-        Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info)).await,
+    // A client that connects and stays silent holds no TLS state either.
+    if !matches!(super::lazy_timeout::timeout(ctx.limits.idle_timeout, tcp.readable()).await, Ok(Ok(()))) {
+        return;
+    }
+    // Boxed, as the engines are below: a plain connection's task does not carry the handshake.
+    match Box::pin(super::stream::accept_tls(tls, tcp, ctx.limits.header_read_timeout)).await {
+        Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info), counted).await,
         Err(e) => {
             ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
             tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
@@ -72,8 +80,24 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext
     }
 }
 
-async fn serve_stream(mut stream: ClientStream, peer: SocketAddr, ctx: Arc<HttpContext>, tls: Option<ClientTls>) {
-    let mut buf = IoBuf::new(16 * 1024);
+async fn serve_stream(
+    mut stream: ClientStream,
+    peer: SocketAddr,
+    ctx: Arc<HttpContext>,
+    tls: Option<ClientTls>,
+    mut counted: Counted,
+) {
+    let mut buf = IoBuf::lazy(h1::CLIENT_BUF);
+    let first = async {
+        if let ClientStream::Plain(tcp) = &stream {
+            first_read(tcp, &mut buf).await
+        } else {
+            buf.read_from(&mut stream).await
+        }
+    };
+    if !matches!(super::lazy_timeout::timeout(ctx.limits.idle_timeout, first).await, Ok(Ok(1..))) {
+        return;
+    }
     // Read until the bytes either are the HTTP/2 preface or cannot be: the first within the idle
     // timeout, the rest of the preface within the header timeout, as for a request head.
     let mut header_deadline = None;
@@ -84,7 +108,8 @@ async fn serve_stream(mut stream: ClientStream, peer: SocketAddr, ctx: Arc<HttpC
             break;
         }
         if n == H2_PREFACE.len() {
-            h2::serve(stream, peer, buf, ctx, tls.map(Arc::new)).await;
+            counted.set(ConnState::Active);
+            Box::pin(h2::serve(stream, peer, buf, ctx, tls.map(Arc::new))).await;
             return;
         }
         let read = match header_deadline {
@@ -92,6 +117,7 @@ async fn serve_stream(mut stream: ClientStream, peer: SocketAddr, ctx: Arc<HttpC
                 super::lazy_timeout::timeout(ctx.limits.idle_timeout, buf.read_from(&mut stream)).await
             }
             None => {
+                counted.set(ConnState::ReadingHead);
                 let deadline = tokio::time::Instant::now() + ctx.limits.header_read_timeout;
                 header_deadline = Some(deadline);
                 super::lazy_timeout::timeout_at(deadline, buf.read_from(&mut stream)).await
@@ -103,9 +129,23 @@ async fn serve_stream(mut stream: ClientStream, peer: SocketAddr, ctx: Arc<HttpC
             Ok(Ok(_)) => {}
         }
     }
-    let conn = h1::Connection::new(ctx, stream, peer, buf);
+    // Boxed: the engines' futures are large, and inline they would be part of the task of every
+    // connection from its accept on, a silent one included.
+    let conn = h1::Connection::new(ctx, stream, peer, buf, counted);
     match tls {
-        Some(tls) => conn.with_tls(tls).run().await,
-        None => conn.run().await,
+        Some(tls) => Box::pin(conn.with_tls(tls).run()).await,
+        None => Box::pin(conn.run()).await,
+    }
+}
+
+/// Waits for a new connection's first bytes and reads them: a client that connects and stays
+/// silent holds no buffer (readiness may come without bytes: the buffer goes back then).
+async fn first_read(stream: &TcpStream, buf: &mut IoBuf) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match buf.try_read_from(stream) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
     }
 }

@@ -9,15 +9,33 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A read buffer: `data[start..]` is filled and not yet consumed. Reads go into the spare
 /// capacity, which is never zeroed (tokio's `read_buf` fills uninitialised memory safely), so a
-/// new connection's buffer costs an allocation and nothing more.
+/// new connection's buffer costs an allocation and nothing more. A buffer made with
+/// [`IoBuf::lazy`] holds no storage until its first read, and gives it back with
+/// [`IoBuf::release`]: a client connection that waits holds no buffer.
 pub struct IoBuf {
     data: Vec<u8>,
     start: usize,
+    /// The capacity a read allocates when the buffer holds no storage.
+    size: usize,
 }
 
 impl IoBuf {
     pub fn new(capacity: usize) -> Self {
-        IoBuf { data: Vec::with_capacity(capacity), start: 0 }
+        IoBuf { data: Vec::with_capacity(capacity), start: 0, size: capacity }
+    }
+
+    /// A buffer that allocates `capacity` bytes at its first read, not before.
+    pub fn lazy(capacity: usize) -> Self {
+        IoBuf { data: Vec::new(), start: 0, size: capacity }
+    }
+
+    /// Gives the storage back when nothing is buffered; the next read allocates it again.
+    #[inline]
+    pub fn release(&mut self) {
+        if self.is_empty() && self.data.capacity() != 0 {
+            self.data = Vec::new();
+            self.start = 0;
+        }
     }
 
     #[inline]
@@ -35,6 +53,11 @@ impl IoBuf {
         self.start == self.data.len()
     }
 
+    /// Bytes of storage held (0 while a lazy buffer holds none).
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
     /// Drops `n` filled bytes from the front.
     #[inline]
     pub fn consume(&mut self, n: usize) {
@@ -46,22 +69,45 @@ impl IoBuf {
         }
     }
 
-    /// Whether no more bytes fit, even after compaction.
+    /// Whether no more bytes fit, even after compaction (a buffer without storage gets it at
+    /// its next read).
     pub fn is_full(&self) -> bool {
-        self.len() == self.data.capacity()
+        self.len() == self.data.capacity() && self.data.capacity() != 0
     }
 
     /// Reads once from `r` into the free space (compacting first if needed); 0 means EOF.
     pub async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<usize> {
-        if self.data.len() == self.data.capacity() {
-            if self.start == 0 {
-                return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer full"));
-            }
-            self.data.drain(..self.start);
-            self.start = 0;
-        }
+        self.make_room()?;
         // With spare capacity, a Vec reads into exactly that and never grows.
         r.read_buf(&mut self.data).await
+    }
+
+    /// Reads what `s` has without waiting (`WouldBlock` when nothing), allocating the storage
+    /// only then, and giving it back when nothing came.
+    pub fn try_read_from(&mut self, s: &tokio::net::TcpStream) -> io::Result<usize> {
+        self.make_room()?;
+        let read = s.try_read_buf(&mut self.data);
+        if read.is_err() {
+            self.release();
+        }
+        read
+    }
+
+    /// Spare capacity for a read: storage allocated if there is none, filled bytes moved to the
+    /// front if they reach the end.
+    #[inline]
+    fn make_room(&mut self) -> io::Result<()> {
+        if self.data.len() == self.data.capacity() {
+            if self.data.capacity() == 0 {
+                self.data.reserve_exact(self.size);
+            } else if self.start == 0 {
+                return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer full"));
+            } else {
+                self.data.drain(..self.start);
+                self.start = 0;
+            }
+        }
+        Ok(())
     }
 
     /// Polls one read from `r` into the free space (compacting first if needed); 0 means EOF.
@@ -408,6 +454,24 @@ mod tests {
         let mut payload = Vec::new();
         let n = s.scan(input, |r| payload.extend_from_slice(&input[r]))?;
         Ok((n, payload, s.is_done()))
+    }
+
+    #[tokio::test]
+    async fn a_lazy_buffer_allocates_at_its_first_read_and_gives_the_storage_back_when_empty() {
+        let mut b = IoBuf::lazy(64);
+        assert_eq!(b.capacity(), 0);
+        assert!(!b.is_full(), "a buffer without storage still takes a read");
+        let mut src: &[u8] = b"hello";
+        assert_eq!(b.read_from(&mut src).await.unwrap(), 5);
+        assert_eq!(b.capacity(), 64);
+        b.release();
+        assert_eq!((b.filled(), b.capacity()), (&b"hello"[..], 64), "bytes still buffered keep the storage");
+        b.consume(5);
+        b.release();
+        assert_eq!(b.capacity(), 0);
+        let mut src: &[u8] = b"again";
+        assert_eq!(b.read_from(&mut src).await.unwrap(), 5);
+        assert_eq!((b.filled(), b.capacity()), (&b"again"[..], 64));
     }
 
     #[test]

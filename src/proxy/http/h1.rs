@@ -18,6 +18,7 @@ use super::edit;
 use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
+use crate::metrics::{ConnState, Counted};
 use crate::net::IpText;
 use crate::proxy::Limits;
 use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef, choose_target, hash_key, rate_limit};
@@ -32,8 +33,12 @@ use crate::tls::Alpn;
 
 mod to_h2;
 
-/// Read buffer of a client connection; heads larger than this grow it up to the header limit.
-const CLIENT_BUF: usize = 16 * 1024;
+/// Read buffer of a client connection, held only while a request is read or proxied; heads
+/// larger than this grow it up to the header limit.
+pub(super) const CLIENT_BUF: usize = 16 * 1024;
+/// How long a connection waiting for its next request keeps its (empty) read buffer: a quick
+/// next request reuses it, a longer wait gives it back (a grown one too).
+const BUFFER_HOLD: Duration = Duration::from_secs(1);
 /// Body bytes copied into the head's write when already buffered, to send both in one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -70,6 +75,8 @@ pub struct Connection {
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// The response header edits of the request in progress's rule, if it has any.
     response_edits: Option<Arc<HeaderEdits>>,
+    /// The connection's place in `zkroute_connections`.
+    counted: Counted,
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -121,15 +128,24 @@ enum Pending {
 }
 
 impl Connection {
-    pub fn new(ctx: Arc<HttpContext>, stream: impl Into<ClientStream>, peer: SocketAddr, buf: IoBuf) -> Self {
+    pub fn new(
+        ctx: Arc<HttpContext>,
+        stream: impl Into<ClientStream>,
+        peer: SocketAddr,
+        buf: IoBuf,
+        counted: Counted,
+    ) -> Self {
         Connection {
+            counted,
             stream: stream.into(),
             tls: None,
             buf,
-            out: Vec::with_capacity(1024),
-            req: Vec::with_capacity(1024),
+            // Allocated with the first complete head (`prepare_exchange`): a client that never
+            // sends one, slow or idle, does not hold them.
+            out: Vec::new(),
+            req: Vec::new(),
             fields: Vec::with_capacity(32),
-            resp_fields: Vec::with_capacity(32),
+            resp_fields: Vec::new(),
             client_ip: IpText::new(peer.ip()),
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -161,11 +177,23 @@ impl Connection {
                     return;
                 }
             };
+            self.counted.set(ConnState::Active);
+            self.prepare_exchange();
             if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
             }
+        }
+    }
+
+    /// The vectors an exchange writes, allocated once, with the connection's first complete head.
+    #[inline]
+    fn prepare_exchange(&mut self) {
+        if self.req.capacity() == 0 {
+            self.out.reserve(1024);
+            self.req.reserve(1024);
+            self.resp_fields.reserve(32);
         }
     }
 
@@ -179,6 +207,7 @@ impl Connection {
                 match head::parse_request(self.buf.filled(), &mut self.fields)? {
                     Parse::Complete(h) => return Ok(Some(h)),
                     Parse::Partial => {
+                        self.counted.set(ConnState::ReadingHead);
                         if self.buf.len() >= limits.max_header_bytes {
                             return Err(ProxyError::HeadersTooLarge);
                         }
@@ -191,12 +220,18 @@ impl Connection {
             let read = match header_deadline {
                 Some(d) => timeout_at(d, self.buf.read_from(&mut self.stream)).await,
                 None if self.buf.is_empty() => {
-                    // Between requests: idle, or draining.
-                    self.idle_timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                    // Between requests: idle, or draining. The read buffer is kept for a next
+                    // request that comes soon (the keep-alive path allocates nothing) and given
+                    // back once the wait lasts `BUFFER_HOLD`: a held connection has no buffer.
+                    self.counted.set(ConnState::Idle);
+                    let now = tokio::time::Instant::now();
+                    let idle_end = now + limits.idle_timeout;
                     let plain = match &self.stream {
                         ClientStream::Plain(s) => s,
-                        // TLS may hold decrypted bytes the socket no longer shows: read.
+                        // TLS may hold decrypted bytes the socket no longer shows: read (into
+                        // the buffer, which stays).
                         ClientStream::Tls(_) => {
+                            self.idle_timer.as_mut().reset(idle_end);
                             tokio::select! {
                                 biased;
                                 r = self.buf.read_from(&mut self.stream) => match r {
@@ -208,12 +243,28 @@ impl Connection {
                             }
                         }
                     };
-                    tokio::select! {
-                        biased;
-                        r = plain.readable() => { if r.is_err() { return Ok(None) } }
-                        _ = self.idle_timer.as_mut() => return Ok(None),
-                        // Completes once: the connection ends with it.
-                        _ = self.shutdown.as_mut() => return Ok(None),
+                    let mut holding = self.buf.capacity() != 0 && BUFFER_HOLD < limits.idle_timeout;
+                    self.idle_timer.as_mut().reset(if holding { now + BUFFER_HOLD } else { idle_end });
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = plain.readable() => {
+                                if r.is_err() {
+                                    return Ok(None);
+                                }
+                                break;
+                            }
+                            _ = self.idle_timer.as_mut() => {
+                                if !holding {
+                                    return Ok(None);
+                                }
+                                holding = false;
+                                self.buf.release();
+                                self.idle_timer.as_mut().reset(idle_end);
+                            }
+                            // Completes once: the connection ends with it.
+                            _ = self.shutdown.as_mut() => return Ok(None),
+                        }
                     }
                     // A head's first bytes are here. Most heads come whole in this read, so the
                     // header timeout is armed only if it waits, or (below) if another is needed.
@@ -453,7 +504,7 @@ impl Connection {
         let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, response_timer, response_edits, .. } = self;
+        let Connection { stream, buf, out, resp_fields, response_timer, response_edits, counted, .. } = self;
         response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
@@ -565,6 +616,7 @@ impl Connection {
         }
         if upgrade {
             drop(in_flight);
+            counted.set(ConnState::Tunnel);
             let moved = RelayedBytes::default();
             // Boxed: a tunnel's state is large and rare, and inline it would be part of, and copied
             // with, every connection's future.
