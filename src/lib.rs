@@ -4,7 +4,8 @@
 //! graph has no cycle and no arrow pointing up:
 //! - [`names`]: service names, addresses, endpoint keys: the vocabulary everything is keyed by.
 //! - [`shutdown`], [`config`] (the local TOML file, flags and `ZKROUTE_*` variables, validated),
-//!   [`access_log`], [`net`] (sockets: listen and connect as zkroute wants them): leaves.
+//!   [`access_log`], [`net`] (sockets: listen and connect as zkroute wants them), [`tls`] (rustls
+//!   configurations for listeners, upstreams and ZooKeeper, from certificate files): leaves.
 //! - [`endpoint`]: per-endpoint state (health, ejection, in-flight, pools) kept outside the table
 //!   by endpoint key, so it survives table swaps.
 //! - [`routing`]: the domain and the immutable [`routing::RoutingTable`], built from documents by

@@ -465,7 +465,6 @@ async fn a_rule_edits_grpc_metadata_and_its_rate_limit_is_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_crosses_hosts_over_mutual_tls_with_h2_by_alpn_and_the_app_learns_the_caller() {
     use support::pki::Ca;
-    let toml_path = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
     let mesh = Ca::new("mesh");
     let b_cert = mesh.issue("b", &["DNS:users.mesh.internal"]);
     let a_cert = mesh.issue("a", &["URI:spiffe://mesh/a"]);
@@ -476,28 +475,14 @@ async fn grpc_crosses_hosts_over_mutual_tls_with_h2_by_alpn_and_the_app_learns_t
     routes_b.instance("local", "0", app_b.addr);
     routes_b.policy("local", r#"{"protocol":"grpc"}"#);
     routes_b.rule("inbound", r#"{"listener":"inbound","backends":[{"service":"local"}]}"#);
-    let b = routes_b
-        .proxy(&format!(
-            "[[listener]]\nname = \"inbound\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
-            toml_path(&b_cert.cert),
-            toml_path(&b_cert.key),
-            toml_path(&mesh.cert)
-        ))
-        .await;
+    let b = routes_b.proxy(&support::pki::tls_listener("inbound", "http", &b_cert, Some(&mesh), None)).await;
 
     // Host A: the app's calls in clear (h2c), mutual TLS out to B over HTTP/2.
     let routes_a = Routes::new();
     routes_a.instance("users", "b", b.listener("inbound"));
     routes_a.policy("users", r#"{"protocol":"grpc","tls":{"server_name":"users.mesh.internal"}}"#);
     routes_a.rule("to-users", r#"{"listener":"outbound","backends":[{"service":"users"}]}"#);
-    let a = routes_a
-        .proxy(&format!(
-            "[[listener]]\nname = \"outbound\"\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
-            toml_path(&mesh.cert),
-            toml_path(&a_cert.cert),
-            toml_path(&a_cert.key)
-        ))
-        .await;
+    let a = routes_a.proxy(&support::pki::outbound_with_identity("outbound", &mesh, &a_cert)).await;
 
     let r = call(a.listener("outbound"), "unary", 5).await;
     assert_eq!(strings(&r["answers"]), vec!["app-b"; 5], "{r}");

@@ -10,28 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::pki::{Ca, Issued, Validity};
+use support::pki::{Ca, Issued, Validity, tls_listener, toml_path};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn toml_path(p: &std::path::Path) -> String {
-    toml::Value::String(p.display().to_string()).to_string()
-}
-
-/// A listener section named `name` with `tls` over `server`, requiring client certificates of
-/// `client_ca` if given.
-fn tls_listener(name: &str, protocol: &str, server: &Issued, client_ca: Option<&Ca>, service: Option<&str>) -> String {
-    let mut s = format!(
-        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n{}[listener.tls]\ncert_file = {}\nkey_file = {}\n",
-        service.map(|s| format!("service = \"{s}\"\n")).unwrap_or_default(),
-        toml_path(&server.cert),
-        toml_path(&server.key),
-    );
-    if let Some(ca) = client_ca {
-        s.push_str(&format!("client_ca_file = {}\n", toml_path(&ca.cert)));
-    }
-    s
-}
 
 /// What curl did: its exit code and what it printed (response head and body with `-i`).
 struct Curl {
@@ -447,14 +428,7 @@ async fn sidecar_a_originates_mutual_tls_to_sidecar_b_which_forwards_to_its_loca
     routes_a.instance("users", "b", b.listener("inbound"));
     routes_a.policy("users", r#"{"tls":{"server_name":"users.mesh.internal"}}"#);
     routes_a.rule("to-users", r#"{"listener":"outbound","backends":[{"service":"users"}]}"#);
-    let a = routes_a
-        .proxy(&format!(
-            "[[listener]]\nname = \"outbound\"\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
-            toml_path(&mesh.cert),
-            toml_path(&a_cert.cert),
-            toml_path(&a_cert.key)
-        ))
-        .await;
+    let a = routes_a.proxy(&support::pki::outbound_with_identity("outbound", &mesh, &a_cert)).await;
 
     let r = get(a.listener("outbound"), "/orders").await.unwrap();
     assert_eq!(r.status(), 200, "{r:?}");

@@ -262,6 +262,16 @@ pub(crate) async fn relay(
     let last = Activity::new();
     let up = pump(client, upstream, (listener.map(|l| l.0), &moved.rx), &last, memory);
     let down = pump(upstream, client, (listener.map(|l| l.1), &moved.tx), &last, memory);
+    both_ways(up, down, &last, idle).await
+}
+
+/// Runs both directions of a relay until both end, or until neither has moved a byte for `idle`.
+async fn both_ways(
+    up: impl Future<Output = io::Result<()>>,
+    down: impl Future<Output = io::Result<()>>,
+    last: &Activity,
+    idle: Duration,
+) -> io::Result<()> {
     let watchdog = async {
         loop {
             tokio::time::sleep_until(last.get() + idle).await;
@@ -298,22 +308,7 @@ where
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = pump_io(&mut cr, &mut uw, (listener.map(|l| l.0), &moved.rx), &last);
     let down = pump_io(&mut ur, &mut cw, (listener.map(|l| l.1), &moved.tx), &last);
-    let watchdog = async {
-        loop {
-            tokio::time::sleep_until(last.get() + idle).await;
-            if last.get() + idle <= Instant::now() {
-                return;
-            }
-        }
-    };
-    let both = async {
-        let (a, b) = tokio::join!(up, down);
-        a.and(b)
-    };
-    tokio::select! {
-        r = both => r,
-        _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-    }
+    both_ways(up, down, &last, idle).await
 }
 
 /// One direction of [`relay_io`].

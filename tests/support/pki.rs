@@ -240,3 +240,40 @@ impl Drop for TlsBackend {
         let _ = self.child.wait();
     }
 }
+
+/// A path as a TOML string.
+pub fn toml_path(p: &std::path::Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
+}
+
+/// A listener section named `name` with `tls` over `server`, requiring client certificates of
+/// `client_ca` if given.
+pub fn tls_listener(
+    name: &str,
+    protocol: &str,
+    server: &Issued,
+    client_ca: Option<&Ca>,
+    service: Option<&str>,
+) -> String {
+    let mut s = format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n{}[listener.tls]\ncert_file = {}\nkey_file = {}\n",
+        service.map(|s| format!("service = \"{s}\"\n")).unwrap_or_default(),
+        toml_path(&server.cert),
+        toml_path(&server.key),
+    );
+    if let Some(ca) = client_ca {
+        s.push_str(&format!("client_ca_file = {}\n", toml_path(&ca.cert)));
+    }
+    s
+}
+
+/// An HTTP listener named `name` on a free port, and the `[tls]` section of a sidecar that trusts
+/// `ca` and presents `identity` to upstreams that ask (mutual TLS between sidecars).
+pub fn outbound_with_identity(name: &str, ca: &Ca, identity: &Issued) -> String {
+    format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\n[tls]\nca_file = {}\ncert_file = {}\nkey_file = {}\n",
+        toml_path(&ca.cert),
+        toml_path(&identity.cert),
+        toml_path(&identity.key)
+    )
+}
