@@ -541,21 +541,22 @@ noise_snapshot() {
 }
 
 # others MODE BEFORE AFTER: "others0 others1 steal" in % of a core: the busy time on each core
-# that was not ours. In latency mode the proxy runs on the load core too.
+# that was not ours. In the latency modes (latency, h2-latency) the proxy runs on the load core too.
 others() {
     awk -v m="$1" -v b="$2" -v a="$3" 'BEGIN {
         split(b, x, " "); split(a, y, " ")
         for (i = 1; i <= 7; i++) d[i] = y[i] - x[i]
-        mine0 = d[6] + (m == "latency" ? d[7] : 0); mine1 = (m == "latency" ? 0 : d[7])
+        same = (m == "latency" || m == "h2-latency")
+        mine0 = d[6] + (same ? d[7] : 0); mine1 = (same ? 0 : d[7])
         o0 = (d[1] - mine0) / d[2] * 100; o1 = (d[3] - mine1) / d[4] * 100
         printf "%.1f %.1f %.1f\n", (o0 < 0 ? 0 : o0), (o1 < 0 ? 0 : o1), d[5] / ((d[2] + d[4]) / 2) * 100 }'
 }
 
 # worst MODE ENTRY O0 O1 STEAL: the figure compared with MAX_NOISE: the load core's alone when
-# the proxy core is unused (latency, direct).
+# the proxy core is unused (latency, h2-latency, direct).
 worst() {
     awk -v m="$1" -v e="$2" -v o0="$3" -v o1="$4" -v s="$5" 'BEGIN {
-        w = o0; if (m != "latency" && e != "direct" && o1 > w) w = o1; if (s > w) w = s; printf "%.1f\n", w }'
+        w = o0; if (m != "latency" && m != "h2-latency" && e != "direct" && o1 > w) w = o1; if (s > w) w = s; printf "%.1f\n", w }'
 }
 
 over_limit() { awk -v w="$1" -v m="$MAX_NOISE" 'BEGIN {exit !(w > m)}'; }
@@ -1156,13 +1157,13 @@ for line in open(tsv):
 
 # A run is clean when others used at most `limit`% of a core that it needs. Where an entry has
 # clean runs, its figures come from those alone; otherwise from all of them, flagged.
-# Only the cores a run needs count: the load core alone for latency and for direct.
+# Only the cores a run needs count: the load core alone for the latency modes and for direct.
 def worst_by_round(mode, entry):
     o0, o1 = raw.get((mode, entry, "others_load_core_pct")), raw.get((mode, entry, "others_proxy_core_pct"))
     st = raw.get((mode, entry, "steal_pct"), {})
     if o0 is None or o1 is None:
         return raw.get((mode, entry, "others_pct"))
-    both = mode != "latency" and entry != "direct"
+    both = mode not in ("latency", "h2-latency") and entry != "direct"
     return {r: max(o0[r], o1.get(r, 0) if both else 0, st.get(r, 0)) for r in o0}
 
 data = {}

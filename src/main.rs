@@ -159,8 +159,13 @@ fn run(args: ConfigArgs) -> ExitCode {
     })
 }
 
+/// Without `RUST_LOG`: `info`, but rustls at `error`: it warns on every handshake from a client
+/// that sends an IP address as SNI (which it ignores, as RFC 6066 asks), a client's quirk that
+/// would otherwise flood the log of a busy TLS listener.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
