@@ -998,6 +998,15 @@ mode_tls-newconn() {
     # An answer is at least the 100-byte body and a status line: fewer bytes is a failed request.
     local bad=$(awk -v p="${per:-0}" 'BEGIN {print (p < 150) ? 1 : 0}')
     [ "$bad" = 0 ] || say "   ANOMALY: tls-newconn $entry: only ${per:-0} bytes read per connection"
+    # s_time reports bytes, not statuses: one request of the same shape (HTTP/1.0, no Host) must
+    # be answered 200 (an error page is long enough to pass the byte count).
+    local status
+    status=$(printf 'GET / HTTP/1.0\r\n\r\n' | OPENSSL_CONF=$TLS_DIR/client.cnf timeout 10 \
+        openssl s_client -quiet -connect "127.0.0.1:${TLS_PORT[$entry]}" 2>/dev/null | head -n 1 | tr -d '\r')
+    case $status in
+        "HTTP/1."?" 200"*) ;;
+        *) say "   ANOMALY: tls-newconn $entry: an HTTP/1.0 request without Host was answered '$status'"; bad=1 ;;
+    esac
     read -r user sys < <(proxy_cpu_us "$before" "$after" "$n")
     record "$round" tls-newconn "$entry" rps "$(awk -v n="$n" -v d="$DURATION" 'BEGIN {printf "%.1f", n / d}')"
     record "$round" tls-newconn "$entry" requests "$n"

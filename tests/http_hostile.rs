@@ -143,7 +143,8 @@ async fn connection_cannot_strip_host_and_every_forwarded_request_has_one() {
         let head = head_of(path);
         assert!(head.starts_with(&format!("GET {path} HTTP/1.1\r\n")), "{head}");
         assert_eq!(head.to_ascii_lowercase().matches("\r\nhost:").count(), 1, "{head}");
-        assert!(head.contains("\r\nhost: \r\n"), "an empty Host for a target without authority: {head}");
+        // The service's name, as nginx sends its upstream's: nginx itself refuses an empty Host.
+        assert!(head.contains("\r\nhost: s\r\n"), "the service's name for a target without authority: {head}");
     }
     proxy.stop().await;
 }

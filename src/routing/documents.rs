@@ -275,6 +275,15 @@ impl Backend {
             Backend::Service { weight, .. } | Backend::Address { weight, .. } => *weight,
         }
     }
+
+    /// What the backend is called: the service's name, or the address as written. The Host of a
+    /// request forwarded without one (nginx sends its upstream's name so).
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Service { service, .. } => service.as_str().to_owned(),
+            Backend::Address { addr, .. } => addr.to_string(),
+        }
+    }
 }
 
 /// A validated rule.

@@ -357,6 +357,11 @@ impl Connection {
 
         // The request as forwarded, and as much of its body as has arrived with the head.
         self.req.clear();
+        let hostless = if head.host.is_none() && head.authority.is_none() {
+            head::host_for_hostless(&target.backend)
+        } else {
+            String::new()
+        };
         head::write_request_as(
             &mut self.req,
             self.buf.filled(),
@@ -365,6 +370,7 @@ impl Connection {
             self.client_ip.as_bytes(),
             self.ctx.limits.drop_underscore_headers,
             self.tls.as_deref().map(|t| head::Secure { client_cert: t.forwarded_client_cert.as_deref() }),
+            hostless.as_bytes(),
         );
         let rule = route.rule.as_deref();
         if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {

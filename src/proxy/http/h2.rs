@@ -439,6 +439,14 @@ async fn handle(
         let outcome = match conn {
             Upstream::Http1(conn) => {
                 if req_head.is_empty() {
+                    let hostless;
+                    let host = match host {
+                        Some(h) => h,
+                        None => {
+                            hostless = head::host_for_hostless(&target.backend);
+                            &hostless
+                        }
+                    };
                     write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore, tls);
                     if let Some(edits) = request_edits {
                         edit::edit_head(&mut req_head, 0, edits);
@@ -640,14 +648,14 @@ async fn exchange(
     Outcome::Answered { status, upstream_fault: status >= 500, value: response }
 }
 
-/// Writes the HTTP/1.1 request head for an h2 request: always with a Host (empty when the request
-/// has no authority, RFC 9112 section 3.2), and its `cookie` fields joined into one with "; "
+/// Writes the HTTP/1.1 request head for an h2 request: always with a Host (the request's
+/// authority, else [`head::host_for_hostless`]), and its `cookie` fields joined into one with "; "
 /// (RFC 9113 section 8.2.3).
 #[allow(clippy::too_many_arguments)]
 fn write_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
-    host: Option<&str>,
+    host: &str,
     has_body: bool,
     length: Option<u64>,
     client_ip: &IpText,
@@ -658,7 +666,7 @@ fn write_head(
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(host.unwrap_or("").as_bytes());
+    out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut xff = Vec::new();
     let mut cookies = parts.headers.get_all(header::COOKIE).iter();

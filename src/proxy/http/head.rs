@@ -257,6 +257,15 @@ const REG_NAME: [bool; 256] = {
     t
 };
 
+/// The Host for a request that has none (HTTP/1.0 allows that; an HTTP/1.1 request must carry
+/// one) going to `backend`: its name, as nginx sends its upstream's name, where that is a valid
+/// Host; else empty, as RFC 9112 section 3.2 has a client send for a target without an
+/// authority. Not empty where it can be: nginx and other servers refuse an empty Host with 400.
+pub fn host_for_hostless(backend: &crate::routing::Backend) -> String {
+    let name = backend.name();
+    if is_valid_host(name.as_bytes()) { name } else { String::new() }
+}
+
 /// Whether `v` is `uri-host [":" port]`, the value of Host and of an authority without userinfo
 /// (RFC 9110 section 7.2, RFC 3986 section 3.2). Empty is valid: it is what a client sends for a
 /// target without an authority (RFC 9112 section 3.2). Slashes, spaces, `@` and every control or
@@ -357,7 +366,7 @@ pub fn write_request(
     client_ip: &[u8],
     drop_underscore: bool,
 ) {
-    write_request_as(out, buf, head, fields, client_ip, drop_underscore, None)
+    write_request_as(out, buf, head, fields, client_ip, drop_underscore, None, b"")
 }
 
 /// A request that came over TLS.
@@ -372,9 +381,11 @@ pub const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
 
 /// Writes the request to forward upstream: request line, the client's fields without hop-by-hop
 /// ones (and, with `drop_underscore`, without those whose names hold an underscore), framing,
-/// Host, and `x-forwarded-for` / `x-forwarded-proto`. For a request that came over TLS (`secure`
+/// Host (`hostless`, from [`host_for_hostless`], for an HTTP/1.0 request without one), and
+/// `x-forwarded-for` / `x-forwarded-proto`. For a request that came over TLS (`secure`
 /// set) it goes with `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client
 /// sent is replaced by the one `secure` gives (or dropped).
+#[allow(clippy::too_many_arguments)]
 pub fn write_request_as(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -383,6 +394,7 @@ pub fn write_request_as(
     client_ip: &[u8],
     drop_underscore: bool,
     secure: Option<Secure<'_>>,
+    hostless: &[u8],
 ) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -436,9 +448,10 @@ pub fn write_request_as(
         out.extend_from_slice(&buf[auth.clone()]);
         out.extend_from_slice(b"\r\n");
     } else if head.host.is_none() {
-        // An HTTP/1.0 request without Host: an HTTP/1.1 request carries one all the same, empty
-        // when the target has no authority (RFC 9112 section 3.2).
-        out.extend_from_slice(b"host: \r\n");
+        // An HTTP/1.0 request without Host: an HTTP/1.1 request carries one all the same.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(hostless);
+        out.extend_from_slice(b"\r\n");
     }
     if head.body == BodyLen::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1025,6 +1038,21 @@ mod tests {
         assert!(!out.to_ascii_lowercase().contains("upgrade"), "{out}");
         let out = forwarded("GET / HTTP/1.0\r\nHost: a.test\r\n\r\n");
         assert!(out.contains("\r\nHost: a.test\r\n") && !out.contains("host: \r\n"), "{out}");
+    }
+
+    #[test]
+    fn a_request_without_host_is_given_the_backends_name_where_that_is_a_valid_host() {
+        use crate::routing::{Addr, Backend, ServiceName};
+        let service = |name: &str| Backend::Service {
+            service: ServiceName::new(name),
+            subset: Default::default(),
+            endpoint: None,
+            weight: 1,
+        };
+        assert_eq!(host_for_hostless(&service("users.v1")), "users.v1");
+        assert_eq!(host_for_hostless(&service("a b@c")), "", "not a Host: empty, as RFC 9112 section 3.2 allows");
+        let addr = Backend::Address { addr: Addr::from_parts("10.0.0.1", 8080).unwrap(), weight: 1 };
+        assert_eq!(host_for_hostless(&addr), "10.0.0.1:8080");
     }
 
     #[test]
