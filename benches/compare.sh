@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load comparison: zkroute against HAProxy, nginx and Envoy, on this machine, now.
 #
-#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2,mem,tls,tls-newconn,tls-bulk]]
+#   benches/compare.sh [--rounds N] [--duration SECONDS] [--modes http,latency,newconn,tcp,rss,callgrind[,callgrind-newconn,h2,h2-32,h2-latency,callgrind-h2,mem,mem-tls,mem-h2c,tls,tls-newconn,tls-bulk]]
 #                      [--entries direct,zkroute,haproxy,nginx,envoy,zkroute-nometrics,zkroute-b] [--tcp-bytes 4G] [--mem-conns 5000]
 #                      (protection on, one feature each: zkroute-breaker, zkroute-ratelimit, zkroute-budget,
 #                      zkroute-headers, zkroute-zones)
@@ -22,7 +22,8 @@
 #   connection at a time), `tls-bulk` CPU-s per GiB of a 64 MiB body (wrk -c1)
 #   `mem`, not run by default: --mem-conns client connections held open through each proxy (half
 #   idle, half with part of a request head; benches/hold_conns.py), RSS before, while held, and
-#   two seconds after they close
+#   two seconds after they close; `mem-tls` the same over TLS (handshake done), `mem-h2c` h2c
+#   connections idle after SETTINGS, then with one open stream each (head sent, body pending)
 #
 # Method (docs/PERFORMANCE.md says why each step is there):
 # - One backend for every entry: nginx, one worker, `return 200` with a fixed 100-byte body,
@@ -866,7 +867,7 @@ EOF
 
 TLS_BULK_BYTES=$((64 * 1024 * 1024))
 
-tls_on() { has_mode tls || has_mode tls-newconn || has_mode tls-bulk; }
+tls_on() { has_mode tls || has_mode tls-newconn || has_mode tls-bulk || has_mode mem-tls; }
 
 # make_tls_files: a CA and the proxies' certificate (EC P-256, subjectAltName IP:127.0.0.1) in
 # $WORK/tls, HAProxy's key-and-certificate file, the clients' OPENSSL_CONF, and the bulk body.
@@ -1120,26 +1121,48 @@ mode_callgrind() { # MODE [WRK ARGS...]
     done
 }
 
-# mem: connections held open through each proxy, one entry at a time (the others parked), RSS
-# before, while held, and MEM_SETTLE seconds after they close (benches/hold_conns.py). RSS is not
-# CPU-sensitive: no quiet window is needed.
+# mem, mem-tls, mem-h2c: connections held open through each proxy, one entry at a time (the
+# others parked), RSS before, while held, and MEM_SETTLE seconds after they close
+# (benches/hold_conns.py): `mem` on the HTTP listener, `mem-tls` on the TLS one (handshakes done),
+# `mem-h2c` on the h2c one, where RSS is read again once every connection has an open stream.
+# RSS is not CPU-sensitive: no quiet window is needed.
 mode_mem() {
-    local round entry before during after held
+    local mode=$1 round entry before during streams after held port flag=()
+    case $mode in
+        mem-tls) flag=(--tls "$TLS_DIR/ca.crt") ;;
+        mem-h2c) flag=(--h2c) ;;
+    esac
     for round in $(seq 1 "$ROUNDS"); do
         for entry in "${ENTRY_LIST[@]}"; do
             [ "$entry" = direct ] && continue
             alive "$entry" || { say "   ANOMALY: $entry is no longer running"; continue; }
-            record_cmd mem "$entry" "taskset -c $LOAD_CPU python3 benches/hold_conns.py <$entry's HTTP port> $MEM_CONNS $MEM_SETTLE <$entry's pids>"
+            case $mode in
+                mem-tls) port=${TLS_PORT[$entry]} ;;
+                mem-h2c) port=${H2_PORT[$entry]} ;;
+                *) port=${HTTP_PORT[$entry]} ;;
+            esac
+            [ -n "$port" ] || { say "   $mode: $entry has no listener for it"; continue; }
+            record_cmd "$mode" "$entry" "taskset -c $LOAD_CPU python3 benches/hold_conns.py ${flag[*]} <$entry's port> $MEM_CONNS $MEM_SETTLE <$entry's pids>"
             park_others "$entry"
-            read -r before during after held < <(taskset -c $LOAD_CPU python3 "$REPO/benches/hold_conns.py" \
-                "${HTTP_PORT[$entry]}" "$MEM_CONNS" "$MEM_SETTLE" $(pids_of "$entry"))
+            if [ "$mode" = mem-h2c ]; then
+                read -r before during streams after held < <(taskset -c $LOAD_CPU python3 "$REPO/benches/hold_conns.py" \
+                    "${flag[@]}" "$port" "$MEM_CONNS" "$MEM_SETTLE" $(pids_of "$entry"))
+            else
+                streams=""
+                read -r before during after held < <(taskset -c $LOAD_CPU python3 "$REPO/benches/hold_conns.py" \
+                    "${flag[@]}" "$port" "$MEM_CONNS" "$MEM_SETTLE" $(pids_of "$entry"))
+            fi
             unpark_others "$entry"
-            say "   mem $entry: RSS ${before} kB idle, ${during} kB with $held of $MEM_CONNS held, ${after} kB ${MEM_SETTLE} s after"
-            record "$round" mem "$entry" before_kb "$before"
-            record "$round" mem "$entry" during_kb "$during"
-            record "$round" mem "$entry" after_kb "$after"
-            record "$round" mem "$entry" per_conn_b "$(((during - before) * 1024 / MEM_CONNS))"
-            [ "$held" -ge "$MEM_CONNS" ] || record "$round" mem "$entry" errors "$((MEM_CONNS - held))"
+            say "   $mode $entry: RSS ${before} kB idle, ${during} kB with $held of $MEM_CONNS held,${streams:+ $streams kB with a stream open on each,} ${after} kB ${MEM_SETTLE} s after"
+            record "$round" "$mode" "$entry" before_kb "$before"
+            record "$round" "$mode" "$entry" during_kb "$during"
+            record "$round" "$mode" "$entry" after_kb "$after"
+            record "$round" "$mode" "$entry" per_conn_b "$(((during - before) * 1024 / MEM_CONNS))"
+            if [ -n "$streams" ]; then
+                record "$round" "$mode" "$entry" streams_kb "$streams"
+                record "$round" "$mode" "$entry" per_stream_b "$(((streams - during) * 1024 / MEM_CONNS))"
+            fi
+            [ "$held" -ge "$MEM_CONNS" ] || record "$round" "$mode" "$entry" errors "$((MEM_CONNS - held))"
         done
     done
 }
@@ -1335,6 +1358,22 @@ if "mem" in modes and present("mem"):
             cell("mem", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem", e, "after_kb", "{:.1f}", 1 / 1024), errors("mem", e)] for e in present("mem")])
     commands("mem")
 
+if "mem-tls" in modes and present("mem-tls"):
+    print("### Memory per held TLS connection (handshake done; half idle, half with part of a request head), VmRSS summed over the proxy's processes\n")
+    table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "after they close (MB)", "connections not held"],
+          [[e, cell("mem-tls", e, "before_kb", "{:.1f}", 1 / 1024), cell("mem-tls", e, "during_kb", "{:.1f}", 1 / 1024),
+            cell("mem-tls", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem-tls", e, "after_kb", "{:.1f}", 1 / 1024), errors("mem-tls", e)] for e in present("mem-tls")])
+    commands("mem-tls")
+
+if "mem-h2c" in modes and present("mem-h2c"):
+    print("### Memory per held h2c connection (idle after the preface and SETTINGS) and per open stream (head sent, body pending), VmRSS summed over the proxy's processes\n")
+    table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "with a stream open on each (MB)", "per stream (KB)", "after they close (MB)", "connections not held"],
+          [[e, cell("mem-h2c", e, "before_kb", "{:.1f}", 1 / 1024), cell("mem-h2c", e, "during_kb", "{:.1f}", 1 / 1024),
+            cell("mem-h2c", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem-h2c", e, "streams_kb", "{:.1f}", 1 / 1024),
+            cell("mem-h2c", e, "per_stream_b", "{:.1f}", 1 / 1024), cell("mem-h2c", e, "after_kb", "{:.1f}", 1 / 1024),
+            errors("mem-h2c", e)] for e in present("mem-h2c")])
+    commands("mem-h2c")
+
 for mode, title in [("callgrind", "Instructions per request (callgrind, user space, wrk -c1; idle run subtracted)"),
                     ("callgrind-newconn", "Instructions per new-connection request (callgrind, user space, "
                                           "wrk -c1 -H 'Connection: close'; idle run subtracted)"),
@@ -1422,7 +1461,9 @@ main() {
         fi
     done
 
-    has_mode mem && mode_mem
+    has_mode mem && mode_mem mem
+    has_mode mem-tls && mode_mem mem-tls
+    has_mode mem-h2c && mode_mem mem-h2c
     has_mode callgrind && mode_callgrind callgrind
     has_mode callgrind-newconn && mode_callgrind callgrind-newconn -H 'Connection: close'
     has_mode callgrind-h2 && mode_callgrind callgrind-h2

@@ -63,21 +63,26 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
     let counted = ctx.conn_gauges.count(ConnState::Idle);
-    let Some(tls) = &ctx.tls else {
-        return serve_stream(ClientStream::Plain(tcp), peer, ctx, None, counted).await;
-    };
-    // A client that connects and stays silent holds no TLS state either.
+    // A client that connects and stays silent holds this task alone: no buffer, no TLS state,
+    // and not the state of the rest (boxed below, allocated with the first bytes), which would
+    // double the task of every connection (docs/PERFORMANCE.md, "Memory per held connection").
     if !matches!(super::lazy_timeout::timeout(ctx.limits.idle_timeout, tcp.readable()).await, Ok(Ok(()))) {
         return;
     }
-    // Boxed, as the engines are below: a plain connection's task does not carry the handshake.
-    match Box::pin(super::stream::accept_tls(tls, tcp, ctx.limits.header_read_timeout)).await {
-        Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info), counted).await,
-        Err(e) => {
-            ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
-            tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
+    let Some(tls) = ctx.tls.clone() else {
+        return Box::pin(serve_stream(ClientStream::Plain(tcp), peer, ctx, None, counted)).await;
+    };
+    Box::pin(async move {
+        // Boxed on its own: the connection does not carry the handshake's state after it.
+        match Box::pin(super::stream::accept_tls(&tls, tcp, ctx.limits.header_read_timeout)).await {
+            Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info), counted).await,
+            Err(e) => {
+                ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
+                tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
+            }
         }
-    }
+    })
+    .await
 }
 
 async fn serve_stream(
@@ -87,7 +92,7 @@ async fn serve_stream(
     tls: Option<ClientTls>,
     mut counted: Counted,
 ) {
-    let mut buf = IoBuf::lazy(h1::CLIENT_BUF);
+    let mut buf = IoBuf::lazy(h1::FIRST_BUF);
     let first = async {
         if let ClientStream::Plain(tcp) = &stream {
             first_read(tcp, &mut buf).await
@@ -129,12 +134,16 @@ async fn serve_stream(
             Ok(Ok(_)) => {}
         }
     }
+    let first = h1::first_head(&mut stream, &mut buf, &mut counted, &ctx.limits, header_deadline).await;
     // Boxed: the engines' futures are large, and inline they would be part of the task of every
     // connection from its accept on, a silent one included.
-    let conn = h1::Connection::new(ctx, stream, peer, buf, counted);
-    match tls {
-        Some(tls) => Box::pin(conn.with_tls(tls).run()).await,
-        None => Box::pin(conn.run()).await,
+    let mut conn = h1::Connection::new(ctx, stream, peer, buf, counted);
+    if let Some(tls) = tls {
+        conn = conn.with_tls(tls);
+    }
+    match first {
+        Ok(()) => Box::pin(conn.run()).await,
+        Err(e) => Box::pin(conn.refuse(e)).await,
     }
 }
 

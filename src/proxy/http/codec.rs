@@ -131,6 +131,21 @@ impl IoBuf {
         self.start = 0;
     }
 
+    /// Room for `capacity` bytes from now on (a request body after its head): a smaller storage
+    /// is replaced (at the next read when nothing is buffered), and storage allocated again
+    /// after a [`IoBuf::release`] is this size.
+    pub fn at_least(&mut self, capacity: usize) {
+        self.size = self.size.max(capacity);
+        if self.data.capacity() < capacity {
+            if self.is_empty() {
+                self.data = Vec::new();
+                self.start = 0;
+            } else {
+                self.grow(capacity);
+            }
+        }
+    }
+
     /// Shrinks back to `capacity` when empty, so pooled connections do not hold large buffers.
     pub fn shrink(&mut self, capacity: usize) {
         if self.data.capacity() > capacity && self.is_empty() {
@@ -472,6 +487,32 @@ mod tests {
         let mut src: &[u8] = b"again";
         assert_eq!(b.read_from(&mut src).await.unwrap(), 5);
         assert_eq!((b.filled(), b.capacity()), (&b"again"[..], 64));
+    }
+
+    #[tokio::test]
+    async fn a_buffer_made_larger_keeps_its_bytes_and_stays_larger() {
+        let mut b = IoBuf::lazy(8);
+        let mut src: &[u8] = b"0123456789";
+        assert_eq!(b.read_from(&mut src).await.unwrap(), 8);
+        assert!(b.is_full());
+        b.at_least(32);
+        assert_eq!((b.filled(), b.capacity()), (&b"01234567"[..], 32));
+        assert_eq!(b.read_from(&mut src).await.unwrap(), 2);
+        b.consume(10);
+        b.release();
+        let mut src: &[u8] = b"x";
+        b.read_from(&mut src).await.unwrap();
+        assert_eq!(b.capacity(), 32, "storage allocated again is the larger size");
+        // Empty: the storage goes, and the next read allocates the larger size.
+        let mut b = IoBuf::lazy(8);
+        let mut src: &[u8] = b"ab";
+        b.read_from(&mut src).await.unwrap();
+        b.consume(2);
+        b.at_least(64);
+        assert_eq!(b.capacity(), 0);
+        let mut src: &[u8] = b"cd";
+        b.read_from(&mut src).await.unwrap();
+        assert_eq!((b.filled(), b.capacity()), (&b"cd"[..], 64));
     }
 
     #[test]

@@ -33,8 +33,12 @@ use crate::tls::Alpn;
 
 mod to_h2;
 
-/// Read buffer of a client connection, held only while a request is read or proxied; heads
-/// larger than this grow it up to the header limit.
+/// A client connection's first read buffer: most request heads fit, and a slow client that has
+/// sent part of one holds no more (nginx's `client_header_buffer_size` is as large). A head that
+/// does not fit grows it to [`CLIENT_BUF`], then up to the header limit.
+pub(super) const FIRST_BUF: usize = 1024;
+/// Read buffer of a client connection that sends a request body, or a head longer than
+/// [`FIRST_BUF`]; held only while a request is read or proxied.
 pub(super) const CLIENT_BUF: usize = 16 * 1024;
 /// How long a connection waiting for its next request keeps its (empty) read buffer: a quick
 /// next request reuses it, a longer wait gives it back (a grown one too).
@@ -212,7 +216,7 @@ impl Connection {
                             return Err(ProxyError::HeadersTooLarge);
                         }
                         if self.buf.is_full() {
-                            self.buf.grow(limits.max_header_bytes.max(CLIENT_BUF));
+                            self.buf.grow(larger_for_head(self.buf.capacity(), limits));
                         }
                     }
                 }
@@ -288,6 +292,11 @@ impl Connection {
                 Err(_) => return Err(ProxyError::HeaderTimeout),
             }
         }
+    }
+
+    /// Answers a first request head that [`first_head`] found wanting, and closes.
+    pub async fn refuse(mut self, err: ProxyError) {
+        self.answer(&err, true, false).await;
     }
 
     /// Writes an answer of the proxy's own.
@@ -399,7 +408,13 @@ impl Connection {
                 let take = (self.buf.len() as u64).min(n) as usize;
                 self.req.extend_from_slice(&self.buf.filled()[..take]);
                 self.buf.consume(take);
-                if take as u64 == n { Pending::None } else { Pending::Length(n - take as u64) }
+                if take as u64 == n {
+                    Pending::None
+                } else {
+                    // The rest streams through the buffer: in reads of its full size.
+                    self.buf.at_least(CLIENT_BUF);
+                    Pending::Length(n - take as u64)
+                }
             }
             BodyLen::Chunked => {
                 let mut scanner = ChunkedScanner::default();
@@ -415,7 +430,12 @@ impl Connection {
                         return (AfterExchange::Close, done);
                     }
                 }
-                if scanner.is_done() { Pending::None } else { Pending::Chunked(scanner) }
+                if scanner.is_done() {
+                    Pending::None
+                } else {
+                    self.buf.at_least(CLIENT_BUF);
+                    Pending::Chunked(scanner)
+                }
             }
         };
 
@@ -644,6 +664,54 @@ impl Connection {
         let relayed = Relayed { next, bytes_in: pumped, bytes_out };
         Outcome::Answered { status, upstream_fault: status >= 500, value: (status, relayed) }
     }
+}
+
+/// The next size of a read buffer too small for the head it holds: [`CLIENT_BUF`], then the
+/// header limit.
+fn larger_for_head(capacity: usize, limits: &Limits) -> usize {
+    if capacity < CLIENT_BUF { CLIENT_BUF } else { limits.max_header_bytes.max(CLIENT_BUF) }
+}
+
+/// Reads the rest of a new connection's first request head into `buf` before the engine's
+/// connection exists: a slow client that has sent part of a head holds its task and a small
+/// buffer, not the engine's state (docs/PERFORMANCE.md, "Memory per held connection"). Ok when
+/// the engine takes over (the head is whole, or malformed, or too large: the engine's parse
+/// finds out which); an error for [`Connection::refuse`] when the client left or ran out of time.
+/// `deadline` is the header timeout if it has begun.
+pub(super) async fn first_head(
+    stream: &mut ClientStream,
+    buf: &mut IoBuf,
+    counted: &mut Counted,
+    limits: &Limits,
+    mut deadline: Option<tokio::time::Instant>,
+) -> Result<(), ProxyError> {
+    loop {
+        let filled = buf.filled();
+        if may_hold_whole_head(filled)
+            || !matches!(head::parse_request(filled, &mut Vec::new()), Ok(Parse::Partial))
+            || filled.len() >= limits.max_header_bytes
+        {
+            return Ok(());
+        }
+        if buf.is_full() {
+            buf.grow(larger_for_head(buf.capacity(), limits));
+        }
+        counted.set(ConnState::ReadingHead);
+        let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_read_timeout);
+        match timeout_at(d, buf.read_from(stream)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ProxyError::BadRequest("incomplete request head")),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(ProxyError::HeaderTimeout),
+        }
+    }
+}
+
+/// Whether `bytes` may hold a whole head: they have a blank line (httparse ends a line at `\n`
+/// or `\r\n`). Most heads come whole and end the bytes read.
+fn may_hold_whole_head(bytes: &[u8]) -> bool {
+    bytes.ends_with(b"\r\n\r\n")
+        || memchr::memmem::find(bytes, b"\n\r\n").is_some()
+        || memchr::memmem::find(bytes, b"\n\n").is_some()
 }
 
 enum PumpError {

@@ -202,6 +202,10 @@ impl Connection {
         self.buf.consume(head.len);
 
         let has_body = !matches!(head.body, BodyLen::None | BodyLen::Length(0));
+        if has_body {
+            // The body streams through the buffer: in reads of its full size.
+            self.buf.at_least(super::CLIENT_BUF);
+        }
         let (tx, rx) = mpsc::channel(8);
         let mut pump = Pump {
             pending: match head.body {

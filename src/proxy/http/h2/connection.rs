@@ -185,6 +185,8 @@ impl AsyncRead for ClientIo {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix.filled()[..n]);
             this.prefix.consume(n);
+            // Read whole: the connection holds it no longer.
+            this.prefix.release();
         } else {
             match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) => {}
