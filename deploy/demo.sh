@@ -21,9 +21,11 @@ if [ ! -f /usr/share/java/zookeeper.jar ]; then
     say "installing ZooKeeper (Debian package zookeeper)"
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zookeeper
 fi
+# The debug build: the one `cargo test` makes too, and quicker to compile than the release one.
+# Nothing here measures speed.
 say "building zkroute"
-cargo build --release --quiet
-ZKROUTE=$PWD/target/release/zkroute
+cargo build --quiet
+ZKROUTE=$PWD/target/debug/zkroute
 
 work=$(mktemp -d)
 pids=()
