@@ -179,7 +179,7 @@ impl Connection {
             };
             self.counted.set(ConnState::Active);
             self.prepare_exchange();
-            if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
+            if self.exchange(&head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
@@ -300,9 +300,9 @@ impl Connection {
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
-    async fn exchange(&mut self, head: RequestHead) -> AfterExchange {
+    async fn exchange(&mut self, head: &RequestHead) -> AfterExchange {
         let started = Instant::now();
-        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), &head));
+        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), head));
         let (next, done) = self.proxy_request(head, started).await;
         if let (Some(log), Some(line)) = (&self.ctx.access_log, line) {
             log.record(&access_log::Entry {
@@ -324,10 +324,10 @@ impl Connection {
         next
     }
 
-    async fn proxy_request(&mut self, head: RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
+    async fn proxy_request(&mut self, head: &RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
         let head_only = head.method == http::Method::HEAD;
         let mut done = ExchangeRecord::default();
-        let (route, target) = match self.route(&head) {
+        let (route, target) = match self.route(head) {
             Ok(rt) => rt,
             Err((e, stats)) => {
                 let close = head.close || head.body != BodyLen::None;
@@ -336,7 +336,7 @@ impl Connection {
                     stats.observe(done.status, started.elapsed());
                 }
                 self.answer(&e, close, head_only).await;
-                return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+                return (if close { AfterExchange::Close } else { self.skip_head(head) }, done);
             }
         };
         let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
@@ -345,13 +345,13 @@ impl Connection {
             done.status = e.rescue().status;
             target.stats.observe(done.status, started.elapsed());
             self.answer(&e, close, head_only).await;
-            return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+            return (if close { AfterExchange::Close } else { self.skip_head(head) }, done);
         }
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
         if to_h2::all_h2(set) {
-            let next = self.proxy_h2(&head, &route, &target, set, hash, started, &mut done).await;
+            let next = self.proxy_h2(head, &route, &target, set, hash, started, &mut done).await;
             return (next, done);
         }
 
@@ -360,7 +360,7 @@ impl Connection {
         head::write_request_as(
             &mut self.req,
             self.buf.filled(),
-            &head,
+            head,
             &self.fields,
             self.client_ip.as_bytes(),
             self.ctx.limits.drop_underscore_headers,
@@ -421,10 +421,11 @@ impl Connection {
             let ctx = &*self.ctx;
             let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
             let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started).with_tls(tls);
-            let connected = match attempts.reuse(&connector) {
-                Some(c) => Some(c),
-                None => attempts.connection(&connector, &ctx.health).await,
-            };
+            // Taken as it comes: a `match` rebuilding the `Some` would copy the connection.
+            let mut connected = attempts.reuse(&connector);
+            if connected.is_none() {
+                connected = attempts.connection(&connector, &ctx.health).await;
+            }
             let Some(Connected { attempt, in_flight, conn }) = connected else { break };
             let pool = ctx.pools.of(&attempt.endpoint.state);
             if ctx.access_log.is_some() {
@@ -432,8 +433,7 @@ impl Connection {
             }
             let may_retry = attempts.may_retry();
             let (try_deadline, cut) = attempts.try_deadline(deadline);
-            let outcome =
-                self.forward(conn, &head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
+            let outcome = self.forward(conn, head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
             if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
                 done.status = status;
                 done.bytes_in += relayed.bytes_in;
