@@ -31,6 +31,13 @@ impl Shutdown {
         *self.0.borrow()
     }
 
+    /// Whether the signal may have moved since this handle was made: false only while it has
+    /// not (one atomic load, no lock), so that a waiter already registered can skip polling.
+    #[inline]
+    pub fn may_have_changed(&self) -> bool {
+        !matches!(self.0.has_changed(), Ok(false))
+    }
+
     /// Resolves once shutdown is triggered (or the trigger is gone).
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|v| *v).await;

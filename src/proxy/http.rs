@@ -8,6 +8,7 @@ pub mod h2;
 pub mod head;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +62,10 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
     .await;
 }
 
+/// A connection's engine, HTTP/1 or HTTP/2, boxed: its future is large, and inline it would be
+/// part of the task of every connection from its accept on, a silent one included.
+type Engine = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>) {
     let counted = ctx.conn_gauges.count(ConnState::Idle);
     // A client that connects and stays silent holds this task alone: no buffer, no TLS state,
@@ -69,29 +74,39 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext
     if !matches!(super::lazy_timeout::timeout(ctx.limits.idle_timeout, tcp.readable()).await, Ok(Ok(()))) {
         return;
     }
-    let Some(tls) = ctx.tls.clone() else {
-        return Box::pin(serve_stream(ClientStream::Plain(tcp), peer, ctx, None, counted)).await;
-    };
-    Box::pin(async move {
-        // Boxed on its own: the connection does not carry the handshake's state after it.
-        match Box::pin(super::stream::accept_tls(&tls, tcp, ctx.limits.header_read_timeout)).await {
-            Ok((stream, info)) => serve_stream(stream, peer, ctx, Some(info), counted).await,
-            Err(e) => {
-                ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
-                tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
-            }
-        }
-    })
-    .await
+    // The engine is awaited here, once the connection has told its protocol, and not inside the
+    // future that found it: each of the many polls of a busy connection's task then goes through
+    // one future less to reach it.
+    if let Some(engine) = Box::pin(start_connection(tcp, peer, ctx, counted)).await {
+        engine.await;
+    }
 }
 
-async fn serve_stream(
+/// The TLS handshake on a TLS listener, then the engine for the protocol the client speaks.
+async fn start_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<HttpContext>, counted: Counted) -> Option<Engine> {
+    let Some(tls) = ctx.tls.clone() else {
+        return engine_for(ClientStream::Plain(tcp), peer, ctx, None, counted).await;
+    };
+    // Boxed on its own: the engine's start does not carry the handshake's state after it.
+    match Box::pin(super::stream::accept_tls(&tls, tcp, ctx.limits.header_read_timeout)).await {
+        Ok((stream, info)) => engine_for(stream, peer, ctx, Some(info), counted).await,
+        Err(e) => {
+            ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
+            tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Reads a connection's first bytes and returns the engine for them: HTTP/2 after its preface,
+/// HTTP/1 otherwise. None when the client sent nothing in time.
+async fn engine_for(
     mut stream: ClientStream,
     peer: SocketAddr,
     ctx: Arc<HttpContext>,
     tls: Option<ClientTls>,
     mut counted: Counted,
-) {
+) -> Option<Engine> {
     let mut buf = IoBuf::lazy(h1::FIRST_BUF);
     let first = async {
         if let ClientStream::Plain(tcp) = &stream {
@@ -101,7 +116,7 @@ async fn serve_stream(
         }
     };
     if !matches!(super::lazy_timeout::timeout(ctx.limits.idle_timeout, first).await, Ok(Ok(1..))) {
-        return;
+        return None;
     }
     // Read until the bytes either are the HTTP/2 preface or cannot be: the first within the idle
     // timeout, the rest of the preface within the header timeout, as for a request head.
@@ -114,8 +129,7 @@ async fn serve_stream(
         }
         if n == H2_PREFACE.len() {
             counted.set(ConnState::Active);
-            Box::pin(h2::serve(stream, peer, buf, ctx, tls.map(Arc::new))).await;
-            return;
+            return Some(Box::pin(h2::serve(stream, peer, buf, ctx, tls.map(Arc::new))));
         }
         let read = match header_deadline {
             None if buf.is_empty() => {
@@ -130,21 +144,19 @@ async fn serve_stream(
             Some(deadline) => super::lazy_timeout::timeout_at(deadline, buf.read_from(&mut stream)).await,
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
             Ok(Ok(_)) => {}
         }
     }
     let first = h1::first_head(&mut stream, &mut buf, &mut counted, &ctx.limits, header_deadline).await;
-    // Boxed: the engines' futures are large, and inline they would be part of the task of every
-    // connection from its accept on, a silent one included.
     let mut conn = h1::Connection::new(ctx, stream, peer, buf, counted);
     if let Some(tls) = tls {
         conn = conn.with_tls(tls);
     }
-    match first {
-        Ok(()) => Box::pin(conn.run()).await,
-        Err(e) => Box::pin(conn.refuse(e)).await,
-    }
+    Some(match first {
+        Ok(()) => Box::pin(conn.run()),
+        Err(e) => Box::pin(conn.refuse(e)),
+    })
 }
 
 /// Waits for a new connection's first bytes and reads them: a client that connects and stays

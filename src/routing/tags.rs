@@ -74,9 +74,18 @@ impl TagRule {
 
 impl EndpointSet {
     /// The set a request goes to: for a tag-routed set, the one its `dubbo.tag` header selects.
-    #[inline]
+    #[inline(always)]
     pub fn for_request<'a>(self: &'a Arc<Self>, headers: &impl HeaderLookup) -> &'a Arc<EndpointSet> {
-        let Some(split) = &self.tags else { return self };
+        match &self.tags {
+            None => self,
+            Some(split) => self.for_tag(split, headers),
+        }
+    }
+
+    /// [`EndpointSet::for_request`] for a tag-routed set: kept out of line, so that the request
+    /// path of every other set is one pointer test.
+    #[inline(never)]
+    fn for_tag<'a>(self: &'a Arc<Self>, split: &'a TagSplit, headers: &impl HeaderLookup) -> &'a Arc<EndpointSet> {
         let mut force = false;
         headers.for_each_value(&FORCE_TAG_HEADER, |v| {
             force = v.eq_ignore_ascii_case(b"true");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::HttpContext;
@@ -29,6 +29,7 @@ use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1, TlsOrigin};
 use crate::routing::documents::HeaderEdits;
 use crate::routing::table::{Route, TargetStats};
+use crate::shutdown::Shutdown;
 use crate::tls::Alpn;
 
 mod to_h2;
@@ -74,13 +75,39 @@ pub struct Connection {
     /// where a timer per request would enter and leave the timer wheel every time.
     idle_timer: Pin<Box<Sleep>>,
     response_timer: Pin<Box<Sleep>>,
-    /// Resolves when draining starts. Made once per connection: between requests it costs a
-    /// poll, where a fresh wait would join and leave the signal's waiter list every time.
-    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Resolves when draining starts. Made once per connection: a fresh wait would join and
+    /// leave the signal's waiter list every time.
+    shutdown: Draining,
     /// The response header edits of the request in progress's rule, if it has any.
     response_edits: Option<Arc<HeaderEdits>>,
     /// The connection's place in `zkroute_connections`.
     counted: Counted,
+}
+
+/// A connection's wait for draining to start, across its keep-alive waits. Its first poll puts it
+/// among the signal's waiters, where it stays (the connection's task is the one woken); later
+/// waits poll it only once the signal has moved, a single atomic load, where polling it each time
+/// would take the waiters' lock on every wait.
+struct Draining {
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
+}
+
+impl Draining {
+    fn new(mut signal: Shutdown) -> Self {
+        Draining { wait: Box::pin(async move { signal.wait().await }), registered: false }
+    }
+
+    /// Resolves once draining has started; `signal` is the listener's.
+    fn started<'a>(&'a mut self, signal: &'a Shutdown) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            if self.registered && !signal.may_have_changed() {
+                return std::task::Poll::Pending;
+            }
+            self.registered = true;
+            self.wait.as_mut().poll(cx)
+        })
+    }
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -154,10 +181,7 @@ impl Connection {
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            shutdown: {
-                let mut shutdown = ctx.shutdown.clone();
-                Box::pin(async move { shutdown.wait().await })
-            },
+            shutdown: Draining::new(ctx.shutdown.clone()),
             ctx,
             response_edits: None,
         }
@@ -183,7 +207,7 @@ impl Connection {
             };
             self.counted.set(ConnState::Active);
             self.prepare_exchange();
-            if self.exchange(head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
+            if self.exchange(&head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
@@ -243,7 +267,7 @@ impl Connection {
                                     Ok(_) => continue,
                                 },
                                 _ = self.idle_timer.as_mut() => return Ok(None),
-                                _ = self.shutdown.as_mut() => return Ok(None),
+                                _ = self.shutdown.started(&self.ctx.shutdown) => return Ok(None),
                             }
                         }
                     };
@@ -267,7 +291,7 @@ impl Connection {
                                 self.idle_timer.as_mut().reset(idle_end);
                             }
                             // Completes once: the connection ends with it.
-                            _ = self.shutdown.as_mut() => return Ok(None),
+                            _ = self.shutdown.started(&self.ctx.shutdown) => return Ok(None),
                         }
                     }
                     // A head's first bytes are here. Most heads come whole in this read, so the
@@ -309,9 +333,9 @@ impl Connection {
     }
 
     /// Proxies one request and its response, and logs it when the access log is on.
-    async fn exchange(&mut self, head: RequestHead) -> AfterExchange {
+    async fn exchange(&mut self, head: &RequestHead) -> AfterExchange {
         let started = Instant::now();
-        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), &head));
+        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), head));
         let (next, done) = self.proxy_request(head, started).await;
         if let (Some(log), Some(line)) = (&self.ctx.access_log, line) {
             log.record(&access_log::Entry {
@@ -333,10 +357,10 @@ impl Connection {
         next
     }
 
-    async fn proxy_request(&mut self, head: RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
+    async fn proxy_request(&mut self, head: &RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
         let head_only = head.method == http::Method::HEAD;
         let mut done = ExchangeRecord::default();
-        let (route, target) = match self.route(&head) {
+        let (route, target) = match self.route(head) {
             Ok(rt) => rt,
             Err((e, stats)) => {
                 let close = head.close || head.body != BodyLen::None;
@@ -345,7 +369,7 @@ impl Connection {
                     stats.observe(done.status, started.elapsed());
                 }
                 self.answer(&e, close, head_only).await;
-                return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+                return (if close { AfterExchange::Close } else { self.skip_head(head) }, done);
             }
         };
         let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
@@ -354,13 +378,13 @@ impl Connection {
             done.status = e.rescue().status;
             target.stats.observe(done.status, started.elapsed());
             self.answer(&e, close, head_only).await;
-            return (if close { AfterExchange::Close } else { self.skip_head(&head) }, done);
+            return (if close { AfterExchange::Close } else { self.skip_head(head) }, done);
         }
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
         if to_h2::all_h2(set) {
-            let next = self.proxy_h2(&head, &route, &target, set, hash, started, &mut done).await;
+            let next = self.proxy_h2(head, &route, &target, set, hash, started, &mut done).await;
             return (next, done);
         }
 
@@ -374,7 +398,7 @@ impl Connection {
         head::write_request_as(
             &mut self.req,
             self.buf.filled(),
-            &head,
+            head,
             &self.fields,
             self.client_ip.as_bytes(),
             self.ctx.limits.drop_underscore_headers,
@@ -447,10 +471,11 @@ impl Connection {
             let ctx = &*self.ctx;
             let tls = TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::Http1);
             let connector = PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started).with_tls(tls);
-            let connected = match attempts.reuse(&connector) {
-                Some(c) => Some(c),
-                None => attempts.connection(&connector, &ctx.health).await,
-            };
+            // Taken as it comes: a `match` rebuilding the `Some` would copy the connection.
+            let mut connected = attempts.reuse(&connector);
+            if connected.is_none() {
+                connected = attempts.connection(&connector, &ctx.health).await;
+            }
             let Some(Connected { attempt, in_flight, conn }) = connected else { break };
             let pool = ctx.pools.of(&attempt.endpoint.state);
             if ctx.access_log.is_some() {
@@ -458,8 +483,7 @@ impl Connection {
             }
             let may_retry = attempts.may_retry();
             let (try_deadline, cut) = attempts.try_deadline(deadline);
-            let outcome =
-                self.forward(conn, &head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
+            let outcome = self.forward(conn, head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
             if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
                 done.status = status;
                 done.bytes_in += relayed.bytes_in;
@@ -958,8 +982,20 @@ async fn tunnel(
 }
 
 /// Writes `bytes` whole and flushes: TLS keeps what the socket would not take until flushed,
-/// where a socket's flush is a no-op.
-async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
+/// where a socket's flush is a no-op. One future polling both, where `write_all` then `flush`
+/// would be three state machines on every write of the request path.
+fn write_flush<'a, W: AsyncWrite + Unpin>(
+    w: &'a mut W,
+    mut bytes: &'a [u8],
+) -> impl Future<Output = std::io::Result<()>> + 'a {
+    std::future::poll_fn(move |cx| {
+        while !bytes.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, bytes))?;
+            if n == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            bytes = &bytes[n..];
+        }
+        Pin::new(&mut *w).poll_flush(cx)
+    })
 }
