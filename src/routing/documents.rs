@@ -89,19 +89,57 @@ pub struct HeaderEditsDoc {
     pub remove: Vec<String>,
 }
 
-/// Header edits, validated: applied to a head as it is forwarded.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Header edits, validated: applied to a head as it is forwarded. Besides the edits as written it
+/// holds what an HTTP/1 head writer needs of them, made once here rather than per request: the
+/// names it leaves out, and the bytes it ends the head with. (No `Default`: its head end would
+/// lack the empty line.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderEdits {
     pub set: Box<[(HeaderName, HeaderValue)]>,
     pub add: Box<[(HeaderName, HeaderValue)]>,
     pub remove: Box<[HeaderName]>,
+    /// The names of `remove` and `set` (lower case, as `HeaderName` keeps them).
+    dropped: Box<[Box<[u8]>]>,
+    /// Bit `n` is set when a name in `dropped` is `n` bytes long (bit 63: 63 or more), so that
+    /// most fields are passed by one test of their name's length.
+    dropped_lengths: u64,
+    /// `set`, then `add`, as HTTP/1 field lines (`name: value\r\n` each), and the empty line.
+    head_end: Box<[u8]>,
 }
 
 impl HeaderEdits {
+    fn new(
+        set: Box<[(HeaderName, HeaderValue)]>,
+        add: Box<[(HeaderName, HeaderValue)]>,
+        remove: Box<[HeaderName]>,
+    ) -> Self {
+        let dropped: Box<[Box<[u8]>]> =
+            remove.iter().chain(set.iter().map(|(n, _)| n)).map(|n| n.as_str().as_bytes().into()).collect();
+        let dropped_lengths = dropped.iter().fold(0, |bits, n| bits | 1 << n.len().min(63));
+        let mut head_end = Vec::new();
+        for (name, value) in set.iter().chain(add.iter()) {
+            for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                head_end.extend_from_slice(part);
+            }
+        }
+        head_end.extend_from_slice(b"\r\n");
+        HeaderEdits { set, add, remove, dropped, dropped_lengths, head_end: head_end.into() }
+    }
+
     /// Whether a field named `name` (any case) is dropped from the head: removed, or set anew.
+    #[inline(always)]
     pub fn drops(&self, name: &[u8]) -> bool {
-        let is = |n: &HeaderName| n.as_str().as_bytes().eq_ignore_ascii_case(name);
-        self.remove.iter().any(is) || self.set.iter().any(|(n, _)| is(n))
+        (self.dropped_lengths >> name.len().min(63)) & 1 != 0 && self.names_dropped(name)
+    }
+
+    fn names_dropped(&self, name: &[u8]) -> bool {
+        self.dropped.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// What ends an HTTP/1 head: the fields `set` and `add` put in, then the empty line.
+    #[inline]
+    pub fn head_end(&self) -> &[u8] {
+        &self.head_end
     }
 }
 
@@ -135,11 +173,11 @@ fn header_edits(field: &str, d: &HeaderEditsDoc) -> Result<HeaderEdits, DocError
             })
             .collect::<Result<Vec<_>, DocError>>()
     };
-    Ok(HeaderEdits {
-        set: pairs(&d.set)?.into(),
-        add: pairs(&d.add)?.into(),
-        remove: d.remove.iter().map(|k| name(k)).collect::<Result<Vec<_>, _>>()?.into(),
-    })
+    Ok(HeaderEdits::new(
+        pairs(&d.set)?.into(),
+        pairs(&d.add)?.into(),
+        d.remove.iter().map(|k| name(k)).collect::<Result<Vec<_>, _>>()?.into(),
+    ))
 }
 
 /// A rule's local rate limit as written.

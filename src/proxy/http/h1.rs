@@ -395,19 +395,32 @@ impl Connection {
         } else {
             String::new()
         };
-        head::write_request_as(
-            &mut self.req,
-            self.buf.filled(),
-            head,
-            &self.fields,
-            self.client_ip.as_bytes(),
-            self.ctx.limits.drop_underscore_headers,
-            self.tls.as_deref().map(|t| head::Secure { client_cert: t.forwarded_client_cert.as_deref() }),
-            hostless.as_bytes(),
-        );
         let rule = route.rule.as_deref();
-        if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
-            edit::edit_head(&mut self.req, 0, edits);
+        let (buf, client_ip) = (self.buf.filled(), self.client_ip.as_bytes());
+        let drop_underscore = self.ctx.limits.drop_underscore_headers;
+        let secure = self.tls.as_deref().map(|t| head::Secure { client_cert: t.forwarded_client_cert.as_deref() });
+        match rule.and_then(|r| r.request_headers.as_deref()) {
+            None => head::write_request_as(
+                &mut self.req,
+                buf,
+                head,
+                &self.fields,
+                client_ip,
+                drop_underscore,
+                secure,
+                hostless.as_bytes(),
+            ),
+            Some(edits) => head::write_request_edited(
+                &mut self.req,
+                buf,
+                head,
+                &self.fields,
+                client_ip,
+                drop_underscore,
+                secure,
+                hostless.as_bytes(),
+                edits,
+            ),
         }
         self.response_edits = rule.and_then(|r| r.response_headers.clone());
         if self.ctx.limits.request_id {
@@ -640,10 +653,9 @@ impl Connection {
             drop_te: client_minor == 0,
             upgrade,
         };
-        let head_start = out.len();
-        head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode);
-        if let Some(edits) = response_edits.as_deref() {
-            edit::edit_head(out, head_start, edits);
+        match response_edits.as_deref() {
+            None => head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode),
+            Some(edits) => head::write_response_edited(out, conn.buf.filled(), &resp, resp_fields, mode, edits),
         }
         conn.buf.consume(resp.len);
         let status = resp.status;

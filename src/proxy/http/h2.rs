@@ -447,10 +447,17 @@ async fn handle(
                             &hostless
                         }
                     };
-                    write_head(&mut req_head, &parts, host, has_body, length, &client_ip, drop_underscore, tls);
-                    if let Some(edits) = request_edits {
-                        edit::edit_head(&mut req_head, 0, edits);
-                    }
+                    write_head(
+                        &mut req_head,
+                        &parts,
+                        host,
+                        has_body,
+                        length,
+                        &client_ip,
+                        drop_underscore,
+                        tls,
+                        request_edits,
+                    );
                     if let Some(id) = &request_id {
                         edit::insert_field(&mut req_head, b"x-request-id", id.as_bytes());
                     }
@@ -650,7 +657,9 @@ async fn exchange(
 
 /// Writes the HTTP/1.1 request head for an h2 request: always with a Host (the request's
 /// authority, else [`head::host_for_hostless`]), and its `cookie` fields joined into one with "; "
-/// (RFC 9113 section 8.2.3).
+/// (RFC 9113 section 8.2.3). The rule's `edits` as for an HTTP/1 request
+/// (`head::write_request_as`): the fields they remove or set are left out, the proxy's own too,
+/// and those they set or add go last.
 #[allow(clippy::too_many_arguments)]
 fn write_head(
     out: &mut Vec<u8>,
@@ -661,16 +670,21 @@ fn write_head(
     client_ip: &IpText,
     drop_underscore: bool,
     tls: Option<&ClientTls>,
+    edits: Option<&HeaderEdits>,
 ) {
+    let drops = |name: &str| edits.is_some_and(|e| e.drops(name.as_bytes()));
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !drops("host") {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     let mut xff = Vec::new();
     let mut cookies = parts.headers.get_all(header::COOKIE).iter();
-    if let Some(first) = cookies.next() {
+    if let Some(first) = cookies.next().filter(|_| !drops("cookie")) {
         out.extend_from_slice(b"cookie: ");
         out.extend_from_slice(first.as_bytes());
         for more in cookies {
@@ -687,6 +701,7 @@ fn write_head(
             || name.as_str() == "x-forwarded-proto"
             || (tls.is_some() && name.as_str() == head::FORWARDED_CLIENT_CERT)
             || (drop_underscore && name.as_str().contains('_'))
+            || drops(name.as_str())
         {
             continue;
         }
@@ -709,22 +724,28 @@ fn write_head(
         (true, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         (false, None) => {}
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    out.extend_from_slice(&xff);
-    out.extend_from_slice(client_ip.as_bytes());
-    match tls {
-        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n"),
-        Some(tls) => {
-            out.extend_from_slice(b"\r\nx-forwarded-proto: https\r\n");
-            if let Some(cert) = &tls.forwarded_client_cert {
-                out.extend_from_slice(head::FORWARDED_CLIENT_CERT.as_bytes());
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(cert.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+    if !drops("x-forwarded-for") {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(&xff);
+        out.extend_from_slice(client_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !drops("x-forwarded-proto") {
+        out.extend_from_slice(if tls.is_some() {
+            b"x-forwarded-proto: https\r\n"
+        } else {
+            b"x-forwarded-proto: http\r\n"
+        });
+    }
+    if let Some(cert) = tls.and_then(|t| t.forwarded_client_cert.as_deref()) {
+        if !drops(head::FORWARDED_CLIENT_CERT) {
+            out.extend_from_slice(head::FORWARDED_CLIENT_CERT.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(cert.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
     }
+    out.extend_from_slice(edits.map_or(b"\r\n", |e| e.head_end()));
 }
 
 /// Sends the h2 request body upstream, chunk-encoding it when its length is unknown.

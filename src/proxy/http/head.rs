@@ -1,6 +1,8 @@
 //! Request and response heads: parsed with httparse into byte ranges of the buffer they arrived
 //! in, checked against request smuggling (RFC 9112 sections 6.1 and 6.3), and written back out
-//! with hop-by-hop fields removed and the forwarding fields added.
+//! with hop-by-hop fields removed and the forwarding fields added. A rule's header edits (README:
+//! "Rule documents", `request_headers`, `response_headers`) are applied in the same pass: the
+//! writer knows every field as it copies it, so an edited head is not gone over again.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -9,7 +11,7 @@ use http::Method;
 
 use super::codec::{BodyLen, Field, Known, MAX_HEADERS, classify, parse_content_length, tokens, trim};
 use crate::proxy::error::ProxyError;
-use crate::routing::documents::HeaderLookup;
+use crate::routing::documents::{HeaderEdits, HeaderLookup};
 
 /// A parsed request head. Ranges index the buffer it was parsed from.
 #[derive(Debug, Clone)]
@@ -369,6 +371,54 @@ pub fn write_request(
     write_request_as(out, buf, head, fields, client_ip, drop_underscore, None, b"")
 }
 
+/// A rule's header edits as a head writer applies them while it copies the fields: names it
+/// leaves out, and lines it ends the head with (README: a field `set` replaces every field of its
+/// name, `add` goes beside them, `remove` drops them). The heads of requests without edits are
+/// written by the writer's copy for [`NoEdits`], in which the edits' tests fold away.
+trait Edits {
+    /// Whether fields named `name` (any case) are left out.
+    fn drops(&self, name: &[u8]) -> bool;
+    /// Whether the field `f` of the head in `buf` is left out. (Without edits its name is not
+    /// even looked at: no bounds check per field.)
+    #[inline(always)]
+    fn drops_field(&self, buf: &[u8], f: &Field) -> bool {
+        self.drops(&buf[f.name.clone()])
+    }
+    /// The last bytes of the head: the fields set and added, and the empty line.
+    fn head_end(&self) -> &[u8];
+}
+
+struct NoEdits;
+
+impl Edits for NoEdits {
+    #[inline(always)]
+    fn drops(&self, _: &[u8]) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn drops_field(&self, _: &[u8], _: &Field) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn head_end(&self) -> &[u8] {
+        b"\r\n"
+    }
+}
+
+impl Edits for HeaderEdits {
+    #[inline(always)]
+    fn drops(&self, name: &[u8]) -> bool {
+        HeaderEdits::drops(self, name)
+    }
+
+    #[inline(always)]
+    fn head_end(&self) -> &[u8] {
+        HeaderEdits::head_end(self)
+    }
+}
+
 /// A request that came over TLS.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Secure<'a> {
@@ -395,6 +445,40 @@ pub fn write_request_as(
     drop_underscore: bool,
     secure: Option<Secure<'_>>,
     hostless: &[u8],
+) {
+    write_request_with(out, buf, head, fields, client_ip, drop_underscore, secure, hostless, &NoEdits)
+}
+
+/// [`write_request_as`] with a rule's `request_headers`: the fields they remove or set are left
+/// out, the proxy's own too, and those they set or add go last. A copy of the writer of its own,
+/// called (not inlined), so that requests without edits go on through the same code as before.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+pub fn write_request_edited(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    client_ip: &[u8],
+    drop_underscore: bool,
+    secure: Option<Secure<'_>>,
+    hostless: &[u8],
+    edits: &HeaderEdits,
+) {
+    write_request_with(out, buf, head, fields, client_ip, drop_underscore, secure, hostless, edits)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_request_with(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    client_ip: &[u8],
+    drop_underscore: bool,
+    secure: Option<Secure<'_>>,
+    hostless: &[u8],
+    edits: &impl Edits,
 ) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -440,10 +524,15 @@ pub fn write_request_as(
                 }
             }
         }
+        if edits.drops_field(buf, f) {
+            continue;
+        }
         kept.push(out, f);
     }
     kept.finish(out);
-    if let Some(auth) = &head.authority {
+    if edits.drops(b"host") {
+        // Set by the rule, or removed.
+    } else if let Some(auth) = &head.authority {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(&buf[auth.clone()]);
         out.extend_from_slice(b"\r\n");
@@ -459,25 +548,32 @@ pub fn write_request_as(
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for r in forwarded_for[..n_xff].iter().flatten() {
-        out.extend_from_slice(trim(&buf[r.clone()]));
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client_ip);
-    match secure {
-        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n"),
-        Some(s) => {
-            out.extend_from_slice(b"\r\nx-forwarded-proto: https\r\n");
-            if let Some(cert) = s.client_cert {
-                out.extend_from_slice(FORWARDED_CLIENT_CERT.as_bytes());
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(cert.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            out.extend_from_slice(b"\r\n");
+    let (xff, xfp) = (!edits.drops(b"x-forwarded-for"), !edits.drops(b"x-forwarded-proto"));
+    let cert = secure.and_then(|s| s.client_cert).filter(|_| !edits.drops(FORWARDED_CLIENT_CERT.as_bytes()));
+    if xff {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for r in forwarded_for[..n_xff].iter().flatten() {
+            out.extend_from_slice(trim(&buf[r.clone()]));
+            out.extend_from_slice(b", ");
         }
+        out.extend_from_slice(client_ip);
     }
+    // The line end of x-forwarded-for goes with the next line, in one copy.
+    let proto: &[u8] =
+        if secure.is_some() { b"\r\nx-forwarded-proto: https\r\n" } else { b"\r\nx-forwarded-proto: http\r\n" };
+    match (xff, xfp) {
+        (true, true) => out.extend_from_slice(proto),
+        (true, false) => out.extend_from_slice(b"\r\n"),
+        (false, true) => out.extend_from_slice(&proto[2..]),
+        (false, false) => {}
+    }
+    if let Some(cert) = cert {
+        out.extend_from_slice(FORWARDED_CLIENT_CERT.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(cert.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(edits.head_end());
 }
 
 /// A parsed response head.
@@ -684,6 +780,32 @@ pub fn keep_response_field(buf: &[u8], head: &ResponseHead, fields: &[Field], f:
 
 /// Writes the response head for the client.
 pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, fields: &[Field], mode: ResponseMode) {
+    write_response_with(out, buf, head, fields, mode, &NoEdits)
+}
+
+/// [`write_response_head`] with a rule's `response_headers`: the fields they remove or set are
+/// left out, and those they set or add go last. A copy of the writer of its own, as
+/// [`write_request_edited`] is.
+#[inline(never)]
+pub fn write_response_edited(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    fields: &[Field],
+    mode: ResponseMode,
+    edits: &HeaderEdits,
+) {
+    write_response_with(out, buf, head, fields, mode, edits)
+}
+
+fn write_response_with(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    fields: &[Field],
+    mode: ResponseMode,
+    edits: &impl Edits,
+) {
     let status = head.status; // 100..=599, checked when parsed
     let code = [b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8];
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -693,7 +815,7 @@ pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, f
     out.extend_from_slice(b"\r\n");
     let mut kept = KeptFields::new(buf);
     for f in fields {
-        if keep_response_field(buf, head, fields, f, mode) {
+        if keep_response_field(buf, head, fields, f, mode) && !edits.drops_field(buf, f) {
             kept.push(out, f);
         }
     }
@@ -705,7 +827,7 @@ pub fn write_response_head(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, f
     } else if mode.keep_alive_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(edits.head_end());
 }
 
 #[cfg(test)]
@@ -725,6 +847,146 @@ mod tests {
         let mut out = Vec::new();
         write_request(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", false);
         String::from_utf8(out).unwrap()
+    }
+
+    /// A rule's edits, from the JSON of its `request_headers`.
+    fn edits(json: &str) -> HeaderEdits {
+        use crate::routing::documents::{Rule, RuleDoc};
+        let mut doc: RuleDoc = serde_json::from_str(r#"{"listener":"http","backends":[{"service":"a"}]}"#).unwrap();
+        doc.request_headers = Some(serde_json::from_str(json).unwrap());
+        (*Rule::from_doc("r", doc).unwrap().request_headers.unwrap()).clone()
+    }
+
+    /// `edits` applied the long way to a whole head written without them, as the README says
+    /// they apply: the fields named by `remove` or `set` taken out, then those of `set` and `add`
+    /// put last.
+    fn edited_afterwards(head: &[u8], edits: &HeaderEdits) -> String {
+        let text = std::str::from_utf8(head).unwrap();
+        let mut lines = text.strip_suffix("\r\n\r\n").unwrap().split("\r\n");
+        let mut out = format!("{}\r\n", lines.next().unwrap());
+        let dropped: Vec<&str> =
+            edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n)).map(|n| n.as_str()).collect();
+        for line in lines {
+            let name = line.split(':').next().unwrap().trim();
+            if !dropped.iter().any(|d| d.eq_ignore_ascii_case(name)) {
+                out.push_str(line);
+                out.push_str("\r\n");
+            }
+        }
+        for (name, value) in edits.set.iter().chain(edits.add.iter()) {
+            out.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+        }
+        out + "\r\n"
+    }
+
+    #[test]
+    fn a_rules_edits_are_applied_as_a_head_is_written() {
+        let e = edits(r#"{"set":{"x-env":"prod"},"add":{"x-tag":"b"},"remove":["X-Secret"]}"#);
+        let text = "GET / HTTP/1.1\r\nhost: a\r\nX-Env: dev\r\nx-secret: s\r\nx-tag: a\r\n\r\n";
+        let (h, f) = req(text).unwrap();
+        let mut out = Vec::new();
+        write_request_edited(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", false, None, b"", &e);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: a\r\nx-tag: a\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-env: prod\r\nx-tag: b\r\n\r\n"
+        );
+
+        // The proxy's own fields are edited like the client's.
+        let e = edits(
+            r#"{"set":{"Host":"b","x-forwarded-proto":"h3"},"remove":["x-forwarded-for","x-forwarded-client-cert"]}"#,
+        );
+        let text = "GET http://a/p HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-a: 1\r\n\r\n";
+        let (h, f) = req(text).unwrap();
+        let mut out = Vec::new();
+        let secure = Some(Secure { client_cert: Some("By=spiffe://a") });
+        write_request_edited(&mut out, text.as_bytes(), &h, &f, b"127.0.0.1", false, secure, b"", &e);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /p HTTP/1.1\r\nx-a: 1\r\nhost: b\r\nx-forwarded-proto: h3\r\n\r\n"
+        );
+
+        let text = "HTTP/1.1 200 OK\r\nserver: nginx\r\nx-long-secret-field: 0123456789\r\nb: 2\r\nContent-Length: 2\r\n\r\nhi";
+        let e = edits(r#"{"add":{"x-b":"a rather longer value"},"set":{"B":"3"},"remove":["x-long-secret-field"]}"#);
+        let (r, f) = response(text.as_bytes(), false).unwrap();
+        let mut out = Vec::new();
+        write_response_edited(&mut out, text.as_bytes(), &r, &f, KEEP_ALIVE, &e);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nserver: nginx\r\nContent-Length: 2\r\nb: 3\r\nx-b: a rather longer value\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        write_response_edited(&mut out, text.as_bytes(), &r, &f, KEEP_ALIVE, &edits(r#"{"remove":["nothing-here"]}"#));
+        assert_eq!(String::from_utf8(out).unwrap(), written(text.as_bytes(), KEEP_ALIVE), "nothing to edit");
+    }
+
+    /// Heads and edits drawn at random: what the writers make with the edits is the head they make
+    /// without them, edited the long way afterwards.
+    #[test]
+    fn heads_written_with_edits_are_heads_edited_afterwards() {
+        const REQUESTS: &[&str] = &[
+            "GET /a?b=1 HTTP/1.1\r\nHost: a\r\nX-Env: dev\r\nx-tag: 1\r\nX-Tag: 2\r\nCookie: c=1\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             x-another-name-longer-than-sixty-three-bytes-that-no-edit-ever-names: 1\r\n\r\n",
+            "POST http://b.test/v HTTP/1.1\r\nHost: evil\r\nContent-Length: 3\r\nConnection: x-tag\r\nx-tag: 1\r\nx_env: u\r\n\r\n",
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\nX-Forwarded-Client-Cert: forged\r\nTraceparent: 00-ab-cd-01\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nx-env: a\r\nx-forwarded-proto: https\r\n\r\n",
+        ];
+        const RESPONSES: &[&str] = &[
+            "HTTP/1.1 200 OK\r\nServer: b\r\nX-Env: 1\r\nContent-Length: 0\r\nx-tag: a\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nConnection: x-env, close\r\nX-Env: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nHost: h\r\nx-forwarded-for: r\r\n\
+             x-a-name-longer-than-sixty-three-bytes-which-share-one-bit-of-mask: 1\r\n\r\n",
+        ];
+        const NAMES: &[&str] = &[
+            "x-env",
+            "X-Tag",
+            "host",
+            "cookie",
+            "set-cookie",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-client-cert",
+            "traceparent",
+            "server",
+            "x-missing",
+            "x-a-name-longer-than-sixty-three-bytes-which-share-one-bit-of-mask",
+        ];
+        let mut rng = fastrand::Rng::with_seed(9110);
+        let pick = |rng: &mut fastrand::Rng| -> serde_json::Map<String, serde_json::Value> {
+            (0..rng.usize(0..3))
+                .map(|_| (NAMES[rng.usize(..NAMES.len())].to_owned(), format!("v{}", rng.u8(..)).into()))
+                .collect()
+        };
+        let (mut fields, mut plain, mut edited) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..2_000 {
+            let remove: Vec<&str> = (0..rng.usize(0..3)).map(|_| NAMES[rng.usize(..NAMES.len())]).collect();
+            let json = serde_json::json!({ "set": pick(&mut rng), "add": pick(&mut rng), "remove": remove });
+            let e = edits(&json.to_string());
+
+            let text = REQUESTS[round % REQUESTS.len()].as_bytes();
+            let Ok(Parse::Complete(h)) = parse_request(text, &mut fields) else { panic!("{round}") };
+            let secure = (round % 3 != 0).then_some(Secure { client_cert: (round % 2 == 0).then_some("By=x") });
+            let drop_underscore = round % 5 == 0;
+            plain.clear();
+            edited.clear();
+            write_request_as(&mut plain, text, &h, &fields, b"127.0.0.1", drop_underscore, secure, b"");
+            write_request_edited(&mut edited, text, &h, &fields, b"127.0.0.1", drop_underscore, secure, b"", &e);
+            assert_eq!(String::from_utf8(edited.clone()).unwrap(), edited_afterwards(&plain, &e), "{json}");
+
+            let text = RESPONSES[round % RESPONSES.len()].as_bytes();
+            let Ok(Parse::Complete(r)) = parse_response(text, &mut fields, false) else { panic!("{round}") };
+            let mode = ResponseMode {
+                close: round % 2 == 0,
+                keep_alive_10: round % 7 == 1,
+                drop_te: round % 3 == 0,
+                upgrade: false,
+            };
+            plain.clear();
+            edited.clear();
+            write_response_head(&mut plain, text, &r, &fields, mode);
+            write_response_edited(&mut edited, text, &r, &fields, mode, &e);
+            assert_eq!(String::from_utf8(edited.clone()).unwrap(), edited_afterwards(&plain, &e), "{json}");
+        }
     }
 
     #[test]
