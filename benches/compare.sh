@@ -1347,19 +1347,13 @@ if "rss" in modes and present("rss"):
           [[e, cell("rss", e, "idle_kb", "{:.1f}", 1 / 1024), cell("rss", e, "peak_kb", "{:.1f}", 1 / 1024)] for e in present("rss")])
     print()
 
-if "mem" in modes and present("mem"):
-    print("### Memory per held connection (half idle, half with part of a request head), VmRSS summed over the proxy's processes\n")
-    table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "after they close (MB)", "connections not held"],
-          [[e, cell("mem", e, "before_kb", "{:.1f}", 1 / 1024), cell("mem", e, "during_kb", "{:.1f}", 1 / 1024),
-            cell("mem", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem", e, "after_kb", "{:.1f}", 1 / 1024), errors("mem", e)] for e in present("mem")])
-    commands("mem")
-
-if "mem-tls" in modes and present("mem-tls"):
-    print("### Memory per held TLS connection (handshake done; half idle, half with part of a request head), VmRSS summed over the proxy's processes\n")
-    table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "after they close (MB)", "connections not held"],
-          [[e, cell("mem-tls", e, "before_kb", "{:.1f}", 1 / 1024), cell("mem-tls", e, "during_kb", "{:.1f}", 1 / 1024),
-            cell("mem-tls", e, "per_conn_b", "{:.1f}", 1 / 1024), cell("mem-tls", e, "after_kb", "{:.1f}", 1 / 1024), errors("mem-tls", e)] for e in present("mem-tls")])
-    commands("mem-tls")
+for mode, held in (("mem", "connection ("), ("mem-tls", "TLS connection (handshake done; ")):
+    if mode in modes and present(mode):
+        print(f"### Memory per held {held}half idle, half with part of a request head), VmRSS summed over the proxy's processes\n")
+        table(["entry", "RSS idle (MB)", "with the connections held (MB)", "per connection (KB)", "after they close (MB)", "connections not held"],
+              [[e, cell(mode, e, "before_kb", "{:.1f}", 1 / 1024), cell(mode, e, "during_kb", "{:.1f}", 1 / 1024),
+                cell(mode, e, "per_conn_b", "{:.1f}", 1 / 1024), cell(mode, e, "after_kb", "{:.1f}", 1 / 1024), errors(mode, e)] for e in present(mode)])
+        commands(mode)
 
 if "mem-h2c" in modes and present("mem-h2c"):
     print("### Memory per held h2c connection (idle after the preface and SETTINGS) and per open stream (head sent, body pending), VmRSS summed over the proxy's processes\n")
