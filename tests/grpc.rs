@@ -533,3 +533,48 @@ async fn the_access_log_has_a_line_per_grpc_call_over_h2c_with_its_grpc_status()
     assert_eq!(unrouted["grpc_status"], 12, "{unrouted}");
     assert!(unrouted["upstream"].is_null(), "{unrouted}");
 }
+
+/// An HTTP/2 server (hyper, prior knowledge) that answers each request with the authority it was
+/// sent to.
+async fn authority_echo_h2_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let authority = req.uri().authority().map_or("none", |a| a.as_str()).to_owned();
+                let resp = http::Response::builder().body(http_body_util::Full::new(bytes::Bytes::from(authority)));
+                Ok::<_, std::convert::Infallible>(resp.unwrap())
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_reaches_an_h2_upstream_with_the_services_name_as_authority() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let routes = Routes::new();
+    routes.instance("users", "0", authority_echo_h2_server().await);
+    routes.policy("users", r#"{"protocol":"h2"}"#);
+    routes.rule("r", r#"{"listener":"http","backends":[{"service":"users"}]}"#);
+    let proxy = routes.proxy(HTTP_LISTENER).await;
+    // HTTP/1.0 allows a request without Host; the HTTP/1.1 upstream path sends the service's name.
+    let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
+    s.write_all(b"GET /who HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text)).await.unwrap().unwrap();
+    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\nusers"), "the service's name as the authority: {text:?}");
+    // A client's own Host is the authority, unchanged.
+    let mut s = tokio::net::TcpStream::connect(proxy.listener("http")).await.unwrap();
+    s.write_all(b"GET /who HTTP/1.0\r\nhost: api.test\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text)).await.unwrap().unwrap();
+    assert!(text.ends_with("\r\n\r\napi.test"), "{text:?}");
+}

@@ -22,7 +22,7 @@ use super::upstream::h2::{ReplayBody, RequestBody, Stream, never_processed};
 use crate::endpoint::InFlight;
 use crate::metrics::Metrics;
 use crate::net::IpText;
-use crate::proxy::http::head::FORWARDED_CLIENT_CERT;
+use crate::proxy::http::head::{self, FORWARDED_CLIENT_CERT};
 use crate::proxy::stream::ClientTls;
 
 /// The request header that carries a gRPC call's deadline.
@@ -128,21 +128,29 @@ impl Counter {
     }
 }
 
+/// The authority for a request that has none going to an HTTP/2 upstream: the backend's name, as
+/// an HTTP/1.1 upstream gets it for Host ([`head::host_for_hostless`]), else the endpoint's
+/// address (an HTTP/2 request keeps an authority: hyper's client needs one).
+pub fn authority_for_hostless(backend: &crate::routing::Backend, endpoint: &crate::routing::table::Endpoint) -> String {
+    let name = head::host_for_hostless(backend);
+    if name.is_empty() { endpoint.addr.to_string() } else { name }
+}
+
 /// The request as it goes to an HTTP/2 upstream: hop-by-hop fields removed but `te: trailers`
-/// (which gRPC requires), the authority as the client sent it (else the endpoint's address),
+/// (which gRPC requires), the authority as the client sent it (else `hostless`),
 /// `x-forwarded-for` and `x-forwarded-proto` added. A request that came over TLS (`tls`) goes
 /// with `x-forwarded-proto: https`, and any `x-forwarded-client-cert` the client sent is replaced
 /// by the one its TLS handshake gives (or dropped), as on HTTP/1.1 upstreams.
 pub fn upstream_request(
     parts: &http::request::Parts,
     host: Option<&str>,
-    endpoint: &str,
+    hostless: &str,
     client_ip: &IpText,
     (drop_underscore, tls): (bool, Option<&ClientTls>),
     body: RequestBody,
 ) -> Request<RequestBody> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = Uri::builder().scheme("http").authority(host.unwrap_or(endpoint)).path_and_query(path).build();
+    let uri = Uri::builder().scheme("http").authority(host.unwrap_or(hostless)).path_and_query(path).build();
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));

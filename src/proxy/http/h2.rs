@@ -488,10 +488,13 @@ async fn handle(
                 };
                 match body {
                     Some(body) => {
-                        // The endpoint's address is the authority only of a request without one.
-                        let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
+                        let hostless = if host.is_none() {
+                            grpc::authority_for_hostless(&target.backend, attempt.endpoint)
+                        } else {
+                            String::new()
+                        };
                         let mut req =
-                            grpc::upstream_request(&parts, host, &endpoint, &client_ip, (drop_underscore, tls), body);
+                            grpc::upstream_request(&parts, host, &hostless, &client_ip, (drop_underscore, tls), body);
                         if let Some(edits) = request_edits {
                             edit::edit_map(req.headers_mut(), edits);
                         }

@@ -254,11 +254,15 @@ impl Connection {
                 replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
             };
             let Some(body) = body else { break };
-            let endpoint = if host.is_none() { attempt.endpoint.addr.to_string() } else { String::new() };
+            let hostless = if host.is_none() {
+                grpc::authority_for_hostless(&target.backend, attempt.endpoint)
+            } else {
+                String::new()
+            };
             let req = grpc::upstream_request(
                 &parts,
                 host.as_deref(),
-                &endpoint,
+                &hostless,
                 &self.client_ip,
                 (drop_underscore, tls),
                 body,
