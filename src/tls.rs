@@ -79,16 +79,77 @@ pub struct ServerFiles {
 }
 
 impl ServerFiles {
-    fn paths(&self) -> impl Iterator<Item = &Path> {
+    fn paths(&self) -> impl Iterator<Item = &Path> + Clone {
         [Some(self.cert_file.as_path()), Some(self.key_file.as_path()), self.client_ca_file.as_deref()]
             .into_iter()
             .flatten()
     }
 }
 
-/// What was read of the files, to build from and to compare with their next contents.
-#[derive(PartialEq, Eq)]
+/// What was read of the files, to build from.
 struct Contents(Vec<Vec<u8>>);
+
+/// Which version of a set of files was last tried, so that a poll reads them only when one
+/// changed: each file's stamp (through any symlink, as a Kubernetes Secret's swap changes it),
+/// and a digest of the contents, which a touch without a change leaves equal. The contents are
+/// not kept (a system CA bundle is hundreds of kilobytes).
+struct Tried {
+    stamps: Option<Vec<Stamp>>,
+    digest: u64,
+}
+
+/// What identifies a file's version without reading it.
+#[derive(PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+impl Tried {
+    /// Reads `paths` for the first time.
+    fn first<'p>(paths: impl Iterator<Item = &'p Path> + Clone) -> Result<(Tried, Contents), TlsError> {
+        // Stamped before reading, so that a write during the read is seen at the next poll.
+        let stamps = paths.clone().map(Stamp::of).collect();
+        let contents = Contents(paths.map(read).collect::<Result<_, _>>()?);
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            contents.0.hash(&mut h);
+            h.finish()
+        };
+        Ok((Tried { stamps, digest }, contents))
+    }
+
+    /// What `paths` hold now, if it differs from what was last tried (which it then becomes). A
+    /// file that cannot be stamped is read, for the error to name it.
+    fn changed<'p>(&mut self, paths: impl Iterator<Item = &'p Path> + Clone) -> Result<Option<Contents>, TlsError> {
+        let stamps: Option<Vec<Stamp>> = paths.clone().map(Stamp::of).collect();
+        if stamps.is_some() && stamps == self.stamps {
+            return Ok(None);
+        }
+        let (now, contents) = Tried::first(paths)?;
+        let same = now.digest == self.digest;
+        *self = now;
+        Ok((!same).then_some(contents))
+    }
+}
 
 /// A listener's server side of TLS: the configuration in force, replaced whole when its files
 /// change. Handshakes take it with one atomic load; connections keep the one they began with.
@@ -96,9 +157,9 @@ pub struct ServerTls {
     files: ServerFiles,
     alpn: Vec<Vec<u8>>,
     current: ArcSwap<Loaded>,
-    /// Contents last tried, so that a file that fails is not retried (and logged) until it
-    /// changes again.
-    tried: Mutex<Option<Contents>>,
+    /// The files' version last tried, so that a file that fails is not retried (and logged)
+    /// until it changes again.
+    tried: Mutex<Tried>,
 }
 
 /// A configuration in force and what the app is told about it.
@@ -115,14 +176,9 @@ impl ServerTls {
     /// Loads `files`; `alpn` is offered in that order (empty: no ALPN).
     pub fn load(files: &ServerFiles, alpn: &[&[u8]]) -> Result<ServerTls, TlsError> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let contents = Contents(files.paths().map(read).collect::<Result<_, _>>()?);
+        let (tried, contents) = Tried::first(files.paths())?;
         let loaded = build(files, &alpn, &contents)?;
-        Ok(ServerTls {
-            files: files.clone(),
-            alpn,
-            current: ArcSwap::from_pointee(loaded),
-            tried: Mutex::new(Some(contents)),
-        })
+        Ok(ServerTls { files: files.clone(), alpn, current: ArcSwap::from_pointee(loaded), tried: Mutex::new(tried) })
     }
 
     pub fn files(&self) -> &ServerFiles {
@@ -143,14 +199,9 @@ impl ServerTls {
     /// configuration. Ok(true): swapped; Ok(false): unchanged (or unchanged since a failure);
     /// Err: the new contents do not load, and the configuration in force stays.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let contents = Contents(self.files.paths().map(read).collect::<Result<_, _>>()?);
         let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
-        if tried.as_ref() == Some(&contents) {
-            return Ok(false);
-        }
-        let built = build(&self.files, &self.alpn, &contents);
-        *tried = Some(contents);
-        self.current.store(Arc::new(built?));
+        let Some(contents) = tried.changed(self.files.paths())? else { return Ok(false) };
+        self.current.store(Arc::new(build(&self.files, &self.alpn, &contents)?));
         Ok(true)
     }
 }
@@ -296,18 +347,14 @@ impl UpstreamConfigs {
 pub struct UpstreamTls {
     files: UpstreamFiles,
     current: ArcSwap<UpstreamConfigs>,
-    tried: Mutex<Option<Contents>>,
+    tried: Mutex<Tried>,
 }
 
 impl UpstreamTls {
     pub fn load(files: &UpstreamFiles) -> Result<UpstreamTls, TlsError> {
-        let contents = Contents(files.paths().iter().map(|p| read(p)).collect::<Result<_, _>>()?);
+        let (tried, contents) = Tried::first(files.paths().iter().map(PathBuf::as_path))?;
         let built = build_upstream(files, &contents)?;
-        Ok(UpstreamTls {
-            files: files.clone(),
-            current: ArcSwap::from_pointee(built),
-            tried: Mutex::new(Some(contents)),
-        })
+        Ok(UpstreamTls { files: files.clone(), current: ArcSwap::from_pointee(built), tried: Mutex::new(tried) })
     }
 
     pub fn files(&self) -> &UpstreamFiles {
@@ -321,14 +368,9 @@ impl UpstreamTls {
 
     /// As [`ServerTls::reload`].
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let contents = Contents(self.files.paths().iter().map(|p| read(p)).collect::<Result<_, _>>()?);
         let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
-        if tried.as_ref() == Some(&contents) {
-            return Ok(false);
-        }
-        let built = build_upstream(&self.files, &contents);
-        *tried = Some(contents);
-        self.current.store(Arc::new(built?));
+        let Some(contents) = tried.changed(self.files.paths().iter().map(PathBuf::as_path))? else { return Ok(false) };
+        self.current.store(Arc::new(build_upstream(&self.files, &contents)?));
         Ok(true)
     }
 }
@@ -346,6 +388,8 @@ fn build_upstream(files: &UpstreamFiles, contents: &Contents) -> Result<Upstream
         roots.add_parsable_certificates(certs);
         at = 1;
     }
+    // One store for the three configurations (the system's holds over a hundred roots).
+    let roots = Arc::new(roots);
     let invalid = |file: &Path, e: &dyn std::fmt::Display| TlsError::Invalid {
         file: file.display().to_string(),
         reason: e.to_string(),
@@ -394,5 +438,42 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
         Some(Error::NoApplicationProtocol) => "no_application_protocol",
         Some(_) => "handshake",
         None => "io",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn files_are_read_again_only_when_a_stamp_moves_and_reloaded_only_when_their_contents_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("ca.crt");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "one").unwrap();
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let paths = [link.clone()];
+        let (mut tried, contents) = Tried::first(paths.iter().map(PathBuf::as_path)).unwrap();
+        assert_eq!(contents.0, vec![b"one".to_vec()]);
+        assert!(tried.changed(paths.iter().map(PathBuf::as_path)).unwrap().is_none(), "nothing moved");
+        // The same contents in a new file (a Secret swapped to an equal version): read, not new.
+        std::fs::write(&b, "one").unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&b, &link).unwrap();
+        assert!(tried.changed(paths.iter().map(PathBuf::as_path)).unwrap().is_none(), "equal contents");
+        // New contents behind the link.
+        std::fs::write(&a, "two").unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let changed = tried.changed(paths.iter().map(PathBuf::as_path)).unwrap();
+        assert_eq!(changed.map(|c| c.0), Some(vec![b"two".to_vec()]));
+        assert!(tried.changed(paths.iter().map(PathBuf::as_path)).unwrap().is_none());
+        // A file gone is an error that names it, every time it is polled.
+        std::fs::remove_file(&a).unwrap();
+        for _ in 0..2 {
+            let e = tried.changed(paths.iter().map(PathBuf::as_path)).err().unwrap();
+            assert_eq!(e.file(), link.display().to_string());
+        }
     }
 }
