@@ -69,8 +69,13 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub tcp_connections: IntCounterVec,
     pub tcp_active_connections: IntGaugeVec,
-    /// HTTP listeners' client connections by what they are doing: see [`ConnState`].
+    /// HTTP listeners' client connections by what they are doing: see [`ConnState`]. `idle` is
+    /// set when the metrics are rendered, from [`Metrics::connections_open`]: read it through
+    /// [`Metrics::connections_in`].
     pub connections: IntGaugeVec,
+    /// HTTP listeners' client connections open, by listener (not exported itself): the
+    /// connections in no other state of `connections` are `idle`.
+    connections_open: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
     /// TCP connections closed at once, never forwarded; `reason` is an `x-zkroute-error` value.
     pub tcp_rejected: IntCounterVec,
@@ -202,6 +207,8 @@ impl Metrics {
                 "HTTP listeners' client connections open, by state: reading_head, idle, active, tunnel.",
                 &["listener", "state"],
             ),
+            connections_open: IntGaugeVec::new(Opts::new("connections_open", "unexported"), &["listener"])
+                .expect("valid metric"),
             tcp_bytes: counter_vec(&r, TCP_BYTES, "Bytes forwarded by TCP listeners.", &["listener", "direction"]),
             tcp_rejected: counter_vec(
                 &r,
@@ -315,9 +322,48 @@ impl Metrics {
 
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> Vec<u8> {
+        self.count_idle();
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+impl Metrics {
+    /// A listener's connections in `state` now (`zkroute_connections{listener,state}`).
+    pub fn connections_in(&self, listener: &str, state: ConnState) -> i64 {
+        match state {
+            ConnState::Idle => self.idle_connections(listener),
+            _ => self.connections.with_label_values(&[listener, state.label()]).get(),
+        }
+    }
+
+    /// The open connections of `listener` in no other state. The gauges are read one after the
+    /// other while connections move: a connection that opens or closes meanwhile may be seen in
+    /// one and not the other, so the difference is kept from going below zero.
+    fn idle_connections(&self, listener: &str) -> i64 {
+        let busy: i64 = ConnState::ALL
+            .iter()
+            .filter(|&&s| s != ConnState::Idle)
+            .map(|s| self.connections.with_label_values(&[listener, s.label()]).get())
+            .sum();
+        (self.connections_open.with_label_values(&[listener]).get() - busy).max(0)
+    }
+
+    /// Sets `zkroute_connections{state="idle"}` of every HTTP listener, for a scrape.
+    fn count_idle(&self) {
+        use prometheus::core::Collector;
+        let listeners: Vec<String> = self
+            .connections_open
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|m| m.get_label().iter().find(|l| l.name() == "listener").map(|l| l.value().to_owned()))
+            .collect();
+        for listener in listeners {
+            let idle = self.idle_connections(&listener);
+            self.connections.with_label_values(&[&listener, ConnState::Idle.label()]).set(idle);
+        }
     }
 }
 
@@ -365,6 +411,7 @@ impl RouteStats {
 
     /// Counts a request answered `code`: through its cached child (no clone of it, which would be
     /// two atomic operations more), or the label lookup once the slots are taken.
+    #[inline]
     fn count(&self, code: u16) {
         for slot in &self.codes {
             let (c, counter) = slot.get_or_init(|| (code, self.child(code)));
@@ -392,11 +439,22 @@ impl TargetStats for RouteStats {
         self.count(code);
     }
 
-    #[inline]
     fn observe_endpoint(&self, endpoint: &Addr, code: u16) {
         if let Some(family) = &self.per_instance {
             let (addr, code) = (endpoint.to_string(), code.to_string());
             family.with_label_values(&[&*self.service, addr.as_str(), code.as_str()]).inc();
+        }
+    }
+
+    #[inline]
+    fn observe_answer(&self, endpoint: &Addr, code: u16, elapsed: std::time::Duration) {
+        if !self.enabled {
+            return;
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+        self.count(code);
+        if self.per_instance.is_some() {
+            self.observe_endpoint(endpoint, code);
         }
     }
 
@@ -483,26 +541,39 @@ impl ConnState {
     }
 }
 
-/// One listener's `zkroute_connections` children, resolved once so that a connection changing
-/// state is two atomic adds.
+/// One listener's `zkroute_connections` children, resolved once. `idle`, the state a keep-alive
+/// connection returns to after each request, has no count of its own: it is the open connections
+/// in no other state, worked out when the metrics are rendered, so a request moves one gauge up
+/// and down, not two.
 #[derive(Clone)]
-pub struct ConnGauges(Arc<[IntGauge; 4]>);
+pub struct ConnGauges(Arc<StateGauges>);
+
+struct StateGauges {
+    /// By [`ConnState`]; the `idle` child is set only when rendered.
+    states: [IntGauge; 4],
+    open: IntGauge,
+}
 
 impl ConnGauges {
     pub fn new(m: &Metrics, listener: &str) -> Self {
-        ConnGauges(Arc::new(ConnState::ALL.map(|s| m.connections.with_label_values(&[listener, s.label()]))))
+        ConnGauges(Arc::new(StateGauges {
+            states: ConnState::ALL.map(|s| m.connections.with_label_values(&[listener, s.label()])),
+            open: m.connections_open.with_label_values(&[listener]),
+        }))
     }
 
     /// Counts a new connection, in `state` until [`Counted::set`] moves it or it is dropped.
     pub fn count(&self, state: ConnState) -> Counted {
-        self.0[state as usize].inc();
-        Counted { gauges: self.0.clone(), state }
+        self.0.open.inc();
+        let mut counted = Counted { gauges: self.0.clone(), state: ConnState::Idle };
+        counted.set(state);
+        counted
     }
 }
 
 /// A connection's place in its listener's `zkroute_connections`; dropping it uncounts it.
 pub struct Counted {
-    gauges: Arc<[IntGauge; 4]>,
+    gauges: Arc<StateGauges>,
     state: ConnState,
 }
 
@@ -510,8 +581,12 @@ impl Counted {
     #[inline]
     pub fn set(&mut self, state: ConnState) {
         if state != self.state {
-            self.gauges[self.state as usize].dec();
-            self.gauges[state as usize].inc();
+            if self.state != ConnState::Idle {
+                self.gauges.states[self.state as usize].dec();
+            }
+            if state != ConnState::Idle {
+                self.gauges.states[state as usize].inc();
+            }
             self.state = state;
         }
     }
@@ -519,7 +594,8 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.gauges[self.state as usize].dec();
+        self.set(ConnState::Idle);
+        self.gauges.open.dec();
     }
 }
 
@@ -562,16 +638,29 @@ mod tests {
     fn a_connection_is_counted_in_one_state_at_a_time_until_dropped() {
         let m = Metrics::new(true);
         let gauges = ConnGauges::new(&m, "http");
-        let value = |s: ConnState| m.connections.with_label_values(&["http", s.label()]).get();
+        let value = |s: ConnState| m.connections_in("http", s);
+        let rendered = |s: ConnState| {
+            let text = String::from_utf8(m.render()).unwrap();
+            let line = format!(r#"zkroute_connections{{listener="http",state="{}"}} "#, s.label());
+            text.lines().find_map(|l| l.strip_prefix(line.as_str())?.parse::<i64>().ok())
+        };
         let mut c = gauges.count(ConnState::Idle);
+        assert_eq!(ConnState::ALL.map(value), [0, 1, 0, 0]);
         c.set(ConnState::ReadingHead);
         c.set(ConnState::Active);
         assert_eq!(ConnState::ALL.map(value), [0, 0, 1, 0]);
+        let other = gauges.count(ConnState::ReadingHead);
+        assert_eq!(ConnState::ALL.map(value), [1, 0, 1, 0]);
+        c.set(ConnState::Idle);
+        assert_eq!(ConnState::ALL.map(value), [1, 1, 0, 0]);
+        assert_eq!(ConnState::ALL.map(rendered), [Some(1), Some(1), Some(0), Some(0)], "idle as scraped");
         c.set(ConnState::Active);
         c.set(ConnState::Tunnel);
-        assert_eq!(ConnState::ALL.map(value), [0, 0, 0, 1]);
+        assert_eq!(ConnState::ALL.map(value), [1, 0, 0, 1]);
+        drop(other);
         drop(c);
         assert_eq!(ConnState::ALL.map(value), [0, 0, 0, 0]);
+        assert_eq!(ConnState::ALL.map(rendered), [Some(0); 4]);
     }
 
     #[test]

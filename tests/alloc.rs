@@ -102,6 +102,7 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+    use zkroute::metrics::ConnState;
 
     const N: usize = 200;
     const SILENT_LIMIT: isize = 3584;
@@ -153,7 +154,7 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
         .unwrap();
         let app = zkroute::App::start(config).await.unwrap();
         let addr = app.listeners["http"];
-        let gauge = |state: &str| app.metrics.connections.with_label_values(&["http", state]).get();
+        let gauge = |state: ConnState| app.metrics.connections_in("http", state);
         // One answered GET on a keep-alive connection, now idle between requests.
         async fn answered(addr: std::net::SocketAddr) -> Option<TcpStream> {
             let mut s = TcpStream::connect(addr).await.ok()?;
@@ -182,8 +183,8 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
         };
         let until_idle = |n: i64| async move {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while gauge("idle") < n {
-                assert!(Instant::now() < deadline, "{} of {n} connections idle", gauge("idle"));
+            while gauge(ConnState::Idle) < n {
+                assert!(Instant::now() < deadline, "{} of {n} connections idle", gauge(ConnState::Idle));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
@@ -208,8 +209,8 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
             partial.push(s);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while gauge("reading_head") < N as i64 {
-            assert!(Instant::now() < deadline, "{} of {N} connections reading a head", gauge("reading_head"));
+        while gauge(ConnState::ReadingHead) < N as i64 {
+            assert!(Instant::now() < deadline, "{} of {N} connections reading a head", gauge(ConnState::ReadingHead));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let s = region.change();

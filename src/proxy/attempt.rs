@@ -33,6 +33,14 @@ use crate::routing::table::{Endpoint, EndpointSet, Route, Target, ZoneMatch, has
 #[derive(Clone)]
 pub struct TargetRef(Arc<Route>, usize);
 
+impl TargetRef {
+    /// The route the target belongs to.
+    #[inline]
+    pub fn route(&self) -> &Arc<Route> {
+        &self.0
+    }
+}
+
 impl std::ops::Deref for TargetRef {
     type Target = Target;
     fn deref(&self) -> &Target {
@@ -489,8 +497,7 @@ impl<'t> Attempts<'t> {
                 } else {
                     endpoint.state.record_success();
                 }
-                self.target.stats.observe(status, self.started.elapsed());
-                self.target.stats.observe_endpoint(&endpoint.addr, status);
+                self.target.stats.observe_answer(&endpoint.addr, status, self.started.elapsed());
                 Some(value)
             }
             Outcome::ClientGone(value) => {

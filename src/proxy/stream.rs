@@ -63,7 +63,7 @@ pub enum StreamWrite<'a, T> {
 macro_rules! dispatch_read {
     ($t:ty) => {
         impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for $t {
-            #[inline]
+            #[inline(always)]
             fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -77,28 +77,28 @@ macro_rules! dispatch_read {
 macro_rules! dispatch_write {
     ($t:ty) => {
         impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for $t {
-            #[inline]
+            #[inline(always)]
             fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
                     Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
                 }
             }
-            #[inline]
+            #[inline(always)]
             fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_flush(cx),
                     Self::Tls(s) => Pin::new(s).poll_flush(cx),
                 }
             }
-            #[inline]
+            #[inline(always)]
             fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
                     Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
                 }
             }
-            #[inline]
+            #[inline(always)]
             fn poll_write_vectored(
                 self: Pin<&mut Self>,
                 cx: &mut Context<'_>,

@@ -27,8 +27,12 @@ use crate::tls::{Alpn, UpstreamTls};
 /// Read buffer of an upstream connection.
 pub const UPSTREAM_BUF: usize = 16 * 1024;
 
-/// An HTTP/1.1 connection to an upstream endpoint.
-pub struct Conn {
+/// An HTTP/1.1 connection to an upstream endpoint, boxed: it goes from its pool to the exchange
+/// and back on every request, which moves a pointer rather than the connection's state.
+pub type Conn = Box<UpstreamConn>;
+
+/// What an HTTP/1.1 connection to an upstream endpoint holds.
+pub struct UpstreamConn {
     pub stream: UpstreamStream,
     pub buf: IoBuf,
     /// Taken from the pool (it served a request before).
@@ -38,10 +42,16 @@ pub struct Conn {
     slot: Option<Slot>,
 }
 
-impl Conn {
-    pub fn new(stream: impl Into<UpstreamStream>) -> Self {
+impl UpstreamConn {
+    pub fn new(stream: impl Into<UpstreamStream>) -> Conn {
         let stream = stream.into();
-        Conn { stream, buf: IoBuf::new(UPSTREAM_BUF), reused: false, idle_since: Instant::now(), slot: None }
+        Box::new(UpstreamConn {
+            stream,
+            buf: IoBuf::new(UPSTREAM_BUF),
+            reused: false,
+            idle_since: Instant::now(),
+            slot: None,
+        })
     }
 
     /// Whether an idle connection is still usable: nothing arrived on it while idle (no EOF, no
@@ -96,14 +106,13 @@ impl Connect for PooledHttp1<'_> {
     type Conn = Conn;
     #[inline]
     fn reuse(&self, endpoint: &Endpoint) -> Option<Conn> {
-        // A policy that turned TLS on or off leaves pooled connections of the other kind.
-        self.pools.of(&endpoint.state).and_then(|p| p.checkout(self.now)).filter(|c| c.is_tls() == self.tls.is_some())
+        self.pools.of(&endpoint.state)?.checkout(self.now, self.tls.is_some())
     }
 
     async fn connect(&self, endpoint: &Endpoint, timeout: ConnectTimeout) -> io::Result<Conn> {
         match &self.tls {
-            None => crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(Conn::new),
-            Some(tls) => tls.connect(endpoint, timeout, self.congestion).await.map(Conn::new),
+            None => crate::net::connect(&endpoint.addr, timeout.get(), self.congestion).await.map(UpstreamConn::new),
+            Some(tls) => tls.connect(endpoint, timeout, self.congestion).await.map(UpstreamConn::new),
         }
     }
 
@@ -276,11 +285,17 @@ pub struct Pool {
 
 impl Pool {
     /// An idle connection that is still clean at `now` (the caller's clock reading, which may be
-    /// a little old: a connection then counts as idle for less long), if any.
-    pub fn checkout(&self, now: Instant) -> Option<Conn> {
+    /// a little old: a connection then counts as idle for less long), if any. `tls`: the kind
+    /// wanted; a policy that turned TLS on or off leaves pooled connections of the other kind,
+    /// and the one found is then closed.
+    #[inline]
+    pub fn checkout(&self, now: Instant, tls: bool) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(mut conn) = idle.pop() {
             if now.duration_since(conn.idle_since) < self.settings.idle_timeout() && conn.is_clean() {
+                if conn.is_tls() != tls {
+                    return None;
+                }
                 conn.reused = true;
                 return Some(conn);
             }

@@ -100,11 +100,25 @@ pub struct HeaderEdits {
     pub remove: Box<[HeaderName]>,
     /// The names of `remove` and `set` (lower case, as `HeaderName` keeps them).
     dropped: Box<[Box<[u8]>]>,
-    /// Bit `n` is set when a name in `dropped` is `n` bytes long (bit 63: 63 or more), so that
-    /// most fields are passed by one test of their name's length.
+    /// Bit `n % 64` is set for each name in `dropped` `n` bytes long, so that most fields are
+    /// passed by one test of their name's length (a longer name may share a bit: its name is
+    /// then compared).
     dropped_lengths: u64,
     /// `set`, then `add`, as HTTP/1 field lines (`name: value\r\n` each), and the empty line.
     head_end: Box<[u8]>,
+    /// Which of the fields a request writer adds itself the edits drop.
+    pub drops_own: OwnFields,
+}
+
+/// The fields zkroute writes into a forwarded request itself, each flagged when a rule's edits
+/// drop it (remove it, or set it anew): decided when the rule is built, not per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OwnFields {
+    pub host: bool,
+    pub forwarded_for: bool,
+    pub forwarded_proto: bool,
+    /// `x-forwarded-client-cert`.
+    pub client_cert: bool,
 }
 
 impl HeaderEdits {
@@ -115,7 +129,7 @@ impl HeaderEdits {
     ) -> Self {
         let dropped: Box<[Box<[u8]>]> =
             remove.iter().chain(set.iter().map(|(n, _)| n)).map(|n| n.as_str().as_bytes().into()).collect();
-        let dropped_lengths = dropped.iter().fold(0, |bits, n| bits | 1 << n.len().min(63));
+        let dropped_lengths = dropped.iter().fold(0, |bits, n| bits | 1 << (n.len() % 64));
         let mut head_end = Vec::new();
         for (name, value) in set.iter().chain(add.iter()) {
             for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
@@ -123,16 +137,39 @@ impl HeaderEdits {
             }
         }
         head_end.extend_from_slice(b"\r\n");
-        HeaderEdits { set, add, remove, dropped, dropped_lengths, head_end: head_end.into() }
+        let mut edits = HeaderEdits {
+            set,
+            add,
+            remove,
+            dropped,
+            dropped_lengths,
+            head_end: head_end.into(),
+            drops_own: OwnFields::default(),
+        };
+        edits.drops_own = OwnFields {
+            host: edits.drops(b"host"),
+            forwarded_for: edits.drops(b"x-forwarded-for"),
+            forwarded_proto: edits.drops(b"x-forwarded-proto"),
+            client_cert: edits.drops(b"x-forwarded-client-cert"),
+        };
+        edits
     }
 
     /// Whether a field named `name` (any case) is dropped from the head: removed, or set anew.
     #[inline(always)]
     pub fn drops(&self, name: &[u8]) -> bool {
-        (self.dropped_lengths >> name.len().min(63)) & 1 != 0 && self.names_dropped(name)
+        self.may_drop_length(name.len()) && self.names_dropped(name)
     }
 
-    fn names_dropped(&self, name: &[u8]) -> bool {
+    /// Whether a field whose name is `len` bytes long may be dropped: false rules it out.
+    #[inline(always)]
+    pub fn may_drop_length(&self, len: usize) -> bool {
+        (self.dropped_lengths >> (len % 64)) & 1 != 0
+    }
+
+    /// Whether a field named `name` is dropped, name by name.
+    #[inline(never)]
+    pub fn names_dropped(&self, name: &[u8]) -> bool {
         self.dropped.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 

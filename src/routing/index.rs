@@ -84,11 +84,12 @@ impl RouteIndex {
     }
 
     /// The first route in match order for which `matches(i)` holds, among those whose indexed
-    /// condition the request meets. `matches` checks everything but the host.
+    /// condition the request meets. `matches` checks everything but the host, which is read
+    /// (as text) only when some route is indexed by host.
     #[inline]
     pub fn lookup(
         &self,
-        host: Option<&str>,
+        host: Option<&[u8]>,
         path: &str,
         method: &Method,
         headers: &impl HeaderLookup,
@@ -108,6 +109,7 @@ impl RouteIndex {
         };
         if !self.exact.is_empty() || !self.subdomain.is_empty() {
             let mut buf = [0u8; MAX_HOST];
+            let host = host.and_then(|h| std::str::from_utf8(h).ok());
             if let Some(host) = host.and_then(|h| normalize_host(h, &mut buf)) {
                 if let Some(list) = self.exact.get(host) {
                     check(list);

@@ -615,6 +615,12 @@ pub trait TargetStats: Send + Sync {
     fn observe(&self, code: u16, elapsed: std::time::Duration);
     /// The same answer, by endpoint (only where per-endpoint metrics are kept).
     fn observe_endpoint(&self, endpoint: &Addr, code: u16);
+    /// A request answered by `endpoint`: [`TargetStats::observe`] and
+    /// [`TargetStats::observe_endpoint`] in one call, as the request path records it.
+    fn observe_answer(&self, endpoint: &Addr, code: u16, elapsed: std::time::Duration) {
+        self.observe(code, elapsed);
+        self.observe_endpoint(endpoint, code);
+    }
     /// A failed connection attempt to an endpoint.
     fn connect_failed(&self);
     /// An extra attempt after a failed one.
@@ -753,6 +759,19 @@ impl ListenerRoutes {
     pub fn route(
         &self,
         host: Option<&str>,
+        path: &str,
+        method: &Method,
+        headers: &impl HeaderLookup,
+    ) -> Option<&Arc<Route>> {
+        self.route_by_bytes(host.map(str::as_bytes), path, method, headers)
+    }
+
+    /// [`ListenerRoutes::route`] with the host as the bytes received: a listener without routes by
+    /// host never reads them as text.
+    #[inline]
+    pub fn route_by_bytes(
+        &self,
+        host: Option<&[u8]>,
         path: &str,
         method: &Method,
         headers: &impl HeaderLookup,

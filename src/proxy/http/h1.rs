@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 use super::HttpContext;
 use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf};
 use super::edit;
-use super::head::{self, Fields, Parse, RequestHead, ResponseHead, ResponseMode};
+use super::head::{self, Fields, KnownHost, Parse, RequestHead, ResponseHead, ResponseMode};
 use crate::access_log;
 use crate::endpoint::InFlight;
 use crate::metrics::{ConnState, Counted};
@@ -28,7 +28,7 @@ use crate::proxy::stream::{ClientStream, ClientTls, Stream};
 use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1, TlsOrigin};
 use crate::routing::documents::HeaderEdits;
-use crate::routing::table::{Route, TargetStats};
+use crate::routing::table::TargetStats;
 use crate::shutdown::Shutdown;
 use crate::tls::Alpn;
 
@@ -78,8 +78,8 @@ pub struct Connection {
     /// Resolves when draining starts. Made once per connection: a fresh wait would join and
     /// leave the signal's waiter list every time.
     shutdown: Draining,
-    /// The response header edits of the request in progress's rule, if it has any.
-    response_edits: Option<Arc<HeaderEdits>>,
+    /// The last valid Host of the connection: a request that repeats it is not validated again.
+    known_host: KnownHost,
     /// The connection's place in `zkroute_connections`.
     counted: Counted,
 }
@@ -183,7 +183,7 @@ impl Connection {
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             shutdown: Draining::new(ctx.shutdown.clone()),
             ctx,
-            response_edits: None,
+            known_host: KnownHost::default(),
         }
     }
 
@@ -207,7 +207,15 @@ impl Connection {
             };
             self.counted.set(ConnState::Active);
             self.prepare_exchange();
-            if self.exchange(&head).await == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
+            // The exchange is awaited here and not in a function of its own: each poll of a
+            // request goes through one future less.
+            let started = Instant::now();
+            let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), &head));
+            let (next, done) = self.proxy_request(&head, started).await;
+            if let Some(line) = line {
+                self.log(&line, &done, started);
+            }
+            if next == AfterExchange::Close || self.ctx.shutdown.is_triggered() {
                 // Dropping the stream closes it, and the FIN follows the response just as after a
                 // `shutdown`, which would cost a system call more per connection.
                 return;
@@ -232,7 +240,7 @@ impl Connection {
         let mut header_deadline = None;
         loop {
             if !self.buf.is_empty() {
-                match head::parse_request(self.buf.filled(), &mut self.fields)? {
+                match head::parse_request_on(self.buf.filled(), &mut self.fields, &mut self.known_host)? {
                     Parse::Complete(h) => return Ok(Some(h)),
                     Parse::Partial => {
                         self.counted.set(ConnState::ReadingHead);
@@ -332,12 +340,10 @@ impl Connection {
         self.out.clear();
     }
 
-    /// Proxies one request and its response, and logs it when the access log is on.
-    async fn exchange(&mut self, head: &RequestHead) -> AfterExchange {
-        let started = Instant::now();
-        let line = self.ctx.access_log.as_ref().map(|_| RequestLine::capture(self.buf.filled(), head));
-        let (next, done) = self.proxy_request(head, started).await;
-        if let (Some(log), Some(line)) = (&self.ctx.access_log, line) {
+    /// Logs an exchange that began at `started`, when the access log is on.
+    #[inline(never)]
+    fn log(&self, line: &RequestLine, done: &ExchangeRecord, started: Instant) {
+        if let Some(log) = &self.ctx.access_log {
             log.record(&access_log::Entry {
                 time: std::time::SystemTime::now(),
                 listener: &self.ctx.name,
@@ -346,7 +352,7 @@ impl Connection {
                 host: &line.host,
                 path: &line.path,
                 status: done.status,
-                upstream: done.upstream.map(|a| a.to_string()),
+                upstream: done.upstream.as_ref().map(|a| a.to_string()),
                 duration: started.elapsed(),
                 bytes_in: done.bytes_in,
                 bytes_out: done.bytes_out,
@@ -354,14 +360,13 @@ impl Connection {
                 grpc_status: done.grpc_status,
             });
         }
-        next
     }
 
     async fn proxy_request(&mut self, head: &RequestHead, started: Instant) -> (AfterExchange, ExchangeRecord) {
         let head_only = head.method == http::Method::HEAD;
         let mut done = ExchangeRecord::default();
-        let (route, target) = match self.route(head) {
-            Ok(rt) => rt,
+        let target = match self.route(head) {
+            Ok(t) => t,
             Err((e, stats)) => {
                 let close = head.close || head.body != BodyLen::None;
                 done.status = e.rescue().status;
@@ -372,8 +377,9 @@ impl Connection {
                 return (if close { AfterExchange::Close } else { self.skip_head(head) }, done);
             }
         };
+        let route = target.route();
         let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
-        if let Err(e) = rate_limit(&route, |name| fields.get(name.as_str().as_bytes()), &self.client_ip) {
+        if let Err(e) = rate_limit(route, |name| fields.get(name.as_str().as_bytes()), &self.client_ip) {
             let close = head.close || head.body != BodyLen::None;
             done.status = e.rescue().status;
             target.stats.observe(done.status, started.elapsed());
@@ -384,7 +390,7 @@ impl Connection {
         let set = target.set.for_request(&fields);
         let hash = hash_key(&set.policy.lb, |name| fields.get(name.as_str().as_bytes()), &self.client_ip);
         if to_h2::all_h2(set) {
-            let next = self.proxy_h2(head, &route, &target, set, hash, started, &mut done).await;
+            let next = self.proxy_h2(head, route, &target, set, hash, started, &mut done).await;
             return (next, done);
         }
 
@@ -422,7 +428,8 @@ impl Connection {
                 edits,
             ),
         }
-        self.response_edits = rule.and_then(|r| r.response_headers.clone());
+        // Borrowed from the route, which outlives the exchange.
+        let response_edits = rule.and_then(|r| r.response_headers.as_deref());
         if self.ctx.limits.request_id {
             let fields = Fields { buf: self.buf.filled(), fields: &self.fields };
             let id = match fields.get(b"x-request-id") {
@@ -496,7 +503,9 @@ impl Connection {
             }
             let may_retry = attempts.may_retry();
             let (try_deadline, cut) = attempts.try_deadline(deadline);
-            let outcome = self.forward(conn, head, &mut pending, try_deadline, (may_retry, cut), in_flight, pool).await;
+            let retry = (may_retry, cut);
+            let outcome =
+                self.forward(conn, head, &mut pending, try_deadline, retry, in_flight, pool, response_edits).await;
             if let Some((status, relayed)) = attempts.settle(attempt, outcome, &self.ctx.health) {
                 done.status = status;
                 done.bytes_in += relayed.bytes_in;
@@ -517,24 +526,23 @@ impl Connection {
         AfterExchange::KeepAlive
     }
 
-    /// Matches the request to a route and picks the target.
+    /// Matches the request to a route and picks the target, which holds the route (one count of
+    /// it taken per request, not two).
     #[allow(clippy::type_complexity)]
-    fn route(&self, head: &RequestHead) -> Result<(Arc<Route>, TargetRef), (ProxyError, Option<Arc<dyn TargetStats>>)> {
+    fn route(&self, head: &RequestHead) -> Result<TargetRef, (ProxyError, Option<Arc<dyn TargetStats>>)> {
         let guard = self.ctx.routes.load();
         let Some(table) = guard.as_ref() else { return Err((ProxyError::NotReady, None)) };
         let Some(listener) = table.listener(self.ctx.listener) else { return Err((ProxyError::NotReady, None)) };
         let buf = self.buf.filled();
         let headers = Fields { buf, fields: &self.fields };
-        let Some(route) = listener.route(head.route_host(buf), head.path(buf), &head.method, &headers) else {
+        let Some(route) = listener.route_by_bytes(head.route_host_bytes(buf), head.path(buf), &head.method, &headers)
+        else {
             return Err((ProxyError::NoRoute, Some(listener.no_route.clone())));
         };
-        let route = route.clone();
-        drop(guard);
-        let target = choose_target(&route, &headers).ok_or_else(|| {
+        choose_target(route, &headers).ok_or_else(|| {
             let stats = route.targets.first().map(|t| t.stats.clone());
             (ProxyError::NoHealthyUpstream, stats)
-        })?;
-        Ok((route, target))
+        })
     }
 
     /// Sends the request on `conn` and relays the response. `may_retry`: the caller can try
@@ -551,6 +559,7 @@ impl Connection {
         (may_retry, per_try): (bool, bool),
         in_flight: InFlight,
         pool: Option<&Arc<upstream::Pool>>,
+        response_edits: Option<&HeaderEdits>,
     ) -> Outcome<(u16, Relayed)> {
         // Nothing has been read of the client's body beyond what `req` holds: sending `req`
         // again is the same request.
@@ -567,7 +576,7 @@ impl Connection {
         let idle = limits.idle_timeout;
         let head_request = head.method == http::Method::HEAD;
         let client_minor = head.minor;
-        let Connection { stream, buf, out, resp_fields, response_timer, response_edits, counted, .. } = self;
+        let Connection { stream, buf, out, resp_fields, response_timer, counted, .. } = self;
         response_timer.as_mut().reset(deadline);
         let mut pumped = 0u64;
         let (mut ds_r, mut ds_w) = stream.split();
@@ -653,7 +662,7 @@ impl Connection {
             drop_te: client_minor == 0,
             upgrade,
         };
-        match response_edits.as_deref() {
+        match response_edits {
             None => head::write_response_head(out, conn.buf.filled(), &resp, resp_fields, mode),
             Some(edits) => head::write_response_edited(out, conn.buf.filled(), &resp, resp_fields, mode, edits),
         }

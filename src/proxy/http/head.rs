@@ -11,7 +11,7 @@ use http::Method;
 
 use super::codec::{BodyLen, Field, Known, MAX_HEADERS, classify, parse_content_length, tokens, trim};
 use crate::proxy::error::ProxyError;
-use crate::routing::documents::{HeaderEdits, HeaderLookup};
+use crate::routing::documents::{HeaderEdits, HeaderLookup, OwnFields};
 
 /// A parsed request head. Ranges index the buffer it was parsed from.
 #[derive(Debug, Clone)]
@@ -41,8 +41,14 @@ pub struct RequestHead {
 impl RequestHead {
     /// The host to route by.
     pub fn route_host<'b>(&self, buf: &'b [u8]) -> Option<&'b str> {
+        std::str::from_utf8(self.route_host_bytes(buf)?).ok()
+    }
+
+    /// [`RequestHead::route_host`] as bytes, not yet read as text (a valid Host is ASCII).
+    #[inline]
+    pub fn route_host_bytes<'b>(&self, buf: &'b [u8]) -> Option<&'b [u8]> {
         let r = self.authority.clone().or_else(|| self.host.clone())?;
-        std::str::from_utf8(&buf[r]).ok()
+        buf.get(r)
     }
 
     pub fn path<'b>(&self, buf: &'b [u8]) -> &'b str {
@@ -101,6 +107,16 @@ fn field_ranges(base: &[u8], h: &httparse::Header<'_>) -> (Range<usize>, Range<u
 /// Parses a request head from `buf`, filling `fields`. Errors are answered and close the
 /// connection.
 pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<RequestHead>, ProxyError> {
+    parse_request_on(buf, fields, &mut KnownHost::default())
+}
+
+/// [`parse_request`] for a connection whose last valid Host is `known`: a Host that repeats it is
+/// not validated again, and a new valid one takes its place.
+pub fn parse_request_on(
+    buf: &[u8],
+    fields: &mut Vec<Field>,
+    known: &mut KnownHost,
+) -> Result<Parse<RequestHead>, ProxyError> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
@@ -158,7 +174,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Parse<Reques
                 if host.is_some() {
                     return Err(ProxyError::BadRequest("more than one Host header"));
                 }
-                if !is_valid_host(h.value) {
+                if !known.is_valid(h.value) {
                     return Err(ProxyError::BadRequest("invalid Host header"));
                 }
                 host = Some(value.clone());
@@ -284,6 +300,69 @@ pub fn is_valid_host(v: &[u8]) -> bool {
     }
 }
 
+/// The last valid Host a connection sent, for [`parse_request_on`]. A client sends the same Host
+/// on each request of a keep-alive connection: comparing it with the last one costs less than
+/// validating it again (docs/PERFORMANCE.md, "HTTP/1 before and after"). A Host longer than the
+/// copy kept is validated every time.
+pub struct KnownHost {
+    len: u8,
+    bytes: [u8; KNOWN_HOST],
+}
+
+/// The longest Host [`KnownHost`] keeps.
+const KNOWN_HOST: usize = 63;
+
+impl Default for KnownHost {
+    fn default() -> Self {
+        KnownHost { len: 0, bytes: [0; KNOWN_HOST] }
+    }
+}
+
+impl KnownHost {
+    /// Whether `v` is a valid Host ([`is_valid_host`]); a valid one is kept for the next call.
+    #[inline(always)]
+    pub fn is_valid(&mut self, v: &[u8]) -> bool {
+        if v.len() == usize::from(self.len) && same_bytes(v, &self.bytes[..v.len()]) {
+            return true;
+        }
+        self.learn(v)
+    }
+
+    #[inline(never)]
+    fn learn(&mut self, v: &[u8]) -> bool {
+        if !is_valid_host(v) {
+            return false;
+        }
+        if let Some(kept) = self.bytes.get_mut(..v.len()) {
+            kept.copy_from_slice(v);
+            self.len = v.len() as u8;
+        }
+        true
+    }
+}
+
+/// Whether `a` and `b`, of the same length, hold the same bytes: eight at a time, the last eight
+/// overlapping, where a slice comparison would call `memcmp` (as long as the Host it saves).
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], i: usize| s.get(i..i + 8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()));
+    if n < 8 {
+        return a.iter().zip(b).all(|(x, y)| x == y);
+    }
+    let mut i = 0;
+    while i + 8 < n {
+        if word(a, i) != word(b, i) {
+            return false;
+        }
+        i += 8;
+    }
+    word(a, n - 8) == word(b, n - 8)
+}
+
 /// [`is_valid_host`] in full.
 fn is_valid_authority(v: &[u8]) -> bool {
     let (host, port) = match v {
@@ -386,6 +465,8 @@ trait Edits {
     }
     /// The last bytes of the head: the fields set and added, and the empty line.
     fn head_end(&self) -> &[u8];
+    /// Which of the fields the request writer adds itself are left out.
+    fn drops_own(&self) -> OwnFields;
 }
 
 struct NoEdits;
@@ -405,6 +486,11 @@ impl Edits for NoEdits {
     fn head_end(&self) -> &[u8] {
         b"\r\n"
     }
+
+    #[inline(always)]
+    fn drops_own(&self) -> OwnFields {
+        OwnFields::default()
+    }
 }
 
 impl Edits for HeaderEdits {
@@ -413,9 +499,21 @@ impl Edits for HeaderEdits {
         HeaderEdits::drops(self, name)
     }
 
+    /// The name's length comes from its range: the name is sliced only when its length is one
+    /// of those dropped.
+    #[inline(always)]
+    fn drops_field(&self, buf: &[u8], f: &Field) -> bool {
+        self.may_drop_length(f.name.end.wrapping_sub(f.name.start)) && self.names_dropped(&buf[f.name.clone()])
+    }
+
     #[inline(always)]
     fn head_end(&self) -> &[u8] {
         HeaderEdits::head_end(self)
+    }
+
+    #[inline(always)]
+    fn drops_own(&self) -> OwnFields {
+        self.drops_own
     }
 }
 
@@ -530,7 +628,8 @@ fn write_request_with(
         kept.push(out, f);
     }
     kept.finish(out);
-    if edits.drops(b"host") {
+    let own = edits.drops_own();
+    if own.host {
         // Set by the rule, or removed.
     } else if let Some(auth) = &head.authority {
         out.extend_from_slice(b"host: ");
@@ -548,8 +647,8 @@ fn write_request_with(
     if head.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
-    let (xff, xfp) = (!edits.drops(b"x-forwarded-for"), !edits.drops(b"x-forwarded-proto"));
-    let cert = secure.and_then(|s| s.client_cert).filter(|_| !edits.drops(FORWARDED_CLIENT_CERT.as_bytes()));
+    let (xff, xfp) = (!own.forwarded_for, !own.forwarded_proto);
+    let cert = secure.and_then(|s| s.client_cert).filter(|_| !own.client_cert);
     if xff {
         out.extend_from_slice(b"x-forwarded-for: ");
         for r in forwarded_for[..n_xff].iter().flatten() {
@@ -1269,6 +1368,51 @@ mod tests {
         }
         assert!(req("GET http://a%zz/ HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(req("GET http://a:1:2/ HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let mut rng = fastrand::Rng::with_seed(14);
+        for _ in 0..20_000 {
+            let n = rng.usize(0..40);
+            let a: Vec<u8> = (0..n).map(|_| rng.u8(b'a'..b'd')).collect();
+            let mut b = a.clone();
+            if rng.bool() && n > 0 {
+                b[rng.usize(..n)] = rng.u8(b'a'..b'd');
+            }
+            assert_eq!(same_bytes(&a, &b), a == b, "{a:?} {b:?}");
+        }
+        assert!(!same_bytes(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn a_connection_s_known_host_passes_its_repeats_and_nothing_else() {
+        let mut known = KnownHost::default();
+        let mut fields = Vec::new();
+        let mut parse = |host: &[u8], known: &mut KnownHost| {
+            let mut text = b"GET / HTTP/1.1\r\nHost: ".to_vec();
+            text.extend_from_slice(host);
+            text.extend_from_slice(b"\r\n\r\n");
+            parse_request_on(&text, &mut fields, known).map(|_| ())
+        };
+        assert!(parse(b"a.test:8080", &mut known).is_ok());
+        assert_eq!(&known.bytes[..usize::from(known.len)], b"a.test:8080", "a valid Host is kept");
+        assert!(parse(b"a.test:8080", &mut known).is_ok(), "its repeat passes");
+        // Invalid Hosts after a valid one, the same length and not: each is still refused, and
+        // the one kept stays.
+        for bad in [&b"a.test:808/"[..], b"a@test:8080", b"a b", b"a.test:80800/x"] {
+            assert!(matches!(parse(bad, &mut known), Err(ProxyError::BadRequest(_))), "{bad:?}");
+            assert_eq!(&known.bytes[..usize::from(known.len)], b"a.test:8080");
+        }
+        // Another valid Host takes its place; one too long to keep is validated every time.
+        assert!(parse(b"b.test", &mut known).is_ok());
+        assert_eq!(&known.bytes[..usize::from(known.len)], b"b.test");
+        let long = [b'a'; KNOWN_HOST + 1];
+        assert!(parse(&long, &mut known).is_ok());
+        assert_eq!(&known.bytes[..usize::from(known.len)], b"b.test");
+        let mut long_bad = long;
+        long_bad[KNOWN_HOST] = b'/';
+        assert!(parse(&long_bad, &mut known).is_err());
     }
 
     #[test]

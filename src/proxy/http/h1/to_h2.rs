@@ -26,6 +26,7 @@ use crate::proxy::http::head::RequestHead;
 use crate::proxy::lazy_timeout::timeout;
 use crate::proxy::upstream::h2::{ReplayBody, RequestBody};
 use crate::proxy::upstream::{AnyProtocol, PooledHttp1, TlsOrigin, Upstream};
+use crate::routing::documents::HeaderEdits;
 use crate::routing::table::{EndpointSet, Route};
 
 type Sent = io::Result<Frame<Bytes>>;
@@ -181,7 +182,7 @@ impl Connection {
         if let Some(edits) = rule.and_then(|r| r.request_headers.as_deref()) {
             edit::edit_map(&mut parts.headers, edits);
         }
-        self.response_edits = rule.and_then(|r| r.response_headers.clone());
+        let response_edits = rule.and_then(|r| r.response_headers.as_deref());
         if self.ctx.limits.request_id {
             let id = match parts.headers.get("x-request-id") {
                 Some(id) => String::from_utf8_lossy(id.as_bytes()).into_owned(),
@@ -295,7 +296,7 @@ impl Connection {
             };
             if let Some(response) = attempts.settle(attempt, outcome, &ctx.health) {
                 done.status = response.status().as_u16();
-                return self.relay_h2(response, &mut pump, head, head_only, done).await;
+                return self.relay_h2(response, &mut pump, head, head_only, response_edits, done).await;
             }
         }
         let error = attempts.failure();
@@ -317,10 +318,11 @@ impl Connection {
         pump: &mut Pump,
         head: &RequestHead,
         head_only: bool,
+        response_edits: Option<&HeaderEdits>,
         done: &mut ExchangeRecord,
     ) -> AfterExchange {
         let (mut parts, mut body) = response.into_parts();
-        if let Some(edits) = self.response_edits.as_deref() {
+        if let Some(edits) = response_edits {
             edit::edit_map(&mut parts.headers, edits);
         }
         let status = parts.status.as_u16();
