@@ -128,7 +128,7 @@ fn engine_for(
     async move {
         let mut buf = IoBuf::lazy(h1::FIRST_BUF);
         let first = async {
-            if let ClientStream::Plain(tcp) = &stream {
+            if let ClientStream::Plain(tcp) = &mut stream {
                 first_read(tcp, &mut buf).await
             } else {
                 buf.read_from(&mut stream).await
@@ -183,14 +183,9 @@ fn engine_for(
 
 /// Waits for a new connection's first bytes and reads them: a client that connects and stays
 /// silent holds no buffer (readiness may come without bytes: the buffer goes back then).
-fn first_read<'a>(stream: &'a TcpStream, buf: &'a mut IoBuf) -> impl Future<Output = std::io::Result<usize>> + 'a {
+fn first_read<'a>(stream: &'a mut TcpStream, buf: &'a mut IoBuf) -> impl Future<Output = std::io::Result<usize>> + 'a {
     std::future::poll_fn(move |cx| {
-        loop {
-            std::task::ready!(stream.poll_read_ready(cx))?;
-            match buf.try_read_from(stream) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                read => return std::task::Poll::Ready(read),
-            }
-        }
+        std::task::ready!(stream.poll_read_ready(cx))?;
+        buf.poll_read_or_release(stream, cx)
     })
 }
