@@ -4,6 +4,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -82,12 +83,21 @@ impl IoBuf {
         r.read_buf(&mut self.data).await
     }
 
-    /// Reads what `s` has without waiting (`WouldBlock` when nothing), allocating the storage
-    /// only then, and giving it back when nothing came.
-    pub fn try_read_from(&mut self, s: &tokio::net::TcpStream) -> io::Result<usize> {
-        self.make_room()?;
-        let read = s.try_read_buf(&mut self.data);
-        if read.is_err() {
+    /// Reads what `r` has without waiting (Pending when nothing, the task to be woken when bytes
+    /// come), allocating the storage only then and giving it back when nothing came. A read
+    /// shorter than the space clears the socket's readiness, as [`IoBuf::read_from`]'s does;
+    /// tokio's `try_read` leaves it set, which cost every new connection a `recvfrom` that found
+    /// nothing (docs/PERFORMANCE.md, "Memory per held connection").
+    pub fn poll_read_or_release<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.make_room() {
+            return Poll::Ready(Err(e));
+        }
+        let read = std::pin::pin!(r.read_buf(&mut self.data)).poll(cx);
+        if !matches!(read, Poll::Ready(Ok(_))) {
             self.release();
         }
         read

@@ -50,18 +50,34 @@ pub async fn serve(
     let stream = stream.into();
     let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        let tls = tls.clone();
-        async move {
-            let Some(log) = ctx.access_log.clone() else {
-                return Ok::<_, Infallible>(handle(ctx, peer, req, tls.as_deref()).await);
-            };
-            let line = LogLine::capture(log, &ctx.name, peer, &req);
-            let response = handle(ctx, peer, req, tls.as_deref()).await;
-            Ok(line.follow(response))
-        }
+        let line = ctx.access_log.clone().map(|log| LogLine::capture(log, &ctx.name, peer, &req));
+        Respond { handling: handle(ctx.clone(), peer, req, tls.clone()), line }
     });
     connection::serve(stream, prefix, &limits, shutdown, service).await;
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's answer, followed for the access log when there is one. A struct, not an `async`
+    /// block, which would keep the request it moved into `handle` (264 bytes) and the handling
+    /// twice in every open stream's task.
+    struct Respond<F> {
+        #[pin]
+        handling: F,
+        line: Option<LogLine>,
+    }
+}
+
+impl<F: Future<Output = Response<H2Body>>> Future for Respond<F> {
+    type Output = Result<Response<H2Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.handling.poll(cx));
+        Poll::Ready(Ok(match this.line.take() {
+            Some(line) => line.follow(response),
+            None => response,
+        }))
+    }
 }
 
 /// The response body to an h2 client: the proxy's own answer, or the upstream's body.
@@ -362,168 +378,183 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError
     Ok(Some(host))
 }
 
-async fn handle(
+// A function returning an `async` block, not an `async fn`, which would keep each argument twice
+// (the request's 264 bytes among them) in every open stream's task.
+#[allow(clippy::manual_async_fn)] // an async block stores its captures once
+fn handle(
     ctx: Arc<HttpContext>,
     peer: SocketAddr,
     req: Request<Incoming>,
-    tls: Option<&ClientTls>,
-) -> Response<H2Body> {
-    let started = Instant::now();
-    let (parts, body) = req.into_parts();
-    let is_grpc = grpc::is_grpc(&parts.headers);
-    if parts.method == Method::CONNECT {
-        // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
-        // only, as it answers CONNECT on HTTP/1.
-        return answer(ProxyError::MethodNotAllowed);
-    }
-    let host = match request_host(&parts) {
-        Ok(h) => h,
-        Err(e) => return answer(e),
-    };
-    let route = {
-        let guard = ctx.routes.load();
-        let Some(table) = guard.as_ref() else { return answer(ProxyError::NotReady) };
-        let Some(listener) = table.listener(ctx.listener) else { return answer(ProxyError::NotReady) };
-        match listener.route(host, parts.uri.path(), &parts.method, &parts.headers) {
-            Some(r) => r.clone(),
-            None => {
-                listener.no_route.observe(404, started.elapsed());
-                let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &Arc::from("")));
-                return answer_for(ProxyError::NoRoute, counter.as_ref());
-            }
+    tls: Option<Arc<ClientTls>>,
+) -> impl Future<Output = Response<H2Body>> + Send {
+    async move {
+        let tls = tls.as_deref();
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let is_grpc = grpc::is_grpc(&parts.headers);
+        if parts.method == Method::CONNECT {
+            // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
+            // only, as it answers CONNECT on HTTP/1.
+            return answer(ProxyError::MethodNotAllowed);
         }
-    };
-    let Some(target) = choose_target(&route, &parts.headers) else {
-        let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
-        return answer_for(ProxyError::NoHealthyUpstream, counter.as_ref());
-    };
-    let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
-    // A tag-routed service: the endpoints of the request's tag.
-    let set = target.set.for_request(&parts.headers);
-    let client_ip = IpText::new(peer.ip());
-    if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
-        target.stats.observe(e.rescue().status, started.elapsed());
-        return answer_for(e, counter.as_ref());
-    }
-    let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
-
-    let has_body = !body.is_end_stream();
-    let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let drop_underscore = ctx.limits.drop_underscore_headers;
-    let rule = route.rule.as_deref();
-    let request_edits = rule.and_then(|r| r.request_headers.as_deref());
-    let response_edits = rule.and_then(|r| r.response_headers.as_deref());
-    // One id for every try of the request.
-    let request_id = (ctx.limits.request_id && !parts.headers.contains_key("x-request-id")).then(edit::new_request_id);
-
-    // gRPC's own deadline bounds the request too, within the route's timeout.
-    let mut timeout = route.timeout;
-    if is_grpc {
-        if let Some(t) = parts.headers.get(grpc::TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
-            timeout = timeout.min(t);
-        }
-    }
-    let deadline = tokio::time::Instant::from_std(started + timeout);
-    let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
-        .with_per_try_timeout(route.per_try_timeout);
-    let connector = AnyProtocol::new(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started), |alpn| {
-        TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
-    });
-    // The HTTP/1.1 form of the request, made when an HTTP/1.1 endpoint is tried.
-    let mut req_head = Vec::new();
-    // The body: as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
-    let mut raw = Some(body);
-    let mut replay: Option<ReplayBody> = None;
-    while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
-        let upstream = ctx.access_log.is_some().then(|| attempt.endpoint.addr.to_string());
-        let outcome = match conn {
-            Upstream::Http1(conn) => {
-                if req_head.is_empty() {
-                    let hostless;
-                    let host = match host {
-                        Some(h) => h,
-                        None => {
-                            hostless = head::host_for_hostless(&target.backend);
-                            &hostless
-                        }
-                    };
-                    write_head(
-                        &mut req_head,
-                        &parts,
-                        host,
-                        has_body,
-                        length,
-                        &client_ip,
-                        drop_underscore,
-                        tls,
-                        request_edits,
-                    );
-                    if let Some(id) = &request_id {
-                        edit::insert_field(&mut req_head, b"x-request-id", id.as_bytes());
-                    }
-                }
-                let Some(body) = raw.as_mut() else {
-                    // The body went to an HTTP/2 endpoint and is not at hand as a stream.
-                    let fail = Outcome::<()>::Fail { error: ProxyError::UpstreamReset, upstream_fault: false };
-                    let _ = attempts.settle(attempt, fail, &ctx.health);
-                    break;
-                };
-                let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
-                let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
-                let (try_deadline, per_try) = attempts.try_deadline(deadline);
-                let mut request =
-                    Http1Request { head: &req_head, body, has_body, chunked: length.is_none(), response_edits };
-                exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try)).await
-            }
-            Upstream::H2(stream) => {
-                let body = if !has_body {
-                    Some(RequestBody::Empty)
-                } else if let Some(b) = raw.take() {
-                    let r = ReplayBody::new(up_h2::from_incoming(b));
-                    let again = r.again();
-                    replay = again;
-                    Some(RequestBody::Replay(r))
-                } else {
-                    replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
-                };
-                match body {
-                    Some(body) => {
-                        let hostless = if host.is_none() {
-                            grpc::authority_for_hostless(&target.backend, attempt.endpoint)
-                        } else {
-                            String::new()
-                        };
-                        let mut req =
-                            grpc::upstream_request(&parts, host, &hostless, &client_ip, (drop_underscore, tls), body);
-                        if let Some(edits) = request_edits {
-                            edit::edit_map(req.headers_mut(), edits);
-                        }
-                        if let Some(id) = request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok()) {
-                            req.headers_mut().insert("x-request-id", id);
-                        }
-                        let may_retry = attempts.may_retry();
-                        let (deadline, per_try) = attempts.try_deadline(deadline);
-                        let replay = replay.as_ref();
-                        let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
-                        grpc::exchange(stream, in_flight, req, ex).await.map(|mut response| {
-                            if let Some(edits) = response_edits {
-                                edit::edit_map(response.headers_mut(), edits);
-                            }
-                            response.map(|b| H2Body::H2(Box::new(b)))
-                        })
-                    }
-                    None => Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: false },
+        let host = match request_host(&parts) {
+            Ok(h) => h,
+            Err(e) => return answer(e),
+        };
+        let route = {
+            let guard = ctx.routes.load();
+            let Some(table) = guard.as_ref() else { return answer(ProxyError::NotReady) };
+            let Some(listener) = table.listener(ctx.listener) else { return answer(ProxyError::NotReady) };
+            match listener.route(host, parts.uri.path(), &parts.method, &parts.headers) {
+                Some(r) => r.clone(),
+                None => {
+                    listener.no_route.observe(404, started.elapsed());
+                    let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &Arc::from("")));
+                    return answer_for(ProxyError::NoRoute, counter.as_ref());
                 }
             }
         };
-        if let Some(mut response) = attempts.settle(attempt, outcome, &ctx.health) {
-            if let Some(upstream) = upstream {
-                response.extensions_mut().insert(Forwarded { upstream, request_id: request_id.clone() });
-            }
-            return response;
+        let Some(target) = choose_target(&route, &parts.headers) else {
+            let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &route.targets[0].set.label));
+            return answer_for(ProxyError::NoHealthyUpstream, counter.as_ref());
+        };
+        let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
+        // A tag-routed service: the endpoints of the request's tag.
+        let set = target.set.for_request(&parts.headers);
+        let client_ip = IpText::new(peer.ip());
+        if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
+            target.stats.observe(e.rescue().status, started.elapsed());
+            return answer_for(e, counter.as_ref());
         }
+        let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
+
+        let has_body = !body.is_end_stream();
+        let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let drop_underscore = ctx.limits.drop_underscore_headers;
+        let rule = route.rule.as_deref();
+        let request_edits = rule.and_then(|r| r.request_headers.as_deref());
+        let response_edits = rule.and_then(|r| r.response_headers.as_deref());
+        // One id for every try of the request.
+        let request_id =
+            (ctx.limits.request_id && !parts.headers.contains_key("x-request-id")).then(edit::new_request_id);
+
+        // gRPC's own deadline bounds the request too, within the route's timeout.
+        let mut timeout = route.timeout;
+        if is_grpc {
+            if let Some(t) = parts.headers.get(grpc::TIMEOUT).and_then(|v| grpc::parse_timeout(v.as_bytes())) {
+                timeout = timeout.min(t);
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
+            .with_per_try_timeout(route.per_try_timeout);
+        let connector = AnyProtocol::new(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started), |alpn| {
+            TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
+        });
+        // The HTTP/1.1 form of the request, made when an HTTP/1.1 endpoint is tried.
+        let mut req_head = Vec::new();
+        // The body: as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
+        let mut raw = Some(body);
+        let mut replay: Option<ReplayBody> = None;
+        while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
+            let upstream = ctx.access_log.is_some().then(|| attempt.endpoint.addr.to_string());
+            let outcome = match conn {
+                Upstream::Http1(conn) => {
+                    if req_head.is_empty() {
+                        let hostless;
+                        let host = match host {
+                            Some(h) => h,
+                            None => {
+                                hostless = head::host_for_hostless(&target.backend);
+                                &hostless
+                            }
+                        };
+                        write_head(
+                            &mut req_head,
+                            &parts,
+                            host,
+                            has_body,
+                            length,
+                            &client_ip,
+                            drop_underscore,
+                            tls,
+                            request_edits,
+                        );
+                        if let Some(id) = &request_id {
+                            edit::insert_field(&mut req_head, b"x-request-id", id.as_bytes());
+                        }
+                    }
+                    let Some(body) = raw.as_mut() else {
+                        // The body went to an HTTP/2 endpoint and is not at hand as a stream.
+                        let fail = Outcome::<()>::Fail { error: ProxyError::UpstreamReset, upstream_fault: false };
+                        let _ = attempts.settle(attempt, fail, &ctx.health);
+                        break;
+                    };
+                    let pool = ctx.pools.of(&attempt.endpoint.state).cloned();
+                    let may_retry = attempts.may_retry() && !has_body && parts.method.is_idempotent();
+                    let (try_deadline, per_try) = attempts.try_deadline(deadline);
+                    let mut request =
+                        Http1Request { head: &req_head, body, has_body, chunked: length.is_none(), response_edits };
+                    exchange(conn, pool, in_flight, &mut request, &parts.method, try_deadline, (may_retry, per_try))
+                        .await
+                }
+                Upstream::H2(stream) => {
+                    let body = if !has_body {
+                        Some(RequestBody::Empty)
+                    } else if let Some(b) = raw.take() {
+                        let r = ReplayBody::new(up_h2::from_incoming(b));
+                        let again = r.again();
+                        replay = again;
+                        Some(RequestBody::Replay(r))
+                    } else {
+                        replay.as_ref().and_then(ReplayBody::again).map(RequestBody::Replay)
+                    };
+                    match body {
+                        Some(body) => {
+                            let hostless = if host.is_none() {
+                                grpc::authority_for_hostless(&target.backend, attempt.endpoint)
+                            } else {
+                                String::new()
+                            };
+                            let mut req = grpc::upstream_request(
+                                &parts,
+                                host,
+                                &hostless,
+                                &client_ip,
+                                (drop_underscore, tls),
+                                body,
+                            );
+                            if let Some(edits) = request_edits {
+                                edit::edit_map(req.headers_mut(), edits);
+                            }
+                            if let Some(id) = request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok())
+                            {
+                                req.headers_mut().insert("x-request-id", id);
+                            }
+                            let may_retry = attempts.may_retry();
+                            let (deadline, per_try) = attempts.try_deadline(deadline);
+                            let replay = replay.as_ref();
+                            let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
+                            grpc::exchange(stream, in_flight, req, ex).await.map(|mut response| {
+                                if let Some(edits) = response_edits {
+                                    edit::edit_map(response.headers_mut(), edits);
+                                }
+                                response.map(|b| H2Body::H2(Box::new(b)))
+                            })
+                        }
+                        None => Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: false },
+                    }
+                }
+            };
+            if let Some(mut response) = attempts.settle(attempt, outcome, &ctx.health) {
+                if let Some(upstream) = upstream {
+                    response.extensions_mut().insert(Forwarded { upstream, request_id: request_id.clone() });
+                }
+                return response;
+            }
+        }
+        answer_for(attempts.failure(), counter.as_ref())
     }
-    answer_for(attempts.failure(), counter.as_ref())
 }
 
 /// An h2 request as it goes to an HTTP/1.1 upstream.

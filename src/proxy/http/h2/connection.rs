@@ -6,7 +6,7 @@
 //! `stream_idle_timeout`), and at most `h2_max_concurrent_streams` streams are open at once.
 //! hyper's server keeps its defences against floods of resets (CVE-2023-44487).
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -132,23 +132,38 @@ where
 {
     fn execute(&self, stream: F) {
         let open = self.streams.start();
-        let idle = self.idle;
-        tokio::spawn(async move {
-            let _open = open;
-            let mut stream = pin!(stream);
-            let mut quiet = pin!(tokio::time::sleep(idle));
-            poll_fn(|cx| {
-                // Every poll but the timer's own pushes the timer back, so it fires only after
-                // `idle` without one.
-                if quiet.as_mut().poll(cx).is_ready() || stream.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(());
-                }
-                quiet.as_mut().reset(Instant::now() + idle);
-                let _ = quiet.as_mut().poll(cx);
-                Poll::Pending
-            })
-            .await;
-        });
+        tokio::spawn(StreamTask { stream, quiet: tokio::time::sleep(self.idle), idle: self.idle, _open: open });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One stream's task: the stream and its idle timer, each stored once. An `async` block that
+    /// pins the stream it captured keeps it twice (the capture and the pinned local), 4 KiB more
+    /// in the task of every open stream (docs/PERFORMANCE.md, "Memory per held connection").
+    struct StreamTask<F> {
+        #[pin]
+        stream: F,
+        #[pin]
+        quiet: Sleep,
+        idle: Duration,
+        // Dropped after the stream.
+        _open: OpenStream,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for StreamTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // Every poll but the timer's own pushes the timer back, so it fires only after `idle`
+        // without one.
+        if this.quiet.as_mut().poll(cx).is_ready() || this.stream.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.quiet.as_mut().reset(Instant::now() + *this.idle);
+        let _ = this.quiet.poll(cx);
+        Poll::Pending
     }
 }
 
