@@ -15,7 +15,10 @@
 //! `ZKROUTE_FLEET_SIDECARS` (1000), `ZKROUTE_FLEET_SETUPS` (standalone,ensemble,observers),
 //! `ZKROUTE_FLEET_CHANGES` (20), `ZKROUTE_FLEET_SERVICES` (50), `ZKROUTE_FLEET_INSTANCES` (1000,
 //! all replaced by the wave), `ZKROUTE_FLEET_WAVE_SECS` (10), `ZKROUTE_FLEET_PEERS` (20 watchers of
-//! each kind; 0 skips them), `ZKROUTE_FLEET_TIMEOUT` (1800 s for the whole run), `ZKROUTE_BIN`.
+//! each kind; 0 skips them), `ZKROUTE_FLEET_TIMEOUT` (1800 s for the whole run), `ZKROUTE_BIN`;
+//! `ZKROUTE_FLEET_ONLY=single` stops each setup after the single changes (and the idle window
+//! before them, `ZKROUTE_FLEET_IDLE_SECS`, 5), for comparing a sidecar's CPU per change between
+//! builds.
 
 #![allow(clippy::unwrap_used)]
 
@@ -55,6 +58,8 @@ struct Params {
     instances: usize,
     wave: Duration,
     peers: usize,
+    /// Only the single changes: the deploy wave, the peers and the restarts are skipped.
+    single_only: bool,
     binary: String,
 }
 
@@ -71,6 +76,7 @@ fn main() {
         instances: env_usize("ZKROUTE_FLEET_INSTANCES", 1000),
         wave: Duration::from_secs(env_usize("ZKROUTE_FLEET_WAVE_SECS", 10) as u64),
         peers: env_usize("ZKROUTE_FLEET_PEERS", 20),
+        single_only: std::env::var("ZKROUTE_FLEET_ONLY").is_ok_and(|v| v == "single"),
         binary: std::env::var("ZKROUTE_BIN")
             .unwrap_or_else(|_| format!("{}/target/release/zkroute", env!("CARGO_MANIFEST_DIR"))),
     };
@@ -88,7 +94,7 @@ fn main() {
         std::process::exit(2);
     });
     let classes = tempfile::tempdir().unwrap();
-    if p.peers > 0 {
+    if p.peers > 0 && !p.single_only {
         peers::ensure_installed();
         peers::compile(classes.path());
     }
@@ -96,7 +102,7 @@ fn main() {
     let mut columns = Vec::new();
     for (i, setup) in p.setups.iter().enumerate() {
         eprintln!("== {} with {} sidecars", setup.label(), p.sidecars);
-        let peers_dir = (i == 0 && p.peers > 0).then(|| classes.path());
+        let peers_dir = (i == 0 && p.peers > 0 && !p.single_only).then(|| classes.path());
         columns.push((setup.label(), run_setup(&p, *setup, peers_dir)));
     }
     println!(
@@ -312,7 +318,12 @@ fn run_setup(p: &Params, setup: Setup, peers_dir: Option<&std::path::Path>) -> C
     put("bytes received per full read, per sidecar (KiB)", format!("{:.1}", full_read as f64 / 1024.0));
     put("ZooKeeper watches per sidecar (wchs)", format!("{:.1}", servers.watches() as f64 / p.sidecars as f64));
 
+    idle_cpu(p, &fleet, &mut put);
     single_changes(p, &servers, &writer, &mut fleet, &mut put);
+    if p.single_only {
+        fleet.stop();
+        return col;
+    }
     if let Some(dir) = peers_dir {
         compare_peers(p, &servers, &writer, &mut fleet, dir, &mut put);
     }
@@ -358,6 +369,19 @@ fn propagation(fleet: &mut Fleet, zxid: i64, ack: SystemTime, within: Duration) 
     let mut lat: Vec<Duration> = fleet.sidecars.iter().filter_map(|s| s.applied(zxid)).map(|t| since(t, ack)).collect();
     lat.sort_unstable();
     (lat, stale)
+}
+
+/// The fleet's CPU while nothing changes (timers, pings, polled files), from the fleet's start
+/// on: part of every figure per change.
+fn idle_cpu(p: &Params, fleet: &Fleet, put: &mut impl FnMut(&str, String)) {
+    let window = Duration::from_secs(env_usize("ZKROUTE_FLEET_IDLE_SECS", 5).max(1) as u64);
+    let cpu0 = fleet_cpu(fleet);
+    std::thread::sleep(window);
+    let cpu1 = fleet_cpu(fleet);
+    put(
+        "idle: CPU per sidecar (us per s)",
+        format!("{:.0}", (cpu1 - cpu0) / window.as_secs_f64() / p.sidecars as f64 * 1e6),
+    );
 }
 
 fn single_changes(
