@@ -216,7 +216,7 @@ async fn grpc_timeout_expiry_is_deadline_exceeded_from_zkroute() {
     // zkroute answers (trailers-only) and counts it.
     drop(proxy);
     let routes = Routes::new();
-    routes.instance("echo", "0", slow_h2_server(Duration::from_secs(3)).await);
+    routes.instance("echo", "0", slow_h2_server().await);
     routes.policy("echo", r#"{"protocol":"grpc"}"#);
     routes.rule("r", r#"{"listener":"http","backends":[{"service":"echo"}]}"#);
     let proxy = routes.proxy(HTTP_LISTENER).await;
@@ -369,17 +369,21 @@ async fn grpc_health_checks_take_a_not_serving_server_out_and_back() {
     proxy.config_until("b SERVING again", |c| states(c, "echo") == both).await;
 }
 
-/// An HTTP/2 server (hyper, prior knowledge) that answers every request 200 after `delay`,
-/// knowing nothing of gRPC deadlines.
-async fn slow_h2_server(delay: Duration) -> SocketAddr {
+/// An HTTP/2 server (hyper, prior knowledge; HTTP/1.1 is refused) answering each request with the
+/// status and body `answer` gives it.
+async fn h2_server<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, bytes::Bytes)> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
-            let service = hyper::service::service_fn(move |_: http::Request<hyper::body::Incoming>| async move {
-                tokio::time::sleep(delay).await;
-                let resp = http::Response::builder().body(http_body_util::Full::new(bytes::Bytes::new()));
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                let (status, body) = answer(req).await;
+                let resp = http::Response::builder().status(status).body(http_body_util::Full::new(body));
                 Ok::<_, std::convert::Infallible>(resp.unwrap())
             });
             tokio::spawn(
@@ -391,26 +395,19 @@ async fn slow_h2_server(delay: Duration) -> SocketAddr {
     addr
 }
 
-/// An HTTP/2-only server (hyper, prior knowledge; HTTP/1.1 is refused) answering `/health`.
+/// An HTTP/2 server that answers every request 200 after three seconds, knowing nothing of gRPC
+/// deadlines.
+async fn slow_h2_server() -> SocketAddr {
+    h2_server(|_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (200, bytes::Bytes::new())
+    })
+    .await
+}
+
+/// An HTTP/2-only server answering `/health`.
 async fn h2_only_health_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                let status = if req.uri().path() == "/health" { 200 } else { 404 };
-                let resp =
-                    http::Response::builder().status(status).body(http_body_util::Full::new(bytes::Bytes::new()));
-                Ok::<_, std::convert::Infallible>(resp.unwrap())
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+    h2_server(|req| async move { (if req.uri().path() == "/health" { 200 } else { 404 }, bytes::Bytes::new()) }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,26 +531,12 @@ async fn the_access_log_has_a_line_per_grpc_call_over_h2c_with_its_grpc_status()
     assert!(unrouted["upstream"].is_null(), "{unrouted}");
 }
 
-/// An HTTP/2 server (hyper, prior knowledge) that answers each request with the authority it was
-/// sent to.
+/// An HTTP/2 server that answers each request with the authority it was sent to.
 async fn authority_echo_h2_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                let authority = req.uri().authority().map_or("none", |a| a.as_str()).to_owned();
-                let resp = http::Response::builder().body(http_body_util::Full::new(bytes::Bytes::from(authority)));
-                Ok::<_, std::convert::Infallible>(resp.unwrap())
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+    h2_server(|req| async move {
+        (200, bytes::Bytes::from(req.uri().authority().map_or("none", |a| a.as_str()).to_owned()))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

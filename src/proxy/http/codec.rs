@@ -6,7 +6,7 @@ use std::io;
 use std::ops::Range;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A read buffer: `data[start..]` is filled and not yet consumed. Reads go into the spare
 /// capacity, which is never zeroed (tokio's `read_buf` fills uninitialised memory safely), so a
@@ -434,6 +434,25 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
         }
     }
     out.extend_from_slice(&digits[i..]);
+}
+
+/// Writes `data`, one piece of a body, to `w`: as a chunk (RFC 9112 section 7.1) when the body
+/// is `chunked`, its size line built in `size_line` (a buffer kept between chunks), else as it is.
+pub async fn write_body_data<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    size_line: &mut Vec<u8>,
+    data: &[u8],
+    chunked: bool,
+) -> io::Result<()> {
+    if !chunked {
+        return w.write_all(data).await;
+    }
+    size_line.clear();
+    push_hex(size_line, data.len() as u64);
+    size_line.extend_from_slice(b"\r\n");
+    w.write_all(size_line).await?;
+    w.write_all(data).await?;
+    w.write_all(b"\r\n").await
 }
 
 /// Writes `n` in lower-case hex into `out` (chunk sizes).

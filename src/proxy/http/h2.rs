@@ -24,7 +24,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout_at;
 
 use super::HttpContext;
-use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, push_hex};
+use super::codec::{BodyLen, ChunkedScanner, Field, IoBuf, write_body_data};
 use super::edit;
 use super::head::{self, Parse, ResponseHead, ResponseMode};
 use crate::access_log::{AccessLog, Entry};
@@ -799,16 +799,7 @@ async fn pump_body<W: AsyncWrite + Unpin>(
         if data.is_empty() {
             continue;
         }
-        if chunked {
-            frame_head.clear();
-            push_hex(&mut frame_head, data.len() as u64);
-            frame_head.extend_from_slice(b"\r\n");
-            us.write_all(&frame_head).await?;
-            us.write_all(&data).await?;
-            us.write_all(b"\r\n").await?;
-        } else {
-            us.write_all(&data).await?;
-        }
+        write_body_data(us, &mut frame_head, &data, chunked).await?;
         // Under TLS, what the socket did not take waits in the session until flushed.
         us.flush().await?;
     }

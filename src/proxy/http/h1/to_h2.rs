@@ -20,7 +20,7 @@ use super::{AfterExchange, Connection, ExchangeRecord, Pending};
 use crate::proxy::attempt::{Attempts, Connected, Outcome, TargetRef};
 use crate::proxy::error::ProxyError;
 use crate::proxy::grpc;
-use crate::proxy::http::codec::{BodyLen, ChunkedScanner, IoBuf, Known, push_decimal, push_hex};
+use crate::proxy::http::codec::{BodyLen, ChunkedScanner, IoBuf, Known, push_decimal, write_body_data};
 use crate::proxy::http::edit;
 use crate::proxy::http::head::RequestHead;
 use crate::proxy::lazy_timeout::timeout;
@@ -386,18 +386,7 @@ impl Connection {
                 Ok(data) if data.is_empty() => {}
                 Ok(data) => {
                     done.bytes_out += data.len() as u64;
-                    let write = async {
-                        if chunked {
-                            chunk_head.clear();
-                            push_hex(&mut chunk_head, data.len() as u64);
-                            chunk_head.extend_from_slice(b"\r\n");
-                            wr.write_all(&chunk_head).await?;
-                            wr.write_all(&data).await?;
-                            wr.write_all(b"\r\n").await
-                        } else {
-                            wr.write_all(&data).await
-                        }
-                    };
+                    let write = write_body_data(&mut wr, &mut chunk_head, &data, chunked);
                     if !matches!(timeout(idle, write).await, Ok(Ok(()))) {
                         return AfterExchange::Close;
                     }
