@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{LastingWait, Shutdown};
 
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
 /// and connections beyond `max` open ones are closed at once and counted.
@@ -34,26 +34,18 @@ pub async fn accept_loop<F, Fut>(
     max: usize,
     tracker: &Arc<Tracker>,
     metrics: &Metrics,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let refused = metrics.connections_refused.with_label_values(&[name]);
-    // One wait for the signal for the loop's life, polled again only once the signal moved (one
-    // atomic load): a wait made afresh for every connection joined and left the signal's
-    // waiters, two locks and about 400 instructions per accepted connection.
-    let signal = shutdown.clone();
-    let mut stop = std::pin::pin!(shutdown.wait());
-    let mut waiting = false;
-    let mut stopped = std::future::poll_fn(|cx| {
-        if waiting && !signal.may_have_changed() {
-            return std::task::Poll::Pending;
-        }
-        waiting = true;
-        stop.as_mut().poll(cx)
-    });
+    // One wait for the signal for the loop's life: a wait made afresh for every connection
+    // joined and left the signal's waiters, two locks and about 400 instructions per accepted
+    // connection.
+    let mut wait = LastingWait::new(shutdown.clone());
+    let mut stopped = std::pin::pin!(wait.triggered(&shutdown));
     loop {
         let (stream, peer) = tokio::select! {
             biased;

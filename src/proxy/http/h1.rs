@@ -29,7 +29,7 @@ use crate::proxy::tcp::{RelayedBytes, relay};
 use crate::proxy::upstream::{self, Conn, PooledHttp1, TlsOrigin};
 use crate::routing::documents::HeaderEdits;
 use crate::routing::table::TargetStats;
-use crate::shutdown::Shutdown;
+use crate::shutdown::LastingWait;
 use crate::tls::Alpn;
 
 mod to_h2;
@@ -77,37 +77,11 @@ pub struct Connection {
     response_timer: Pin<Box<Sleep>>,
     /// Resolves when draining starts. Made once per connection: a fresh wait would join and
     /// leave the signal's waiter list every time.
-    shutdown: Draining,
+    shutdown: LastingWait,
     /// The last valid Host of the connection: a request that repeats it is not validated again.
     known_host: KnownHost,
     /// The connection's place in `zkroute_connections`.
     counted: Counted,
-}
-
-/// A connection's wait for draining to start, across its keep-alive waits. Its first poll puts it
-/// among the signal's waiters, where it stays (the connection's task is the one woken); later
-/// waits poll it only once the signal has moved, a single atomic load, where polling it each time
-/// would take the waiters' lock on every wait.
-struct Draining {
-    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
-    registered: bool,
-}
-
-impl Draining {
-    fn new(mut signal: Shutdown) -> Self {
-        Draining { wait: Box::pin(async move { signal.wait().await }), registered: false }
-    }
-
-    /// Resolves once draining has started; `signal` is the listener's.
-    fn started<'a>(&'a mut self, signal: &'a Shutdown) -> impl Future<Output = ()> + 'a {
-        std::future::poll_fn(move |cx| {
-            if self.registered && !signal.may_have_changed() {
-                return std::task::Poll::Pending;
-            }
-            self.registered = true;
-            self.wait.as_mut().poll(cx)
-        })
-    }
 }
 
 /// What a relayed exchange did to the client connection: what comes next on it, and the body
@@ -181,7 +155,7 @@ impl Connection {
             peer,
             idle_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             response_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            shutdown: Draining::new(ctx.shutdown.clone()),
+            shutdown: LastingWait::new(ctx.shutdown.clone()),
             ctx,
             known_host: KnownHost::default(),
         }
@@ -275,7 +249,7 @@ impl Connection {
                                     Ok(_) => continue,
                                 },
                                 _ = self.idle_timer.as_mut() => return Ok(None),
-                                _ = self.shutdown.started(&self.ctx.shutdown) => return Ok(None),
+                                _ = self.shutdown.triggered(&self.ctx.shutdown) => return Ok(None),
                             }
                         }
                     };
@@ -299,7 +273,7 @@ impl Connection {
                                 self.idle_timer.as_mut().reset(idle_end);
                             }
                             // Completes once: the connection ends with it.
-                            _ = self.shutdown.started(&self.ctx.shutdown) => return Ok(None),
+                            _ = self.shutdown.triggered(&self.ctx.shutdown) => return Ok(None),
                         }
                     }
                     // A head's first bytes are here. Most heads come whole in this read, so the
