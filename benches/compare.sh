@@ -6,11 +6,14 @@
 #                      (protection on, one feature each: zkroute-breaker, zkroute-ratelimit, zkroute-budget,
 #                      zkroute-headers, zkroute-zones)
 #                      [--callgrind-entries zkroute,haproxy,nginx] [--max-noise PCT] [--retries N]
-#                      [--quiet-wait SECONDS] [--out DIR] [--no-install]
+#                      [--quiet-wait SECONDS] [--out DIR] [--no-install] [--cache-sim]
 #   benches/compare.sh --report target/compare/compare-DATE.tsv [--max-noise PCT]
 #   KEEP_WORK=1 benches/compare.sh ...   keeps the work directory (callgrind profiles, logs) for study
 #   benches/compare.sh --zkroute-b /path/to/zkroute --entries direct,zkroute,zkroute-b ...   A/B of two builds
 #   (`callgrind-newconn`, not run by default: instructions per `Connection: close` request)
+#   --cache-sim: the callgrind modes also simulate caches and branch prediction (valgrind's
+#   --cache-sim and --branch-sim: a 32 KiB L1 each for code and data, one last level) and report
+#   misses and mispredicted branches per request; a model, not the CPU, but one that repeats
 #   HTTP/2 modes, not run by default (`--modes h2,h2-32,h2-latency,callgrind-h2`): h2load over h2c
 #   through each proxy to an HTTP/2 backend (a second nginx server block, `listen ... http2`):
 #   `h2` one connection with 100 concurrent streams, `h2-32` 32 connections of 10 streams,
@@ -37,7 +40,10 @@
 #   fields 14 and 15, before and after a run, divided by the requests completed), split into user
 #   and kernel time: ~10 us of it is loopback TCP in the kernel, the same for everyone and noisy
 #   (10 to 25% between rounds), so a user-space difference shows in user time and in callgrind's
-#   instruction counts (which repeat within 0.5%).
+#   instruction counts (which repeat within 0.5%). The total is the scheduler's exact run time;
+#   the user/kernel split is sampled at each clock tick (CLK_TCK, 100 a second), so a split from
+#   N ticks of user time is good to about 1/sqrt(N): 8 us a request at 13k requests a second is
+#   52 ticks in 5 s, +-14% (a longer --duration narrows it).
 # - Alone on its core: while one entry runs, every other proxy is stopped (SIGSTOP, then SIGCONT),
 #   since idle proxies on the same core still wake up (Envoy's timers cost the measured relay 17%).
 # - Latency: `wrk -c1` with wrk, backend and proxy all on cpu0. A cross-core wake-up costs ~20 us
@@ -71,6 +77,7 @@ ENTRIES=direct,zkroute,haproxy,nginx,envoy
 TCP_BYTES=4G
 CALLGRIND_ENTRIES=zkroute,haproxy,nginx
 CALLGRIND_SECONDS=4
+CACHE_SIM=0 # --cache-sim
 MAX_NOISE=10 # % of one core used by others during a run before it is redone
 RETRIES=1
 QUIET_WAIT=10 # seconds to wait for a quiet window before each run
@@ -104,6 +111,7 @@ while [ $# -gt 0 ]; do
         --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
         --out) OUT_DIR=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
+        --cache-sim) CACHE_SIM=1; shift ;;
         --zkroute-b) ZKROUTE_B_BIN=$(realpath "$2"); shift 2 ;;
         --report) REPORT_ONLY=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
@@ -1056,10 +1064,11 @@ noise_report() {
 # callgrind: instructions per request in user space. Each entry runs twice under valgrind, once
 # idle and once under `wrk -c1` for the same wall time; (Ir loaded - Ir idle) / requests, so
 # start-up and timer work cancel out.
-callgrind_one() { # MODE ENTRY LOAD(0|1) [WRK ARGS...]: sets CG_IR and CG_REQ (no subshell: STARTED must see the pid)
+callgrind_one() { # MODE ENTRY LOAD(0|1) [WRK ARGS...]: sets CG_IR, CG_EVENTS and CG_REQ (no subshell: STARTED must see the pid)
     local mode=$1 entry=$2 load=$3 dir=$WORK/$1-$2-$3
     shift 3
     local wrapper=(valgrind --tool=callgrind --callgrind-out-file="$dir.callgrind.out" --log-file="$dir.valgrind.log")
+    [ "$CACHE_SIM" = 1 ] && wrapper+=(--cache-sim=yes --branch-sim=yes)
     "start_$entry" "$dir" $PROXY_CPU "${wrapper[@]}"
     local pid=$STARTED_PID requests=0
     curl -s -o /dev/null -m 30 "http://127.0.0.1:$P_HTTP/" || true
@@ -1086,11 +1095,16 @@ callgrind_one() { # MODE ENTRY LOAD(0|1) [WRK ARGS...]: sets CG_IR and CG_REQ (n
     while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && { say "   $entry under valgrind did not stop; killing it"; kill -KILL "$pid"; }
     wait "$pid" 2>/dev/null || true
-    local ir
-    ir=$(awk '/Collected :/ {print $NF}' "$dir.valgrind.log")
-    [ -n "$ir" ] || { say "   no callgrind total for $entry: $(tail -5 "$dir.valgrind.log")"; ir=0; }
-    CG_IR=$ir CG_REQ=$requests
+    # "Events : Ir Dr ..." names the totals of "Collected : N N ..."; CG_EVENTS is "Ir=N Dr=N ...".
+    CG_EVENTS=$(awk -F': *' '/Events *:/ {n = split($2, name, " ")}
+        /Collected :/ {split($2, v, " "); for (i = 1; i <= n; i++) printf "%s=%s ", name[i], v[i]}' "$dir.valgrind.log")
+    CG_IR=$(ev Ir "$CG_EVENTS")
+    [ -n "$CG_IR" ] || { say "   no callgrind total for $entry: $(tail -5 "$dir.valgrind.log")"; CG_IR=0; }
+    CG_REQ=$requests
 }
+
+# ev NAME "A=1 B=2 ...": the value named NAME (empty when it is not there).
+ev() { tr ' ' '\n' <<<"$2" | awk -F= -v k="$1" '$1 == k {print $2}'; }
 
 mode_callgrind() { # MODE [WRK ARGS...]
     local mode=$1 entry
@@ -1101,9 +1115,9 @@ mode_callgrind() { # MODE [WRK ARGS...]
         [ "$mode" = callgrind-h2 ] && load="h2load -c1 -m1"
         say "== $mode $entry (idle run, then ${CALLGRIND_SECONDS}s of $load)"
         callgrind_one "$mode" "$entry" 0
-        local ir0=$CG_IR
+        local ir0=$CG_IR ev0=$CG_EVENTS
         callgrind_one "$mode" "$entry" 1 "$@"
-        local ir1=$CG_IR n=$CG_REQ
+        local ir1=$CG_IR ev1=$CG_EVENTS n=$CG_REQ
         if [ "$ir0" -gt 0 ] && [ "$ir1" -gt 0 ] && [ "$n" -gt 0 ]; then
             local per=$(((ir1 - ir0) / n))
             record 1 "$mode" "$entry" ir_per_req "$per"
@@ -1111,6 +1125,17 @@ mode_callgrind() { # MODE [WRK ARGS...]
             record 1 "$mode" "$entry" ir_idle "$ir0"
             record 1 "$mode" "$entry" ir_loaded "$ir1"
             say "   $mode $entry: $per instructions per request ($n requests; Ir $ir1 loaded, $ir0 idle)"
+            if [ "$CACHE_SIM" = 1 ]; then
+                local metric events sum0 sum1 k
+                for metric in "i1_miss I1mr" "d1_miss D1mr D1mw" "ll_miss ILmr DLmr DLmw" "mispredicts Bcm Bim" "branches Bc Bi"; do
+                    read -r metric events <<<"$metric"
+                    sum0=0 sum1=0
+                    for k in $events; do
+                        sum0=$((sum0 + $(ev "$k" "$ev0"))) sum1=$((sum1 + $(ev "$k" "$ev1")))
+                    done
+                    record 1 "$mode" "$entry" "$metric" "$(awk -v a="$sum0" -v b="$sum1" -v n="$n" 'BEGIN {printf "%.1f", (b - a) / n}')"
+                done
+            fi
         else
             say "   ANOMALY: $mode $entry gave no usable figure (Ir idle '$ir0', loaded '$ir1', $n requests)"
         fi
@@ -1374,6 +1399,13 @@ for mode, title in [("callgrind", "Instructions per request (callgrind, user spa
         table(["entry", "instructions per request", "requests", "Ir loaded", "Ir idle"],
               [[e, cell(mode, e, "ir_per_req", "{:,.0f}"), cell(mode, e, "requests", "{:.0f}"),
                 cell(mode, e, "ir_loaded", "{:,.0f}"), cell(mode, e, "ir_idle", "{:,.0f}")] for e in present(mode)])
+        sim = [e for e in present(mode) if cell(mode, e, "mispredicts", "{}") != "-"]
+        if sim:
+            print(f"\nThe same runs under valgrind's cache and branch models (--cache-sim), per request:\n")
+            table(["entry", "branches", "mispredicted", "L1 code misses", "L1 data misses", "last-level misses"],
+                  [[e, cell(mode, e, "branches", "{:,.0f}"), cell(mode, e, "mispredicts", "{:,.0f}"),
+                    cell(mode, e, "i1_miss", "{:,.0f}"), cell(mode, e, "d1_miss", "{:,.0f}"),
+                    cell(mode, e, "ll_miss", "{:,.0f}")] for e in sim])
         commands(mode)
 EOF
 }
