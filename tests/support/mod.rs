@@ -155,10 +155,17 @@ impl Proxy {
 
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A memory field of `/proc/PID/status` in KiB (0 once the process is gone): `VmRSS`, or
+/// `RssAnon`, its private part (the rest is file pages, such as the binary's code, which every
+/// process running the same file shares).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
