@@ -151,7 +151,6 @@ impl App {
             }
         };
         let rotation = rotation::Rotation::new(upstream_tls.clone(), metrics.clone());
-        tasks.push(rotation.spawn());
         let mut local = Listeners::new(Shared {
             routes: routes.clone(),
             pools: pools.clone(),

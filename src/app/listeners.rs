@@ -285,7 +285,7 @@ impl Listeners {
 
 /// Loads `l`'s TLS files if it has none loaded or their names changed. False if they do not
 /// load and nothing loaded before stands in for them: the listener must not serve in clear.
-fn load_tls(l: &mut Serving, rotation: &super::rotation::Rotation) -> bool {
+fn load_tls(l: &mut Serving, rotation: &Arc<super::rotation::Rotation>) -> bool {
     let Some(files) = &l.config.tls else {
         l.tls = None;
         return true;
