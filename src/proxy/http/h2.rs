@@ -52,7 +52,7 @@ pub async fn serve(
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (parts, body) = req.into_parts();
         let logged = ctx.access_log.clone().map(|log| Logged::capture(log, &ctx.name, peer, &parts));
-        Respond { handling: handle(ctx.clone(), peer, parts, Some(body), tls.clone()), logged }
+        Respond { handling: handle(ctx.clone(), IpText::new(peer.ip()), parts, Some(body), tls.clone()), logged }
     });
     connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
@@ -393,7 +393,7 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError
 #[allow(clippy::manual_async_fn)] // an async block stores its captures once
 fn handle(
     ctx: Arc<HttpContext>,
-    peer: SocketAddr,
+    client_ip: IpText,
     parts: http::request::Parts,
     mut raw: Option<Incoming>,
     tls: Option<Arc<ClientTls>>,
@@ -430,7 +430,6 @@ fn handle(
         let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&parts.headers);
-        let client_ip = IpText::new(peer.ip());
         if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
             target.stats.observe(e.rescue().status, started.elapsed());
             return answer_for(e, counter.as_ref());
