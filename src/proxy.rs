@@ -64,11 +64,28 @@ pub async fn accept_loop<F, Fut>(
             refused.inc();
             continue;
         };
-        let work = handle(stream, peer);
-        tokio::spawn(async move {
-            let _tracked = tracked;
-            work.await;
-        });
+        tokio::spawn(Counted { work: handle(stream, peer), _tracked: tracked });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: its work, counted open until it ends. A struct, not an `async` block,
+    /// which would keep the work twice (the capture and the future it is awaited as) in the task
+    /// of every held connection (docs/PERFORMANCE.md, "Memory per held connection").
+    struct Counted<F> {
+        #[pin]
+        work: F,
+        // Dropped after the work.
+        _tracked: Tracked,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Counted<F> {
+    type Output = ();
+
+    #[inline]
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.project().work.poll(cx)
     }
 }
 

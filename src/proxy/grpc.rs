@@ -218,50 +218,80 @@ pub struct Exchange<'a> {
 /// Sends a request on an HTTP/2 stream and turns the response head into the client's response,
 /// whose body (and trailers) then stream from the upstream. The stream is reset (CANCEL) when the
 /// client goes away: dropping the response or its body does it.
-pub async fn exchange(
+pub fn exchange<'a>(
     stream: Stream,
     in_flight: InFlight,
     req: Request<RequestBody>,
-    ex: Exchange<'_>,
-) -> Outcome<Response<ResponseBody>> {
-    let mut send = stream.send.clone();
-    match tokio::time::timeout_at(ex.deadline, send.send_request(req)).await {
-        Err(_) => {
-            let again = ex.replay.is_none_or(|r| r.again().is_some());
-            if ex.per_try && ex.may_retry && again {
-                Outcome::Retry(ProxyError::Timeout)
-            } else {
-                Outcome::Fail { error: ProxyError::Timeout, upstream_fault: true }
+    ex: Exchange<'a>,
+) -> impl Future<Output = Outcome<Response<ResponseBody>>> + 'a {
+    let sent = tokio::time::timeout_at(ex.deadline, stream.send.clone().send_request(req));
+    Exchanging { sent, held: Some((stream, in_flight)), ex }
+}
+
+pin_project_lite::pin_project! {
+    /// [`exchange`] on its way: the request sent, and what the answer will need, each stored
+    /// once. An `async fn` kept its arguments twice, the request (248 bytes) among them beside the
+    /// future it had moved into: 808 bytes in the task of every open stream to an HTTP/2 upstream.
+    struct Exchanging<'a, F> {
+        #[pin]
+        sent: tokio::time::Timeout<F>,
+        held: Option<(Stream, InFlight)>,
+        ex: Exchange<'a>,
+    }
+}
+
+impl<F> Future for Exchanging<'_, F>
+where
+    F: Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    type Output = Outcome<Response<ResponseBody>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let sent = std::task::ready!(this.sent.poll(cx));
+        let ex = this.ex;
+        Poll::Ready(match sent {
+            Err(_) => {
+                let again = ex.replay.is_none_or(|r| r.again().is_some());
+                if ex.per_try && ex.may_retry && again {
+                    Outcome::Retry(ProxyError::Timeout)
+                } else {
+                    Outcome::Fail { error: ProxyError::Timeout, upstream_fault: true }
+                }
             }
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "HTTP/2 upstream exchange failed");
-            // Only a request the upstream never processed may go elsewhere, and only with its
-            // body still at hand.
-            let again = ex.replay.is_none_or(|r| r.again().is_some());
-            if ex.may_retry && again && never_processed(&e) {
-                Outcome::Retry(ProxyError::UpstreamReset)
-            } else {
-                Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HTTP/2 upstream exchange failed");
+                // Only a request the upstream never processed may go elsewhere, and only with its
+                // body still at hand.
+                let again = ex.replay.is_none_or(|r| r.again().is_some());
+                if ex.may_retry && again && never_processed(&e) {
+                    Outcome::Retry(ProxyError::UpstreamReset)
+                } else {
+                    Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true }
+                }
             }
-        }
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            let (parts, body) = resp.into_parts();
-            let mut grpc = ex.grpc;
-            if let (Some(c), Some(s)) = (&grpc, parts.headers.get(STATUS)) {
-                // Trailers-only: the status is in the head.
-                c.count_label(s.to_str().unwrap_or("invalid"));
-                grpc = None;
+            Ok(Ok(resp)) => {
+                let Some((stream, in_flight)) = this.held.take() else {
+                    // Polled again after it answered: not done by its callers.
+                    return Poll::Ready(Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true });
+                };
+                let status = resp.status().as_u16();
+                let (parts, body) = resp.into_parts();
+                let mut grpc = ex.grpc.take();
+                if let (Some(c), Some(s)) = (&grpc, parts.headers.get(STATUS)) {
+                    // Trailers-only: the status is in the head.
+                    c.count_label(s.to_str().unwrap_or("invalid"));
+                    grpc = None;
+                }
+                let body = ResponseBody { body, _stream: stream, in_flight: Some(in_flight), grpc };
+                let mut response = Response::from_parts(parts, body);
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return Poll::Ready(Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true });
+                }
+                strip_response(response.headers_mut());
+                Outcome::Answered { status, upstream_fault: status >= 500, value: response }
             }
-            let body = ResponseBody { body, _stream: stream, in_flight: Some(in_flight), grpc };
-            let mut response = Response::from_parts(parts, body);
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return Outcome::Fail { error: ProxyError::UpstreamReset, upstream_fault: true };
-            }
-            strip_response(response.headers_mut());
-            Outcome::Answered { status, upstream_fault: status >= 500, value: response }
-        }
+        })
     }
 }
 

@@ -5,14 +5,16 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::attempt::{Attempts, Connect, ConnectTimeout, Connected, choose_target, hash_key};
@@ -20,6 +22,7 @@ use super::stream::{ClientStream, Stream, UpstreamStream};
 use super::upstream::TlsOrigin;
 use super::{Limits, Tracker};
 use crate::access_log::{self, AccessLog};
+use crate::endpoint::InFlight;
 use crate::endpoint::breaker::Slot;
 use crate::health::HealthReporter;
 use crate::metrics::Metrics;
@@ -127,23 +130,78 @@ pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<TcpContext>) {
         &c.tracker,
         &c.metrics,
         c.shutdown.clone(),
-        |s, peer| {
-            let ctx = ctx.clone();
-            async move { handle(s, peer, &ctx).await }
-        },
+        |s, peer| handle(s, peer, ctx.clone()),
     )
     .await;
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
-    let mut client = match &ctx.tls {
+/// A connection's task. A relay may last hours, and its task holds for all that time the largest
+/// state it ever had: so the TLS handshake and the way to an upstream (transient), and the relay
+/// of a TLS stream (rarer, and larger), are boxed, and what stays is the plain relay's state
+/// (docs/PERFORMANCE.md, "Memory per held connection").
+fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) -> impl Future<Output = ()> + Send {
+    let opening = Box::pin(open(client, peer, ctx));
+    async move {
+        let Some(Opened { ctx, peer, mut client, mut upstream, in_flight, _slot }) = opening.await else {
+            return;
+        };
+        ctx.active.inc();
+        let moved = RelayedBytes::default();
+        let limits = &ctx.limits;
+        let counters = Some((&ctx.rx, &ctx.tx));
+        let result = match (&mut client, &mut upstream) {
+            (Stream::Plain(client), Stream::Plain(upstream)) => {
+                relay(client, upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, counters, &moved).await
+            }
+            (client, upstream) => Box::pin(relay_io(client, upstream, limits.tcp_idle_timeout, counters, &moved)).await,
+        };
+        ctx.active.dec();
+        if let Err(e) = result {
+            debug!(listener = %ctx.name, error = %e, "TCP relay ended");
+        }
+        if let Some(log) = &ctx.access_log {
+            log.record(&access_log::Entry {
+                time: std::time::SystemTime::now(),
+                listener: &ctx.name,
+                client: Some(peer),
+                method: "TCP",
+                host: "-",
+                path: "-",
+                status: 0,
+                upstream: Some(in_flight.state().key.addr.to_string()),
+                duration: moved.since_start(),
+                bytes_in: moved.rx.load(Ordering::Relaxed),
+                bytes_out: moved.tx.load(Ordering::Relaxed),
+                request_id: None,
+                grpc_status: None,
+            });
+        }
+    }
+}
+
+/// A client connection with its upstream, ready to relay.
+struct Opened {
+    ctx: Arc<TcpContext>,
+    peer: SocketAddr,
+    client: ClientStream,
+    upstream: UpstreamStream,
+    /// The connection's place in its endpoint's in-flight count, while it lasts.
+    in_flight: InFlight,
+    /// Its place under the service's `max_connections`, if the service has one.
+    _slot: Option<Slot>,
+}
+
+/// The TLS handshake on a TLS listener, then the route, the target and a connection to one of its
+/// endpoints (with failover). None when the connection goes nowhere: it is closed and counted.
+async fn open(client: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) -> Option<Opened> {
+    let client = match &ctx.tls {
         None => ClientStream::Plain(client),
         Some(tls) => match super::stream::accept_tls(tls, client, ctx.limits.header_read_timeout).await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 ctx.metrics.tls_handshake_errors.with_label_values(&[&ctx.name]).inc();
                 debug!(listener = %ctx.name, client = %peer, error = %e, "TLS handshake failed");
-                return;
+                return None;
             }
         },
     };
@@ -154,21 +212,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
             None => {
                 debug!(listener = %ctx.name, "no route for a TCP connection: closing it");
                 ctx.rejected.no_route.inc();
-                return;
+                return None;
             }
         }
     };
     let Some(target) = choose_target(&route, &NoHeaders) else {
         ctx.rejected.no_healthy_upstream.inc();
-        return;
+        return None;
     };
     target.stats.tcp_accepted();
     let client_ip = IpText::new(peer.ip());
     let hash = hash_key(&target.set.policy.lb, |_| Some(client_ip.as_bytes()), &client_ip);
     let mut attempts = Attempts::new(&target, &target.set, hash, route.retries, std::time::Instant::now(), None);
     let tls_origin = TlsOrigin::for_set(&target.set, ctx.upstream_tls.as_ref(), &ctx.metrics, Alpn::None);
-    let Some(Connected { attempt, in_flight, conn: (mut upstream, _slot) }) =
-        attempts.connection(&NewConnection(ctx, tls_origin), &ctx.health).await
+    let Some(Connected { attempt, in_flight, conn: (upstream, slot) }) =
+        attempts.connection(&NewConnection(&ctx, tls_origin), &ctx.health).await
     else {
         debug!(listener = %ctx.name, "no endpoint could be reached: closing the client connection");
         if attempts.overflowed() {
@@ -178,45 +236,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &TcpContext) {
         } else {
             ctx.rejected.no_healthy_upstream.inc();
         }
-        return;
+        return None;
     };
     attempts.established(attempt);
-    drop(attempts);
-    let started = Instant::now();
-    // The relay may last hours: it keeps no part of the table alive.
-    drop(target);
-    drop(route);
-    ctx.active.inc();
-    let moved = RelayedBytes::default();
-    let limits = &ctx.limits;
-    let counters = Some((&ctx.rx, &ctx.tx));
-    let result = match (&mut client, &mut upstream) {
-        (Stream::Plain(client), Stream::Plain(upstream)) => {
-            relay(client, upstream, limits.tcp_idle_timeout, &limits.tcp_relay_memory, counters, &moved).await
-        }
-        (client, upstream) => relay_io(client, upstream, limits.tcp_idle_timeout, counters, &moved).await,
-    };
-    ctx.active.dec();
-    if let Err(e) = result {
-        debug!(listener = %ctx.name, error = %e, "TCP relay ended");
-    }
-    if let Some(log) = &ctx.access_log {
-        log.record(&access_log::Entry {
-            time: std::time::SystemTime::now(),
-            listener: &ctx.name,
-            client: Some(peer),
-            method: "TCP",
-            host: "-",
-            path: "-",
-            status: 0,
-            upstream: Some(in_flight.state().key.addr.to_string()),
-            duration: started.elapsed(),
-            bytes_in: moved.rx.load(Ordering::Relaxed),
-            bytes_out: moved.tx.load(Ordering::Relaxed),
-            request_id: None,
-            grpc_status: None,
-        });
-    }
+    // The relay may last hours: it keeps no part of the table alive (the route and target are
+    // dropped here).
+    Some(Opened { ctx, peer, client, upstream, in_flight, _slot: slot })
 }
 
 /// A TCP listener's upstream connections: always new ones, under TLS if the policy says.
@@ -241,52 +266,111 @@ impl Connect for NewConnection<'_> {
     }
 }
 
-/// Bytes a connection moved each way: `rx` from the client, `tx` to it.
-#[derive(Default)]
+/// Bytes a connection moved each way: `rx` from the client, `tx` to it; and when bytes last
+/// moved, for the relay's idle timeout.
 pub(crate) struct RelayedBytes {
     pub rx: AtomicU64,
     pub tx: AtomicU64,
+    last: Activity,
+}
+
+impl Default for RelayedBytes {
+    fn default() -> Self {
+        RelayedBytes { rx: AtomicU64::new(0), tx: AtomicU64::new(0), last: Activity::new() }
+    }
+}
+
+impl RelayedBytes {
+    /// Notes bytes moved outside the relay (what a tunnel sends before it): its idle time runs
+    /// from now.
+    pub fn touch(&self) {
+        self.last.touch();
+    }
+
+    /// The time since these counts began (with the relay, on a TCP listener).
+    pub fn since_start(&self) -> Duration {
+        self.last.start.elapsed()
+    }
 }
 
 /// Copies both ways until both directions have ended, or no byte has moved either way for
 /// `idle`. TCP listeners relay this way, and so do HTTP connections after a protocol switch
 /// (WebSocket); `listener` counts the bytes of a TCP listener, received and sent.
-pub(crate) async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+pub(crate) fn relay<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
     idle: Duration,
-    memory: &RelayMemory,
-    listener: Option<(&IntCounter, &IntCounter)>,
-    moved: &RelayedBytes,
-) -> io::Result<()> {
-    let last = Activity::new();
-    let up = pump(client, upstream, (listener.map(|l| l.0), &moved.rx), &last, memory);
-    let down = pump(upstream, client, (listener.map(|l| l.1), &moved.tx), &last, memory);
-    both_ways(up, down, &last, idle).await
+    memory: &'a RelayMemory,
+    listener: Option<(&'a IntCounter, &'a IntCounter)>,
+    moved: &'a RelayedBytes,
+) -> impl Future<Output = io::Result<()>> + 'a {
+    let last = &moved.last;
+    BothWays::new(
+        pump(client, upstream, (listener.map(|l| l.0), &moved.rx), last, memory),
+        pump(upstream, client, (listener.map(|l| l.1), &moved.tx), last, memory),
+        last,
+        idle,
+    )
 }
 
-/// Runs both directions of a relay until both end, or until neither has moved a byte for `idle`.
-async fn both_ways(
-    up: impl Future<Output = io::Result<()>>,
-    down: impl Future<Output = io::Result<()>>,
-    last: &Activity,
-    idle: Duration,
-) -> io::Result<()> {
-    let watchdog = async {
-        loop {
-            tokio::time::sleep_until(last.get() + idle).await;
-            if last.get() + idle <= Instant::now() {
-                return;
+pin_project_lite::pin_project! {
+    /// Both directions of a relay, until both end or neither has moved a byte for `idle`. A
+    /// struct, not an `async fn` that joins the two: that kept each direction twice (its argument
+    /// and the joined future), 1 KiB more in the task of every relayed connection
+    /// (docs/PERFORMANCE.md, "Memory per held connection").
+    struct BothWays<'a, U, D> {
+        #[pin]
+        up: U,
+        #[pin]
+        down: D,
+        up_ended: Option<io::Result<()>>,
+        down_ended: Option<io::Result<()>>,
+        // Fires `idle` after the last byte moved either way.
+        #[pin]
+        watchdog: Sleep,
+        last: &'a Activity,
+        idle: Duration,
+    }
+}
+
+impl<'a, U, D> BothWays<'a, U, D> {
+    fn new(up: U, down: D, last: &'a Activity, idle: Duration) -> Self {
+        let watchdog = tokio::time::sleep_until(last.get() + idle);
+        BothWays { up, down, up_ended: None, down_ended: None, watchdog, last, idle }
+    }
+}
+
+impl<U, D> Future for BothWays<'_, U, D>
+where
+    U: Future<Output = io::Result<()>>,
+    D: Future<Output = io::Result<()>>,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        if this.up_ended.is_none() {
+            if let Poll::Ready(r) = this.up.poll(cx) {
+                *this.up_ended = Some(r);
             }
         }
-    };
-    let both = async {
-        let (a, b) = tokio::join!(up, down);
-        a.and(b)
-    };
-    tokio::select! {
-        r = both => r,
-        _ = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        if this.down_ended.is_none() {
+            if let Poll::Ready(r) = this.down.poll(cx) {
+                *this.down_ended = Some(r);
+            }
+        }
+        if let (Some(_), Some(_)) = (&this.up_ended, &this.down_ended) {
+            let (Some(up), Some(down)) = (this.up_ended.take(), this.down_ended.take()) else { unreachable!() };
+            return Poll::Ready(up.and(down));
+        }
+        while this.watchdog.as_mut().poll(cx).is_ready() {
+            let deadline = this.last.get() + *this.idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+            }
+            this.watchdog.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }
 
@@ -303,12 +387,16 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let last = Activity::new();
+    let last = &moved.last;
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up = pump_io(&mut cr, &mut uw, (listener.map(|l| l.0), &moved.rx), &last);
-    let down = pump_io(&mut ur, &mut cw, (listener.map(|l| l.1), &moved.tx), &last);
-    both_ways(up, down, &last, idle).await
+    BothWays::new(
+        pump_io(&mut cr, &mut uw, (listener.map(|l| l.0), &moved.rx), last),
+        pump_io(&mut ur, &mut cw, (listener.map(|l| l.1), &moved.tx), last),
+        last,
+        idle,
+    )
+    .await
 }
 
 /// One direction of [`relay_io`].
@@ -519,15 +607,27 @@ impl<'a> RelayBuf<'a> {
     fn read_from(&mut self, src: &TcpStream) -> io::Result<usize> {
         match &mut self.grown {
             Some(map) => src.try_read(map),
+            None if self.small.capacity() == 0 => self.first_read(src),
             None => {
-                if self.small.capacity() == 0 {
-                    self.small = Vec::with_capacity(BUF_MIN);
-                }
                 // Into the spare capacity, which is never zeroed.
                 self.small.clear();
                 src.try_read_buf(&mut self.small)
             }
         }
+    }
+
+    /// A read into a new first buffer, kept only if bytes came: readiness may come without any
+    /// (tokio's `readable` allows false positives, and a relayed client's socket is reported
+    /// readable once with nothing to read), and a buffer taken then would stay with a silent
+    /// connection for its whole life.
+    #[cold]
+    fn first_read(&mut self, src: &TcpStream) -> io::Result<usize> {
+        let mut buf = Vec::with_capacity(BUF_MIN);
+        let read = src.try_read_buf(&mut buf);
+        if matches!(read, Ok(n) if n > 0) {
+            self.small = buf;
+        }
+        read
     }
 
     /// The first `n` bytes, as the last read left them.

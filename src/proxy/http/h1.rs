@@ -958,6 +958,7 @@ async fn tunnel(
         }
         moved.rx.fetch_add(client_buf.len() as u64, Ordering::Relaxed);
         client_buf.consume(client_buf.len());
+        moved.touch();
     }
     if !conn.buf.is_empty() {
         if !matches!(timeout(idle, write_flush(client, conn.buf.filled())).await, Ok(Ok(()))) {
@@ -965,6 +966,7 @@ async fn tunnel(
         }
         moved.tx.fetch_add(conn.buf.len() as u64, Ordering::Relaxed);
         conn.buf.consume(conn.buf.len());
+        moved.touch();
     }
     match (client, &mut conn.stream) {
         (Stream::Plain(client), Stream::Plain(upstream)) => {

@@ -50,8 +50,9 @@ pub async fn serve(
     let stream = stream.into();
     let (limits, shutdown) = (ctx.limits.clone(), ctx.shutdown.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let line = ctx.access_log.clone().map(|log| LogLine::capture(log, &ctx.name, peer, &req));
-        Respond { handling: handle(ctx.clone(), peer, req, tls.clone()), line }
+        let (parts, body) = req.into_parts();
+        let logged = ctx.access_log.clone().map(|log| Logged::capture(log, &ctx.name, peer, &parts));
+        Respond { handling: handle(ctx.clone(), IpText::new(peer.ip()), parts, Some(body), tls.clone()), logged }
     });
     connection::serve(stream, prefix, &limits, shutdown, service).await;
 }
@@ -59,11 +60,12 @@ pub async fn serve(
 pin_project_lite::pin_project! {
     /// A stream's answer, followed for the access log when there is one. A struct, not an `async`
     /// block, which would keep the request it moved into `handle` (264 bytes) and the handling
-    /// twice in every open stream's task.
+    /// twice in every open stream's task. The log line is boxed (the box its response body
+    /// will carry): inline, its 216 bytes would be part of every stream's task, the log on or off.
     struct Respond<F> {
         #[pin]
         handling: F,
-        line: Option<LogLine>,
+        logged: Option<Box<Logged>>,
     }
 }
 
@@ -73,8 +75,8 @@ impl<F: Future<Output = Response<H2Body>>> Future for Respond<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = std::task::ready!(this.handling.poll(cx));
-        Poll::Ready(Ok(match this.line.take() {
-            Some(line) => line.follow(response),
+        Poll::Ready(Ok(match this.logged.take() {
+            Some(logged) => logged.follow(response),
             None => response,
         }))
     }
@@ -169,17 +171,18 @@ pub struct Logged {
     line: LogLine,
 }
 
-impl LogLine {
-    fn capture(log: Arc<AccessLog>, listener: &Arc<str>, peer: SocketAddr, req: &Request<Incoming>) -> LogLine {
-        let headers = req.headers();
+impl Logged {
+    /// The line of a request that has just come, boxed with no body yet.
+    fn capture(log: Arc<AccessLog>, listener: &Arc<str>, peer: SocketAddr, req: &http::request::Parts) -> Box<Logged> {
+        let headers = &req.headers;
         let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
-        LogLine {
+        let line = LogLine {
             log,
             listener: listener.clone(),
             peer,
-            method: req.method().clone(),
-            host: req.uri().authority().map(|a| a.to_string()).or_else(|| text(header::HOST)).unwrap_or_default(),
-            path: req.uri().path_and_query().map_or_else(String::new, |p| p.to_string()),
+            method: req.method.clone(),
+            host: req.uri.authority().map(|a| a.to_string()).or_else(|| text(header::HOST)).unwrap_or_default(),
+            path: req.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
             started: Instant::now(),
             status: 0,
             upstream: None,
@@ -187,20 +190,25 @@ impl LogLine {
             bytes_in: text(header::CONTENT_LENGTH).and_then(|l| l.parse().ok()).unwrap_or(0),
             bytes_out: 0,
             grpc_status: None,
-        }
+        };
+        Box::new(Logged { body: H2Body::Full(None), line })
     }
 
-    /// The response, whose body now carries this line until it ends.
-    fn follow(mut self, mut response: Response<H2Body>) -> Response<H2Body> {
-        self.status = response.status().as_u16();
-        self.grpc_status = grpc_status(response.headers());
+    /// The response, whose body now carries this line (in this box) until it ends.
+    fn follow(mut self: Box<Self>, mut response: Response<H2Body>) -> Response<H2Body> {
+        let line = &mut self.line;
+        line.status = response.status().as_u16();
+        line.grpc_status = grpc_status(response.headers());
         if let Some(f) = response.extensions_mut().remove::<Forwarded>() {
-            self.upstream = Some(f.upstream);
-            if self.request_id.is_none() {
-                self.request_id = f.request_id;
+            line.upstream = Some(f.upstream);
+            if line.request_id.is_none() {
+                line.request_id = f.request_id;
             }
         }
-        response.map(|body| H2Body::Logged(Box::new(Logged { body, line: self })))
+        response.map(|body| {
+            self.body = body;
+            H2Body::Logged(self)
+        })
     }
 }
 
@@ -379,18 +387,19 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, ProxyError
 }
 
 // A function returning an `async` block, not an `async fn`, which would keep each argument twice
-// (the request's 264 bytes among them) in every open stream's task.
+// (the request's 224-byte head among them) in every open stream's task; the request comes split,
+// and its body (`raw`, None once it went to an HTTP/2 endpoint) is used where it was captured, for
+// the same reason.
 #[allow(clippy::manual_async_fn)] // an async block stores its captures once
 fn handle(
     ctx: Arc<HttpContext>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
+    client_ip: IpText,
+    parts: http::request::Parts,
+    mut raw: Option<Incoming>,
     tls: Option<Arc<ClientTls>>,
 ) -> impl Future<Output = Response<H2Body>> + Send {
     async move {
-        let tls = tls.as_deref();
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
         let is_grpc = grpc::is_grpc(&parts.headers);
         if parts.method == Method::CONNECT {
             // A tunnel to where the client says (RFC 9113 section 8.5): zkroute routes by its table
@@ -421,14 +430,13 @@ fn handle(
         let counter = is_grpc.then(|| grpc::Counter::new(&ctx.metrics, &ctx.name, &target.set.label));
         // A tag-routed service: the endpoints of the request's tag.
         let set = target.set.for_request(&parts.headers);
-        let client_ip = IpText::new(peer.ip());
         if let Err(e) = rate_limit(&route, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip) {
             target.stats.observe(e.rescue().status, started.elapsed());
             return answer_for(e, counter.as_ref());
         }
         let hash = hash_key(&set.policy.lb, |name| parts.headers.get(name).map(|v| v.as_bytes()), &client_ip);
 
-        let has_body = !body.is_end_stream();
+        let has_body = raw.as_ref().is_some_and(|b| !b.is_end_stream());
         let length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let drop_underscore = ctx.limits.drop_underscore_headers;
         let rule = route.rule.as_deref();
@@ -448,15 +456,27 @@ fn handle(
         let deadline = tokio::time::Instant::from_std(started + timeout);
         let mut attempts = Attempts::new(&target, set, hash, route.retries, started, Some(deadline))
             .with_per_try_timeout(route.per_try_timeout);
-        let connector = AnyProtocol::new(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started), |alpn| {
-            TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
-        });
         // The HTTP/1.1 form of the request, made when an HTTP/1.1 endpoint is tried.
         let mut req_head = Vec::new();
-        // The body: as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
-        let mut raw = Some(body);
+        // The body (`raw`): as it came, until an HTTP/2 endpoint is tried, which keeps it for a retry.
         let mut replay: Option<ReplayBody> = None;
-        while let Some(Connected { attempt, in_flight, conn }) = attempts.connection(&connector, &ctx.health).await {
+        loop {
+            let Some(Connected { attempt, in_flight, conn }) = ({
+                let connector =
+                    AnyProtocol::new(PooledHttp1::new(&ctx.pools, &ctx.limits.congestion, started), |alpn| {
+                        TlsOrigin::for_set(set, ctx.upstream_tls.as_ref(), &ctx.metrics, alpn)
+                    });
+                // A pooled connection (or a stream on a shared HTTP/2 one) needs no future. A new
+                // one's is boxed: inline it would be half of every open stream's task (1.9 KB),
+                // which the connection no longer needs once made.
+                let mut connected = attempts.reuse(&connector);
+                if connected.is_none() {
+                    connected = Box::pin(attempts.connection(&connector, &ctx.health)).await;
+                }
+                connected
+            }) else {
+                break;
+            };
             let upstream = ctx.access_log.is_some().then(|| attempt.endpoint.addr.to_string());
             let outcome = match conn {
                 Upstream::Http1(conn) => {
@@ -477,7 +497,7 @@ fn handle(
                             length,
                             &client_ip,
                             drop_underscore,
-                            tls,
+                            tls.as_deref(),
                             request_edits,
                         );
                         if let Some(id) = &request_id {
@@ -511,31 +531,37 @@ fn handle(
                     };
                     match body {
                         Some(body) => {
-                            let hostless = if host.is_none() {
-                                grpc::authority_for_hostless(&target.backend, attempt.endpoint)
-                            } else {
-                                String::new()
+                            // Made in a block: the request, moved into the exchange, would
+                            // otherwise keep its place (248 bytes) beside it while it runs.
+                            let exchange = {
+                                let hostless = if host.is_none() {
+                                    grpc::authority_for_hostless(&target.backend, attempt.endpoint)
+                                } else {
+                                    String::new()
+                                };
+                                let mut req = grpc::upstream_request(
+                                    &parts,
+                                    host,
+                                    &hostless,
+                                    &client_ip,
+                                    (drop_underscore, tls.as_deref()),
+                                    body,
+                                );
+                                if let Some(edits) = request_edits {
+                                    edit::edit_map(req.headers_mut(), edits);
+                                }
+                                if let Some(id) =
+                                    request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok())
+                                {
+                                    req.headers_mut().insert("x-request-id", id);
+                                }
+                                let may_retry = attempts.may_retry();
+                                let (deadline, per_try) = attempts.try_deadline(deadline);
+                                let replay = replay.as_ref();
+                                let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
+                                grpc::exchange(stream, in_flight, req, ex)
                             };
-                            let mut req = grpc::upstream_request(
-                                &parts,
-                                host,
-                                &hostless,
-                                &client_ip,
-                                (drop_underscore, tls),
-                                body,
-                            );
-                            if let Some(edits) = request_edits {
-                                edit::edit_map(req.headers_mut(), edits);
-                            }
-                            if let Some(id) = request_id.as_deref().and_then(|id| http::HeaderValue::from_str(id).ok())
-                            {
-                                req.headers_mut().insert("x-request-id", id);
-                            }
-                            let may_retry = attempts.may_retry();
-                            let (deadline, per_try) = attempts.try_deadline(deadline);
-                            let replay = replay.as_ref();
-                            let ex = grpc::Exchange { deadline, per_try, may_retry, replay, grpc: counter.clone() };
-                            grpc::exchange(stream, in_flight, req, ex).await.map(|mut response| {
+                            exchange.await.map(|mut response| {
                                 if let Some(edits) = response_edits {
                                     edit::edit_map(response.headers_mut(), edits);
                                 }
