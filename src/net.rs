@@ -1,7 +1,7 @@
 //! Sockets as zkroute wants them, for the data plane and the health checks alike: listeners and
 //! connections with Nagle off and, where both ends are on this host, the loopback congestion
 //! control; connects with a timeout that try each address a name resolves to; a client's address
-//! as text without allocating.
+//! as text without allocating; an accept that does not try the queue when it is empty.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -9,7 +9,10 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::SocketFlags;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::names::{Addr, Host};
 
@@ -17,13 +20,72 @@ use crate::names::{Addr, Host};
 /// should have set first, since Linux copies a listener's options into the sockets it accepts:
 /// Nagle off (responses and relayed bytes are written whole) and, if `addr` is a loopback one,
 /// the loopback congestion control. That saves a system call per connection.
-pub fn listen(addr: SocketAddr, congestion: &LoopbackCongestion) -> std::io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr, congestion: &LoopbackCongestion) -> std::io::Result<Listener> {
     let socket = tcp_socket(addr)?;
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     congestion.apply(&socket, addr.ip());
     socket.bind(addr)?;
-    socket.listen(1024)
+    let listener = socket.listen(1024)?.into_std()?;
+    // Deprecated for types whose descriptor may change or close while registered; a
+    // `std::net::TcpListener` owned by the `AsyncFd` keeps one descriptor open for its life, the
+    // condition of the `unsafe` replacement this crate does not use (`unsafe_code` is forbidden).
+    #[allow(deprecated)]
+    let registered = AsyncFd::new(listener)?;
+    Ok(Listener(registered))
+}
+
+/// A listening socket. Its `accept` differs from tokio's `TcpListener::accept` in one way: after
+/// a connection it asks whether another is queued (a `poll` that does not wait) and, if none
+/// is, waits for the next one's readiness event instead of calling `accept4` to find out. The
+/// socket's readiness is edge-triggered, so tokio must call until `EAGAIN`, and a failed `accept4`
+/// is dear on Linux: it allocates a socket and its file before it looks at the queue, then frees
+/// them. Measured per new connection in docs/PERFORMANCE.md ("A new connection per request").
+pub struct Listener(AsyncFd<std::net::TcpListener>);
+
+impl Listener {
+    /// The next connection, registered with the runtime, and its peer's address.
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            match rustix::net::acceptfrom_with(self.0.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok((fd, peer)) => {
+                    if !queued(self.0.get_ref()) {
+                        // A connection queued after the `poll` has its own readiness event, which
+                        // this does not clear (tokio clears only the event it was given).
+                        ready.clear_ready();
+                    }
+                    let peer = peer.and_then(|a| SocketAddr::try_from(a).ok());
+                    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+                    let peer = match peer {
+                        Some(p) => p,
+                        None => stream.peer_addr()?,
+                    };
+                    return Ok((stream, peer));
+                }
+                Err(rustix::io::Errno::AGAIN) => ready.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.get_ref().as_fd()
+    }
+}
+
+/// Whether a listener's queue holds a connection, without waiting (an error says yes: the next
+/// `accept4` reports it).
+fn queued(listener: &std::net::TcpListener) -> bool {
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    rustix::event::poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).map_or(true, |n| n > 0)
 }
 
 /// A TCP socket of `addr`'s family, to set options on before it binds or connects.
@@ -213,6 +275,30 @@ mod tests {
             assert_eq!(congestion_of(&accepted), expected, "a listener on {bind}");
             assert!(accepted.nodelay().expect("TCP_NODELAY"), "Nagle is off on what a listener on {bind} accepts");
         }
+    }
+
+    #[tokio::test]
+    async fn accept_takes_every_queued_connection_and_one_made_after_the_queue_emptied() {
+        let listener = listen("127.0.0.1:0".parse().expect("address"), &LoopbackCongestion::default()).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let within = |f| tokio::time::timeout(Duration::from_secs(5), f);
+        // Both queued before the first accept, behind one readiness event: the second must be
+        // taken without another.
+        let a = TcpStream::connect(addr).await.expect("connect a");
+        let b = TcpStream::connect(addr).await.expect("connect b");
+        for client in [&a, &b] {
+            let (accepted, peer) =
+                within(listener.accept()).await.expect("a queued connection is accepted").expect("accept");
+            assert_eq!(peer, client.local_addr().expect("addr"));
+            assert_eq!(accepted.peer_addr().expect("peer"), peer);
+        }
+        // The queue is empty: the next accept waits for the next connection's event.
+        let (accepted, c) = tokio::join!(within(listener.accept()), async {
+            tokio::task::yield_now().await;
+            TcpStream::connect(addr).await.expect("connect c")
+        });
+        let (_, peer) = accepted.expect("a later connection is accepted").expect("accept");
+        assert_eq!(peer, c.local_addr().expect("addr"));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::net::Listener;
 use tokio::sync::Notify;
 use tracing::debug;
 
@@ -29,7 +31,7 @@ use crate::shutdown::{LastingWait, Shutdown};
 /// A listener's accept loop: until shutdown, each connection runs `handle` on a task of its own,
 /// and connections beyond `max` open ones are closed at once and counted.
 pub async fn accept_loop<F, Fut>(
-    listener: &TcpListener,
+    listener: &Listener,
     name: &str,
     max: usize,
     tracker: &Arc<Tracker>,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::net::TcpListener;
+use crate::net::Listener;
 use tokio::task::JoinHandle;
 
 use crate::access_log::AccessLog;
@@ -44,7 +44,7 @@ pub struct Shared {
 /// A listener's socket, bound but not yet serving.
 pub struct Bound {
     pub config: ListenerConfig,
-    socket: Arc<TcpListener>,
+    socket: Arc<Listener>,
     addr: SocketAddr,
 }
 
@@ -60,7 +60,7 @@ impl Bound {
 /// A removed listener's socket, still listening (until its accept loop sees the drain and this
 /// is dropped): a listener of another protocol on the same address may take it over.
 pub struct Released {
-    socket: Arc<TcpListener>,
+    socket: Arc<Listener>,
     addr: SocketAddr,
 }
 
@@ -73,7 +73,7 @@ impl Released {
 
 struct Serving {
     config: ListenerConfig,
-    socket: Arc<TcpListener>,
+    socket: Arc<Listener>,
     addr: SocketAddr,
     tracker: Arc<Tracker>,
     /// A TLS listener's server side, loaded from `config.tls`.

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::net::Listener;
 
 use self::codec::IoBuf;
 use super::stream::{ClientStream, ClientTls};
@@ -48,7 +50,7 @@ pub struct HttpContext {
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
 /// serves it again with a new context.
-pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<HttpContext>) {
+pub async fn serve(listener: Arc<Listener>, ctx: Arc<HttpContext>) {
     let c = ctx.clone();
     super::accept_loop(
         &listener,

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::net::Listener;
 use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
@@ -121,7 +123,7 @@ impl TcpContext {
 
 /// Accepts connections until shutdown. The socket may outlive this loop: a configuration reload
 /// serves it again with a new context.
-pub async fn serve(listener: Arc<TcpListener>, ctx: Arc<TcpContext>) {
+pub async fn serve(listener: Arc<Listener>, ctx: Arc<TcpContext>) {
     let c = ctx.clone();
     super::accept_loop(
         &listener,
