@@ -50,6 +50,24 @@ fn main() {
     }
 }
 
+/// zkroute on one worker with `routes` as its static file and one listener on a free loopback
+/// port (`listener`: the keys of its `[[listener]]` but `bind`). The directory holds the file.
+async fn start(routes: &str, listener: &str) -> (zkroute::App, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, routes).unwrap();
+    let config = zkroute::Config::from_toml(
+        &format!(
+            "[static]\nfile = {}\n[admin]\nbind = \"127.0.0.1:0\"\n[proxy]\nworkers = 1\n\
+             [[listener]]\nbind = \"127.0.0.1:0\"\n{listener}\n",
+            toml::Value::String(file.display().to_string())
+        ),
+        "alloc.toml",
+    )
+    .unwrap();
+    (zkroute::App::start(config).await.unwrap(), dir)
+}
+
 fn matching_and_picking_allocate_nothing() {
     let mut b = fixture::catalog(1_000, 10, 1_000);
     let (table, _) = b.build();
@@ -140,24 +158,11 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
                 });
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let routes = dir.path().join("routes.toml");
-        std::fs::write(
-            &routes,
-            format!(
-                "[services.web]\na = \"{backend_addr}\"\n[rules.all]\nlistener = \"http\"\nbackends = [{{ service = \"web\" }}]\n"
-            ),
+        let (app, _dir) = start(
+            &format!("[services.web]\na = \"{backend_addr}\"\n[rules.all]\nlistener = \"http\"\nbackends = [{{ service = \"web\" }}]\n"),
+            "name = \"http\"",
         )
-        .unwrap();
-        let config = zkroute::Config::from_toml(
-            &format!(
-                "[static]\nfile = {}\n[admin]\nbind = \"127.0.0.1:0\"\n[proxy]\nworkers = 1\n[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n",
-                toml::Value::String(routes.display().to_string())
-            ),
-            "alloc.toml",
-        )
-        .unwrap();
-        let app = zkroute::App::start(config).await.unwrap();
+        .await;
         let addr = app.listeners["http"];
         let gauge = |state: ConnState| app.metrics.connections_in("http", state);
         // One answered GET on a keep-alive connection, now idle between requests.
@@ -275,19 +280,11 @@ fn a_held_tcp_relay_holds_a_small_task() {
                 }
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let routes = dir.path().join("routes.toml");
-        std::fs::write(&routes, format!("[services.db]\na = \"{backend_addr}\"\n")).unwrap();
-        let config = zkroute::Config::from_toml(
-            &format!(
-                "[static]\nfile = {}\n[admin]\nbind = \"127.0.0.1:0\"\n[proxy]\nworkers = 1\n\
-                 [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nservice = \"db\"\n",
-                toml::Value::String(routes.display().to_string())
-            ),
-            "alloc.toml",
+        let (app, _dir) = start(
+            &format!("[services.db]\na = \"{backend_addr}\"\n"),
+            "name = \"db\"\nprotocol = \"tcp\"\nservice = \"db\"",
         )
-        .unwrap();
-        let app = zkroute::App::start(config).await.unwrap();
+        .await;
         let addr = app.listeners["db"];
         let active = || app.metrics.tcp_active_connections.with_label_values(&["db"]).get();
         let mut held = Vec::with_capacity(2 * N);
@@ -356,24 +353,11 @@ fn an_open_h2c_stream_holds_a_small_task() {
                 }
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let routes = dir.path().join("routes.toml");
-        std::fs::write(
-            &routes,
-            format!(
-                "[services.web]\na = \"{backend_addr}\"\n[rules.all]\nlistener = \"http\"\nbackends = [{{ service = \"web\" }}]\n"
-            ),
+        let (app, _dir) = start(
+            &format!("[services.web]\na = \"{backend_addr}\"\n[rules.all]\nlistener = \"http\"\nbackends = [{{ service = \"web\" }}]\n"),
+            "name = \"http\"",
         )
-        .unwrap();
-        let config = zkroute::Config::from_toml(
-            &format!(
-                "[static]\nfile = {}\n[admin]\nbind = \"127.0.0.1:0\"\n[proxy]\nworkers = 1\n[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n",
-                toml::Value::String(routes.display().to_string())
-            ),
-            "alloc.toml",
-        )
-        .unwrap();
-        let app = zkroute::App::start(config).await.unwrap();
+        .await;
         let addr = app.listeners["http"];
         async fn h2c(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
             let tcp = TcpStream::connect(addr).await.unwrap();
