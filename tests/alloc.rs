@@ -68,6 +68,23 @@ async fn start(routes: &str, listener: &str) -> (zkroute::App, tempfile::TempDir
     (zkroute::App::start(config).await.unwrap(), dir)
 }
 
+/// A backend that accepts connections and hands them over, held open, through the receiver
+/// (up to `queue` not yet taken).
+async fn holding_backend(queue: usize) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<tokio::net::TcpStream>) {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    let (accepted_tx, accepted) = tokio::sync::mpsc::channel(queue);
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = backend.accept().await.unwrap();
+            if accepted_tx.send(s).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, accepted)
+}
+
 fn matching_and_picking_allocate_nothing() {
     let mut b = fixture::catalog(1_000, 10, 1_000);
     let (table, _) = b.build();
@@ -112,8 +129,9 @@ fn a_client_address_is_written_and_hashed_without_allocating() {
 }
 
 /// Client connections that wait hold no read buffer (16 KiB), and little else: one connected with
-/// nothing sent costs its task and socket registration (1,605 bytes with the client's side, debug
-/// build; 1,861 while the accept loop's task kept the connection's future twice, a 640-byte task
+/// nothing sent costs its task and socket registration (997 bytes with the client's side, debug
+/// build, since the listeners accept through `net::Listener`; 1,605 through tokio's
+/// `TcpListener`, a difference not looked into; 1,861 while the accept loop's task kept the connection's future twice, a 640-byte task
 /// cell in the release build where it is now 384; 3.2 KiB with the 896-byte cell before that);
 /// one with part of a head that and a 1 KiB first buffer, not the engine's state (2,629 bytes;
 /// 2,885 and 4.2 KiB before); one between keep-alive requests (after a second of it) its
@@ -263,23 +281,13 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
 /// Real sockets through a zkroute started in this process, to a backend that accepts and holds.
 fn a_held_tcp_relay_holds_a_small_task() {
     use std::time::{Duration, Instant};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     const N: usize = 200;
     const LIMIT: isize = 4 * 1024;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend_addr = backend.local_addr().unwrap();
-        let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel::<TcpStream>(2 * N);
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = backend.accept().await.unwrap();
-                if accepted_tx.send(s).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (backend_addr, mut accepted) = holding_backend(2 * N).await;
         let (app, _dir) = start(
             &format!("[services.db]\na = \"{backend_addr}\"\n"),
             "name = \"db\"\nprotocol = \"tcp\"\nservice = \"db\"",
@@ -336,23 +344,13 @@ fn a_held_tcp_relay_holds_a_small_task() {
 /// sockets through a zkroute started in this process, to a backend that accepts and holds.
 fn an_open_h2c_stream_holds_a_small_task() {
     use std::time::{Duration, Instant};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     const N: usize = 100;
     const LIMIT: isize = 27 * 1024 + 512;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend_addr = backend.local_addr().unwrap();
-        let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel::<TcpStream>(4 * N);
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = backend.accept().await.unwrap();
-                if accepted_tx.send(s).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (backend_addr, mut accepted) = holding_backend(4 * N).await;
         let (app, _dir) = start(
             &format!("[services.web]\na = \"{backend_addr}\"\n[rules.all]\nlistener = \"http\"\nbackends = [{{ service = \"web\" }}]\n"),
             "name = \"http\"",
