@@ -13,7 +13,9 @@
 //!
 //! `cargo build --release && cargo bench --bench fleet`. Sizes from the environment:
 //! `ZKROUTE_FLEET_SIDECARS` (1000), `ZKROUTE_FLEET_SETUPS` (standalone,ensemble,observers),
-//! `ZKROUTE_FLEET_CHANGES` (20), `ZKROUTE_FLEET_SERVICES` (50), `ZKROUTE_FLEET_INSTANCES` (1000,
+//! `ZKROUTE_FLEET_CHANGES` (20, after `ZKROUTE_FLEET_WARMUP` unmeasured ones, 20, so that the
+//! server's JIT has compiled the path a change takes, as in a long-running server),
+//! `ZKROUTE_FLEET_SERVICES` (50), `ZKROUTE_FLEET_INSTANCES` (1000,
 //! all replaced by the wave), `ZKROUTE_FLEET_WAVE_SECS` (10), `ZKROUTE_FLEET_PEERS` (20 watchers of
 //! each kind; 0 skips them), `ZKROUTE_FLEET_TIMEOUT` (1800 s for the whole run), `ZKROUTE_BIN`;
 //! `ZKROUTE_FLEET_ONLY=single` stops each setup after the single changes (and the idle window
@@ -54,6 +56,8 @@ struct Params {
     sidecars: usize,
     setups: Vec<Setup>,
     changes: usize,
+    /// Single changes made and not measured before the measured ones.
+    warmup: usize,
     services: usize,
     instances: usize,
     wave: Duration,
@@ -72,6 +76,7 @@ fn main() {
         sidecars: env_usize("ZKROUTE_FLEET_SIDECARS", 1000),
         setups: setups.split(',').map(|s| Setup::parse(s).unwrap_or_else(|| panic!("unknown setup {s}"))).collect(),
         changes: env_usize("ZKROUTE_FLEET_CHANGES", 20).max(2),
+        warmup: env_usize("ZKROUTE_FLEET_WARMUP", 20),
         services: env_usize("ZKROUTE_FLEET_SERVICES", 50).max(2),
         instances: env_usize("ZKROUTE_FLEET_INSTANCES", 1000),
         wave: Duration::from_secs(env_usize("ZKROUTE_FLEET_WAVE_SECS", 10) as u64),
@@ -394,10 +399,14 @@ fn single_changes(
     fleet: &mut Fleet,
     put: &mut impl FnMut(&str, String),
 ) {
-    eprintln!("{} single changes", p.changes);
+    eprintln!("{} single changes after {} unmeasured", p.changes, p.warmup);
+    for k in 0..p.warmup {
+        let stat = writer.set(PROBE, instance_doc(0, "p", 1000 + k).as_bytes());
+        propagation(fleet, stat.mzxid, SystemTime::now(), Duration::from_secs(30));
+    }
     let (mut last, mut median) = (Vec::new(), Vec::new());
     let mut stale_total = 0;
-    let (fleet_cpu0, zk_cpu0) = (fleet_cpu(fleet), servers.cpu_seconds());
+    let (fleet_cpu0, zk_cpu0, jit0) = (fleet_cpu(fleet), servers.cpu_seconds(), servers.jit_cpu_seconds());
     for k in 0..p.changes {
         let stat = writer.set(PROBE, instance_doc(0, "p", 2 + k).as_bytes());
         let ack = SystemTime::now();
@@ -408,7 +417,7 @@ fn single_changes(
             median.push(percentile(&lat, 0.5));
         }
     }
-    let (fleet_cpu1, zk_cpu1) = (fleet_cpu(fleet), servers.cpu_seconds());
+    let (fleet_cpu1, zk_cpu1, jit1) = (fleet_cpu(fleet), servers.cpu_seconds(), servers.jit_cpu_seconds());
     last.sort_unstable();
     median.sort_unstable();
     put(
@@ -423,6 +432,7 @@ fn single_changes(
         format!("{:.0}", (fleet_cpu1 - fleet_cpu0) / changes / p.sidecars as f64 * 1e6),
     );
     put("single change: ensemble CPU (ms)", format!("{:.1}", (zk_cpu1 - zk_cpu0) / changes * 1e3));
+    put("single change: of it, the JIT compiling (ms)", format!("{:.1}", (jit1 - jit0) / changes * 1e3));
 }
 
 fn deploy_wave(

@@ -104,6 +104,13 @@ impl Servers {
         self.members.iter().filter_map(Zk::pid).map(cpu_seconds).sum()
     }
 
+    /// CPU seconds the servers' JIT compiler threads used so far: a server still compiling its
+    /// hot paths is not the long-running server of production.
+    pub fn jit_cpu_seconds(&self) -> f64 {
+        let jit = |comm: &str| comm.starts_with("C1 Compiler") || comm.starts_with("C2 Compiler");
+        self.members.iter().filter_map(Zk::pid).map(|pid| thread_cpu_seconds(pid, jit)).sum()
+    }
+
     /// Packets received by all members so far (requests and pings); a restarted member counts
     /// from zero.
     pub fn packets_received(&self) -> u64 {
@@ -230,9 +237,15 @@ fn mntr(addr: SocketAddr, key: &str) -> Option<u64> {
 /// the ticks of /proc/PID/stat are too coarse for a sidecar's share of one change); 0 once it is
 /// gone.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    thread_cpu_seconds(pid, |_| true)
+}
+
+/// As [`cpu_seconds`], for the threads whose name (`comm`) `which` accepts.
+pub fn thread_cpu_seconds(pid: u32, which: impl Fn(&str) -> bool) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
     let ns: u64 = tasks
         .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| which(c.trim_end())))
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
