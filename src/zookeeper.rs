@@ -71,7 +71,16 @@ impl ZkSettings {
     /// that the error says why (unknown CA, name mismatch, refused certificate) where the client
     /// library would only time out.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let mut connector = Client::connector().with_session_timeout(self.session_timeout);
+        // The client wakes every connection timeout / 8 to check on the connection, and pings
+        // at the first wake 3 of those after it last sent, in effect every fourth. Unset, it
+        // takes a twentieth of the session timeout for that tick: at 10 s a wake every 500 ms
+        // and a ping every 2 s, most of an idle sidecar's CPU and of the packets a fleet sends
+        // its ensemble. The most it accepts, 3/5 of the session timeout, wakes every 750 ms,
+        // pings every 3 s (ZooKeeper's Java client pings after a third of the session timeout)
+        // and calls a silent connection lost after 6 s (docs/OPERATIONS.md, "Session timeouts").
+        let mut connector = Client::connector()
+            .with_session_timeout(self.session_timeout)
+            .with_connection_timeout(self.session_timeout * 3 / 5);
         if let Some(auth) = &self.auth {
             connector = connector.with_auth("digest", auth);
         }

@@ -308,3 +308,28 @@ async fn a_deleted_node_is_dropped_without_a_read_and_a_recreated_one_is_read() 
     proxy.config_until("the re-created node", |c| addresses(c, "s") == ["10.0.0.3:80"]).await;
     proxy.stop().await;
 }
+
+/// An idle sidecar pings at the pace docs/OPERATIONS.md gives ("What one sidecar costs the
+/// ensemble"): every 3/10 of the session timeout, as the client does with a connection timeout
+/// of 3/5 of it; without one it pings every 2/10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_pings_every_three_tenths_of_the_session_timeout() {
+    // A server of its own: its `cons` then lists this sidecar's connection and the asking one.
+    let server = Zk::start();
+    let chroot = server.chroot();
+    let proxy = Proxy::with_zk(&chroot, HTTP_LISTENER).await;
+    proxy.config_until("the first table", |c| c["zookeeper"]["full_reads"] == 1).await;
+    let received = || {
+        let cons = support::zk::four_letter(server.addr(), "cons").expect("cons");
+        let counts = cons.lines().filter_map(|l| l.split("recved=").nth(1)?.split(',').next()?.parse::<u64>().ok());
+        counts.max().expect("the sidecar's connection")
+    };
+    // Nothing changes: every packet the server receives from here on is a ping. The session
+    // timeout is 2 s (tests/support/routes.rs), so one every 600 ms, 7 or 8 in 4.5 s; 11 at
+    // the client's own pace, 400 ms.
+    let before = received();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let pings = received() - before;
+    assert!((5..=9).contains(&pings), "{pings} pings in 4.5 s");
+    proxy.stop().await;
+}
