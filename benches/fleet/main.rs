@@ -17,7 +17,8 @@
 //! server's JIT has compiled the path a change takes, as in a long-running server),
 //! `ZKROUTE_FLEET_SERVICES` (50), `ZKROUTE_FLEET_INSTANCES` (1000,
 //! all replaced by the wave), `ZKROUTE_FLEET_WAVE_SECS` (10), `ZKROUTE_FLEET_PEERS` (20 watchers of
-//! each kind; 0 skips them), `ZKROUTE_FLEET_TIMEOUT` (1800 s for the whole run), `ZKROUTE_BIN`;
+//! each kind; 0 skips them), `ZKROUTE_FLEET_TIMEOUT` (1800 s for the whole run), `ZKROUTE_BIN`, `ZKROUTE_FLEET_JVM` (more
+//! options for the servers' JVMs, e.g. `-Dzookeeper.nio.numWorkerThreads=0`);
 //! `ZKROUTE_FLEET_ONLY=single` stops each setup after the single changes (and the idle window
 //! before them, `ZKROUTE_FLEET_IDLE_SECS`, 5), for comparing a sidecar's CPU per change between
 //! builds.
@@ -89,7 +90,9 @@ fn main() {
     raise_fd_limit();
     // The servers as in production: the full JIT (tests stop at C1 to start fast) and room for
     // thousands of sessions.
-    support::zk::set_jvm_options(&["-Xmx1g", "-XX:+UseSerialGC"]);
+    let extra = std::env::var("ZKROUTE_FLEET_JVM").unwrap_or_default();
+    let jvm: Vec<&str> = ["-Xmx1g", "-XX:+UseSerialGC"].into_iter().chain(extra.split_whitespace()).collect();
+    support::zk::set_jvm_options(&jvm);
     // Bounded in time: past the limit the process exits, and the watchdogs of the sidecars,
     // the servers and the peers' JVMs (each holding a pipe from this process) stop them all.
     let limit = Duration::from_secs(env_usize("ZKROUTE_FLEET_TIMEOUT", 1800) as u64);
