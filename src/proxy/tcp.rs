@@ -306,11 +306,14 @@ impl RelayedBytes {
     }
 
     /// Asks each direction that holds a buffer and has moved no byte since the counts were
-    /// `seen` to give it back; true if any was asked.
-    fn want_quiet_buffers(&self, seen: [u64; 2]) -> bool {
+    /// `seen` to give it back, or every one that holds a buffer when neither direction has read
+    /// a byte for a [`BUF_KEEP`] by `now` (a count may have moved since `seen` with bytes read
+    /// before it); true if any was asked.
+    fn want_quiet_buffers(&self, seen: [u64; 2], now: Instant) -> bool {
+        let all_quiet = self.last.get() + BUF_KEEP <= now;
         let mut asked = false;
-        for ((buf, now), then) in self.bufs.iter().zip(self.counts()).zip(seen) {
-            if now == then && buf.held.load(Ordering::Relaxed) {
+        for ((buf, count), then) in self.bufs.iter().zip(self.counts()).zip(seen) {
+            if (all_quiet || count == then) && buf.held.load(Ordering::Relaxed) {
                 buf.wanted.store(true, Ordering::Relaxed);
                 asked = true;
             }
@@ -367,10 +370,11 @@ pin_project_lite::pin_project! {
     /// holds a buffer, the timer fires a [`BUF_KEEP`] after the last bytes moved either way, so
     /// at most about once a `BUF_KEEP` (a timer set and cancelled around every wait for bytes
     /// cost a quarter more instructions per small message); each direction that moved no byte
-    /// since the timer was set is asked for its buffer, which it gives back if it is waiting for
-    /// bytes. A relay that goes quiet gives its buffers back a `BUF_KEEP` after its last bytes,
-    /// a direction quiet while the other still moves bytes one to two after its own. While no
-    /// buffer is held the timer waits for the idle timeout alone.
+    /// since the timer was set (every direction, once neither has read a byte for a `BUF_KEEP`)
+    /// is asked for its buffer, which it gives back if it is waiting for bytes. A relay that goes
+    /// quiet gives its buffers back a `BUF_KEEP` after its last bytes; a direction quiet while
+    /// the other still moves bytes, one to two after its own. While no buffer is held, the timer
+    /// waits for the idle timeout alone.
     struct BothWays<'a, U, D> {
         #[pin]
         up: U,
@@ -460,7 +464,7 @@ where
                 if moved.last.get() + *this.idle <= now {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
                 }
-                if this.check.take().is_some_and(|seen| moved.want_quiet_buffers(seen)) {
+                if this.check.take().is_some_and(|seen| moved.want_quiet_buffers(seen, now)) {
                     // Poll the directions again at once: one waiting for bytes gives its buffer
                     // back.
                     asked = Some(now);
@@ -798,18 +802,22 @@ mod tests {
     }
 
     #[test]
-    fn the_watchdog_wants_the_buffers_of_directions_that_held_one_and_moved_nothing() {
+    fn the_watchdog_wants_back_the_buffers_of_quiet_directions() {
         let moved = RelayedBytes::default();
         let wanted = || moved.bufs.each_ref().map(|b| b.wanted.load(Ordering::Relaxed));
         let seen = moved.counts();
-        assert!(!moved.want_quiet_buffers(seen), "no buffer is held");
+        let now = moved.last.get();
+        assert!(!moved.want_quiet_buffers(seen, now), "no buffer is held");
         moved.bufs[0].held.store(true, Ordering::Relaxed);
         moved.bufs[1].held.store(true, Ordering::Relaxed);
         moved.tx.fetch_add(1, Ordering::Relaxed);
-        assert!(moved.want_quiet_buffers(seen));
+        assert!(moved.want_quiet_buffers(seen, now));
         assert_eq!(wanted(), [true, false], "the direction that moved a byte keeps its buffer");
         moved.clear_wants();
         assert_eq!(wanted(), [false, false]);
+        // Its bytes were read a BUF_KEEP ago, with nothing read either way since.
+        assert!(moved.want_quiet_buffers(seen, now + BUF_KEEP));
+        assert_eq!(wanted(), [true, true], "a relay quiet for a BUF_KEEP gives back every buffer");
     }
 
     #[tokio::test]
