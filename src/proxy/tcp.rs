@@ -575,18 +575,21 @@ async fn pump(
     let mut buf = RelayBuf::new(memory, state);
     let copied = async {
         loop {
-            {
-                // Nothing to read: the buffer goes back if the relay's watchdog wants it.
-                let mut readable = std::pin::pin!(src.readable());
-                std::future::poll_fn(|cx| {
-                    let ready = readable.as_mut().poll(cx);
-                    if ready.is_pending() {
-                        buf.release_if_wanted();
-                    }
-                    ready
-                })
-                .await?;
-            }
+            // The waits poll the sockets' readiness (`poll_read_ready`, `poll_write_ready`), whose
+            // wakers live in each socket's registration: `readable()` and `writable()` carry a
+            // waiter node of their own (152 bytes in this future) and lock the socket's waiter
+            // list to add and remove it on every wait. This direction is the only reader of `src`
+            // and the only writer of `dst`, as each slot needs.
+            //
+            // Nothing to read: the buffer goes back if the relay's watchdog wants it.
+            std::future::poll_fn(|cx| {
+                let ready = src.poll_read_ready(cx);
+                if ready.is_pending() {
+                    buf.release_if_wanted();
+                }
+                ready
+            })
+            .await?;
             let n = match buf.read_from(src) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
@@ -596,7 +599,7 @@ async fn pump(
             last.touch();
             let mut off = 0;
             while off < n {
-                dst.writable().await?;
+                std::future::poll_fn(|cx| dst.poll_write_ready(cx)).await?;
                 match dst.try_write(&buf.filled(n)[off..]) {
                     Ok(m) => off += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
