@@ -336,7 +336,8 @@ impl RelayedBytes {
 struct BufState {
     /// The direction holds a buffer ([`RelayBuf`] keeps this up to date).
     held: AtomicBool,
-    /// The watchdog wants it back: no byte has moved this way since its last look.
+    /// The watchdog wants it back: no byte has moved this way since its last look, or neither way
+    /// for a [`BUF_KEEP`].
     wanted: AtomicBool,
 }
 
