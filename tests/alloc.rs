@@ -273,14 +273,19 @@ fn a_waiting_client_connection_holds_no_read_buffer() {
 }
 
 /// A TCP listener's connection, relayed and silent, holds its task and the two sockets (their
-/// registrations), no buffer: 2,580 bytes here (debug build, with the client's and the backend's
-/// side of both sockets; the release build's task cell is 1,408 bytes). It was 25,196: a 16 KiB
-/// first buffer taken on a readiness that brought no bytes and kept, and a 7,680-byte task that
-/// kept the TLS handshake, the upstream connect and a relay holding each direction twice
-/// (docs/PERFORMANCE.md, "Memory per held connection"). The bound fails if either comes back.
-/// Real sockets through a zkroute started in this process, to a backend that accepts and holds.
+/// registrations), no buffer: 2,068 bytes here (debug build, with the client's and the backend's
+/// side of both sockets; the release build's task cell is 1,024 bytes, 1,408 before the relay's
+/// waits polled its sockets' readiness). It was 25,196: a 16 KiB first buffer taken on a
+/// readiness that brought no bytes and kept, and a 7,680-byte task that kept the TLS handshake,
+/// the upstream connect and a relay holding each direction twice (docs/PERFORMANCE.md, "Memory
+/// per held connection"). The bound fails if either comes back. Then a byte each way: each
+/// direction takes its 16 KiB first buffer (35 KB per relay) and gives it back a second after
+/// the relay's last bytes, as between the uses of a pooled database connection; the same bound
+/// fails if the buffers are kept. Real sockets through a zkroute started in this process, to a
+/// backend that accepts and holds.
 fn a_held_tcp_relay_holds_a_small_task() {
     use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     const N: usize = 200;
@@ -331,6 +336,35 @@ fn a_held_tcp_relay_holds_a_small_task() {
         let per_relay = (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) / N as isize;
         println!("heap per held TCP relay: {per_relay} bytes (both sockets, both ends)");
         assert!(per_relay < LIMIT, "{per_relay} bytes per held TCP relay");
+
+        // A byte each way takes a first buffer in each direction; a quiet second gives both back.
+        let per_relay = || {
+            let s = region.change();
+            (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) / N as isize
+        };
+        // Each side's writes first, then its reads: which backend socket is whose is not known.
+        let mut one = [0u8; 1];
+        let (clients, upstreams) = (held.len() - N, backends.len() - N);
+        for client in &mut held[clients..] {
+            client.write_all(b"x").await.unwrap();
+        }
+        for backend in &mut backends[upstreams..] {
+            backend.read_exact(&mut one).await.unwrap();
+            backend.write_all(b"y").await.unwrap();
+        }
+        for client in &mut held[clients..] {
+            client.read_exact(&mut one).await.unwrap();
+        }
+        let busy = per_relay();
+        println!("heap per TCP relay just after a byte each way: {busy} bytes");
+        assert!(busy > 2 * 16 * 1024, "{busy} bytes: the relays took no buffer each way");
+        let quiet = Instant::now();
+        let deadline = quiet + Duration::from_secs(10);
+        while per_relay() >= LIMIT {
+            assert!(Instant::now() < deadline, "{} bytes per quiet TCP relay after 10 s", per_relay());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("heap per TCP relay quiet again: {} bytes, {:?} after the last byte", per_relay(), quiet.elapsed());
         drop((held, backends));
     });
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -268,17 +268,20 @@ impl Connect for NewConnection<'_> {
     }
 }
 
-/// Bytes a connection moved each way: `rx` from the client, `tx` to it; and when bytes last
-/// moved, for the relay's idle timeout.
+/// Bytes a connection moved each way: `rx` from the client, `tx` to it; when bytes last moved,
+/// for the relay's idle timeout; and whether each direction holds a buffer, for the relay's
+/// watchdog to ask for it back when no byte moves that way.
 pub(crate) struct RelayedBytes {
     pub rx: AtomicU64,
     pub tx: AtomicU64,
     last: Activity,
+    /// `rx`'s direction, then `tx`'s.
+    bufs: [BufState; 2],
 }
 
 impl Default for RelayedBytes {
     fn default() -> Self {
-        RelayedBytes { rx: AtomicU64::new(0), tx: AtomicU64::new(0), last: Activity::new() }
+        RelayedBytes { rx: AtomicU64::new(0), tx: AtomicU64::new(0), last: Activity::new(), bufs: Default::default() }
     }
 }
 
@@ -293,6 +296,49 @@ impl RelayedBytes {
     pub fn since_start(&self) -> Duration {
         self.last.start.elapsed()
     }
+
+    fn counts(&self) -> [u64; 2] {
+        [self.rx.load(Ordering::Relaxed), self.tx.load(Ordering::Relaxed)]
+    }
+
+    fn holds_a_buffer(&self) -> bool {
+        self.bufs.iter().any(|b| b.held.load(Ordering::Relaxed))
+    }
+
+    /// Asks each direction that holds a buffer and has moved no byte since the counts were
+    /// `seen` to give it back, or every one that holds a buffer when neither direction has read
+    /// a byte for a [`BUF_KEEP`] by `now` (a count may have moved since `seen` with bytes read
+    /// before it); true if any was asked.
+    fn want_quiet_buffers(&self, seen: [u64; 2], now: Instant) -> bool {
+        let all_quiet = self.last.get() + BUF_KEEP <= now;
+        let mut asked = false;
+        for ((buf, count), then) in self.bufs.iter().zip(self.counts()).zip(seen) {
+            if (all_quiet || count == then) && buf.held.load(Ordering::Relaxed) {
+                buf.wanted.store(true, Ordering::Relaxed);
+                asked = true;
+            }
+        }
+        asked
+    }
+
+    /// Withdraws what [`Self::want_quiet_buffers`] asked: a direction that was writing, not
+    /// waiting for bytes, keeps its buffer until a later check.
+    fn clear_wants(&self) {
+        for buf in &self.bufs {
+            buf.wanted.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One direction's buffer, as the relay's watchdog sees it. The relay's futures all run in one
+/// task, so these are never touched at the same time; atomics only keep the futures `Send`.
+#[derive(Default)]
+struct BufState {
+    /// The direction holds a buffer ([`RelayBuf`] keeps this up to date).
+    held: AtomicBool,
+    /// The watchdog wants it back: no byte has moved this way since its last look, or neither way
+    /// for a [`BUF_KEEP`].
+    wanted: AtomicBool,
 }
 
 /// Copies both ways until both directions have ended, or no byte has moved either way for
@@ -308,9 +354,9 @@ pub(crate) fn relay<'a>(
 ) -> impl Future<Output = io::Result<()>> + 'a {
     let last = &moved.last;
     BothWays::new(
-        pump(client, upstream, (listener.map(|l| l.0), &moved.rx), last, memory),
-        pump(upstream, client, (listener.map(|l| l.1), &moved.tx), last, memory),
-        last,
+        pump(client, upstream, (listener.map(|l| l.0), &moved.rx), last, memory, &moved.bufs[0]),
+        pump(upstream, client, (listener.map(|l| l.1), &moved.tx), last, memory, &moved.bufs[1]),
+        moved,
         idle,
     )
 }
@@ -320,6 +366,16 @@ pin_project_lite::pin_project! {
     /// struct, not an `async fn` that joins the two: that kept each direction twice (its argument
     /// and the joined future), 1 KiB more in the task of every relayed connection
     /// (docs/PERFORMANCE.md, "Memory per held connection").
+    ///
+    /// Its one timer also takes back the buffers of directions that went quiet. While a direction
+    /// holds a buffer, the timer fires a [`BUF_KEEP`] after the last bytes moved either way, so
+    /// at most about once a `BUF_KEEP` (a timer set and cancelled around every wait for bytes
+    /// cost a quarter more instructions per small message); each direction that moved no byte
+    /// since the timer was set (every direction, once neither has read a byte for a `BUF_KEEP`)
+    /// is asked for its buffer, which it gives back if it is waiting for bytes. A relay that goes
+    /// quiet gives its buffers back a `BUF_KEEP` after its last bytes; a direction quiet while
+    /// the other still moves bytes, one to two after its own. While no buffer is held, the timer
+    /// waits for the idle timeout alone.
     struct BothWays<'a, U, D> {
         #[pin]
         up: U,
@@ -327,18 +383,42 @@ pin_project_lite::pin_project! {
         down: D,
         up_ended: Option<io::Result<()>>,
         down_ended: Option<io::Result<()>>,
-        // Fires `idle` after the last byte moved either way.
+        // Fires `idle` after the last byte moved either way, or earlier for a buffer check.
         #[pin]
         watchdog: Sleep,
-        last: &'a Activity,
+        moved: &'a RelayedBytes,
         idle: Duration,
+        // The byte counts each way when the watchdog was set for a buffer check; None when it is
+        // set for the idle timeout alone.
+        check: Option<[u64; 2]>,
     }
 }
 
 impl<'a, U, D> BothWays<'a, U, D> {
-    fn new(up: U, down: D, last: &'a Activity, idle: Duration) -> Self {
-        let watchdog = tokio::time::sleep_until(last.get() + idle);
-        BothWays { up, down, up_ended: None, down_ended: None, watchdog, last, idle }
+    fn new(up: U, down: D, moved: &'a RelayedBytes, idle: Duration) -> Self {
+        // The first check comes BUF_KEEP after the start, so that a direction that takes a buffer
+        // before it needs the timer set no earlier (a short connection costs no extra timer
+        // work); one that holds none then waits for the idle timeout alone.
+        let start = moved.last.get();
+        let watchdog = tokio::time::sleep_until(start + idle.min(BUF_KEEP));
+        BothWays { up, down, up_ended: None, down_ended: None, watchdog, moved, idle, check: Some(moved.counts()) }
+    }
+}
+
+/// Sets the watchdog for the idle timeout and, while a direction holds a buffer, for a buffer
+/// check [`BUF_KEEP`] after the last bytes moved, so that a relay that goes quiet gives its
+/// buffers back a `BUF_KEEP` after its last bytes. When that is already past (`now` is later: a
+/// direction still writing out what it read then), the check is a `BUF_KEEP` from `now`.
+fn arm(watchdog: Pin<&mut Sleep>, check: &mut Option<[u64; 2]>, moved: &RelayedBytes, idle: Duration, now: Instant) {
+    let last = moved.last.get();
+    let idle_at = last + idle;
+    if moved.holds_a_buffer() {
+        *check = Some(moved.counts());
+        let at = if last + BUF_KEEP > now { last + BUF_KEEP } else { now + BUF_KEEP };
+        watchdog.reset(idle_at.min(at));
+    } else {
+        *check = None;
+        watchdog.reset(idle_at);
     }
 }
 
@@ -351,28 +431,49 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut this = self.project();
-        if this.up_ended.is_none() {
-            if let Poll::Ready(r) = this.up.poll(cx) {
-                *this.up_ended = Some(r);
+        let moved = *this.moved;
+        // When a check has just asked quiet directions for their buffers.
+        let mut asked = None;
+        loop {
+            if this.up_ended.is_none() {
+                if let Poll::Ready(r) = this.up.as_mut().poll(cx) {
+                    *this.up_ended = Some(r);
+                }
+            }
+            if this.down_ended.is_none() {
+                if let Poll::Ready(r) = this.down.as_mut().poll(cx) {
+                    *this.down_ended = Some(r);
+                }
+            }
+            if let (Some(_), Some(_)) = (&this.up_ended, &this.down_ended) {
+                let (Some(up), Some(down)) = (this.up_ended.take(), this.down_ended.take()) else { unreachable!() };
+                return Poll::Ready(up.and(down));
+            }
+            if let Some(now) = asked.take() {
+                moved.clear_wants();
+                arm(this.watchdog.as_mut(), this.check, moved, *this.idle, now);
+            } else if this.check.is_none() && moved.holds_a_buffer() {
+                // A direction took a buffer since the last check, as its bytes moved (`last` is
+                // now, and no clock is read).
+                arm(this.watchdog.as_mut(), this.check, moved, *this.idle, moved.last.get());
+            }
+            loop {
+                if this.watchdog.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                if moved.last.get() + *this.idle <= now {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                }
+                if this.check.take().is_some_and(|seen| moved.want_quiet_buffers(seen, now)) {
+                    // Poll the directions again at once: one waiting for bytes gives its buffer
+                    // back.
+                    asked = Some(now);
+                    break;
+                }
+                arm(this.watchdog.as_mut(), this.check, moved, *this.idle, now);
             }
         }
-        if this.down_ended.is_none() {
-            if let Poll::Ready(r) = this.down.poll(cx) {
-                *this.down_ended = Some(r);
-            }
-        }
-        if let (Some(_), Some(_)) = (&this.up_ended, &this.down_ended) {
-            let (Some(up), Some(down)) = (this.up_ended.take(), this.down_ended.take()) else { unreachable!() };
-            return Poll::Ready(up.and(down));
-        }
-        while this.watchdog.as_mut().poll(cx).is_ready() {
-            let deadline = this.last.get() + *this.idle;
-            if deadline <= Instant::now() {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
-            }
-            this.watchdog.as_mut().reset(deadline);
-        }
-        Poll::Pending
     }
 }
 
@@ -392,10 +493,12 @@ where
     let last = &moved.last;
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
+    // Its buffers are not RelayBufs and are never given back: the watchdog's first buffer check
+    // finds none held, and it waits for the idle timeout alone from then on.
     BothWays::new(
         pump_io(&mut cr, &mut uw, (listener.map(|l| l.0), &moved.rx), last),
         pump_io(&mut ur, &mut cw, (listener.map(|l| l.1), &moved.tx), last),
-        last,
+        moved,
         idle,
     )
     .await
@@ -457,7 +560,8 @@ const BUF_MIN: usize = 16 * 1024;
 /// Measured here (`docs/PERFORMANCE.md`), 4 MiB against 1 MiB moved bulk data with the same proxy
 /// CPU and 20 to 25% more throughput: the receiver gets fewer, larger writes.
 const BUF_MAX: usize = 4 << 20;
-/// How long a grown buffer is kept while no bytes arrive.
+/// How long a direction keeps its buffer with no bytes moving: one of these after the relay's
+/// last bytes, up to two while the other direction still moves bytes ([`BothWays`]).
 const BUF_KEEP: Duration = Duration::from_secs(1);
 
 /// One direction: `src` to `dst` until `src` ends, then half-close `dst`.
@@ -467,22 +571,26 @@ async fn pump(
     bytes: (Option<&IntCounter>, &AtomicU64),
     last: &Activity,
     memory: &RelayMemory,
+    state: &BufState,
 ) -> io::Result<()> {
-    let mut buf = RelayBuf::new(memory);
+    let mut buf = RelayBuf::new(memory, state);
     let copied = async {
         loop {
-            if buf.is_grown() {
-                // A buffer grown for a burst is kept through short pauses and given back after a long one.
-                match tokio::time::timeout(BUF_KEEP, src.readable()).await {
-                    Ok(ready) => ready?,
-                    Err(_) => {
-                        buf.release();
-                        src.readable().await?;
-                    }
+            // The waits poll the sockets' readiness (`poll_read_ready`, `poll_write_ready`), whose
+            // wakers live in each socket's registration: `readable()` and `writable()` carry a
+            // waiter node of their own (152 bytes in this future) and lock the socket's waiter
+            // list to add and remove it on every wait. This direction is the only reader of `src`
+            // and the only writer of `dst`, as each slot needs.
+            //
+            // Nothing to read: the buffer goes back if the relay's watchdog wants it.
+            std::future::poll_fn(|cx| {
+                let ready = src.poll_read_ready(cx);
+                if ready.is_pending() {
+                    buf.release_if_wanted();
                 }
-            } else {
-                src.readable().await?;
-            }
+                ready
+            })
+            .await?;
             let n = match buf.read_from(src) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
@@ -492,7 +600,7 @@ async fn pump(
             last.touch();
             let mut off = 0;
             while off < n {
-                dst.writable().await?;
+                std::future::poll_fn(|cx| dst.poll_write_ready(cx)).await?;
                 match dst.try_write(&buf.filled(n)[off..]) {
                     Ok(m) => off += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -573,7 +681,8 @@ impl RelayMemory {
 
 /// One direction's buffer: nothing while the connection waits, [`BUF_MIN`] once bytes arrive,
 /// four times larger after each read that fills it, up to [`BUF_MAX`] and as far as the shared
-/// [`RelayMemory`] allows.
+/// [`RelayMemory`] allows; nothing again once the direction has been quiet for a while
+/// ([`BothWays`]).
 ///
 /// A grown buffer is an anonymous memory mapping of its own, not heap memory: unmapping it gives
 /// the pages back to the system at once, where the allocator would keep a freed 4 MiB block
@@ -586,19 +695,17 @@ struct RelayBuf<'a> {
     /// A grown buffer; its length is what it holds of `memory`.
     grown: Option<memmap2::MmapMut>,
     memory: &'a RelayMemory,
+    /// Tells the relay's watchdog whether a buffer is held, and says when it is wanted back.
+    state: &'a BufState,
 }
 
 impl<'a> RelayBuf<'a> {
-    fn new(memory: &'a RelayMemory) -> Self {
-        RelayBuf { small: Vec::new(), grown: None, memory }
+    fn new(memory: &'a RelayMemory, state: &'a BufState) -> Self {
+        RelayBuf { small: Vec::new(), grown: None, memory, state }
     }
 
     fn capacity(&self) -> usize {
         self.grown.as_ref().map_or(self.small.capacity(), |m| m.len())
-    }
-
-    fn is_grown(&self) -> bool {
-        self.grown.is_some()
     }
 
     fn granted(&self) -> usize {
@@ -628,6 +735,7 @@ impl<'a> RelayBuf<'a> {
         let read = src.try_read_buf(&mut buf);
         if matches!(read, Ok(n) if n > 0) {
             self.small = buf;
+            self.state.held.store(true, Ordering::Relaxed);
         }
         read
     }
@@ -657,17 +765,28 @@ impl<'a> RelayBuf<'a> {
         }
     }
 
+    /// Gives the buffer back if the relay's watchdog wants it (called while no bytes wait).
+    fn release_if_wanted(&mut self) {
+        if self.state.wanted.load(Ordering::Relaxed) {
+            self.state.wanted.store(false, Ordering::Relaxed);
+            self.release();
+        }
+    }
+
     /// Gives the buffer back; the next read starts small again.
+    #[cold]
     fn release(&mut self) {
         self.memory.give(self.granted());
         self.grown = None;
         self.small = Vec::new();
+        self.state.held.store(false, Ordering::Relaxed);
     }
 }
 
 impl Drop for RelayBuf<'_> {
     fn drop(&mut self) {
         self.memory.give(self.granted());
+        self.state.held.store(false, Ordering::Relaxed);
     }
 }
 
@@ -677,6 +796,76 @@ mod tests {
 
     fn memory(limit: usize) -> Arc<RelayMemory> {
         RelayMemory::new(limit, IntGauge::new("g", "g").expect("gauge"))
+    }
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        (near, listener.accept().await.expect("accept").0)
+    }
+
+    #[test]
+    fn the_watchdog_wants_back_the_buffers_of_quiet_directions() {
+        let moved = RelayedBytes::default();
+        let wanted = || moved.bufs.each_ref().map(|b| b.wanted.load(Ordering::Relaxed));
+        let seen = moved.counts();
+        let now = moved.last.get();
+        assert!(!moved.want_quiet_buffers(seen, now), "no buffer is held");
+        moved.bufs[0].held.store(true, Ordering::Relaxed);
+        moved.bufs[1].held.store(true, Ordering::Relaxed);
+        moved.tx.fetch_add(1, Ordering::Relaxed);
+        assert!(moved.want_quiet_buffers(seen, now));
+        assert_eq!(wanted(), [true, false], "the direction that moved a byte keeps its buffer");
+        moved.clear_wants();
+        assert_eq!(wanted(), [false, false]);
+        // Its bytes were read a BUF_KEEP ago, with nothing read either way since.
+        assert!(moved.want_quiet_buffers(seen, now + BUF_KEEP));
+        assert_eq!(wanted(), [true, true], "a relay quiet for a BUF_KEEP gives back every buffer");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_direction_gives_its_buffer_back_while_the_connection_stays_open() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut upstream) = pair().await;
+        let m = memory(64 << 20);
+        let moved = RelayedBytes::default();
+        let held = || moved.bufs.each_ref().map(|b| b.held.load(Ordering::Relaxed));
+        let relaying = relay(&client_side, &upstream_side, Duration::from_secs(3600), &m, None, &moved);
+        let checks = async {
+            // A bulk burst one way grows that direction's buffer.
+            let burst = vec![7u8; 1 << 20];
+            let mut arrived = vec![0u8; burst.len()];
+            let (sent, read) = tokio::join!(client.write_all(&burst), upstream.read_exact(&mut arrived));
+            sent.expect("write");
+            read.expect("read");
+            assert_eq!(held(), [true, false]);
+            assert!(m.used() > 0, "the burst grew no buffer");
+            let quiet = std::time::Instant::now();
+            let deadline = quiet + Duration::from_secs(10);
+            while held() != [false, false] || m.used() > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{:?} held, {} bytes grown, after 10 s",
+                    held(),
+                    m.used()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            println!("given back {:?} after the last bytes", quiet.elapsed());
+            // The connection still relays, from a new first buffer, each way.
+            let mut one = [0u8; 1];
+            client.write_all(b"x").await.expect("write");
+            upstream.read_exact(&mut one).await.expect("read");
+            upstream.write_all(b"y").await.expect("write");
+            client.read_exact(&mut one).await.expect("read");
+            assert_eq!((one, held(), m.used()), ([b'y'], [true, true], 0));
+        };
+        tokio::select! {
+            ended = relaying => panic!("the relay ended: {ended:?}"),
+            () = checks => {}
+        }
     }
 
     /// Grows `buf` as a stream of full reads would, and returns the sizes it went through.
@@ -694,8 +883,9 @@ mod tests {
 
     #[test]
     fn a_bulk_stream_grows_its_buffer_fourfold_up_to_the_most() {
+        let state = BufState::default();
         let m = memory(64 << 20);
-        let mut buf = RelayBuf::new(&m);
+        let mut buf = RelayBuf::new(&m, &state);
         assert_eq!(buf.capacity(), 0, "nothing is allocated before bytes arrive");
         let k = 1024;
         assert_eq!(
@@ -711,17 +901,18 @@ mod tests {
 
     #[test]
     fn buffers_stop_growing_when_the_shared_memory_is_taken() {
+        let state = BufState::default();
         let m = memory(5 << 20);
-        let mut first = RelayBuf::new(&m);
+        let mut first = RelayBuf::new(&m, &state);
         fill_repeatedly(&mut first);
         assert_eq!(m.used(), 4 << 20);
         // 1 MiB is left: a second stream reaches 1 MiB, and cannot take the 4 MiB step.
-        let mut second = RelayBuf::new(&m);
+        let mut second = RelayBuf::new(&m, &state);
         let sizes = fill_repeatedly(&mut second);
         assert_eq!(sizes.last(), Some(&(1 << 20)));
         assert_eq!(m.used(), 5 << 20);
         // A third stays at the size every connection starts with, and still moves bytes.
-        let mut third = RelayBuf::new(&m);
+        let mut third = RelayBuf::new(&m, &state);
         assert_eq!(fill_repeatedly(&mut third), [BUF_MIN; 8]);
         drop(first);
         assert_eq!(m.used(), 1 << 20, "a connection's end gives its buffer back");
@@ -731,8 +922,9 @@ mod tests {
 
     #[test]
     fn with_no_relay_memory_buffers_keep_their_first_size() {
+        let state = BufState::default();
         let m = memory(0);
-        let mut buf = RelayBuf::new(&m);
+        let mut buf = RelayBuf::new(&m, &state);
         assert_eq!(fill_repeatedly(&mut buf), [BUF_MIN; 8]);
         assert_eq!(m.used(), 0);
     }
