@@ -40,7 +40,7 @@ use zookeeper_client::{Acls, Client, CreateMode, Stat};
 
 use servers::{Servers, Setup, client_sockets, cpu_seconds};
 use sidecars::{Fleet, Sidecar};
-use support::{rss_kib, status_kib};
+use support::{rss_kib, smaps_kib, status_kib};
 
 /// Every session's timeout: sidecars and peers alike.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,6 +371,9 @@ fn start_fleet(p: &Params, connect: &str, extra: &str, put: &mut impl FnMut(&str
     put("sidecar RSS after start, median (MB)", format!("{:.1}", mb("VmRSS")));
     // What each sidecar holds alone; the rest is code, shared by every sidecar on a host.
     put("of it private (RssAnon), median (MB)", format!("{:.1}", mb("RssAnon")));
+    // The binary's pages split among the fleet: what each sidecar costs the host.
+    let pss = median_u64(pids.iter().map(|&p| smaps_kib(p, "Pss")).collect()) as f64 / 1024.0;
+    put("proportional (Pss, shared pages split among the fleet), median (MB)", format!("{pss:.1}"));
     fleet
 }
 

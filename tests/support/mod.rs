@@ -162,9 +162,19 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// `RssAnon`, its private part (the rest is file pages, such as the binary's code, which every
 /// process running the same file shares).
 pub fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
+    proc_kib(pid, "status", field)
+}
+
+/// A field of `/proc/PID/smaps_rollup` in KiB (0 once the process is gone): `Pss`, the resident
+/// set with each shared page divided among the processes that map it, what one more such
+/// process costs the host.
+pub fn smaps_kib(pid: u32, field: &str) -> u64 {
+    proc_kib(pid, "smaps_rollup", field)
+}
+
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
