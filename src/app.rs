@@ -38,7 +38,7 @@ use crate::routing::SourceKind;
 use crate::routing::build::{Delta, Resync};
 use crate::routing::{Builder, RouteReader, RoutingTable, store};
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::zookeeper::ZkSettings;
+use crate::zookeeper::{ZkSettings, inline};
 use listeners::{Bound, Listeners, Shared};
 use registrations::LocalRegistrations;
 
@@ -174,7 +174,12 @@ impl App {
             on_publish,
             swaps: swaps.clone(),
         };
-        tasks.push(tokio::spawn(control.run(update_rx)));
+        if follows_zk {
+            // On the thread that sees ZooKeeper's bytes, as the source is (README, "How it works").
+            tasks.push(tokio::spawn(inline::spawn(control.run(update_rx))));
+        } else {
+            tasks.push(tokio::spawn(control.run(update_rx)));
+        }
         tasks.push(spawn_source(&config, updates.clone(), metrics.clone(), zk_status.clone(), shutdown.clone())?);
         local.serve(&limits(p, &relay_memory, congestion));
 
@@ -412,7 +417,6 @@ fn spawn_source(
         return Ok(tokio::spawn(source.run(shutdown)));
     }
     let status = status.unwrap_or_else(|| ZkStatus::handle(&config.zookeeper.connect));
-    Ok(tokio::spawn(
-        ZkSource { settings: ZkSettings::from_config(&config.zookeeper)?, updates, metrics, status }.run(shutdown),
-    ))
+    let source = ZkSource { settings: ZkSettings::from_config(&config.zookeeper)?, updates, metrics, status };
+    Ok(tokio::spawn(inline::spawn(source.run(shutdown))))
 }

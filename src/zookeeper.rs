@@ -5,6 +5,8 @@
 //! the caller's: [`crate::discovery::zk`] follows the trees, [`crate::register`] keeps
 //! registrations, [`crate::ctl`] reads and writes documents.
 
+pub(crate) mod inline;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

@@ -333,3 +333,45 @@ async fn an_idle_session_pings_every_three_tenths_of_the_session_timeout() {
     assert!((5..=9).contains(&pings), "{pings} pings in 4.5 s");
     proxy.stop().await;
 }
+
+/// A change reaches the table without waking the runtime's thread: zookeeper-client's session
+/// and the discovery tasks run on the thread that sees the session socket's bytes, async-io's
+/// (docs/PERFORMANCE.md, "A fleet of sidecars on one ensemble"). Run as tokio tasks, each
+/// change woke the runtime's thread at least twice, for the notification and for the read's
+/// answer, and each ping's answer once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_the_table_without_waking_the_runtime_thread() {
+    use support::{Binary, RouteSource, free_port};
+    let chroot = Zk::shared().chroot();
+    let zk = chroot.client().await;
+    let node = "/zkroute/services/users/n1";
+    zk.put(node, NERVE).await;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = format!(
+        "{}[admin]\nbind = \"{admin}\"\n[proxy]\nworkers = 1\n\
+         [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:{}\"\nservice = \"users\"\n",
+        chroot.source_config(),
+        free_port()
+    );
+    let sidecar = Binary::start_config(&config, admin).await;
+    let swaps = || sidecar.log().matches("routing table swapped").count();
+    let first =
+        eventually("the first table", Duration::from_secs(10), || async { Some(swaps()).filter(|&n| n > 0) }).await;
+    // With one worker the runtime runs on the process's main thread.
+    let pid = sidecar.child.id();
+    let woken = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).unwrap();
+        line.trim().parse::<u64>().unwrap()
+    };
+    // Only the log file is read from here on: nothing asks the runtime's thread for anything.
+    let before = woken();
+    let changes = 20;
+    for i in 1..=changes {
+        zk.put(node, &NERVE.replace("\"weight\":10", &format!("\"weight\":{}", 10 + i))).await;
+        eventually("the change's swap", Duration::from_secs(10), || async { (swaps() >= first + i).then_some(()) })
+            .await;
+    }
+    let woken = woken() - before;
+    assert!(woken < changes as u64, "the runtime's thread woke {woken} times for {changes} changes");
+}

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use zookeeper_client::{AddWatchMode, Client, EventType, SessionState};
@@ -37,8 +36,8 @@ use crate::routing::table::InvalidNode;
 use crate::routing::{NodeKind, Origin, ServiceName, SourceKind};
 use crate::shutdown::Shutdown;
 use crate::zookeeper::{
-    Backoff, MULTI_READ_BATCH, NodeRead, Paths, REQUIRES_3_6, ZkSettings, children, join, read_children, read_data,
-    rfc3339_now,
+    Backoff, MULTI_READ_BATCH, NodeRead, Paths, REQUIRES_3_6, ZkSettings, children, inline, join, read_children,
+    read_data, rfc3339_now,
 };
 
 /// How long to wait before trying a server again that lacks what zkroute needs.
@@ -117,13 +116,7 @@ pub struct ZkSource {
 
 /// The watch forwarders of a session; stopped when dropped.
 #[derive(Default)]
-struct Forwarders(Vec<JoinHandle<()>>);
-
-impl Drop for Forwarders {
-    fn drop(&mut self) {
-        self.0.iter().for_each(JoinHandle::abort);
-    }
-}
+struct Forwarders(Vec<inline::Handle>);
 
 /// Where a session stands between full reads.
 struct Follow {
@@ -358,7 +351,7 @@ impl ZkSource {
             let tx = events.clone();
             // Every watcher sees every session transition: one of them reports them.
             let sessions = i == 0;
-            fresh.0.push(tokio::spawn(async move {
+            fresh.0.push(inline::spawn(async move {
                 loop {
                     let event = watcher.changed().await;
                     let watched = if event.event_type == EventType::Session {
