@@ -206,7 +206,7 @@ impl Writer {
         if table.source == SourceKind::Snapshot {
             return;
         }
-        if crate::discovery::registered_instances(table) == 0 {
+        if !crate::discovery::has_registered_instances(table) {
             debug!(version = table.version, "not writing a table without instances over the snapshot");
             return;
         }
