@@ -3,7 +3,8 @@
 //! nodes zkroute creates, reconnect backoff, and batched multi-reads that read each node on its
 //! own (a node this session may not read is reported, not fatal). What to do with the nodes is
 //! the caller's: [`crate::discovery::zk`] follows the trees, [`crate::register`] keeps
-//! registrations, [`crate::ctl`] reads and writes documents.
+//! registrations, [`crate::ctl`] reads and writes documents. [`inline`] runs discovery's session
+//! and tasks on the thread that sees the session's bytes.
 
 pub(crate) mod inline;
 

@@ -12,6 +12,11 @@
 //! never polls a task inside another's poll. A task woken on one thread while another polls it is
 //! polled again by that other thread. Each poll runs inside the runtime's context (tokio timers
 //! and channels work as in a spawned task) and sends zookeeper-client's own spawns here too.
+//!
+//! What that asks of the code around these tasks: a wake runs the task before it returns, so
+//! whoever wakes one must not hold a lock the task takes (tokio's and futures' channels, asyncs'
+//! and async-io's reactor all wake after letting theirs go); and a task holds up the thread that
+//! woke it for as long as its poll runs, as it held up the runtime's thread before.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
