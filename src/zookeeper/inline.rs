@@ -241,6 +241,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_woken_from_another_thread_while_it_runs_is_polled_again() {
+        // The first poll waits, inside itself, for another thread to wake the task and to say
+        // so: that wake finds the task running here, and must lead to a second poll.
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let (waker_tx, waker_rx) = std::sync::mpsc::channel::<Waker>();
+        let (woke_tx, woke_rx) = std::sync::mpsc::channel::<()>();
+        let waker_thread = std::thread::spawn(move || {
+            waker_rx.recv().unwrap().wake();
+            woke_tx.send(()).unwrap();
+        });
+        let task = spawn(std::future::poll_fn(move |cx| {
+            if counted.fetch_add(1, Ordering::AcqRel) == 0 {
+                waker_tx.send(cx.waker().clone()).unwrap();
+                woke_rx.recv().unwrap();
+                return Poll::Pending;
+            }
+            Poll::Ready(())
+        }));
+        waker_thread.join().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("the wake was lost");
+        assert_eq!(polls.load(Ordering::Acquire), 2);
+    }
+
+    #[tokio::test]
     async fn a_wake_inside_a_poll_runs_the_woken_task_after_it() {
         // B is woken by A's poll: it must not run inside it.
         let a_done = Arc::new(AtomicBool::new(false));
