@@ -13,6 +13,7 @@ pub(crate) mod zk;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::IntGauge;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -98,6 +99,8 @@ impl Control {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the weights of instances warming up are next recomputed.
         let mut warm_due: Option<tokio::time::Instant> = None;
+        // Resolved once: a lookup by label per swap hashes and locks.
+        let invalid = NodeKind::ALL.map(|k| self.metrics.invalid_nodes.with_label_values(&[k.as_str()]));
         loop {
             let first = tokio::select! {
                 u = rx.recv() => match u { Some(u) => u, None => return },
@@ -105,7 +108,7 @@ impl Control {
                 _ = tokio::time::sleep_until(warm_due.unwrap_or_else(tokio::time::Instant::now)), if warm_due.is_some() => {
                     self.builder.warm_up();
                     if synced && self.builder.is_dirty() {
-                        self.publish(None, None, false);
+                        self.publish(None, None, false, &invalid);
                     }
                     warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
                     continue;
@@ -140,7 +143,7 @@ impl Control {
                 }
             }
             if synced && self.builder.is_dirty() {
-                self.publish(observed_at, zxid, true);
+                self.publish(observed_at, zxid, true, &invalid);
             }
             if warm_due.is_none() {
                 warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
@@ -151,8 +154,9 @@ impl Control {
     /// Builds and swaps a table. `zxid`: the highest mzxid of the nodes this swap's changes came
     /// from (none when they were only deletions or health), so that a writer can tell when a
     /// sidecar applied its write. `record`: list the swap in `recent_swaps` (not done for the
-    /// scheduled rebuilds of a warm-up ramp, which would crowd out every other swap).
-    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>, record: bool) {
+    /// scheduled rebuilds of a warm-up ramp, which would crowd out every other swap). `invalid`:
+    /// the `zkroute_invalid_nodes` gauge of each [`NodeKind::ALL`].
+    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>, record: bool, invalid: &[IntGauge; 4]) {
         let started = Instant::now();
         let (table, delta) = self.builder.build();
         let table = Arc::new(table);
@@ -167,8 +171,8 @@ impl Control {
         if let Some(z) = zxid {
             m.table_zxid.set(m.table_zxid.get().max(z));
         }
-        for kind in NodeKind::ALL {
-            m.invalid_nodes.with_label_values(&[kind.as_str()]).set(table.invalid_count(kind) as i64);
+        for (kind, gauge) in NodeKind::ALL.into_iter().zip(invalid) {
+            gauge.set(table.invalid_count(kind) as i64);
         }
         m.snapshot_in_use.set(i64::from(table.source == SourceKind::Snapshot));
         if delta.is_empty() {

@@ -100,10 +100,14 @@ impl StateCounts {
     }
 }
 
+/// The states `zkroute_backends` counts, in the order of its gauges per service.
+const BACKEND_STATES: [&str; 4] = ["healthy", "unhealthy", "ejected", "draining"];
+
 /// Keeps `zkroute_backends` in line with each table published.
 pub struct BackendGauges {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    services: std::collections::HashSet<ServiceName>,
+    /// Each service's gauges, resolved once: a lookup by labels hashes and locks.
+    services: std::collections::HashMap<ServiceName, [prometheus::IntGauge; 4]>,
 }
 
 impl BackendGauges {
@@ -115,7 +119,7 @@ impl BackendGauges {
     pub fn update(&mut self, table: &crate::routing::RoutingTable, delta: &crate::routing::build::Delta) {
         let g = &self.metrics.backends;
         let names: Vec<ServiceName> = if self.services.is_empty() || delta.routes_rebuilt {
-            table.services.iter().map(|(n, _)| n.clone()).chain(self.services.iter().cloned()).collect()
+            table.services.iter().map(|(n, _)| n.clone()).chain(self.services.keys().cloned()).collect()
         } else {
             delta.rebuilt.iter().cloned().collect()
         };
@@ -123,24 +127,86 @@ impl BackendGauges {
             match table.service(name.as_str()) {
                 Some(service) => {
                     let c = StateCounts::of(&service.all);
-                    for (state, n) in [
-                        ("healthy", c.healthy),
-                        ("unhealthy", c.unhealthy),
-                        ("ejected", c.ejected),
-                        ("draining", c.draining),
-                    ] {
-                        g.with_label_values(&[name.as_str(), state]).set(n);
+                    let gauges = self
+                        .services
+                        .entry(name)
+                        .or_insert_with_key(|n| BACKEND_STATES.map(|state| g.with_label_values(&[n.as_str(), state])));
+                    for (gauge, n) in gauges.iter().zip([c.healthy, c.unhealthy, c.ejected, c.draining]) {
+                        gauge.set(n);
                     }
-                    self.services.insert(name);
                 }
                 None => {
-                    if self.services.remove(&name) {
-                        for state in ["healthy", "unhealthy", "ejected", "draining"] {
+                    if self.services.remove(&name).is_some() {
+                        for state in BACKEND_STATES {
                             let _ = g.remove_label_values(&[name.as_str(), state]);
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use prometheus::core::Collector;
+
+    use super::*;
+    use crate::discovery::instance_change;
+    use crate::endpoint::StateRegistry;
+    use crate::metrics::Metrics;
+    use crate::routing::build::{Builder, Change, Defaults, RawNode, Resync};
+    use crate::routing::{Origin, SourceKind};
+
+    /// Endpoints `zkroute_backends` counts for `service` over all states; none without a series.
+    fn counted(metrics: &Metrics, service: &str) -> Option<f64> {
+        let families = metrics.backends.collect();
+        let series: Vec<f64> = families
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .filter(|m| m.get_label().iter().any(|l| l.name() == "service" && l.value() == service))
+            .map(|m| m.get_gauge().get_value())
+            .collect();
+        (!series.is_empty()).then(|| series.iter().sum())
+    }
+
+    #[test]
+    fn a_service_that_goes_loses_its_backend_series_and_gets_them_back_when_it_returns() {
+        let metrics = Arc::new(Metrics::new(true));
+        let states = Arc::new(StateRegistry::new(Duration::from_secs(30)));
+        let mut b = Builder::new(vec![], Defaults::default(), states, metrics.clone());
+        b.apply(Change::Resync(Resync {
+            source: SourceKind::File,
+            instances: vec![],
+            rules: vec![],
+            policies: vec![],
+        }));
+        let node = |id: &str| {
+            let origin =
+                Origin { source: SourceKind::File, path: format!("/s/{id}").into(), mzxid: None, version: None };
+            Some(RawNode { origin, data: format!("10.0.0.{id}:80").into_bytes() })
+        };
+        let s = || ServiceName::new("s");
+        let mut gauges = BackendGauges::new(metrics.clone());
+        let mut publish = |b: &mut Builder| {
+            let (table, delta) = b.build();
+            gauges.update(&table, &delta);
+        };
+
+        b.apply(instance_change(s(), "1", node("1")));
+        publish(&mut b);
+        assert_eq!(counted(&metrics, "s"), Some(1.0));
+
+        b.apply(instance_change(s(), "1", None));
+        publish(&mut b);
+        assert_eq!(counted(&metrics, "s"), None, "a service without instances keeps no series");
+
+        b.apply(instance_change(s(), "1", node("1")));
+        b.apply(instance_change(s(), "2", node("2")));
+        publish(&mut b);
+        assert_eq!(counted(&metrics, "s"), Some(2.0), "the series are back with the service");
     }
 }
