@@ -10,7 +10,7 @@ pub(crate) mod snapshot;
 pub(crate) mod swaps;
 pub(crate) mod zk;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
@@ -97,6 +97,7 @@ impl Control {
         let mut live = false;
         let mut sweep = tokio::time::interval(Duration::from_secs(3));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeps = SweepSchedule::new();
         // When the weights of instances warming up are next recomputed.
         let mut warm_due: Option<tokio::time::Instant> = None;
         // Resolved once: a lookup by label per swap hashes and locks.
@@ -104,11 +105,11 @@ impl Control {
         loop {
             let first = tokio::select! {
                 u = rx.recv() => match u { Some(u) => u, None => return },
-                _ = sweep.tick() => { self.states.sweep(); continue; }
+                _ = sweep.tick() => { sweeps.tick(&self.states); continue; }
                 _ = tokio::time::sleep_until(warm_due.unwrap_or_else(tokio::time::Instant::now)), if warm_due.is_some() => {
                     self.builder.warm_up();
                     if synced && self.builder.is_dirty() {
-                        self.publish(None, None, false, &invalid);
+                        sweeps.published(&self.publish(None, None, false, &invalid));
                     }
                     warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
                     continue;
@@ -143,7 +144,7 @@ impl Control {
                 }
             }
             if synced && self.builder.is_dirty() {
-                self.publish(observed_at, zxid, true, &invalid);
+                sweeps.published(&self.publish(observed_at, zxid, true, &invalid));
             }
             if warm_due.is_none() {
                 warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
@@ -156,7 +157,13 @@ impl Control {
     /// sidecar applied its write. `record`: list the swap in `recent_swaps` (not done for the
     /// scheduled rebuilds of a warm-up ramp, which would crowd out every other swap). `invalid`:
     /// the `zkroute_invalid_nodes` gauge of each [`NodeKind::ALL`].
-    fn publish(&mut self, observed_at: Option<Instant>, zxid: Option<i64>, record: bool, invalid: &[IntGauge; 4]) {
+    fn publish(
+        &mut self,
+        observed_at: Option<Instant>,
+        zxid: Option<i64>,
+        record: bool,
+        invalid: &[IntGauge; 4],
+    ) -> Arc<RoutingTable> {
         let started = Instant::now();
         let (table, delta) = self.builder.build();
         let table = Arc::new(table);
@@ -206,6 +213,50 @@ impl Control {
         for hook in &mut self.on_publish {
             hook(&table, &delta);
         }
+        table
+    }
+}
+
+/// When the control loop walks the endpoint states to forget those no table holds any more
+/// ([`StateRegistry::sweep`]). A walk touches every state, so a tick walks only when a state may
+/// have been let go since the last walk: after a swap (the builder and the new table hold what
+/// they use), when a replaced table ends (the last request on it finished), while a state waits
+/// out its retention, and every [`Self::FORCED`] ticks for holders that are none of these (a
+/// health probe that ends after its table).
+struct SweepSchedule {
+    due: bool,
+    quiet_ticks: u32,
+    current: Weak<RoutingTable>,
+    /// Tables replaced while something still held them.
+    retired: Vec<Weak<RoutingTable>>,
+}
+
+impl SweepSchedule {
+    const FORCED: u32 = 10;
+
+    fn new() -> Self {
+        SweepSchedule { due: true, quiet_ticks: 0, current: Weak::new(), retired: Vec::new() }
+    }
+
+    fn published(&mut self, table: &Arc<RoutingTable>) {
+        let previous = std::mem::replace(&mut self.current, Arc::downgrade(table));
+        if previous.strong_count() > 0 {
+            self.retired.push(previous);
+        }
+        self.due = true;
+    }
+
+    /// Walks the states if a walk is due; returns whether it walked.
+    fn tick(&mut self, states: &StateRegistry) -> bool {
+        let held = self.retired.len();
+        self.retired.retain(|t| t.strong_count() > 0);
+        self.quiet_ticks += 1;
+        if !self.due && self.retired.len() == held && self.quiet_ticks < Self::FORCED {
+            return false;
+        }
+        self.due = states.sweep();
+        self.quiet_ticks = 0;
+        true
     }
 }
 
@@ -269,4 +320,52 @@ fn highest_mzxid(change: &Change) -> Option<i64> {
 pub fn updates() -> (UpdateSender, mpsc::UnboundedReceiver<Update>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (UpdateSender(tx), rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::build::{Defaults, Resync};
+    use crate::routing::{Origin, SourceKind};
+
+    #[test]
+    fn states_are_walked_only_when_one_may_have_been_let_go() {
+        let states = Arc::new(StateRegistry::new(Duration::ZERO));
+        let mut b = Builder::new(vec![], Defaults::default(), states.clone(), Arc::new(Metrics::new(true)));
+        b.apply(Change::Resync(Resync {
+            source: SourceKind::File,
+            instances: vec![],
+            rules: vec![],
+            policies: vec![],
+        }));
+        let node = |host: u8| {
+            let origin = Origin { source: SourceKind::File, path: "/s/1".into(), mzxid: None, version: None };
+            Some(RawNode { origin, data: format!("10.0.0.{host}:80").into_bytes() })
+        };
+        let s = || ServiceName::new("s");
+        let mut sweeps = SweepSchedule::new();
+
+        b.apply(instance_change(s(), "1", node(1)));
+        let first = Arc::new(b.build().0);
+        sweeps.published(&first);
+        assert!(sweeps.tick(&states), "a swap may let states go");
+        assert!(!sweeps.tick(&states), "nothing happened since");
+
+        // The instance moves while a request still holds the table with its old address.
+        b.apply(instance_change(s(), "1", node(2)));
+        let second = Arc::new(b.build().0);
+        sweeps.published(&second);
+        assert!(sweeps.tick(&states));
+        assert_eq!(states.len(), 2, "the first table still holds the old address's state");
+        assert!(!sweeps.tick(&states), "nothing happened since");
+
+        drop(first);
+        assert!(sweeps.tick(&states), "the replaced table ended");
+        assert_eq!(states.len(), 1, "the old address's state is forgotten as soon as its table ends");
+
+        for _ in 1..SweepSchedule::FORCED {
+            assert!(!sweeps.tick(&states));
+        }
+        assert!(sweeps.tick(&states), "a walk at least every FORCED ticks");
+    }
 }

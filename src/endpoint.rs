@@ -311,17 +311,20 @@ impl StateRegistry {
     }
 
     /// Forgets states that no table has held for longer than the retention. A state is in use
-    /// while some table (in force, or still finishing requests) holds an `Arc` to it.
-    pub fn sweep(&self) {
+    /// while some table (in force, or still finishing requests) holds an `Arc` to it. Returns
+    /// whether it kept a state that nothing uses, waiting out its retention: a later sweep is
+    /// then due to forget it.
+    pub fn sweep(&self) -> bool {
         self.sweep_at(Instant::now())
     }
 
-    fn sweep_at(&self, now: Instant) {
+    fn sweep_at(&self, now: Instant) -> bool {
         let now_ms = self.clock.ms_at(now);
         let retention = self.retention_ms.load(Ordering::Relaxed);
         // A gate nothing holds (no table, no slot) counts nothing: it is made anew when needed.
         self.gates.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, g| Arc::strong_count(g) > 1);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting = false;
         entries.retain(|ByKey(state)| {
             if Arc::strong_count(state) > 1 {
                 state.unused_since.store(0, Ordering::Relaxed);
@@ -334,8 +337,11 @@ impl StateRegistry {
                 }
                 t => t,
             };
-            now_ms.saturating_sub(since) < retention
+            let keep = now_ms.saturating_sub(since) < retention;
+            waiting |= keep;
+            keep
         });
+        waiting
     }
 
     /// Every state currently kept, used or not.
@@ -362,15 +368,15 @@ mod tests {
         let reg = StateRegistry::new(Duration::from_millis(50));
         let a = reg.get(&key(1));
         a.set_health(Health::Unhealthy);
-        reg.sweep();
+        assert!(!reg.sweep(), "held by a table: no other sweep due");
         assert_eq!(reg.len(), 1, "held by a table: kept");
         let ptr = Arc::as_ptr(&a);
         drop(a);
-        reg.sweep();
+        assert!(reg.sweep(), "unused, within retention: another sweep is due");
         assert_eq!(Arc::as_ptr(&reg.get(&key(1))), ptr, "re-created within retention keeps its state");
         assert_eq!(reg.get(&key(1)).health(), Health::Unhealthy);
         reg.sweep();
-        reg.sweep_at(Instant::now() + Duration::from_millis(60));
+        assert!(!reg.sweep_at(Instant::now() + Duration::from_millis(60)), "forgotten: nothing left to wait for");
         assert!(reg.is_empty());
         assert_eq!(reg.get(&key(1)).health(), Health::Unknown);
     }
