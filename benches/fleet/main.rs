@@ -21,13 +21,16 @@
 //! options for the servers' JVMs, e.g. `-Dzookeeper.nio.numWorkerThreads=0`);
 //! `ZKROUTE_FLEET_ONLY=single` stops each setup after the single changes (and the idle window
 //! before them, `ZKROUTE_FLEET_IDLE_SECS`, 5), for comparing a sidecar's CPU per change between
-//! builds.
+//! builds. `ZKROUTE_FLEET_WATCHER=floor` (with `ZKROUTE_FLEET_ONLY=single`) runs the floor
+//! watchers of `floor.rs` in the sidecars' place: the least a watcher that reads each changed
+//! node costs, on the same machine.
 
 #![allow(clippy::unwrap_used)]
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod floor;
 mod peers;
 mod servers;
 mod sidecars;
@@ -39,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use zookeeper_client::{Acls, Client, CreateMode, Stat};
 
 use servers::{Servers, Setup, client_sockets, cpu_seconds};
-use sidecars::{Fleet, Sidecar};
+use sidecars::{Fleet, Program, Sidecar};
 use support::{rss_kib, smaps_kib, status_kib};
 
 /// Every session's timeout: sidecars and peers alike.
@@ -65,12 +68,18 @@ struct Params {
     peers: usize,
     /// Only the single changes: the deploy wave, the peers and the restarts are skipped.
     single_only: bool,
-    binary: String,
+    program: Program,
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --benches` and `cargo bench --no-run` probes
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, connect] = &args[..]
+        && flag == "--floor-watcher"
+    {
+        floor::run(connect, SESSION_TIMEOUT);
     }
     let setups = std::env::var("ZKROUTE_FLEET_SETUPS").unwrap_or_else(|_| "standalone,ensemble,observers".into());
     let p = Params {
@@ -83,10 +92,22 @@ fn main() {
         wave: Duration::from_secs(env_usize("ZKROUTE_FLEET_WAVE_SECS", 10) as u64),
         peers: env_usize("ZKROUTE_FLEET_PEERS", 20),
         single_only: std::env::var("ZKROUTE_FLEET_ONLY").is_ok_and(|v| v == "single"),
-        binary: std::env::var("ZKROUTE_BIN")
-            .unwrap_or_else(|_| format!("{}/target/release/zkroute", env!("CARGO_MANIFEST_DIR"))),
+        program: match std::env::var("ZKROUTE_FLEET_WATCHER").as_deref() {
+            Ok("floor") => Program::Floor,
+            Ok("zkroute") | Err(_) => Program::Zkroute(
+                std::env::var("ZKROUTE_BIN")
+                    .unwrap_or_else(|_| format!("{}/target/release/zkroute", env!("CARGO_MANIFEST_DIR"))),
+            ),
+            Ok(other) => panic!("ZKROUTE_FLEET_WATCHER: {other}: zkroute or floor"),
+        },
     };
-    assert!(std::path::Path::new(&p.binary).exists(), "build the release binary first: cargo build --release");
+    match &p.program {
+        Program::Zkroute(binary) => {
+            assert!(std::path::Path::new(binary).exists(), "build the release binary first: cargo build --release")
+        }
+        // It follows neither a restart nor the wave's many nodes as a sidecar would.
+        Program::Floor => assert!(p.single_only, "ZKROUTE_FLEET_WATCHER=floor needs ZKROUTE_FLEET_ONLY=single"),
+    }
     raise_fd_limit();
     // The servers as in production: the full JIT (tests stop at C1 to start fast) and room for
     // thousands of sessions.
@@ -360,7 +381,7 @@ fn run_setup(p: &Params, setup: Setup, peers_dir: Option<&std::path::Path>) -> C
 
 fn start_fleet(p: &Params, connect: &str, extra: &str, put: &mut impl FnMut(&str, String)) -> Fleet {
     let started = Instant::now();
-    let mut fleet = Fleet::start(&p.binary, p.sidecars, connect, extra);
+    let mut fleet = Fleet::start(&p.program, p.sidecars, connect, extra);
     let missing = fleet.wait_all(Duration::from_secs(120 + p.sidecars as u64 / 10), |s| {
         !s.full_reads.is_empty() && !s.swaps.is_empty()
     });

@@ -76,6 +76,14 @@ impl Sidecar {
     }
 }
 
+/// What each member of the fleet runs.
+pub enum Program {
+    /// zkroute, from this path.
+    Zkroute(String),
+    /// The floor watcher (`floor.rs`), this bench's own binary.
+    Floor,
+}
+
 /// The fleet, in one process group that a watchdog kills if the bench dies first.
 pub struct Fleet {
     pub sidecars: Vec<Sidecar>,
@@ -85,7 +93,7 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts `n` sidecars following `connect`; `extra` is appended to the `[zookeeper]` table.
-    pub fn start(binary: &str, n: usize, connect: &str, extra: &str) -> Fleet {
+    pub fn start(program: &Program, n: usize, connect: &str, extra: &str) -> Fleet {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut sidecars: Vec<Sidecar> = Vec::with_capacity(n);
         let mut watchdog = None;
@@ -104,10 +112,19 @@ impl Fleet {
             )
             .expect("sidecar config");
             let group = sidecars.first().map_or(0, |s| s.pid() as i32);
-            let child = Command::new(binary)
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
+            let mut command = match program {
+                Program::Zkroute(binary) => {
+                    let mut c = Command::new(binary);
+                    c.arg("--config").arg(&config).env("RUST_LOG", "info");
+                    c
+                }
+                Program::Floor => {
+                    let mut c = Command::new(std::env::current_exe().expect("the bench's path"));
+                    c.args(["--floor-watcher", connect]);
+                    c
+                }
+            };
+            let child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(File::create(&log).expect("sidecar log"))
