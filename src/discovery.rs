@@ -95,9 +95,9 @@ impl Control {
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Update>) {
         let mut synced = false;
         let mut live = false;
-        let mut sweep = tokio::time::interval(Duration::from_secs(3));
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweeps = SweepSchedule::new();
+        let mut sweeps = SweepSchedule::new(Instant::now());
+        let sweep = tokio::time::sleep_until(sweeps.next.into());
+        tokio::pin!(sweep);
         // When the weights of instances warming up are next recomputed.
         let mut warm_due: Option<tokio::time::Instant> = None;
         // Resolved once: a lookup by label per swap hashes and locks.
@@ -105,11 +105,18 @@ impl Control {
         loop {
             let first = tokio::select! {
                 u = rx.recv() => match u { Some(u) => u, None => return },
-                _ = sweep.tick() => { sweeps.tick(&self.states); continue; }
+                () = &mut sweep => {
+                    sweeps.tick(&self.states, Instant::now());
+                    sweep.as_mut().reset(sweeps.next.into());
+                    continue;
+                }
                 _ = tokio::time::sleep_until(warm_due.unwrap_or_else(tokio::time::Instant::now)), if warm_due.is_some() => {
                     self.builder.warm_up();
-                    if synced && self.builder.is_dirty() {
-                        sweeps.published(&self.publish(None, None, false, &invalid));
+                    if synced
+                        && self.builder.is_dirty()
+                        && sweeps.published(&self.publish(None, None, false, &invalid), Instant::now())
+                    {
+                        sweep.as_mut().reset(sweeps.next.into());
                     }
                     warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
                     continue;
@@ -143,8 +150,11 @@ impl Control {
                     self.builder.apply(change);
                 }
             }
-            if synced && self.builder.is_dirty() {
-                sweeps.published(&self.publish(observed_at, zxid, true, &invalid));
+            if synced
+                && self.builder.is_dirty()
+                && sweeps.published(&self.publish(observed_at, zxid, true, &invalid), Instant::now())
+            {
+                sweep.as_mut().reset(sweeps.next.into());
             }
             if warm_due.is_none() {
                 warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
@@ -218,45 +228,56 @@ impl Control {
 }
 
 /// When the control loop walks the endpoint states to forget those no table holds any more
-/// ([`StateRegistry::sweep`]). A walk touches every state, so a tick walks only when a state may
+/// ([`StateRegistry::sweep`]). A walk touches every state, so it happens only when a state may
 /// have been let go since the last walk: after a swap (the builder and the new table hold what
 /// they use), when a replaced table ends (the last request on it finished), while a state waits
-/// out its retention, and every [`Self::FORCED`] ticks for holders that are none of these (a
-/// health probe that ends after its table).
+/// out its retention, and at least every [`Self::FORCED`] for holders that are none of these (a
+/// health probe that ends after its table). While one of the first three may come, the loop
+/// looks every [`Self::TICK`]; otherwise it sleeps until the forced walk, so that an idle sidecar
+/// does not wake for nothing.
 struct SweepSchedule {
     due: bool,
-    quiet_ticks: u32,
+    /// When the states were last walked.
+    walked: Instant,
+    /// When the loop should call [`Self::tick`] next.
+    next: Instant,
     current: Weak<RoutingTable>,
     /// Tables replaced while something still held them.
     retired: Vec<Weak<RoutingTable>>,
 }
 
 impl SweepSchedule {
-    const FORCED: u32 = 10;
+    const TICK: Duration = Duration::from_secs(3);
+    const FORCED: Duration = Duration::from_secs(30);
 
-    fn new() -> Self {
-        SweepSchedule { due: true, quiet_ticks: 0, current: Weak::new(), retired: Vec::new() }
+    fn new(now: Instant) -> Self {
+        SweepSchedule { due: true, walked: now, next: now + Self::TICK, current: Weak::new(), retired: Vec::new() }
     }
 
-    fn published(&mut self, table: &Arc<RoutingTable>) {
+    /// A table was swapped in; returns whether that brought the next tick forward.
+    fn published(&mut self, table: &Arc<RoutingTable>, now: Instant) -> bool {
         let previous = std::mem::replace(&mut self.current, Arc::downgrade(table));
         if previous.strong_count() > 0 {
             self.retired.push(previous);
         }
         self.due = true;
+        let sooner = now + Self::TICK;
+        let moved = sooner < self.next;
+        self.next = self.next.min(sooner);
+        moved
     }
 
-    /// Walks the states if a walk is due; returns whether it walked.
-    fn tick(&mut self, states: &StateRegistry) -> bool {
+    /// Walks the states if a walk is due, and sets the next tick; returns whether it walked.
+    fn tick(&mut self, states: &StateRegistry, now: Instant) -> bool {
         let held = self.retired.len();
         self.retired.retain(|t| t.strong_count() > 0);
-        self.quiet_ticks += 1;
-        if !self.due && self.retired.len() == held && self.quiet_ticks < Self::FORCED {
-            return false;
+        let walk = self.due || self.retired.len() < held || now >= self.walked + Self::FORCED;
+        if walk {
+            self.due = states.sweep();
+            self.walked = now;
         }
-        self.due = states.sweep();
-        self.quiet_ticks = 0;
-        true
+        self.next = if self.due || !self.retired.is_empty() { now + Self::TICK } else { self.walked + Self::FORCED };
+        walk
     }
 }
 
@@ -343,29 +364,33 @@ mod tests {
             Some(RawNode { origin, data: format!("10.0.0.{host}:80").into_bytes() })
         };
         let s = || ServiceName::new("s");
-        let mut sweeps = SweepSchedule::new();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut sweeps = SweepSchedule::new(t0);
 
         b.apply(instance_change(s(), "1", node(1)));
         let first = Arc::new(b.build().0);
-        sweeps.published(&first);
-        assert!(sweeps.tick(&states), "a swap may let states go");
-        assert!(!sweeps.tick(&states), "nothing happened since");
+        assert!(!sweeps.published(&first, at(1)), "the first tick is already sooner");
+        assert!(sweeps.tick(&states, at(3)), "a swap may let states go");
+        assert_eq!(sweeps.next, at(33), "nothing can be let go: the next look is the forced walk");
+        assert!(!sweeps.tick(&states, at(6)), "nothing happened since");
 
         // The instance moves while a request still holds the table with its old address.
         b.apply(instance_change(s(), "1", node(2)));
         let second = Arc::new(b.build().0);
-        sweeps.published(&second);
-        assert!(sweeps.tick(&states));
+        assert!(sweeps.published(&second, at(7)), "a swap brings the next look forward");
+        assert_eq!(sweeps.next, at(10));
+        assert!(sweeps.tick(&states, at(10)));
         assert_eq!(states.len(), 2, "the first table still holds the old address's state");
-        assert!(!sweeps.tick(&states), "nothing happened since");
+        assert_eq!(sweeps.next, at(13), "while a replaced table is held, look again soon");
+        assert!(!sweeps.tick(&states, at(13)), "nothing happened since");
 
         drop(first);
-        assert!(sweeps.tick(&states), "the replaced table ended");
+        assert!(sweeps.tick(&states, at(16)), "the replaced table ended");
         assert_eq!(states.len(), 1, "the old address's state is forgotten as soon as its table ends");
+        assert_eq!(sweeps.next, at(46));
 
-        for _ in 1..SweepSchedule::FORCED {
-            assert!(!sweeps.tick(&states));
-        }
-        assert!(sweeps.tick(&states), "a walk at least every FORCED ticks");
+        assert!(!sweeps.tick(&states, at(45)));
+        assert!(sweeps.tick(&states, at(46)), "a walk at least every FORCED");
     }
 }
