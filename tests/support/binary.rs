@@ -71,7 +71,9 @@ impl Binary {
             .arg(&path)
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // More detail when chasing a failure: ZKROUTE_TEST_LOG=info,zkroute::proxy=debug
+            // (tests that read this log expect info lines; the default).
+            .env("RUST_LOG", std::env::var("ZKROUTE_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("zkroute.log")).unwrap())
             .spawn()
@@ -134,5 +136,15 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failed test shows what the process said last.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL).collect();
+            eprintln!("--- the last {} lines zkroute logged ---", tail.len());
+            tail.iter().rev().for_each(|l| eprintln!("{l}"));
+        }
     }
 }
+
+/// Lines of a failed test's zkroute log that are shown.
+const LOG_TAIL: usize = 60;

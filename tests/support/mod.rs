@@ -71,7 +71,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Response<Bytes>, String
 }
 
 /// With `ZKROUTE_TEST_LOG` set (an `EnvFilter`, such as `zkroute=debug`), the in-process zkroutes
-/// log to the test's output, which the harness shows for failing tests.
+/// log to the test's output, which the harness shows for failing tests. Spawned zkroute
+/// processes ([`Binary`]) log at that filter too, to their own file, whose last lines a failing
+/// test prints.
 fn log_if_asked() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     if let Ok(filter) = std::env::var("ZKROUTE_TEST_LOG") {
