@@ -112,11 +112,11 @@ impl Control {
                 }
                 _ = tokio::time::sleep_until(warm_due.unwrap_or_else(tokio::time::Instant::now)), if warm_due.is_some() => {
                     self.builder.warm_up();
-                    if synced
-                        && self.builder.is_dirty()
-                        && sweeps.published(&self.publish(None, None, false, &invalid), Instant::now())
-                    {
-                        sweep.as_mut().reset(sweeps.next.into());
+                    if synced && self.builder.is_dirty() {
+                        let table = self.publish(None, None, false, &invalid);
+                        if sweeps.published(&table, Instant::now()) {
+                            sweep.as_mut().reset(sweeps.next.into());
+                        }
                     }
                     warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
                     continue;
@@ -150,11 +150,11 @@ impl Control {
                     self.builder.apply(change);
                 }
             }
-            if synced
-                && self.builder.is_dirty()
-                && sweeps.published(&self.publish(observed_at, zxid, true, &invalid), Instant::now())
-            {
-                sweep.as_mut().reset(sweeps.next.into());
+            if synced && self.builder.is_dirty() {
+                let table = self.publish(observed_at, zxid, true, &invalid);
+                if sweeps.published(&table, Instant::now()) {
+                    sweep.as_mut().reset(sweeps.next.into());
+                }
             }
             if warm_due.is_none() {
                 warm_due = self.builder.warmup_step().map(|step| tokio::time::Instant::now() + step);
